@@ -1,0 +1,225 @@
+//! A cached response: what is served for it, and the instants at which it turns stale
+//! and stops being servable at all.
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{request, response, HeaderMap, StatusCode};
+use http_cache_semantics::AfterResponse;
+
+use super::key::vary_values;
+use super::policy::{self, Lifetime, Verdict};
+use crate::config::RouteConfig;
+use crate::headers::strip_hop_by_hop;
+
+/// A stored response. Immutable once built; a refresh builds a new one.
+#[derive(Debug)]
+pub struct CacheEntry {
+    pub status: StatusCode,
+    /// Headers as served: no hop-by-hop headers, `Content-Length` set. `Age` and
+    /// `Cache-Status` are added per response.
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// The headers this response varies on (lowercase), and the filling request's
+    /// values of them, as [`vary_values`] writes them.
+    pub vary: Vec<HeaderName>,
+    pub vary_values: String,
+    lifetime: Lifetime,
+    fresh_until: SystemTime,
+    swr_until: SystemTime,
+    sie_until: SystemTime,
+    last_modified: Option<SystemTime>,
+}
+
+/// Where an entry stands at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Servable as is, for `ttl` more.
+    Fresh { ttl: Duration },
+    /// Past its freshness by `by`.
+    Stale { by: Duration },
+}
+
+impl CacheEntry {
+    /// Builds an entry from a response's head and full body. `req_headers` are the
+    /// filling request's, for `Vary`.
+    pub fn new(
+        mut head: response::Parts,
+        body: Bytes,
+        lifetime: Lifetime,
+        req_headers: &HeaderMap,
+    ) -> CacheEntry {
+        strip_hop_by_hop(&mut head.headers);
+        head.headers.remove(header::AGE);
+        // Present only when the route allows storing such responses; the cookie was the
+        // filling client's and is never handed to others.
+        head.headers.remove(header::SET_COOKIE);
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let vary: Vec<HeaderName> = head
+            .headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        let vary_values = vary_values(&vary, req_headers);
+        let fresh_until = lifetime.received_at + lifetime.fresh_for;
+        let last_modified = head
+            .headers
+            .get(header::LAST_MODIFIED)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok());
+        CacheEntry {
+            status: head.status,
+            headers: head.headers,
+            body,
+            vary,
+            vary_values,
+            fresh_until,
+            swr_until: fresh_until + lifetime.stale_while_revalidate,
+            sie_until: fresh_until + lifetime.stale_if_error,
+            last_modified,
+            lifetime,
+        }
+    }
+
+    pub fn freshness(&self, now: SystemTime) -> Freshness {
+        match self.fresh_until.duration_since(now) {
+            Ok(ttl) if !ttl.is_zero() => Freshness::Fresh { ttl },
+            Ok(_) => Freshness::Stale { by: Duration::ZERO },
+            Err(e) => Freshness::Stale { by: e.duration() },
+        }
+    }
+
+    /// Whether a stale copy may be served at once while a refresh runs.
+    pub fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
+        now < self.swr_until
+    }
+
+    /// Whether a stale copy may be served when the upstream fails.
+    pub fn within_stale_if_error(&self, now: SystemTime) -> bool {
+        now < self.sie_until
+    }
+
+    /// After this instant the entry can serve no one and may be dropped.
+    pub fn keep_until(&self) -> SystemTime {
+        self.swr_until.max(self.sie_until)
+    }
+
+    /// The `Age` to send, in seconds.
+    pub fn age(&self, now: SystemTime) -> u64 {
+        let resident = now
+            .duration_since(self.lifetime.received_at)
+            .unwrap_or_default();
+        (self.lifetime.age + resident).as_secs()
+    }
+
+    /// What the entry costs the local cache, in bytes (body, headers, bookkeeping).
+    pub fn weight(&self) -> u32 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 32)
+            .sum();
+        let total = self.body.len() + headers + self.vary_values.len() + 512;
+        u32::try_from(total).unwrap_or(u32::MAX)
+    }
+
+    /// Whether this entry is the variant for a request with `req_headers`.
+    pub fn matches_vary(&self, req_headers: &HeaderMap) -> bool {
+        self.vary.is_empty() || vary_values(&self.vary, req_headers) == self.vary_values
+    }
+
+    /// Whether a client's conditional request is satisfied by this entry, so that it
+    /// gets `304 Not Modified` (RFC 9110 §13.1.2 and §13.1.3; `If-None-Match` wins).
+    pub fn satisfies_conditional(&self, req_headers: &HeaderMap) -> bool {
+        if !self.status.is_success() {
+            return false;
+        }
+        if let Some(inm) = req_headers.get(header::IF_NONE_MATCH) {
+            let Some(etag) = self.headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+                return false;
+            };
+            let etag = etag.trim_start_matches("W/");
+            return inm.to_str().is_ok_and(|inm| {
+                inm.split(',')
+                    .any(|t| t.trim() == "*" || t.trim().trim_start_matches("W/") == etag)
+            });
+        }
+        if let Some(ims) = req_headers.get(header::IF_MODIFIED_SINCE) {
+            let since = ims
+                .to_str()
+                .ok()
+                .and_then(|v| httpdate::parse_http_date(v).ok());
+            return matches!((self.last_modified, since), (Some(lm), Some(since)) if lm <= since);
+        }
+        false
+    }
+
+    /// The headers a `304 Not Modified` for this entry carries (RFC 9110 §15.4.5).
+    pub fn not_modified_headers(&self) -> HeaderMap {
+        let mut out = HeaderMap::new();
+        for name in [
+            header::CACHE_CONTROL,
+            header::CONTENT_LOCATION,
+            header::DATE,
+            header::ETAG,
+            header::EXPIRES,
+            header::LAST_MODIFIED,
+            header::VARY,
+        ] {
+            for v in self.headers.get_all(&name) {
+                out.append(name.clone(), v.clone());
+            }
+        }
+        out
+    }
+
+    /// Adds this entry's validators to a revalidation request.
+    pub fn add_validators(&self, headers: &mut HeaderMap) {
+        if let Some(etag) = self.headers.get(header::ETAG) {
+            headers.insert(header::IF_NONE_MATCH, etag.clone());
+        }
+        if let Some(lm) = self.headers.get(header::LAST_MODIFIED) {
+            headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+        }
+    }
+
+    pub fn has_validator(&self) -> bool {
+        policy::has_validator(&self.headers)
+    }
+
+    /// The entry renewed by a `304 Not Modified` from the upstream: the stored body under
+    /// the updated headers and a new lifetime. `None` when the 304 does not match this
+    /// entry's validators or the updated response may no longer be stored.
+    pub fn renewed(
+        &self,
+        route: &RouteConfig,
+        req: &request::Parts,
+        not_modified: &response::Parts,
+        received_at: SystemTime,
+    ) -> Option<CacheEntry> {
+        let AfterResponse::NotModified(_, mut merged) =
+            self.lifetime
+                .policy
+                .after_response(req, not_modified, received_at)
+        else {
+            return None;
+        };
+        merged.status = self.status;
+        // The crate adds the Age it computed; our own Age is added per response.
+        merged.headers.remove(header::AGE);
+        match policy::evaluate(route, req, &merged, received_at) {
+            Verdict::Store(lifetime) => Some(CacheEntry::new(
+                merged,
+                self.body.clone(),
+                *lifetime,
+                &req.headers,
+            )),
+            Verdict::Pass(_) => None,
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Cache keys: what makes two requests the same cached object.
+//!
+//! A key is the route, the host, the path, the query string (kept, sorted or ignored
+//! per route) and any request headers the route names. A response with `Vary` is
+//! stored under a *variant* key: the primary key plus the values of the varying headers.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use http::{HeaderMap, Uri};
+
+use crate::config::{QueryMode, RouteConfig};
+
+/// The identity of a cached object. Cheap to clone (shared string).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CacheKey(Arc<str>);
+
+// Fields are separated by a newline, which cannot occur in a URI or header value.
+const SEP: char = '\n';
+
+impl CacheKey {
+    /// The primary key of a request on `route`.
+    pub fn for_request(
+        route: &RouteConfig,
+        host: Option<&str>,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> CacheKey {
+        let mut key = String::with_capacity(64);
+        key.push_str(&route.name);
+        key.push(SEP);
+        key.push_str(host.unwrap_or(""));
+        key.push(SEP);
+        key.push_str(uri.path());
+        match (route.key_query, uri.query()) {
+            (QueryMode::Keep, Some(q)) => {
+                key.push('?');
+                key.push_str(q);
+            }
+            (QueryMode::Sort, Some(q)) => {
+                let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+                params.sort_unstable();
+                key.push('?');
+                key.push_str(&params.join("&"));
+            }
+            (QueryMode::Ignore, _) | (_, None) => {}
+        }
+        for name in &route.key_headers {
+            key.push(SEP);
+            key.push_str(name.as_str());
+            key.push(':');
+            push_header_values(&mut key, headers, name);
+        }
+        CacheKey(key.into())
+    }
+
+    /// The key of the variant that `vary_values` (from [`vary_values`]) selects.
+    pub fn variant(&self, vary_values: &str) -> CacheKey {
+        CacheKey(format!("{}{SEP}vary{SEP}{vary_values}", self.0).into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The request's values of the headers a response varies on, in one comparable string.
+pub fn vary_values(names: &[HeaderName], headers: &HeaderMap) -> String {
+    let mut out = String::new();
+    for name in names {
+        out.push_str(name.as_str());
+        out.push(':');
+        push_header_values(&mut out, headers, name);
+        out.push(SEP);
+    }
+    out
+}
+
+fn push_header_values(out: &mut String, headers: &HeaderMap, name: &HeaderName) {
+    for (i, value) in headers.get_all(name).iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Non-UTF-8 values still separate variants, byte for byte.
+        match value.to_str() {
+            Ok(s) => out.push_str(s.trim()),
+            Err(_) => out.push_str(&String::from_utf8_lossy(value.as_bytes())),
+        }
+    }
+}
+
+impl fmt::Display for CacheKey {
+    /// Shown with `|` for the separator, for logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, part) in self.0.split(SEP).enumerate() {
+            if i > 0 {
+                f.write_str("|")?;
+            }
+            f.write_str(part)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn route(extra: &str) -> RouteConfig {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\n{extra}\n"
+        );
+        Config::parse(&text, "t").unwrap().routes.remove(0)
+    }
+
+    fn key(route: &RouteConfig, uri: &str, headers: &[(&str, &str)]) -> CacheKey {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        CacheKey::for_request(route, Some("h"), &uri.parse().unwrap(), &map)
+    }
+
+    #[test]
+    fn query_modes() {
+        let keep = route("");
+        assert_ne!(key(&keep, "/p?a=1&b=2", &[]), key(&keep, "/p?b=2&a=1", &[]));
+        let sort = route("key = { query = \"sort\" }");
+        assert_eq!(key(&sort, "/p?a=1&b=2", &[]), key(&sort, "/p?b=2&a=1", &[]));
+        assert_ne!(key(&sort, "/p?a=1", &[]), key(&sort, "/p?a=2", &[]));
+        let ignore = route("key = { query = \"ignore\" }");
+        assert_eq!(key(&ignore, "/p?a=1", &[]), key(&ignore, "/p", &[]));
+    }
+
+    #[test]
+    fn named_headers_split_keys() {
+        let r = route("key = { headers = [\"x-tenant\"] }");
+        assert_ne!(
+            key(&r, "/p", &[("x-tenant", "a")]),
+            key(&r, "/p", &[("x-tenant", "b")])
+        );
+        assert_eq!(key(&r, "/p", &[("x-other", "a")]), key(&r, "/p", &[]));
+    }
+
+    #[test]
+    fn variants_differ_by_vary_values() {
+        let names = [HeaderName::from_static("accept-language")];
+        let mut en = HeaderMap::new();
+        en.insert("accept-language", "en".parse().unwrap());
+        let mut fr = HeaderMap::new();
+        fr.insert("accept-language", "fr".parse().unwrap());
+        let base = key(&route(""), "/p", &[]);
+        assert_ne!(
+            base.variant(&vary_values(&names, &en)),
+            base.variant(&vary_values(&names, &fr))
+        );
+        assert_eq!(
+            base.variant(&vary_values(&names, &en)),
+            base.variant(&vary_values(&names, &en))
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! The local tier: an in-process cache (moka) bounded by bytes, where each object
+//! expires when it can serve no one any more (the end of its stale windows).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::HeaderName;
+use moka::future::Cache as Moka;
+use moka::Expiry;
+
+use super::entry::CacheEntry;
+use super::key::CacheKey;
+use super::policy::PassReason;
+
+/// What the local tier holds under a key.
+#[derive(Clone)]
+pub enum LocalObject {
+    Entry(Arc<CacheEntry>),
+    /// Under a primary key whose response varies: the headers whose values select the
+    /// variant key ([`CacheKey::variant`]) where the entry itself lives.
+    Variants {
+        vary: Arc<[HeaderName]>,
+        until: SystemTime,
+    },
+    /// Hit-for-pass: the last response for this key was uncacheable, so requests go
+    /// straight upstream, without waiting on one another, until `until`.
+    Pass {
+        reason: PassReason,
+        until: SystemTime,
+    },
+}
+
+impl LocalObject {
+    fn until(&self) -> SystemTime {
+        match self {
+            LocalObject::Entry(e) => e.keep_until(),
+            LocalObject::Variants { until, .. } | LocalObject::Pass { until, .. } => *until,
+        }
+    }
+
+    fn weight(&self, key: &CacheKey) -> u32 {
+        let own = match self {
+            LocalObject::Entry(e) => e.weight(),
+            LocalObject::Variants { vary, .. } => {
+                128 + vary.iter().map(|n| n.as_str().len() as u32).sum::<u32>()
+            }
+            LocalObject::Pass { .. } => 64,
+        };
+        own.saturating_add(key.as_str().len() as u32)
+    }
+}
+
+/// Expires each object at its own `until`, re-evaluated when it is replaced.
+struct UntilExpiry;
+
+impl Expiry<CacheKey, LocalObject> for UntilExpiry {
+    fn expire_after_create(
+        &self,
+        _: &CacheKey,
+        value: &LocalObject,
+        _: Instant,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .until()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        value: &LocalObject,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(
+            value
+                .until()
+                .duration_since(SystemTime::now())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// The in-process tier. Cheap to clone; clones share the cache.
+///
+/// moka does its own locking (sharded, lock-free reads), so concurrent requests on
+/// both cores read without contending; writes are made visible to reads at once.
+#[derive(Clone)]
+pub struct LocalCache {
+    objects: Moka<CacheKey, LocalObject>,
+}
+
+impl LocalCache {
+    pub fn new(max_bytes: u64) -> LocalCache {
+        let objects = Moka::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &CacheKey, v: &LocalObject| v.weight(k))
+            .expire_after(UntilExpiry)
+            .build();
+        LocalCache { objects }
+    }
+
+    pub async fn get(&self, key: &CacheKey) -> Option<LocalObject> {
+        let object = self.objects.get(key).await?;
+        // moka evicts lazily; an object past its end must not be served meanwhile.
+        (object.until() > SystemTime::now()).then_some(object)
+    }
+
+    pub async fn insert(&self, key: CacheKey, object: LocalObject) {
+        self.objects.insert(key, object).await;
+    }
+
+    pub async fn remove(&self, key: &CacheKey) {
+        self.objects.invalidate(key).await;
+    }
+
+    /// Bytes held, by the weigher's count (eventually consistent).
+    pub fn weighted_size(&self) -> u64 {
+        self.objects.weighted_size()
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.objects.entry_count()
+    }
+
+    /// Applies pending evictions so the sizes above are current (for metrics and tests).
+    pub async fn sync(&self) {
+        self.objects.run_pending_tasks().await;
+    }
+}

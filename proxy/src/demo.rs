@@ -1,0 +1,195 @@
+//! `corral demo`: the main job with nothing to install. It starts a slow origin and
+//! corral in front of it (single instance, the embedded `config/demo.toml`), fires a
+//! herd of concurrent requests at one cold key, and reports how many reached the
+//! origin and how long clients waited. Then corral keeps serving for curl.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use hdrhistogram::Histogram;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::config::{Config, ConfigError};
+use crate::origin::{Behaviour, Origin};
+use crate::server::{self, RunningServer, ServerError};
+
+/// The demo's config, embedded so the demo runs from any directory.
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("the embedded demo config is invalid: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot start the demo origin: {0}")]
+    Origin(#[source] std::io::Error),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// What to run.
+pub struct DemoOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream_delay: Duration,
+}
+
+/// The origin and corral, running.
+pub struct Demo {
+    pub origin: Origin,
+    pub server: RunningServer,
+    pub config: Config,
+}
+
+/// Starts the origin (with `upstream_delay` per request) and corral in front of it.
+pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
+    let origin = Origin::start(Behaviour {
+        delay: options.upstream_delay,
+        cache_control: Some("max-age=30".to_string()),
+        etag: true,
+        ..Behaviour::default()
+    })
+    .await
+    .map_err(DemoError::Origin)?;
+    let mut config = Config::parse(DEMO_CONFIG, "config/demo.toml")?;
+    config.listen = options.listen;
+    config.admin_listen = options.admin_listen;
+    let upstream: http::Uri = origin
+        .url()
+        .parse()
+        .expect("a socket address makes a valid URI");
+    for route in &mut config.routes {
+        route.upstream = upstream.clone();
+    }
+    let server = server::start(&config).await?;
+    Ok(Demo {
+        origin,
+        server,
+        config,
+    })
+}
+
+/// What one herd saw.
+#[derive(Debug)]
+pub struct HerdReport {
+    pub clients: usize,
+    pub upstream_requests: u64,
+    pub ok: usize,
+    pub failed: usize,
+    /// Every 200 response carried the same body.
+    pub identical_bodies: bool,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    /// Responses by the first two fields of `Cache-Status` (e.g. `fwd=miss`).
+    pub cache_status: BTreeMap<String, usize>,
+}
+
+impl fmt::Display for HerdReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reduction = self.clients as f64 / self.upstream_requests.max(1) as f64;
+        writeln!(
+            f,
+            "{} concurrent client requests -> {} upstream request(s) (herd reduction {reduction:.0}x)",
+            self.clients, self.upstream_requests
+        )?;
+        writeln!(
+            f,
+            "{} ok, {} failed; identical bodies: {}",
+            self.ok,
+            self.failed,
+            if self.identical_bodies { "yes" } else { "NO" }
+        )?;
+        writeln!(
+            f,
+            "client latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.max)
+        )?;
+        for (status, n) in &self.cache_status {
+            writeln!(f, "  {n:>5} x Cache-Status: {status}")?;
+        }
+        Ok(())
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Sends `clients` concurrent GETs for `path` to the proxy at `addr`, each on its own
+/// connection, and reports what they got. `upstream_requests` is filled by the caller.
+pub async fn fire_herd(addr: SocketAddr, path: &str, clients: usize) -> HerdReport {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(clients)
+        .build_http();
+    let uri: http::Uri = format!("http://{addr}{path}").parse().expect("valid URI");
+    let requests = (0..clients).map(|_| {
+        let client = client.clone();
+        let uri = uri.clone();
+        async move {
+            let started = Instant::now();
+            let req = Request::get(uri).body(Empty::new()).expect("valid request");
+            let res = client.request(req).await.ok()?;
+            let status = res.status();
+            let cache_status = res
+                .headers()
+                .get("cache-status")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .skip(1)
+                        .take(1)
+                        .map(str::trim)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            let body = res.into_body().collect().await.ok()?.to_bytes();
+            Some((started.elapsed(), status, cache_status, body))
+        }
+    });
+    let results = join_all(requests).await;
+
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    let mut report = HerdReport {
+        clients,
+        upstream_requests: 0,
+        ok: 0,
+        failed: 0,
+        identical_bodies: true,
+        p50: Duration::ZERO,
+        p99: Duration::ZERO,
+        max: Duration::ZERO,
+        cache_status: BTreeMap::new(),
+    };
+    let mut first_body: Option<Bytes> = None;
+    for result in results {
+        match result {
+            Some((latency, StatusCode::OK, cache_status, body)) => {
+                report.ok += 1;
+                let _ = latencies.record(latency.as_micros().max(1) as u64);
+                *report.cache_status.entry(cache_status).or_default() += 1;
+                match &first_body {
+                    Some(first) if *first != body => report.identical_bodies = false,
+                    Some(_) => {}
+                    None => first_body = Some(body),
+                }
+            }
+            _ => report.failed += 1,
+        }
+    }
+    if report.ok > 0 {
+        report.p50 = Duration::from_micros(latencies.value_at_quantile(0.50));
+        report.p99 = Duration::from_micros(latencies.value_at_quantile(0.99));
+        report.max = Duration::from_micros(latencies.max());
+    }
+    report
+}

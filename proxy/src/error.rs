@@ -1,0 +1,88 @@
+//! Errors of the request path, and the one place where they become HTTP responses.
+
+use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::upstream::{FailureKind, UpstreamError};
+
+/// Why corral could not produce the upstream's response. Each variant records whose
+/// fault it was: the client's (`NoRoute`, `MethodNotAllowed`), the upstream's
+/// (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches the request")]
+    NoRoute,
+    #[error("method not allowed through a reverse proxy")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("the fetch this request waited on failed: {}", .0.as_str())]
+    SharedFailure(FailureKind),
+    #[error("waited {0:?} for another request's fetch")]
+    WaitTimedOut(Duration),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        let by_kind = |kind: FailureKind| match kind {
+            FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            FailureKind::Connect | FailureKind::Protocol | FailureKind::Status => {
+                StatusCode::BAD_GATEWAY
+            }
+        };
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::Upstream(e) => by_kind(e.kind()),
+            ProxyError::SharedFailure(kind) => by_kind(*kind),
+            ProxyError::WaitTimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A short token for `Cache-Status` details and logs.
+    pub fn detail(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no-route",
+            ProxyError::MethodNotAllowed => "method",
+            ProxyError::Upstream(e) => failure_detail(e.kind()),
+            ProxyError::SharedFailure(kind) => failure_detail(*kind),
+            ProxyError::WaitTimedOut(_) => "wait-timeout",
+        }
+    }
+}
+
+fn failure_detail(kind: FailureKind) -> &'static str {
+    match kind {
+        FailureKind::Connect => "upstream-connect",
+        FailureKind::Timeout => "upstream-timeout",
+        FailureKind::Protocol => "upstream-protocol",
+        FailureKind::Status => "upstream-status",
+    }
+}
+
+/// The response for `err`: its status and a one-line plain-text body.
+pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+    let status = err.status();
+    let body = match err {
+        ProxyError::NoRoute => "no route for this host and path\n",
+        ProxyError::MethodNotAllowed => "method not allowed\n",
+        _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
+        _ => "upstream unavailable\n",
+    };
+    let mut res = Response::new(ProxyBody::full(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        res.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+    }
+    res
+}

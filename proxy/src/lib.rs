@@ -1,0 +1,42 @@
+//! corral: a stampede-protecting caching HTTP reverse proxy.
+//!
+//! When a popular entry is missing or expires, corral sends one request upstream and
+//! makes every other request for it wait for that one (or serves them the stale copy),
+//! instead of letting the whole herd through.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file's types and their validation into typed settings.
+//! - [`route`]: which route (upstream and cache policy) serves a request.
+//! - [`cache`]: keys, entries, storage policy, and the tiers a lookup walks (local today).
+//! - [`lock`]: fill locks: who fetches a key, and how waiters learn the outcome.
+//! - [`upstream`]: the pooled client per route, timeouts, bounded body reads, outage logs.
+//! - [`proxy`]: the request path, top to bottom, in one place.
+//! - [`status`]: the `Cache-Status` header and the outcome classes counted in metrics.
+//! - [`error`]: request-path errors and the one function that turns them into responses.
+//! - [`headers`]: hop-by-hop removal, `Via`, `X-Forwarded-*`.
+//! - [`body`]: the one body type for responses and forwarded requests.
+//! - [`server`]: listeners, connection handling, graceful shutdown.
+//! - [`admin`]: `/healthz` and `/metrics`.
+//! - [`metrics`]: the Prometheus registry and per-route counters.
+//! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.
+//! - [`demo`]: `corral demo`, a herd against corral in front of that upstream.
+
+pub mod admin;
+pub mod body;
+pub mod cache;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod lock;
+pub mod metrics;
+pub mod origin;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod status;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::{run, start, RunningServer};

@@ -1,0 +1,165 @@
+//! The `corral` command: run the proxy, check a config, or run the demo.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use corral::config::Config;
+use corral::demo::{self, DemoOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "corral",
+    version,
+    about = "A stampede-protecting caching HTTP reverse proxy",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Run the proxy with this config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and print the routes it resolves to.
+    Check { file: PathBuf },
+    /// Start a slow origin and corral in front of it, fire a herd, report, keep serving.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Where corral listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where /healthz and /metrics are served.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// Concurrent requests in the herd (0: no herd).
+    #[arg(long, default_value_t = 500)]
+    herd: usize,
+    /// How long the origin takes per request.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    upstream_delay: Duration,
+    /// Exit after the herd instead of serving until Ctrl-C.
+    #[arg(long)]
+    no_serve: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match (cli.command, cli.config) {
+        (Some(Command::Check { file }), _) => check(&file),
+        (Some(Command::Demo(args)), _) => run_demo(args).await,
+        (None, Some(file)) => {
+            let config = Config::load(&file)?;
+            corral::run(&config, shutdown_signal()).await?;
+            Ok(())
+        }
+        (None, None) => {
+            anyhow::bail!("nothing to do: pass --config FILE, or a command (see --help)")
+        }
+    }
+}
+
+fn check(file: &PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(file)?;
+    println!("{}: ok", file.display());
+    println!(
+        "listen {}, admin {}, local cache {} (objects up to {})",
+        config.listen,
+        config
+            .admin_listen
+            .map_or("off".to_string(), |a| a.to_string()),
+        bytesize::ByteSize(config.cache.max_bytes).display().iec(),
+        bytesize::ByteSize(config.cache.max_object_bytes)
+            .display()
+            .iec(),
+    );
+    println!(
+        "{:<16} {:<32} {:<28} {:>8} {:>8} {:>8} {:>6}",
+        "route", "match", "upstream", "ttl", "swr", "sie", "cache"
+    );
+    for r in &config.routes {
+        let matched = format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path_prefix);
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        println!(
+            "{:<16} {:<32} {:<28} {:>8} {:>8} {:>8} {:>6}",
+            r.name,
+            matched,
+            r.upstream.to_string(),
+            d(r.ttl) + if r.override_ttl { "!" } else { "" },
+            d(r.stale_while_revalidate),
+            d(r.stale_if_error),
+            if r.cache { "on" } else { "off" }
+        );
+    }
+    Ok(())
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let options = DemoOptions {
+        listen: args.listen,
+        admin_listen: Some(args.admin_listen),
+        upstream_delay: args.upstream_delay,
+    };
+    let demo = demo::start(&options).await.context("starting the demo")?;
+    let addr = demo.server.listen_addr();
+    println!(
+        "corral listening on http://{addr} in front of a slow origin ({:?} per request)",
+        args.upstream_delay
+    );
+    if args.herd > 0 {
+        let path = "/demo/herd";
+        println!(
+            "\nfiring {} concurrent requests at the cold key {path} ...",
+            args.herd
+        );
+        let mut report = demo::fire_herd(addr, path, args.herd).await;
+        report.upstream_requests = demo.origin.requests_for(path);
+        print!("{report}");
+    }
+    if args.no_serve {
+        demo.server.shutdown().await;
+        return Ok(());
+    }
+    println!("\ntry it (Ctrl-C to stop):");
+    println!("  curl -si http://{addr}/demo/hello | grep -iE '^(HTTP|age|cache-status)'   # run twice: miss, then hit");
+    println!(
+        "  curl -s http://{}/metrics | grep corral_requests",
+        args.admin_listen
+    );
+    shutdown_signal().await;
+    demo.server.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("can install a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

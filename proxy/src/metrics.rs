@@ -1,0 +1,238 @@
+//! Prometheus metrics: what each route served and how, what reached the upstream, and
+//! how full the local cache is. Served as text on the admin listener.
+//!
+//! Per-route counters are created once when the route is built, so counting a request
+//! is an atomic add: no label lookup or allocation on the request path.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::status::Served;
+use crate::upstream::FailureKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    cache_status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: String,
+    kind: &'static str,
+}
+
+/// Why a request went to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamReason {
+    /// A miss, fetched to fill the cache.
+    Fill,
+    /// A stale entry, revalidated or refetched while clients wait.
+    Revalidate,
+    /// A stale entry refreshed in the background (stale-while-revalidate).
+    Refresh,
+    /// Not cacheable: forwarded as is.
+    Pass,
+}
+
+impl UpstreamReason {
+    const ALL: [UpstreamReason; 4] = [
+        UpstreamReason::Fill,
+        UpstreamReason::Revalidate,
+        UpstreamReason::Refresh,
+        UpstreamReason::Pass,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamReason::Fill => "fill",
+            UpstreamReason::Revalidate => "revalidate",
+            UpstreamReason::Refresh => "refresh",
+            UpstreamReason::Pass => "pass",
+        }
+    }
+}
+
+const FAILURE_KINDS: [FailureKind; 4] = [
+    FailureKind::Connect,
+    FailureKind::Timeout,
+    FailureKind::Protocol,
+    FailureKind::Status,
+];
+
+/// The registry and the metric families.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<RequestLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    coalesced_waiters: Family<RouteLabel, Counter>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+    cache_bytes: Gauge<u64, AtomicU64>,
+    cache_entries: Gauge<u64, AtomicU64>,
+    fills_in_progress: Gauge<u64, AtomicU64>,
+}
+
+/// One route's counters, ready to increment.
+#[derive(Clone)]
+pub struct RouteMetrics {
+    served: Vec<Counter>,
+    upstream: Vec<Counter>,
+    errors: Vec<Counter>,
+    waiters: Counter,
+}
+
+impl RouteMetrics {
+    pub fn served(&self, served: Served) {
+        self.served[served as usize].inc();
+    }
+
+    pub fn upstream_request(&self, reason: UpstreamReason) {
+        self.upstream[reason as usize].inc();
+    }
+
+    pub fn upstream_error(&self, kind: FailureKind) {
+        let i = FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        self.errors[i].inc();
+    }
+
+    pub fn coalesced_waiter(&self) {
+        self.waiters.inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("corral");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        let coalesced_waiters = Family::<RouteLabel, Counter>::default();
+        let upstream_errors = Family::<ErrorLabels, Counter>::default();
+        let cache_bytes = Gauge::<u64, AtomicU64>::default();
+        let cache_entries = Gauge::<u64, AtomicU64>::default();
+        let fills_in_progress = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "requests",
+            "Client requests by route and cache status",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to the upstream, by route and reason",
+            upstream_requests.clone(),
+        );
+        registry.register(
+            "coalesced_waiters",
+            "Requests that waited on another request's fetch instead of going upstream",
+            coalesced_waiters.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by route and kind",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "Bytes held by the local cache",
+            cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_entries",
+            "Objects held by the local cache",
+            cache_entries.clone(),
+        );
+        registry.register(
+            "fills_in_progress",
+            "Keys being fetched from the upstream now",
+            fills_in_progress.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            requests,
+            upstream_requests,
+            coalesced_waiters,
+            upstream_errors,
+            cache_bytes,
+            cache_entries,
+            fills_in_progress,
+        }
+    }
+
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        let route = route.to_string();
+        RouteMetrics {
+            served: Served::ALL
+                .iter()
+                .map(|s| {
+                    self.requests
+                        .get_or_create(&RequestLabels {
+                            route: route.clone(),
+                            cache_status: s.as_str(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            upstream: UpstreamReason::ALL
+                .iter()
+                .map(|r| {
+                    self.upstream_requests
+                        .get_or_create(&UpstreamLabels {
+                            route: route.clone(),
+                            reason: r.as_str(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            errors: FAILURE_KINDS
+                .iter()
+                .map(|k| {
+                    self.upstream_errors
+                        .get_or_create(&ErrorLabels {
+                            route: route.clone(),
+                            kind: k.as_str(),
+                        })
+                        .clone()
+                })
+                .collect(),
+            waiters: self
+                .coalesced_waiters
+                .get_or_create(&RouteLabel { route })
+                .clone(),
+        }
+    }
+
+    /// The metrics in the Prometheus/OpenMetrics text format, with the cache gauges
+    /// set to the given current values first.
+    pub fn encode(&self, cache_bytes: u64, cache_entries: u64, fills_in_progress: u64) -> String {
+        self.cache_bytes.set(cache_bytes);
+        self.cache_entries.set(cache_entries);
+        self.fills_in_progress.set(fills_in_progress);
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,276 @@
+//! A slow, scriptable HTTP origin: the upstream that `corral demo`, the end-to-end
+//! tests and the load tool put corral in front of.
+//!
+//! It answers every path with a small text body after a configurable delay, with
+//! configurable status, `Cache-Control`, validators and extra headers, and counts the
+//! requests it receives per path. Its behaviour can be changed while it runs, and it
+//! can be stopped (connections refused) and started again on the same port.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+use crate::server::until_stopped;
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// How the origin answers. Change it with [`Origin::set`].
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    /// Time before the response head is sent.
+    pub delay: Duration,
+    pub status: StatusCode,
+    /// The `Cache-Control` header, if any.
+    pub cache_control: Option<String>,
+    /// Send `ETag: "v{version}"` and answer a matching `If-None-Match` with 304.
+    pub etag: bool,
+    /// Body length in bytes (the text is padded with '.').
+    pub body_size: usize,
+    /// Send the body in chunks without `Content-Length`.
+    pub chunked: bool,
+    /// Extra response headers (`Set-Cookie`, `Vary`, ...).
+    pub headers: Vec<(String, String)>,
+    /// Appears in the body and the ETag; bump it to tell a refreshed copy from an old one.
+    pub version: u64,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            delay: Duration::ZERO,
+            status: StatusCode::OK,
+            cache_control: Some("max-age=60".to_string()),
+            etag: false,
+            body_size: 0,
+            chunked: false,
+            headers: Vec::new(),
+            version: 1,
+        }
+    }
+}
+
+struct State {
+    behaviour: Mutex<Behaviour>,
+    per_path: Mutex<HashMap<String, u64>>,
+    total: AtomicU64,
+    /// Woken on every request, for tests that wait for a count.
+    arrived: Notify,
+}
+
+/// A running origin.
+pub struct Origin {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: Mutex<Option<watch::Sender<bool>>>,
+}
+
+impl Origin {
+    /// Starts an origin on a free port of 127.0.0.1.
+    pub async fn start(behaviour: Behaviour) -> std::io::Result<Origin> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let state = Arc::new(State {
+            behaviour: Mutex::new(behaviour),
+            per_path: Mutex::new(HashMap::new()),
+            total: AtomicU64::new(0),
+            arrived: Notify::new(),
+        });
+        let origin = Origin {
+            addr: listener.local_addr()?,
+            state,
+            stop: Mutex::new(None),
+        };
+        origin.serve(listener);
+        Ok(origin)
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let (stop, stopped) = watch::channel(false);
+        *self.stop.lock().unwrap_or_else(|e| e.into_inner()) = Some(stop);
+        let state = Arc::clone(&self.state);
+        tokio::spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let mut accept_stopped = stopped.clone();
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    _ = until_stopped(&mut accept_stopped) => return,
+                };
+                let state = Arc::clone(&state);
+                let service = service_fn(move |req| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(answer(&state, req).await) }
+                });
+                let conn = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let mut conn_stopped = stopped.clone();
+                tokio::spawn(async move {
+                    // Stopping drops open connections too, so the port refuses everything.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = until_stopped(&mut conn_stopped) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Changes how the origin answers from now on.
+    pub fn set(&self, change: impl FnOnce(&mut Behaviour)) {
+        change(
+            &mut self
+                .state
+                .behaviour
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    /// Requests received, over all paths.
+    pub fn requests(&self) -> u64 {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Requests received for `path` (with its query string, if any).
+    pub fn requests_for(&self, path: &str) -> u64 {
+        self.state
+            .per_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until at least `n` requests have arrived in all, or `timeout` passes;
+    /// returns the count then.
+    pub async fn wait_for_requests(&self, n: u64, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.state.arrived.notified();
+            let count = self.requests();
+            if count >= n {
+                return count;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return self.requests();
+            }
+        }
+    }
+
+    /// Closes the port and every open connection: requests are refused until
+    /// [`Origin::restart`].
+    pub fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = stop.send(true);
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        self.serve(listener);
+        Ok(())
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    *state
+        .per_path
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(path.clone())
+        .or_default() += 1;
+    state.total.fetch_add(1, Ordering::SeqCst);
+    state.arrived.notify_waiters();
+    let b = state
+        .behaviour
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if !b.delay.is_zero() {
+        tokio::time::sleep(b.delay).await;
+    }
+
+    let mut res = Response::builder().status(b.status);
+    if let Some(cc) = &b.cache_control {
+        res = res.header(header::CACHE_CONTROL, cc.as_str());
+    }
+    for (name, value) in &b.headers {
+        res = res.header(name.as_str(), value.as_str());
+    }
+    let etag = format!("\"v{}\"", b.version);
+    if b.etag {
+        res = res.header(header::ETAG, etag.as_str());
+        let matches = req
+            .headers()
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+        if matches && b.status == StatusCode::OK {
+            return res
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Full::new(Bytes::new()).boxed())
+                .expect("valid response");
+        }
+    }
+
+    let lang = req
+        .headers()
+        .get(header::ACCEPT_LANGUAGE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mut text = format!("{path} v{} lang={lang}\n", b.version).into_bytes();
+    if text.len() < b.body_size {
+        text.resize(b.body_size, b'.');
+    }
+    let body = Bytes::from(text);
+    res = res.header(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    let body = if b.chunked {
+        let chunks: Vec<Result<Frame<Bytes>, Infallible>> = body
+            .chunks(16 * 1024)
+            .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        StreamBody::new(futures_util::stream::iter(chunks)).boxed()
+    } else {
+        Full::new(body).boxed()
+    };
+    res.body(body).expect("valid response")
+}

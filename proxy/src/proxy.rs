@@ -1,0 +1,741 @@
+//! The request path: every step a request takes, top to bottom.
+//!
+//! route → key → lookup (local tier) → fresh: serve | stale within SWR: serve and
+//! refresh once in the background | hit-for-pass: forward | miss or stale: fill lock →
+//! (holder) fetch in a task of its own, store, wake waiters → respond | (waiter) wait
+//! for the holder's outcome → respond.
+//!
+//! The fetch for a fill runs in a spawned [`Fill`] task, not in the client's request
+//! future, so a client that disconnects does not cancel the fetch that others wait on;
+//! and if the task dies anyway, its dropped permit wakes the waiters to take over.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{self, HeaderValue};
+use http::{request, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tracing::{field, Instrument, Span};
+
+use crate::body::ProxyBody;
+use crate::cache::entry::CacheEntry;
+use crate::cache::policy::{self, PassReason, Verdict};
+use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome};
+use crate::config::{Config, OnWaitTimeout};
+use crate::error::{error_response, ProxyError};
+use crate::headers;
+use crate::lock::{FillOutcome, FillPermit, LocalFillLock, LockAttempt};
+use crate::metrics::{Metrics, UpstreamReason};
+use crate::route::{self, Route, RouteTable};
+use crate::status::{CacheStatus, Fwd};
+use crate::upstream::{BodyRead, FailureKind, Upstream};
+
+/// How often one request re-runs lookup and lock after a holder failed or a filled
+/// variant did not match it, before it goes upstream on its own.
+const MAX_ATTEMPTS: usize = 4;
+
+/// The proxy: routes, cache tiers and fill locks, shared by all connections.
+pub struct Proxy {
+    routes: RouteTable,
+    cache: Cache,
+    fills: Arc<LocalFillLock>,
+    max_object_bytes: u64,
+    metrics: Arc<Metrics>,
+}
+
+/// A request as the cache path needs it: the client's head, prepared for forwarding.
+struct ClientRequest {
+    head: request::Parts,
+    original_host: Option<HeaderValue>,
+}
+
+impl Proxy {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Proxy {
+        let routes = config
+            .routes
+            .iter()
+            .map(|rc| Route {
+                config: rc.clone(),
+                upstream: Upstream::new(rc),
+                metrics: metrics.for_route(&rc.name),
+            })
+            .collect();
+        Proxy {
+            routes: RouteTable::new(routes),
+            cache: Cache::new(config.cache.max_bytes),
+            fills: LocalFillLock::new(),
+            max_object_bytes: config.cache.max_object_bytes,
+            metrics,
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    pub fn fills(&self) -> &LocalFillLock {
+        &self.fills
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves one client request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let host = route::request_host(&req);
+        let Some(route) = self.routes.find(host.as_deref(), req.uri().path()).cloned() else {
+            tracing::debug!(
+                host = host.as_deref().unwrap_or(""),
+                path = req.uri().path(),
+                "no route"
+            );
+            return error_response(&ProxyError::NoRoute);
+        };
+        let span = tracing::info_span!(
+            "request",
+            route = %route.config.name,
+            method = %req.method(),
+            path = req.uri().path(),
+            key = field::Empty,
+            cache = field::Empty,
+        );
+        let this = Arc::clone(self);
+        async move {
+            let (res, status) = this.serve(&route, req, host.as_deref(), client).await;
+            route.metrics.served(status.served);
+            Span::current().record("cache", status.served.as_str());
+            tracing::debug!(status = res.status().as_u16(), "served");
+            finish(res, &status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        req: Request<Incoming>,
+        host: Option<&str>,
+        client: SocketAddr,
+    ) -> (Response<ProxyBody>, CacheStatus) {
+        let (mut head, body) = req.into_parts();
+        if head.method == Method::CONNECT {
+            let err = ProxyError::MethodNotAllowed;
+            return (error_response(&err), CacheStatus::error(None, err.detail()));
+        }
+        let original_host = head.headers.get(header::HOST).cloned().or_else(|| {
+            head.uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        headers::forward_request(&mut head.headers, client.ip(), original_host.as_ref());
+        let req = ClientRequest {
+            head,
+            original_host,
+        };
+
+        let method_cacheable = req.head.method == Method::GET || req.head.method == Method::HEAD;
+        if !route.config.cache || !method_cacheable || req.head.headers.contains_key(header::RANGE)
+        {
+            let fwd = if method_cacheable {
+                Fwd::Bypass
+            } else {
+                Fwd::Method
+            };
+            return self
+                .pass(
+                    route,
+                    &req,
+                    ProxyBody::streaming(body),
+                    CacheStatus::bypass(fwd),
+                )
+                .await;
+        }
+        drop(body); // a GET or HEAD body has no meaning for the cache (RFC 9110 §9.3.1)
+
+        let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);
+        Span::current().record("key", field::display(&key));
+        self.serve_cacheable(route, &req, key).await
+    }
+
+    /// The cache path for a GET or HEAD.
+    async fn serve_cacheable(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        req: &ClientRequest,
+        key: CacheKey,
+    ) -> (Response<ProxyBody>, CacheStatus) {
+        let mut collapsed = false;
+        for _ in 0..MAX_ATTEMPTS {
+            let now = SystemTime::now();
+            let lookup = self.cache.lookup(&key, &req.head.headers, now).await;
+            let stale = match lookup.outcome {
+                LookupOutcome::Fresh(entry) => {
+                    return (
+                        respond(&req.head, &entry),
+                        CacheStatus::hit(ttl_secs(&entry, now)),
+                    );
+                }
+                LookupOutcome::Pass(_) => {
+                    return self
+                        .pass(
+                            route,
+                            req,
+                            ProxyBody::empty(),
+                            CacheStatus::pass(Fwd::UriMiss, "hit-for-pass"),
+                        )
+                        .await;
+                }
+                LookupOutcome::Stale(entry) if entry.within_stale_while_revalidate(now) => {
+                    self.refresh_in_background(route, req, &key, &lookup.fill_key, &entry);
+                    let status = CacheStatus::stale_while_revalidate(-ttl_secs(&entry, now));
+                    return (respond(&req.head, &entry), status);
+                }
+                LookupOutcome::Stale(entry) => Some(entry),
+                LookupOutcome::Miss => None,
+            };
+            let fwd = match (&stale, lookup.vary_miss) {
+                (Some(_), _) => Fwd::Stale,
+                (None, true) => Fwd::VaryMiss,
+                (None, false) => Fwd::Miss,
+            };
+
+            let waiter = match self.fills.acquire(&lookup.fill_key) {
+                LockAttempt::Acquired(permit) => {
+                    // Someone may have filled the key between our lookup and the acquire.
+                    let now = SystemTime::now();
+                    if let LookupOutcome::Fresh(entry) = self
+                        .cache
+                        .lookup(&key, &req.head.headers, now)
+                        .await
+                        .outcome
+                    {
+                        permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
+                        return (
+                            respond(&req.head, &entry),
+                            CacheStatus::hit(ttl_secs(&entry, now)),
+                        );
+                    }
+                    let mut status = self
+                        .lead_fill(route, req, key.clone(), permit, stale, fwd)
+                        .await;
+                    if collapsed {
+                        status.1 = status.1.collapsed();
+                    }
+                    return status;
+                }
+                LockAttempt::Held(waiter) => waiter,
+            };
+
+            route.metrics.coalesced_waiter();
+            collapsed = true;
+            let outcome = tokio::time::timeout(route.config.wait_timeout, waiter.wait())
+                .instrument(tracing::debug_span!("lock_wait"))
+                .await;
+            let now = SystemTime::now();
+            let stale_if_error = stale.filter(|s| s.within_stale_if_error(now));
+            match outcome {
+                Ok(FillOutcome::Filled(entry)) if entry.matches_vary(&req.head.headers) => {
+                    let status = CacheStatus::fetched(fwd, entry.status.as_u16(), true).collapsed();
+                    return (respond(&req.head, &entry), status);
+                }
+                // A variant for other header values, or the holder died: look again.
+                Ok(FillOutcome::Filled(_)) | Ok(FillOutcome::HolderFailed) => continue,
+                Ok(FillOutcome::Shared(entry)) => {
+                    let status =
+                        CacheStatus::fetched(fwd, entry.status.as_u16(), false).collapsed();
+                    return (respond(&req.head, &entry), status);
+                }
+                Ok(FillOutcome::Uncacheable(reason)) => {
+                    let status = CacheStatus::pass(fwd, reason.as_str()).collapsed();
+                    return self.pass(route, req, ProxyBody::empty(), status).await;
+                }
+                Ok(FillOutcome::Failed(kind)) => {
+                    if let Some(stale) = stale_if_error {
+                        return (
+                            respond(&req.head, &stale),
+                            CacheStatus::stale_if_error(None).collapsed(),
+                        );
+                    }
+                    let err = ProxyError::SharedFailure(kind);
+                    return (
+                        error_response(&err),
+                        CacheStatus::error(Some(fwd), err.detail()).collapsed(),
+                    );
+                }
+                Err(_elapsed) => {
+                    tracing::warn!(wait_timeout = ?route.config.wait_timeout, "gave up waiting for another request's fetch");
+                    if let Some(stale) = stale_if_error {
+                        return (
+                            respond(&req.head, &stale),
+                            CacheStatus::stale_if_error(None),
+                        );
+                    }
+                    return match route.config.on_wait_timeout {
+                        OnWaitTimeout::Fetch => {
+                            self.pass(
+                                route,
+                                req,
+                                ProxyBody::empty(),
+                                CacheStatus::pass(fwd, "wait-timeout"),
+                            )
+                            .await
+                        }
+                        OnWaitTimeout::Error => {
+                            let err = ProxyError::WaitTimedOut(route.config.wait_timeout);
+                            (
+                                error_response(&err),
+                                CacheStatus::error(Some(fwd), err.detail()),
+                            )
+                        }
+                    };
+                }
+            }
+        }
+        self.pass(
+            route,
+            req,
+            ProxyBody::empty(),
+            CacheStatus::pass(Fwd::Miss, "retries-exhausted"),
+        )
+        .await
+    }
+
+    /// This request holds the fill: run the fetch in its own task and answer from its
+    /// outcome. If this client goes away, the task still completes for the waiters.
+    async fn lead_fill(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        req: &ClientRequest,
+        key: CacheKey,
+        permit: FillPermit,
+        stale: Option<Arc<CacheEntry>>,
+        fwd: Fwd,
+    ) -> (Response<ProxyBody>, CacheStatus) {
+        let (reply, answer) = oneshot::channel();
+        let reason = if stale.is_some() {
+            UpstreamReason::Revalidate
+        } else {
+            UpstreamReason::Fill
+        };
+        let fill = Fill::new(self, route, req, key, permit, stale, fwd, reason);
+        tokio::spawn(
+            fill.run(Some(reply))
+                .instrument(tracing::debug_span!("upstream")),
+        );
+        match answer.await {
+            Ok(FillReply::Entry(entry, status)) => (respond(&req.head, &entry), status),
+            Ok(FillReply::Response(mut res, status)) => {
+                if req.head.method == Method::HEAD {
+                    *res.body_mut() = ProxyBody::empty();
+                }
+                (res, status)
+            }
+            // The fill task panicked; its permit has already woken the waiters.
+            Err(_) => {
+                let err = ProxyError::SharedFailure(FailureKind::Protocol);
+                (
+                    error_response(&err),
+                    CacheStatus::error(Some(fwd), "fill-failed"),
+                )
+            }
+        }
+    }
+
+    /// Starts one background refresh of a stale entry, unless one is running.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        req: &ClientRequest,
+        key: &CacheKey,
+        fill_key: &CacheKey,
+        stale: &Arc<CacheEntry>,
+    ) {
+        let Some(permit) = self.fills.try_acquire(fill_key) else {
+            return;
+        };
+        let fill = Fill::new(
+            self,
+            route,
+            req,
+            key.clone(),
+            permit,
+            Some(Arc::clone(stale)),
+            Fwd::Stale,
+            UpstreamReason::Refresh,
+        );
+        tokio::spawn(
+            fill.run(None)
+                .instrument(tracing::debug_span!("background_refresh")),
+        );
+    }
+
+    /// Forwards a request without caching it, streaming both bodies.
+    async fn pass(
+        &self,
+        route: &Route,
+        req: &ClientRequest,
+        body: ProxyBody,
+        status: CacheStatus,
+    ) -> (Response<ProxyBody>, CacheStatus) {
+        route.metrics.upstream_request(UpstreamReason::Pass);
+        let upstream_req = route.upstream.request(
+            req.head.method.clone(),
+            req.head.uri.path_and_query(),
+            req.head.headers.clone(),
+            req.original_host.as_ref(),
+            route.config.preserve_host,
+            body,
+        );
+        match route.upstream.send(upstream_req).await {
+            Ok(res) => {
+                note_upstream_status(route, res.status());
+                let (mut head, body) = res.into_parts();
+                headers::forward_response(&mut head.headers);
+                let body = if req.head.method == Method::HEAD {
+                    ProxyBody::empty()
+                } else {
+                    ProxyBody::streaming(body)
+                };
+                (Response::from_parts(head, body), status)
+            }
+            Err(err) => {
+                note_upstream_error(route, &err);
+                let err = ProxyError::from(err);
+                (
+                    error_response(&err),
+                    CacheStatus::error(Some(Fwd::Miss), err.detail()),
+                )
+            }
+        }
+    }
+}
+
+/// What a fill hands the request that leads it.
+enum FillReply {
+    /// Serve this entry (stored, shared, or stale on error) with this status.
+    Entry(Arc<CacheEntry>, CacheStatus),
+    /// Serve this response as is (streamed, uncacheable, or an error).
+    Response(Response<ProxyBody>, CacheStatus),
+}
+
+/// One fetch of a key from the upstream, owned by a spawned task.
+struct Fill {
+    proxy: Arc<Proxy>,
+    route: Arc<Route>,
+    /// The primary key (where the entry, or its `Vary` index, is stored).
+    key: CacheKey,
+    permit: FillPermit,
+    stale: Option<Arc<CacheEntry>>,
+    fwd: Fwd,
+    reason: UpstreamReason,
+    /// The request as the cache policy sees it (the client's URI, forwarded headers).
+    policy_req: request::Parts,
+    original_host: Option<HeaderValue>,
+}
+
+impl Fill {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        proxy: &Arc<Proxy>,
+        route: &Arc<Route>,
+        req: &ClientRequest,
+        key: CacheKey,
+        permit: FillPermit,
+        stale: Option<Arc<CacheEntry>>,
+        fwd: Fwd,
+        reason: UpstreamReason,
+    ) -> Fill {
+        let mut headers = req.head.headers.clone();
+        headers::strip_conditionals(&mut headers);
+        if let Some(stale) = &stale {
+            stale.add_validators(&mut headers);
+        }
+        let (mut policy_req, ()) = Request::get(req.head.uri.clone())
+            .body(())
+            .expect("a valid URI")
+            .into_parts();
+        policy_req.headers = headers;
+        Fill {
+            proxy: Arc::clone(proxy),
+            route: Arc::clone(route),
+            key,
+            permit,
+            stale,
+            fwd,
+            reason,
+            policy_req,
+            original_host: req.original_host.clone(),
+        }
+    }
+
+    /// Fetches, decides, stores, and tells the waiters and the leader (if any).
+    ///
+    /// Order matters: the entry is stored before the permit completes, so a request
+    /// that finds the key unlocked finds the entry.
+    async fn run(self, reply: Option<oneshot::Sender<FillReply>>) {
+        let Fill {
+            proxy,
+            route,
+            key,
+            permit,
+            stale,
+            fwd,
+            reason,
+            policy_req,
+            original_host,
+        } = self;
+        let send = |r: FillReply| {
+            if let Some(reply) = reply {
+                // The leader may have gone; the waiters were told through the permit.
+                let _ = reply.send(r);
+            }
+        };
+        route.metrics.upstream_request(reason);
+        let upstream_req = route.upstream.request(
+            Method::GET,
+            policy_req.uri.path_and_query(),
+            policy_req.headers.clone(),
+            original_host.as_ref(),
+            route.config.preserve_host,
+            ProxyBody::empty(),
+        );
+        let stale_if_error = |now| {
+            stale
+                .as_ref()
+                .filter(|s| s.within_stale_if_error(now))
+                .cloned()
+        };
+
+        let res = match route.upstream.send(upstream_req).await {
+            Ok(res) => res,
+            Err(err) => {
+                note_upstream_error(&route, &err);
+                permit.complete(FillOutcome::Failed(err.kind()));
+                return match stale_if_error(SystemTime::now()) {
+                    Some(stale) => send(FillReply::Entry(stale, CacheStatus::stale_if_error(None))),
+                    None => {
+                        let err = ProxyError::from(err);
+                        let status = CacheStatus::error(Some(fwd), err.detail());
+                        send(FillReply::Response(error_response(&err), status))
+                    }
+                };
+            }
+        };
+        let received_at = SystemTime::now();
+        note_upstream_status(&route, res.status());
+        let (mut head, body) = res.into_parts();
+        let status_code = head.status.as_u16();
+
+        if head.status == StatusCode::NOT_MODIFIED {
+            if let Some(renewed) = stale
+                .as_ref()
+                .and_then(|s| s.renewed(&route.config, &policy_req, &head, received_at))
+            {
+                let entry = Arc::new(renewed);
+                proxy.cache.store(&key, Arc::clone(&entry)).await;
+                permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
+                return send(FillReply::Entry(entry, CacheStatus::revalidated()));
+            }
+        }
+        if head.status.is_server_error() {
+            if let Some(stale) = stale_if_error(received_at) {
+                permit.complete(FillOutcome::Failed(FailureKind::Status));
+                return send(FillReply::Entry(
+                    stale,
+                    CacheStatus::stale_if_error(Some(status_code)),
+                ));
+            }
+        }
+
+        let verdict = policy::evaluate(&route.config, &policy_req, &head, received_at);
+        let too_large =
+            content_length(&head.headers).is_some_and(|len| len > proxy.max_object_bytes);
+        let lifetime = match verdict {
+            Verdict::Store(lifetime) if !too_large => lifetime,
+            Verdict::Pass(_) if head.status.is_server_error() && !too_large => {
+                // An error is the same for everyone who asked now: share it, so a failing
+                // upstream is not hit once per waiter, but do not store it.
+                return match proxy.read_body(&route, body).await {
+                    Ok(BodyRead::Complete(bytes)) => {
+                        let lifetime = policy::Lifetime::none(&policy_req, &head, received_at);
+                        let entry =
+                            Arc::new(CacheEntry::new(head, bytes, lifetime, &policy_req.headers));
+                        permit.complete(FillOutcome::Shared(Arc::clone(&entry)));
+                        send(FillReply::Entry(
+                            entry,
+                            CacheStatus::fetched(fwd, status_code, false),
+                        ))
+                    }
+                    Ok(BodyRead::TooLarge(prefix, rest)) => {
+                        permit.complete(FillOutcome::Uncacheable(PassReason::TooLarge));
+                        headers::forward_response(&mut head.headers);
+                        let res = Response::from_parts(head, ProxyBody::resumed(prefix, rest));
+                        send(FillReply::Response(
+                            res,
+                            CacheStatus::fetched(fwd, status_code, false),
+                        ))
+                    }
+                    Err(err) => fail_body(&route, permit, err, fwd, send),
+                };
+            }
+            verdict => {
+                let reason = match verdict {
+                    Verdict::Pass(reason) => reason,
+                    Verdict::Store(_) => PassReason::TooLarge,
+                };
+                // Hit-for-pass under the fill key: later requests skip the lock.
+                proxy
+                    .cache
+                    .mark_pass(permit.key(), reason, route.config.hit_for_pass)
+                    .await;
+                permit.complete(FillOutcome::Uncacheable(reason));
+                headers::forward_response(&mut head.headers);
+                let res = Response::from_parts(head, ProxyBody::streaming(body));
+                return send(FillReply::Response(
+                    res,
+                    CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code),
+                ));
+            }
+        };
+
+        match proxy.read_body(&route, body).await {
+            Ok(BodyRead::Complete(bytes)) => {
+                let entry = Arc::new(CacheEntry::new(head, bytes, *lifetime, &policy_req.headers));
+                proxy.cache.store(&key, Arc::clone(&entry)).await;
+                permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
+                tracing::debug!(status = status_code, bytes = entry.body.len(), "stored");
+                send(FillReply::Entry(
+                    entry,
+                    CacheStatus::fetched(fwd, status_code, true),
+                ));
+            }
+            Ok(BodyRead::TooLarge(prefix, rest)) => {
+                proxy
+                    .cache
+                    .mark_pass(
+                        permit.key(),
+                        PassReason::TooLarge,
+                        route.config.hit_for_pass,
+                    )
+                    .await;
+                permit.complete(FillOutcome::Uncacheable(PassReason::TooLarge));
+                headers::forward_response(&mut head.headers);
+                let res = Response::from_parts(head, ProxyBody::resumed(prefix, rest));
+                send(FillReply::Response(
+                    res,
+                    CacheStatus::pass(fwd, PassReason::TooLarge.as_str())
+                        .with_fwd_status(status_code),
+                ));
+            }
+            Err(err) => fail_body(&route, permit, err, fwd, send),
+        }
+    }
+}
+
+impl Proxy {
+    async fn read_body(
+        &self,
+        route: &Route,
+        body: Incoming,
+    ) -> Result<BodyRead, crate::upstream::UpstreamError> {
+        route.upstream.read_body(body, self.max_object_bytes).await
+    }
+}
+
+/// A fill whose response body broke off: waiters and leader learn it failed.
+fn fail_body(
+    route: &Route,
+    permit: FillPermit,
+    err: crate::upstream::UpstreamError,
+    fwd: Fwd,
+    send: impl FnOnce(FillReply),
+) {
+    note_upstream_error(route, &err);
+    permit.complete(FillOutcome::Failed(err.kind()));
+    let err = ProxyError::from(err);
+    let status = CacheStatus::error(Some(fwd), err.detail());
+    send(FillReply::Response(error_response(&err), status));
+}
+
+fn note_upstream_error(route: &Route, err: &crate::upstream::UpstreamError) {
+    route.metrics.upstream_error(err.kind());
+    route
+        .upstream
+        .faults
+        .failure(&route.config.name, route.upstream.display(), err);
+}
+
+fn note_upstream_status(route: &Route, status: StatusCode) {
+    if status.is_server_error() {
+        route.metrics.upstream_error(FailureKind::Status);
+        route
+            .upstream
+            .faults
+            .failure(&route.config.name, route.upstream.display(), &status);
+    } else {
+        route
+            .upstream
+            .faults
+            .success(&route.config.name, route.upstream.display());
+    }
+}
+
+/// Seconds of freshness left; negative when stale.
+fn ttl_secs(entry: &CacheEntry, now: SystemTime) -> i64 {
+    match entry.freshness(now) {
+        Freshness::Fresh { ttl } => ttl.as_secs() as i64,
+        Freshness::Stale { by } => -(by.as_secs() as i64),
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A response from a cached entry for this request: `304` when the client's
+/// conditions hold, no body for `HEAD`, `Age` always.
+fn respond(req: &request::Parts, entry: &CacheEntry) -> Response<ProxyBody> {
+    let now = SystemTime::now();
+    let mut res = if entry.satisfies_conditional(&req.headers) {
+        let mut res = Response::new(ProxyBody::empty());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        *res.headers_mut() = entry.not_modified_headers();
+        res
+    } else {
+        let body = if req.method == Method::HEAD {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::full(entry.body.clone())
+        };
+        let mut res = Response::new(body);
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = entry.headers.clone();
+        res
+    };
+    res.headers_mut()
+        .insert(header::AGE, HeaderValue::from(entry.age(now)));
+    res.headers_mut().append(header::VIA, headers::VIA);
+    res
+}
+
+/// Adds the `Cache-Status` header; every response passes here once.
+fn finish(mut res: Response<ProxyBody>, status: &CacheStatus) -> Response<ProxyBody> {
+    res.headers_mut().insert(
+        header::HeaderName::from_static("cache-status"),
+        status.header_value(),
+    );
+    res
+}

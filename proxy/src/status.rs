@@ -1,0 +1,255 @@
+//! The `Cache-Status` response header (RFC 9211), and the outcome class each response
+//! is counted under in metrics.
+//!
+//! | what happened | header |
+//! |---|---|
+//! | fresh hit | `corral; hit; ttl=42` |
+//! | stale served while one background refresh runs | `corral; hit; ttl=-3; detail=stale-while-revalidate` |
+//! | miss, fetched and stored | `corral; fwd=miss; fwd-status=200; stored` |
+//! | waited on another request's fetch | `...; collapsed` added |
+//! | stale revalidated, upstream said 304 | `corral; fwd=stale; fwd-status=304; stored` |
+//! | upstream failed, stale served | `corral; fwd=stale; detail=stale-if-error` |
+//! | not cacheable | `corral; fwd=miss; fwd-status=200; detail=no-store` (the reason) |
+//! | hit-for-pass | `corral; fwd=uri-miss; detail=hit-for-pass` |
+//! | method or route not cached | `corral; fwd=method` / `corral; fwd=bypass` |
+
+use std::fmt::Write;
+
+use http::HeaderValue;
+
+/// How a response was produced, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Hit,
+    StaleWhileRevalidate,
+    StaleIfError,
+    Revalidated,
+    Miss,
+    Collapsed,
+    Pass,
+    Bypass,
+    Error,
+}
+
+impl Served {
+    pub const ALL: [Served; 9] = [
+        Served::Hit,
+        Served::StaleWhileRevalidate,
+        Served::StaleIfError,
+        Served::Revalidated,
+        Served::Miss,
+        Served::Collapsed,
+        Served::Pass,
+        Served::Bypass,
+        Served::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Hit => "hit",
+            Served::StaleWhileRevalidate => "stale-while-revalidate",
+            Served::StaleIfError => "stale-if-error",
+            Served::Revalidated => "revalidated",
+            Served::Miss => "miss",
+            Served::Collapsed => "collapsed",
+            Served::Pass => "pass",
+            Served::Bypass => "bypass",
+            Served::Error => "error",
+        }
+    }
+}
+
+/// RFC 9211 `fwd` values: why the request went forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    Bypass,
+    Method,
+    UriMiss,
+    VaryMiss,
+    Miss,
+    Stale,
+}
+
+impl Fwd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fwd::Bypass => "bypass",
+            Fwd::Method => "method",
+            Fwd::UriMiss => "uri-miss",
+            Fwd::VaryMiss => "vary-miss",
+            Fwd::Miss => "miss",
+            Fwd::Stale => "stale",
+        }
+    }
+}
+
+/// One response's cache status.
+#[derive(Debug, Clone)]
+pub struct CacheStatus {
+    pub served: Served,
+    hit: bool,
+    fwd: Option<Fwd>,
+    ttl: Option<i64>,
+    fwd_status: Option<u16>,
+    stored: bool,
+    collapsed: bool,
+    detail: Option<&'static str>,
+}
+
+impl CacheStatus {
+    fn new(served: Served) -> CacheStatus {
+        CacheStatus {
+            served,
+            hit: false,
+            fwd: None,
+            ttl: None,
+            fwd_status: None,
+            stored: false,
+            collapsed: false,
+            detail: None,
+        }
+    }
+
+    pub fn hit(ttl_secs: i64) -> CacheStatus {
+        CacheStatus {
+            hit: true,
+            ttl: Some(ttl_secs),
+            ..CacheStatus::new(Served::Hit)
+        }
+    }
+
+    pub fn stale_while_revalidate(stale_secs: i64) -> CacheStatus {
+        CacheStatus {
+            hit: true,
+            ttl: Some(-stale_secs),
+            detail: Some("stale-while-revalidate"),
+            ..CacheStatus::new(Served::StaleWhileRevalidate)
+        }
+    }
+
+    pub fn stale_if_error(fwd_status: Option<u16>) -> CacheStatus {
+        CacheStatus {
+            fwd: Some(Fwd::Stale),
+            fwd_status,
+            detail: Some("stale-if-error"),
+            ..CacheStatus::new(Served::StaleIfError)
+        }
+    }
+
+    pub fn revalidated() -> CacheStatus {
+        CacheStatus {
+            fwd: Some(Fwd::Stale),
+            fwd_status: Some(304),
+            stored: true,
+            ..CacheStatus::new(Served::Revalidated)
+        }
+    }
+
+    /// A response fetched for a miss (`Fwd::Miss`, `VaryMiss`) or a stale entry
+    /// (`Fwd::Stale`) whose upstream answer is served.
+    pub fn fetched(fwd: Fwd, status: u16, stored: bool) -> CacheStatus {
+        CacheStatus {
+            fwd: Some(fwd),
+            fwd_status: Some(status),
+            stored,
+            ..CacheStatus::new(Served::Miss)
+        }
+    }
+
+    /// Sent upstream without caching, for `detail`.
+    pub fn pass(fwd: Fwd, detail: &'static str) -> CacheStatus {
+        CacheStatus {
+            fwd: Some(fwd),
+            detail: Some(detail),
+            ..CacheStatus::new(Served::Pass)
+        }
+    }
+
+    /// Not handled by the cache at all (method, route switch, range request).
+    pub fn bypass(fwd: Fwd) -> CacheStatus {
+        CacheStatus {
+            fwd: Some(fwd),
+            ..CacheStatus::new(Served::Bypass)
+        }
+    }
+
+    /// No response could be had; `detail` says why.
+    pub fn error(fwd: Option<Fwd>, detail: &'static str) -> CacheStatus {
+        CacheStatus {
+            fwd,
+            detail: Some(detail),
+            ..CacheStatus::new(Served::Error)
+        }
+    }
+
+    /// This request waited on another's fetch and got its outcome.
+    pub fn collapsed(mut self) -> CacheStatus {
+        self.collapsed = true;
+        if self.served == Served::Miss {
+            self.served = Served::Collapsed;
+        }
+        self
+    }
+
+    pub fn with_fwd_status(mut self, status: u16) -> CacheStatus {
+        self.fwd_status = Some(status);
+        self
+    }
+
+    pub fn header_value(&self) -> HeaderValue {
+        let mut out = String::with_capacity(64);
+        out.push_str("corral");
+        if self.hit {
+            out.push_str("; hit");
+        }
+        if let Some(fwd) = self.fwd {
+            let _ = write!(out, "; fwd={}", fwd.as_str());
+        }
+        if let Some(status) = self.fwd_status {
+            let _ = write!(out, "; fwd-status={status}");
+        }
+        if let Some(ttl) = self.ttl {
+            let _ = write!(out, "; ttl={ttl}");
+        }
+        if self.stored {
+            out.push_str("; stored");
+        }
+        if self.collapsed {
+            out.push_str("; collapsed");
+        }
+        if let Some(detail) = self.detail {
+            let _ = write!(out, "; detail={detail}");
+        }
+        HeaderValue::try_from(out).expect("tokens and numbers only")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values() {
+        assert_eq!(CacheStatus::hit(42).header_value(), "corral; hit; ttl=42");
+        assert_eq!(
+            CacheStatus::fetched(Fwd::Miss, 200, true)
+                .collapsed()
+                .header_value(),
+            "corral; fwd=miss; fwd-status=200; stored; collapsed"
+        );
+        assert_eq!(
+            CacheStatus::stale_while_revalidate(3).header_value(),
+            "corral; hit; ttl=-3; detail=stale-while-revalidate"
+        );
+        assert_eq!(
+            CacheStatus::revalidated().header_value(),
+            "corral; fwd=stale; fwd-status=304; stored"
+        );
+        assert_eq!(
+            CacheStatus::fetched(Fwd::Miss, 200, true)
+                .collapsed()
+                .served,
+            Served::Collapsed
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! The upstream side: a pooled HTTP/1.1 client per route (plain or rustls), request
+//! timeouts, reading a body into memory up to a bound, and logging upstream outages
+//! once when they start and once when they end.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderMap, Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::ProxyBody;
+use crate::config::RouteConfig;
+
+/// What kind of upstream failure a fill ended with; what waiters are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No connection could be made.
+    Connect,
+    /// No response (or no complete body) within the route's response timeout.
+    Timeout,
+    /// The connection broke or the response was malformed.
+    Protocol,
+    /// The upstream answered with a 5xx status.
+    Status,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "connect",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Protocol => "protocol",
+            FailureKind::Status => "status",
+        }
+    }
+}
+
+/// A request to the upstream that got no usable response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to upstream {upstream}: {source}")]
+    Connect {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream} did not answer within {timeout:?}")]
+    Timeout { upstream: String, timeout: Duration },
+    #[error("upstream {upstream} failed: {source}")]
+    Request {
+        upstream: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("upstream {upstream} broke off the response body: {source}")]
+    Body {
+        upstream: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+impl UpstreamError {
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            UpstreamError::Connect { .. } => FailureKind::Connect,
+            UpstreamError::Timeout { .. } => FailureKind::Timeout,
+            UpstreamError::Request { .. } | UpstreamError::Body { .. } => FailureKind::Protocol,
+        }
+    }
+}
+
+/// A body read into memory, or found too large to be.
+pub enum BodyRead {
+    Complete(Bytes),
+    /// Over the limit: what was read so far, and the rest still to stream.
+    TooLarge(Bytes, Incoming),
+}
+
+/// One route's upstream.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    scheme: Scheme,
+    authority: Authority,
+    base_path: String,
+    host: HeaderValue,
+    response_timeout: Duration,
+    display: String,
+    pub faults: FaultLog,
+}
+
+impl Upstream {
+    pub fn new(route: &RouteConfig) -> Upstream {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(route.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(https);
+        let parts = route.upstream.clone().into_parts();
+        let authority = parts.authority.expect("validated: upstream has a host");
+        let base_path = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_string())
+            .unwrap_or_default();
+        Upstream {
+            client,
+            scheme: parts.scheme.expect("validated: upstream has a scheme"),
+            host: HeaderValue::from_str(authority.as_str())
+                .expect("an authority is a valid header value"),
+            authority,
+            base_path,
+            response_timeout: route.response_timeout,
+            display: route.upstream.to_string(),
+            faults: FaultLog::default(),
+        }
+    }
+
+    /// The upstream request for a client's `path_and_query`, with `headers` already
+    /// prepared for forwarding. `original_host` is kept as `Host` when the route
+    /// preserves it; otherwise `Host` names the upstream.
+    pub fn request(
+        &self,
+        method: Method,
+        path_and_query: Option<&PathAndQuery>,
+        mut headers: HeaderMap,
+        original_host: Option<&HeaderValue>,
+        preserve_host: bool,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        let pq = path_and_query.map_or("/", |p| p.as_str());
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{pq}", self.base_path))
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let host = match (preserve_host, original_host) {
+            (true, Some(h)) => h.clone(),
+            _ => self.host.clone(),
+        };
+        headers.insert(header::HOST, host);
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        req
+    }
+
+    /// Sends `req`, waiting at most the response timeout for the response head.
+    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+                upstream: self.display.clone(),
+                source,
+            }),
+            Ok(Err(source)) => Err(UpstreamError::Request {
+                upstream: self.display.clone(),
+                source,
+            }),
+            Err(_) => Err(UpstreamError::Timeout {
+                upstream: self.display.clone(),
+                timeout: self.response_timeout,
+            }),
+        }
+    }
+
+    /// Reads `body` into memory up to `limit` bytes, within the response timeout; past
+    /// the limit the prefix and the unread rest come back, so the response can still
+    /// be streamed.
+    pub async fn read_body(&self, body: Incoming, limit: u64) -> Result<BodyRead, UpstreamError> {
+        read_bounded(body, limit, self.response_timeout, &self.display).await
+    }
+
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+}
+
+async fn read_bounded(
+    body: Incoming,
+    limit: u64,
+    timeout: Duration,
+    upstream: &str,
+) -> Result<BodyRead, UpstreamError> {
+    let mut body = body;
+    let mut buf = BytesMut::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if body.is_end_stream() {
+            return Ok(BodyRead::Complete(buf.freeze()));
+        }
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    upstream: upstream.to_string(),
+                    timeout,
+                })
+            }
+            Ok(None) => return Ok(BodyRead::Complete(buf.freeze())),
+            Ok(Some(Err(source))) => {
+                return Err(UpstreamError::Body {
+                    upstream: upstream.to_string(),
+                    source,
+                })
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > limit {
+                return Ok(BodyRead::TooLarge(buf.freeze(), body));
+            }
+        }
+    }
+}
+
+/// An upstream outage, logged when it starts and when it ends, counted in between, so
+/// a dead upstream under load writes two log lines, not one per request.
+///
+/// Any request task may report; `failing` flips exactly once per transition (swap), so
+/// exactly one task logs each edge.
+#[derive(Default)]
+pub struct FaultLog {
+    failing: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl FaultLog {
+    pub fn failure(&self, route: &str, upstream: &str, error: &dyn fmt::Display) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(route, upstream, %error, "upstream failing; further failures are counted until it recovers");
+        }
+    }
+
+    pub fn success(&self, route: &str, upstream: &str) {
+        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel) {
+            let failures = self.failures.swap(0, Ordering::Relaxed);
+            tracing::info!(route, upstream, failures, "upstream recovered");
+        }
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+}
