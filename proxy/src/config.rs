@@ -78,6 +78,9 @@ pub struct RouteConfig {
     pub override_ttl: bool,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// How long past its stale windows an entry with a validator is kept, so that a
+    /// refresh can revalidate it (a 304 without a body) instead of refetching it.
+    pub keep: Duration,
     pub key_query: QueryMode,
     pub key_headers: Vec<HeaderName>,
     pub cacheable_statuses: Vec<StatusCode>,
@@ -198,6 +201,7 @@ struct FileRoute {
     override_ttl: bool,
     stale_while_revalidate: Option<Text>,
     stale_if_error: Option<Text>,
+    keep: Option<Text>,
     #[serde(default)]
     key: FileKey,
     cacheable_statuses: Option<Spanned<Vec<u16>>>,
@@ -410,7 +414,8 @@ impl FileConfig {
             .map(|v| socket_addr(src, "admin_listen", v))
             .transpose()?;
         if let (Some(admin), Some(text)) = (admin_listen, &self.admin_listen) {
-            if admin == listen {
+            // Port 0 asks the OS for a free port each, so those never collide.
+            if admin == listen && admin.port() != 0 {
                 return Err(src.error(text.span(), "admin_listen", "must differ from `listen`"));
             }
         }
@@ -593,6 +598,13 @@ impl FileRoute {
             Duration::ZERO,
             duration,
         )?;
+        let keep = optional(
+            src,
+            &k("keep"),
+            &self.keep,
+            Duration::from_secs(600),
+            duration,
+        )?;
         let hit_for_pass = optional(
             src,
             &k("hit_for_pass"),
@@ -655,6 +667,7 @@ impl FileRoute {
             override_ttl: self.override_ttl,
             stale_while_revalidate,
             stale_if_error,
+            keep,
             key_query: self.key.query,
             key_headers,
             cacheable_statuses,

@@ -66,7 +66,11 @@ impl Default for Behaviour {
 struct State {
     behaviour: Mutex<Behaviour>,
     per_path: Mutex<HashMap<String, u64>>,
+    last_headers: Mutex<HashMap<String, http::HeaderMap>>,
     total: AtomicU64,
+    not_modified: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     /// Woken on every request, for tests that wait for a count.
     arrived: Notify,
 }
@@ -85,7 +89,11 @@ impl Origin {
         let state = Arc::new(State {
             behaviour: Mutex::new(behaviour),
             per_path: Mutex::new(HashMap::new()),
+            last_headers: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
+            not_modified: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             arrived: Notify::new(),
         });
         let origin = Origin {
@@ -168,6 +176,26 @@ impl Origin {
             .unwrap_or(0)
     }
 
+    /// Requests answered `304 Not Modified`.
+    pub fn not_modified(&self) -> u64 {
+        self.state.not_modified.load(Ordering::SeqCst)
+    }
+
+    /// The most requests that were in progress at once.
+    pub fn max_in_flight(&self) -> u64 {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The headers of the last request for `path`, as the origin received them.
+    pub fn last_request_headers(&self, path: &str) -> Option<http::HeaderMap> {
+        self.state
+            .last_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .cloned()
+    }
+
     /// Waits until at least `n` requests have arrived in all, or `timeout` passes;
     /// returns the count then.
     pub async fn wait_for_requests(&self, n: u64, timeout: Duration) -> u64 {
@@ -207,6 +235,14 @@ impl Drop for Origin {
 }
 
 async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
+    let in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    state.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
+    let res = respond(state, req).await;
+    state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    res
+}
+
+async fn respond(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
     let path = req
         .uri()
         .path_and_query()
@@ -218,6 +254,11 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
         .unwrap_or_else(|e| e.into_inner())
         .entry(path.clone())
         .or_default() += 1;
+    state
+        .last_headers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.clone(), req.headers().clone());
     state.total.fetch_add(1, Ordering::SeqCst);
     state.arrived.notify_waiters();
     let b = state
@@ -225,6 +266,8 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let (head, body) = req.into_parts();
+    let received = body.collect().await.map_or(0, |b| b.to_bytes().len());
     if !b.delay.is_zero() {
         tokio::time::sleep(b.delay).await;
     }
@@ -239,12 +282,13 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
     let etag = format!("\"v{}\"", b.version);
     if b.etag {
         res = res.header(header::ETAG, etag.as_str());
-        let matches = req
-            .headers()
+        let matches = head
+            .headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
         if matches && b.status == StatusCode::OK {
+            state.not_modified.fetch_add(1, Ordering::SeqCst);
             return res
                 .status(StatusCode::NOT_MODIFIED)
                 .body(Full::new(Bytes::new()).boxed())
@@ -252,12 +296,12 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
         }
     }
 
-    let lang = req
-        .headers()
+    let lang = head
+        .headers
         .get(header::ACCEPT_LANGUAGE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mut text = format!("{path} v{} lang={lang}\n", b.version).into_bytes();
+    let mut text = format!("{path} v{} lang={lang} received={received}\n", b.version).into_bytes();
     if text.len() < b.body_size {
         text.resize(b.body_size, b'.');
     }

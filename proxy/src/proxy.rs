@@ -89,6 +89,10 @@ impl Proxy {
         req: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            // A reverse proxy opens no tunnels.
+            return error_response(&ProxyError::MethodNotAllowed);
+        }
         let host = route::request_host(&req);
         let Some(route) = self.routes.find(host.as_deref(), req.uri().path()).cloned() else {
             tracing::debug!(
@@ -126,10 +130,6 @@ impl Proxy {
         client: SocketAddr,
     ) -> (Response<ProxyBody>, CacheStatus) {
         let (mut head, body) = req.into_parts();
-        if head.method == Method::CONNECT {
-            let err = ProxyError::MethodNotAllowed;
-            return (error_response(&err), CacheStatus::error(None, err.detail()));
-        }
         let original_host = head.headers.get(header::HOST).cloned().or_else(|| {
             head.uri
                 .authority()

@@ -29,6 +29,7 @@ pub struct CacheEntry {
     fresh_until: SystemTime,
     swr_until: SystemTime,
     sie_until: SystemTime,
+    keep_until: SystemTime,
     last_modified: Option<SystemTime>,
 }
 
@@ -81,6 +82,9 @@ impl CacheEntry {
             fresh_until,
             swr_until: fresh_until + lifetime.stale_while_revalidate,
             sie_until: fresh_until + lifetime.stale_if_error,
+            keep_until: fresh_until
+                + lifetime.stale_while_revalidate.max(lifetime.stale_if_error)
+                + lifetime.keep,
             last_modified,
             lifetime,
         }
@@ -104,9 +108,9 @@ impl CacheEntry {
         now < self.sie_until
     }
 
-    /// After this instant the entry can serve no one and may be dropped.
+    /// After this instant the entry can serve no one, nor be revalidated: drop it.
     pub fn keep_until(&self) -> SystemTime {
-        self.swr_until.max(self.sie_until)
+        self.keep_until
     }
 
     /// The `Age` to send, in seconds.

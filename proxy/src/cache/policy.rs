@@ -29,6 +29,8 @@ pub struct Lifetime {
     pub fresh_for: Duration,
     pub stale_while_revalidate: Duration,
     pub stale_if_error: Duration,
+    /// Kept this long past the stale windows, for revalidation only.
+    pub keep: Duration,
 }
 
 impl Lifetime {
@@ -42,6 +44,7 @@ impl Lifetime {
             fresh_for: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
             stale_if_error: Duration::ZERO,
+            keep: Duration::ZERO,
         }
     }
 }
@@ -163,7 +166,17 @@ pub fn evaluate(
     };
     let stale_while_revalidate = window("stale-while-revalidate", route.stale_while_revalidate);
     let stale_if_error = window("stale-if-error", route.stale_if_error);
-    if fresh_for.is_zero() && stale_while_revalidate.is_zero() && stale_if_error.is_zero() {
+    // Without a validator, an entry past its windows can serve no one: keep nothing.
+    let keep = if has_validator(h) {
+        route.keep
+    } else {
+        Duration::ZERO
+    };
+    if fresh_for.is_zero()
+        && stale_while_revalidate.is_zero()
+        && stale_if_error.is_zero()
+        && keep.is_zero()
+    {
         return Verdict::Pass(PassReason::ZeroLifetime);
     }
     Verdict::Store(Box::new(Lifetime {
@@ -173,6 +186,7 @@ pub fn evaluate(
         fresh_for,
         stale_while_revalidate,
         stale_if_error,
+        keep,
     }))
 }
 
@@ -357,17 +371,20 @@ mod tests {
     }
 
     #[test]
-    fn no_cache_without_windows_is_not_stored() {
-        // no-cache forbids reuse without revalidation and disables the stale windows;
-        // with nothing left to serve from, storing would only cost memory.
+    fn no_cache_is_stored_only_to_revalidate() {
         let r = route("");
+        let l = lifetime(eval(
+            &r,
+            &[],
+            200,
+            &[("cache-control", "no-cache"), ("etag", "\"a\"")],
+        ));
+        assert_eq!(l.fresh_for, Duration::ZERO);
+        assert_eq!(l.stale_while_revalidate, Duration::ZERO);
+        assert_eq!(l.keep, Duration::from_secs(600));
+        // Without a validator there is nothing to revalidate with: not stored.
         assert_eq!(
-            reason(eval(
-                &r,
-                &[],
-                200,
-                &[("cache-control", "no-cache"), ("etag", "\"a\"")]
-            )),
+            reason(eval(&r, &[], 200, &[("cache-control", "no-cache")])),
             "zero-lifetime"
         );
     }

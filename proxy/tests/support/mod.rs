@@ -1,0 +1,249 @@
+//! Test support: a real corral on 127.0.0.1:0 in front of a real origin, and a
+//! client that talks to both over real sockets.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use corral::config::Config;
+use corral::origin::{Behaviour, Origin};
+use corral::RunningServer;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub use corral::origin::Behaviour as OriginBehaviour;
+
+/// How long any awaited condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A response as the client got it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn cache_status(&self) -> &str {
+        self.headers
+            .get("cache-status")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A corral and its origin.
+pub struct Harness {
+    pub origin: Origin,
+    pub server: RunningServer,
+    pub config: Config,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// What to start: the origin's behaviour and TOML lines added to the config.
+#[derive(Default)]
+pub struct Setup {
+    pub origin: Behaviour,
+    /// Lines for the `[cache]` section.
+    pub cache: String,
+    /// Lines for the `[lock]` section.
+    pub lock: String,
+    /// Lines for the one `[[route]]` (named `t`, on every path).
+    pub route: String,
+}
+
+impl Setup {
+    pub fn origin(behaviour: Behaviour) -> Setup {
+        Setup {
+            origin: behaviour,
+            ..Setup::default()
+        }
+    }
+
+    pub fn route(mut self, lines: &str) -> Setup {
+        self.route.push_str(lines);
+        self.route.push('\n');
+        self
+    }
+
+    pub fn cache(mut self, lines: &str) -> Setup {
+        self.cache.push_str(lines);
+        self.cache.push('\n');
+        self
+    }
+
+    pub fn lock(mut self, lines: &str) -> Setup {
+        self.lock.push_str(lines);
+        self.lock.push('\n');
+        self
+    }
+
+    pub async fn start(self) -> Harness {
+        let origin = Origin::start(self.origin).await.expect("origin starts");
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+             [cache]\n{}\n[lock]\n{}\n[[route]]\nname = \"t\"\nupstream = \"{}\"\n{}\n",
+            self.cache,
+            self.lock,
+            origin.url(),
+            self.route
+        );
+        let config = Config::parse(&text, "test.toml").expect("test config is valid");
+        let server = corral::start(&config).await.expect("corral starts");
+        Harness {
+            origin,
+            server,
+            config,
+            client: client(),
+        }
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(1024)
+        .build_http()
+}
+
+impl Harness {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.listen_addr()
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(Request::get(self.url(path)).body(Full::default()).unwrap())
+            .await
+    }
+
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = Request::get(self.url(path));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::default()).unwrap()).await
+    }
+
+    pub async fn request(&self, method: Method, path: &str, body: &'static [u8]) -> Reply {
+        let req = Request::builder()
+            .method(method)
+            .uri(self.url(path))
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap();
+        self.send(req).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr(), path)
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Reply {
+        let res = tokio::time::timeout(DEADLINE, self.client.request(req))
+            .await
+            .expect("response within the deadline")
+            .expect("request succeeds at the HTTP level");
+        let (head, body) = res.into_parts();
+        let body = body.collect().await.expect("body arrives").to_bytes();
+        Reply {
+            status: head.status,
+            headers: head.headers,
+            body,
+        }
+    }
+
+    /// `n` concurrent GETs for `path`, each on a fresh connection.
+    pub async fn herd(&self, path: &str, n: usize) -> Vec<Reply> {
+        let requests = (0..n).map(|_| {
+            let client = client();
+            let req = Request::get(self.url(path)).body(Full::default()).unwrap();
+            async move {
+                let res = client.request(req).await.expect("request succeeds");
+                let (head, body) = res.into_parts();
+                let body = body.collect().await.expect("body arrives").to_bytes();
+                Reply {
+                    status: head.status,
+                    headers: head.headers,
+                    body,
+                }
+            }
+        });
+        tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
+            .await
+            .expect("herd answered in time")
+    }
+
+    /// The admin endpoint's answer for `path`.
+    pub async fn admin(&self, path: &str) -> Reply {
+        let addr = self.server.admin_addr().expect("admin listener configured");
+        self.send(
+            Request::get(format!("http://{addr}{path}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.admin("/metrics").await.text();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Repeats `probe` until `done` holds for its result, up to the deadline.
+    pub async fn until<F, Fut>(
+        &self,
+        what: &str,
+        mut probe: F,
+        done: impl Fn(&Reply) -> bool,
+    ) -> Reply
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Reply>,
+    {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let reply = probe().await;
+            if done(&reply) {
+                return reply;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for: {what}; last reply {reply:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it yields a value, or fails the test at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
