@@ -83,6 +83,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     coalesced_waiters: Family<RouteLabel, Counter>,
+    wait_timeouts: Family<RouteLabel, Counter>,
+    stale_served: Family<UpstreamLabels, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
     cache_bytes: Gauge<u64, AtomicU64>,
     cache_entries: Gauge<u64, AtomicU64>,
@@ -96,11 +98,23 @@ pub struct RouteMetrics {
     upstream: Vec<Counter>,
     errors: Vec<Counter>,
     waiters: Counter,
+    wait_timeouts: Counter,
+    stale_swr: Counter,
+    stale_sie: Counter,
 }
 
 impl RouteMetrics {
     pub fn served(&self, served: Served) {
         self.served[served as usize].inc();
+        if served == Served::StaleWhileRevalidate {
+            self.stale_swr.inc();
+        } else if served == Served::StaleIfError {
+            self.stale_sie.inc();
+        }
+    }
+
+    pub fn wait_timeout(&self) {
+        self.wait_timeouts.inc();
     }
 
     pub fn upstream_request(&self, reason: UpstreamReason) {
@@ -129,6 +143,8 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let upstream_requests = Family::<UpstreamLabels, Counter>::default();
         let coalesced_waiters = Family::<RouteLabel, Counter>::default();
+        let wait_timeouts = Family::<RouteLabel, Counter>::default();
+        let stale_served = Family::<UpstreamLabels, Counter>::default();
         let upstream_errors = Family::<ErrorLabels, Counter>::default();
         let cache_bytes = Gauge::<u64, AtomicU64>::default();
         let cache_entries = Gauge::<u64, AtomicU64>::default();
@@ -147,6 +163,16 @@ impl Metrics {
             "coalesced_waiters",
             "Requests that waited on another request's fetch instead of going upstream",
             coalesced_waiters.clone(),
+        );
+        registry.register(
+            "wait_timeouts",
+            "Waiters that gave up on another request's fetch after the route's wait_timeout",
+            wait_timeouts.clone(),
+        );
+        registry.register(
+            "stale_served",
+            "Responses served from a stale entry, by route and reason",
+            stale_served.clone(),
         );
         registry.register(
             "upstream_errors",
@@ -173,6 +199,8 @@ impl Metrics {
             requests,
             upstream_requests,
             coalesced_waiters,
+            wait_timeouts,
+            stale_served,
             upstream_errors,
             cache_bytes,
             cache_entries,
@@ -181,45 +209,58 @@ impl Metrics {
     }
 
     pub fn for_route(&self, route: &str) -> RouteMetrics {
+        // One statement per counter: `get_or_create` returns a read guard on the family,
+        // and a second call on the same family while it lives would deadlock on insert.
+        fn counter<
+            L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+        >(
+            family: &Family<L, Counter>,
+            labels: L,
+        ) -> Counter {
+            family.get_or_create(&labels).clone()
+        }
         let route = route.to_string();
+        let label = || RouteLabel {
+            route: route.clone(),
+        };
+        let by_reason = |reason| UpstreamLabels {
+            route: route.clone(),
+            reason,
+        };
         RouteMetrics {
             served: Served::ALL
                 .iter()
                 .map(|s| {
-                    self.requests
-                        .get_or_create(&RequestLabels {
-                            route: route.clone(),
-                            cache_status: s.as_str(),
-                        })
-                        .clone()
+                    let labels = RequestLabels {
+                        route: route.clone(),
+                        cache_status: s.as_str(),
+                    };
+                    counter(&self.requests, labels)
                 })
                 .collect(),
             upstream: UpstreamReason::ALL
                 .iter()
-                .map(|r| {
-                    self.upstream_requests
-                        .get_or_create(&UpstreamLabels {
-                            route: route.clone(),
-                            reason: r.as_str(),
-                        })
-                        .clone()
-                })
+                .map(|r| counter(&self.upstream_requests, by_reason(r.as_str())))
                 .collect(),
             errors: FAILURE_KINDS
                 .iter()
                 .map(|k| {
-                    self.upstream_errors
-                        .get_or_create(&ErrorLabels {
+                    counter(
+                        &self.upstream_errors,
+                        ErrorLabels {
                             route: route.clone(),
                             kind: k.as_str(),
-                        })
-                        .clone()
+                        },
+                    )
                 })
                 .collect(),
-            waiters: self
-                .coalesced_waiters
-                .get_or_create(&RouteLabel { route })
-                .clone(),
+            waiters: counter(&self.coalesced_waiters, label()),
+            wait_timeouts: counter(&self.wait_timeouts, label()),
+            stale_swr: counter(
+                &self.stale_served,
+                by_reason(Served::StaleWhileRevalidate.as_str()),
+            ),
+            stale_sie: counter(&self.stale_served, by_reason(Served::StaleIfError.as_str())),
         }
     }
 
@@ -234,5 +275,28 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_get_every_series_and_counts_show_in_the_text() {
+        let metrics = Metrics::new();
+        let a = metrics.for_route("a");
+        let _b = metrics.for_route("b");
+        a.served(Served::StaleIfError);
+        a.upstream_error(FailureKind::Timeout);
+        let text = metrics.encode(10, 1, 0);
+        assert!(
+            text.contains("corral_requests_total{route=\"a\",cache_status=\"stale-if-error\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("corral_stale_served_total{route=\"a\",reason=\"stale-if-error\"} 1"));
+        assert!(text.contains("corral_upstream_errors_total{route=\"a\",kind=\"timeout\"} 1"));
+        assert!(text.contains("corral_requests_total{route=\"b\",cache_status=\"hit\"} 0"));
+        assert!(text.contains("corral_cache_bytes 10"));
     }
 }

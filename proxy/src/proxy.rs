@@ -271,7 +271,9 @@ impl Proxy {
                     );
                 }
                 Err(_elapsed) => {
-                    tracing::warn!(wait_timeout = ?route.config.wait_timeout, "gave up waiting for another request's fetch");
+                    // Counted, not logged at warn: under a slow upstream every waiter gets here.
+                    route.metrics.wait_timeout();
+                    tracing::debug!(wait_timeout = ?route.config.wait_timeout, "gave up waiting for another request's fetch");
                     if let Some(stale) = stale_if_error {
                         return (
                             respond(&req.head, &stale),

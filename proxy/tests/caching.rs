@@ -81,6 +81,10 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
             .await,
         1.0
     );
+    let stale_served = h
+        .metric("corral_stale_served_total{route=\"t\",reason=\"stale-while-revalidate\"}")
+        .await;
+    assert!(stale_served >= 51.0, "{stale_served}");
 }
 
 /// Primes `path`, breaks the origin with `fault`, and waits until corral serves the

@@ -213,6 +213,10 @@ async fn waiter_past_wait_timeout_fetches_by_itself() {
             .any(|r| r.cache_status().contains("detail=wait-timeout")),
         "{replies:?}"
     );
+    assert_eq!(
+        h.metric("corral_wait_timeouts_total{route=\"t\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
