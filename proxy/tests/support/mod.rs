@@ -200,7 +200,7 @@ impl Harness {
                 l.strip_prefix(series)
                     .and_then(|rest| rest.trim().parse().ok())
             })
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
     }
 
     /// Repeats `probe` until `done` holds for its result, up to the deadline.
