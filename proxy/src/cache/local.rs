@@ -70,17 +70,12 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
 
     fn expire_after_update(
         &self,
-        _: &CacheKey,
+        key: &CacheKey,
         value: &LocalObject,
-        _: Instant,
+        now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(
-            value
-                .until()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
+        self.expire_after_create(key, value, now)
     }
 }
 

@@ -37,6 +37,16 @@ impl Reply {
             .unwrap_or("")
     }
 
+    pub async fn read(res: http::Response<hyper::body::Incoming>) -> Reply {
+        let (head, body) = res.into_parts();
+        let body = body.collect().await.expect("body arrives").to_bytes();
+        Reply {
+            status: head.status,
+            headers: head.headers,
+            body,
+        }
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
@@ -151,13 +161,7 @@ impl Harness {
             .await
             .expect("response within the deadline")
             .expect("request succeeds at the HTTP level");
-        let (head, body) = res.into_parts();
-        let body = body.collect().await.expect("body arrives").to_bytes();
-        Reply {
-            status: head.status,
-            headers: head.headers,
-            body,
-        }
+        Reply::read(res).await
     }
 
     /// `n` concurrent GETs for `path`, each on a fresh connection.
@@ -165,16 +169,7 @@ impl Harness {
         let requests = (0..n).map(|_| {
             let client = client();
             let req = Request::get(self.url(path)).body(Full::default()).unwrap();
-            async move {
-                let res = client.request(req).await.expect("request succeeds");
-                let (head, body) = res.into_parts();
-                let body = body.collect().await.expect("body arrives").to_bytes();
-                Reply {
-                    status: head.status,
-                    headers: head.headers,
-                    body,
-                }
-            }
+            async move { Reply::read(client.request(req).await.expect("request succeeds")).await }
         });
         tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
             .await
