@@ -29,7 +29,41 @@ pub struct Config {
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     pub cache: CacheSettings,
+    /// Fleet mode: the shared tier and fill lock in Redis. `None`: single instance.
+    pub redis: Option<RedisSettings>,
+    pub lock: LockSettings,
     pub routes: Vec<RouteConfig>,
+}
+
+/// Where the fleet's shared cache and fill lock live.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefixed to every key and channel, so fleets can share one Redis.
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    /// A Redis command that takes longer counts as a Redis fault.
+    pub command_timeout: Duration,
+    /// After a Redis fault, how long corral runs single-instance before trying again.
+    pub retry_after: Duration,
+}
+
+/// Which fill lock protects a fill across the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// One Redis: the cache's own.
+    Single,
+}
+
+/// The fleet-wide fill lock.
+#[derive(Debug, Clone, Copy)]
+pub struct LockSettings {
+    pub mode: LockMode,
+    /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
+    /// bounds how long a dead holder blocks the key.
+    pub ttl: Duration,
 }
 
 /// Bounds of the local (in-process) cache tier.
@@ -169,6 +203,7 @@ struct FileConfig {
     cache: FileCache,
     #[serde(default)]
     lock: FileLock,
+    redis: Option<FileRedis>,
     #[serde(default, rename = "route")]
     routes: Vec<FileRoute>,
 }
@@ -185,6 +220,18 @@ struct FileCache {
 struct FileLock {
     wait_timeout: Option<Text>,
     on_wait_timeout: Option<OnWaitTimeout>,
+    mode: Option<LockMode>,
+    ttl: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRedis {
+    url: Text,
+    key_prefix: Option<Text>,
+    connect_timeout: Option<Text>,
+    command_timeout: Option<Text>,
+    retry_after: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,6 +503,17 @@ impl FileConfig {
             positive_duration,
         )?;
         let on_wait_timeout = self.lock.on_wait_timeout.unwrap_or(OnWaitTimeout::Fetch);
+        let lock = LockSettings {
+            mode: self.lock.mode.unwrap_or(LockMode::Single),
+            ttl: optional(
+                src,
+                "lock.ttl",
+                &self.lock.ttl,
+                Duration::from_secs(10),
+                positive_duration,
+            )?,
+        };
+        let redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
 
         if self.routes.is_empty() {
             return Err(src.error(
@@ -491,7 +549,59 @@ impl FileConfig {
                 max_bytes,
                 max_object_bytes,
             },
+            redis,
+            lock,
             routes,
+        })
+    }
+}
+
+impl FileRedis {
+    fn validate(&self, src: &Source) -> Result<RedisSettings, ConfigError> {
+        let url = self.url.get_ref().trim().to_string();
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+            return Err(src.error(
+                self.url.span(),
+                "redis.url",
+                format_args!("invalid Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379\" or \"rediss://:password@host:6380\""),
+            ));
+        }
+        let key_prefix = self
+            .key_prefix
+            .as_ref()
+            .map_or("corral:".to_string(), |p| p.get_ref().clone());
+        if key_prefix.contains(['{', '}']) {
+            let span = self.key_prefix.as_ref().map_or(0..0, |p| p.span());
+            return Err(src.error(
+                span,
+                "redis.key_prefix",
+                "may not contain '{' or '}' (corral adds its own hash tags)",
+            ));
+        }
+        Ok(RedisSettings {
+            url,
+            key_prefix,
+            connect_timeout: optional(
+                src,
+                "redis.connect_timeout",
+                &self.connect_timeout,
+                Duration::from_secs(1),
+                positive_duration,
+            )?,
+            command_timeout: optional(
+                src,
+                "redis.command_timeout",
+                &self.command_timeout,
+                Duration::from_millis(250),
+                positive_duration,
+            )?,
+            retry_after: optional(
+                src,
+                "redis.retry_after",
+                &self.retry_after,
+                Duration::from_secs(1),
+                positive_duration,
+            )?,
         })
     }
 }
@@ -787,6 +897,34 @@ mod tests {
         assert!(e.to_string().contains("shuffle"), "{e}");
         let e = err(&format!("{MINIMAL}cacheable_statuses = [200, 99]\n"));
         assert_eq!(e.key(), Some("route[0].cacheable_statuses"));
+    }
+
+    #[test]
+    fn redis_section_turns_fleet_mode_on() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        assert!(c.redis.is_none());
+        let text =
+            format!("[redis]\nurl = \"redis://127.0.0.1:6379\"\n[lock]\nttl = \"3s\"\n{MINIMAL}")
+                .replacen(MINIMAL.lines().next().unwrap(), "", 1);
+        let text = format!("listen = \"127.0.0.1:8080\"\n{text}");
+        let c = Config::parse(&text, "t").unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(
+            (r.url.as_str(), r.key_prefix.as_str()),
+            ("redis://127.0.0.1:6379", "corral:")
+        );
+        assert_eq!(c.lock.ttl, Duration::from_secs(3));
+        assert_eq!(c.lock.mode, LockMode::Single);
+    }
+
+    #[test]
+    fn bad_redis_url_is_refused() {
+        let e = err(&format!(
+            "listen = \"127.0.0.1:8080\"\n[redis]\nurl = \"http://nope\"\n{}",
+            &MINIMAL[MINIMAL.find('[').unwrap()..]
+        ));
+        assert_eq!(e.key(), Some("redis.url"), "{e}");
+        assert_eq!(e.line(), Some(3));
     }
 
     #[test]

@@ -8,8 +8,11 @@
 //!
 //! - [`config`]: the TOML file's types and their validation into typed settings.
 //! - [`route`]: which route (upstream and cache policy) serves a request.
-//! - [`cache`]: keys, entries, storage policy, and the tiers a lookup walks (local today).
-//! - [`lock`]: fill locks: who fetches a key, and how waiters learn the outcome.
+//! - [`cache`]: keys, entries, storage policy, and the tiers a lookup walks (local, then
+//!   shared in Redis in fleet mode).
+//! - [`lock`]: fill locks: who fetches a key (in this process, then across the fleet),
+//!   and how waiters learn the outcome.
+//! - [`fleet`]: fleet mode's Redis connection, outage breaker and cross-instance events.
 //! - [`upstream`]: the pooled client per route, timeouts, bounded body reads, outage logs.
 //! - [`proxy`]: the request path, top to bottom, in one place.
 //! - [`status`]: the `Cache-Status` header and the outcome classes counted in metrics.
@@ -28,6 +31,7 @@ pub mod cache;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod fleet;
 pub mod headers;
 pub mod lock;
 pub mod metrics;

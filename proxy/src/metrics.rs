@@ -11,6 +11,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::status::Served;
@@ -89,6 +90,131 @@ pub struct Metrics {
     cache_bytes: Gauge<u64, AtomicU64>,
     cache_entries: Gauge<u64, AtomicU64>,
     fills_in_progress: Gauge<u64, AtomicU64>,
+    pub fleet: FleetMetrics,
+}
+
+/// Fleet mode's counters: the distributed lock, the shared tier and Redis faults.
+#[derive(Clone)]
+pub struct FleetMetrics {
+    lock_acquired: Counter,
+    lock_contended: Counter,
+    lock_extended: Counter,
+    lock_lost: Counter,
+    lock_takeovers: Counter,
+    shared_hits: Counter,
+    fenced_writes: Counter,
+    redis_errors: Counter,
+    fallback: Gauge,
+    /// Seconds from a fill's event being published to a waiter in another instance
+    /// having the entry.
+    wake_latency: Histogram,
+}
+
+impl FleetMetrics {
+    fn new() -> FleetMetrics {
+        FleetMetrics {
+            lock_acquired: Counter::default(),
+            lock_contended: Counter::default(),
+            lock_extended: Counter::default(),
+            lock_lost: Counter::default(),
+            lock_takeovers: Counter::default(),
+            shared_hits: Counter::default(),
+            fenced_writes: Counter::default(),
+            redis_errors: Counter::default(),
+            fallback: Gauge::default(),
+            // 0.25 ms to ~4 s.
+            wake_latency: Histogram::new(exponential_buckets(0.00025, 2.0, 15)),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let counters = [
+            (
+                "lock_acquired",
+                "Fleet fill locks granted to this instance",
+                &self.lock_acquired,
+            ),
+            (
+                "lock_contended",
+                "Fleet fill lock attempts that found the lock held",
+                &self.lock_contended,
+            ),
+            (
+                "lock_extended",
+                "Fleet fill lock leases extended during slow fetches",
+                &self.lock_extended,
+            ),
+            (
+                "lock_lost",
+                "Fleet fill lock leases found lost when extending",
+                &self.lock_lost,
+            ),
+            (
+                "lock_takeovers",
+                "Fills taken over after another instance's lock expired",
+                &self.lock_takeovers,
+            ),
+            (
+                "shared_hits",
+                "Entries read from the shared (Redis) tier",
+                &self.shared_hits,
+            ),
+            (
+                "fenced_writes",
+                "Shared-tier writes refused because a newer lock grant exists",
+                &self.fenced_writes,
+            ),
+            (
+                "redis_errors",
+                "Redis commands that failed or timed out",
+                &self.redis_errors,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "redis_fallback",
+            "1 while Redis is unavailable and this instance runs alone",
+            self.fallback.clone(),
+        );
+        registry.register(
+            "fleet_wake_latency_seconds",
+            "From a fill's event to a waiting instance holding the entry",
+            self.wake_latency.clone(),
+        );
+    }
+
+    pub fn lock_acquired(&self) {
+        self.lock_acquired.inc();
+    }
+    pub fn lock_contended(&self) {
+        self.lock_contended.inc();
+    }
+    pub fn lock_extended(&self) {
+        self.lock_extended.inc();
+    }
+    pub fn lock_lost(&self) {
+        self.lock_lost.inc();
+    }
+    pub fn lock_takeover(&self) {
+        self.lock_takeovers.inc();
+    }
+    pub fn shared_hit(&self) {
+        self.shared_hits.inc();
+    }
+    pub fn fenced_write(&self) {
+        self.fenced_writes.inc();
+    }
+    pub fn redis_error(&self) {
+        self.redis_errors.inc();
+    }
+    pub fn set_fallback(&self, on: bool) {
+        self.fallback.set(i64::from(on));
+    }
+    pub fn wake_latency(&self, seconds: f64) {
+        self.wake_latency.observe(seconds);
+    }
 }
 
 /// One route's counters, ready to increment.
@@ -194,7 +320,10 @@ impl Metrics {
             "Keys being fetched from the upstream now",
             fills_in_progress.clone(),
         );
+        let fleet = FleetMetrics::new();
+        fleet.register(&mut registry);
         Metrics {
+            fleet,
             registry: Mutex::new(registry),
             requests,
             upstream_requests,

@@ -22,9 +22,11 @@ use tracing::{field, Instrument, Span};
 use crate::body::ProxyBody;
 use crate::cache::entry::CacheEntry;
 use crate::cache::policy::{self, PassReason, Verdict};
+use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome};
 use crate::config::{Config, OnWaitTimeout};
 use crate::error::{error_response, ProxyError};
+use crate::fleet::{Claim, Coordinator, Fleet};
 use crate::headers;
 use crate::lock::{FillOutcome, FillPermit, LocalFillLock, LockAttempt};
 use crate::metrics::{Metrics, UpstreamReason};
@@ -40,6 +42,8 @@ const MAX_ATTEMPTS: usize = 4;
 pub struct Proxy {
     routes: RouteTable,
     cache: Cache,
+    /// Fleet mode: the shared tier and the fleet-wide lock. `None`: single instance.
+    fleet: Option<Arc<Coordinator>>,
     fills: Arc<LocalFillLock>,
     max_object_bytes: u64,
     metrics: Arc<Metrics>,
@@ -62,9 +66,21 @@ impl Proxy {
                 metrics: metrics.for_route(&rc.name),
             })
             .collect();
+        let mut cache = Cache::new(config.cache.max_bytes);
+        let fleet = config.redis.clone().map(|settings| {
+            let fleet = Fleet::start(
+                settings,
+                config.lock,
+                cache.local().clone(),
+                metrics.fleet.clone(),
+            );
+            cache.set_shared(SharedCache::new(Arc::clone(&fleet)));
+            Arc::new(Coordinator::new(fleet, cache.clone()))
+        });
         Proxy {
             routes: RouteTable::new(routes),
-            cache: Cache::new(config.cache.max_bytes),
+            fleet,
+            cache,
             fills: LocalFillLock::new(),
             max_object_bytes: config.cache.max_object_bytes,
             metrics,
@@ -73,6 +89,11 @@ impl Proxy {
 
     pub fn cache(&self) -> &Cache {
         &self.cache
+    }
+
+    /// Fleet mode's coordinator, when configured.
+    pub fn fleet(&self) -> Option<&Arc<Coordinator>> {
+        self.fleet.as_ref()
     }
 
     pub fn fills(&self) -> &LocalFillLock {
@@ -334,6 +355,7 @@ impl Proxy {
         );
         match answer.await {
             Ok(FillReply::Entry(entry, status)) => (respond(&req.head, &entry), status),
+            Ok(FillReply::Pass(status)) => self.pass(route, req, ProxyBody::empty(), status).await,
             Ok(FillReply::Response(mut res, status)) => {
                 if req.head.method == Method::HEAD {
                     *res.body_mut() = ProxyBody::empty();
@@ -426,6 +448,8 @@ enum FillReply {
     Entry(Arc<CacheEntry>, CacheStatus),
     /// Serve this response as is (streamed, uncacheable, or an error).
     Response(Response<ProxyBody>, CacheStatus),
+    /// Another instance found the response uncacheable: fetch it yourself.
+    Pass(CacheStatus),
 }
 
 /// One fetch of a key from the upstream, owned by a spawned task.
@@ -483,23 +507,107 @@ impl Fill {
     /// Order matters: the entry is stored before the permit completes, so a request
     /// that finds the key unlocked finds the entry.
     async fn run(self, reply: Option<oneshot::Sender<FillReply>>) {
-        let Fill {
-            proxy,
-            route,
-            key,
-            permit,
-            stale,
-            fwd,
-            reason,
-            policy_req,
-            original_host,
-        } = self;
         let send = |r: FillReply| {
             if let Some(reply) = reply {
                 // The leader may have gone; the waiters were told through the permit.
                 let _ = reply.send(r);
             }
         };
+        let fill_key = self.permit.key().clone();
+        let fleet = self.proxy.fleet.clone();
+        let lease = match &fleet {
+            None => None,
+            Some(fleet) => match fleet
+                .claim(
+                    &self.route,
+                    &fill_key,
+                    self.reason == UpstreamReason::Refresh,
+                )
+                .await
+            {
+                Claim::Lead(lease) => lease,
+                Claim::Done(outcome) => {
+                    let reply = self.remote_reply(&outcome).await;
+                    self.permit.complete(outcome);
+                    return send(reply);
+                }
+            },
+        };
+        // While the fetch runs, keep the fleet lease alive so a slow upstream does not
+        // lose it; if it is lost anyway, the fenced write still guards the entry.
+        let extender = fleet
+            .as_ref()
+            .zip(lease.clone())
+            .map(|(fleet, lease)| tokio::spawn(Arc::clone(fleet).keep_alive(lease)));
+
+        let (outcome, reply) = self.fetch(&fill_key).await;
+
+        if let Some(extender) = extender {
+            extender.abort();
+        }
+        if let Some(fleet) = &fleet {
+            fleet
+                .publish_outcome(&fill_key, &outcome, lease.as_ref().map_or(0, |l| l.fence))
+                .await;
+            if let Some(lease) = lease {
+                fleet.release(lease).await;
+            }
+        }
+        self.permit.complete(outcome);
+        send(reply);
+    }
+
+    /// What the leader gets when another instance's fill ended it.
+    async fn remote_reply(&self, outcome: &FillOutcome) -> FillReply {
+        let status =
+            |e: &CacheEntry| CacheStatus::fetched(self.fwd, e.status.as_u16(), true).collapsed();
+        match outcome {
+            FillOutcome::Filled(entry) | FillOutcome::Shared(entry) => {
+                FillReply::Entry(Arc::clone(entry), status(entry))
+            }
+            FillOutcome::Uncacheable(reason) => {
+                FillReply::Pass(CacheStatus::pass(self.fwd, reason.as_str()).collapsed())
+            }
+            FillOutcome::Failed(_) | FillOutcome::HolderFailed => {
+                let kind = match outcome {
+                    FillOutcome::Failed(kind) => *kind,
+                    _ => FailureKind::Protocol,
+                };
+                match self
+                    .stale
+                    .as_ref()
+                    .filter(|s| s.within_stale_if_error(SystemTime::now()))
+                {
+                    Some(stale) => FillReply::Entry(
+                        Arc::clone(stale),
+                        CacheStatus::stale_if_error(None).collapsed(),
+                    ),
+                    None => {
+                        let err = ProxyError::SharedFailure(kind);
+                        FillReply::Response(
+                            error_response(&err),
+                            CacheStatus::error(Some(self.fwd), err.detail()).collapsed(),
+                        )
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fetches, decides and stores locally; returns what the waiters and the leader get.
+    async fn fetch(&self, fill_key: &CacheKey) -> (FillOutcome, FillReply) {
+        let Fill {
+            proxy,
+            route,
+            key,
+            stale,
+            fwd,
+            reason,
+            policy_req,
+            original_host,
+            ..
+        } = self;
+        let (fwd, reason) = (*fwd, *reason);
         route.metrics.upstream_request(reason);
         let upstream_req = route.upstream.request(
             Method::GET,
@@ -519,45 +627,46 @@ impl Fill {
         let res = match route.upstream.send(upstream_req).await {
             Ok(res) => res,
             Err(err) => {
-                note_upstream_error(&route, &err);
-                permit.complete(FillOutcome::Failed(err.kind()));
+                note_upstream_error(route, &err);
+                let outcome = FillOutcome::Failed(err.kind());
                 return match stale_if_error(SystemTime::now()) {
-                    Some(stale) => send(FillReply::Entry(stale, CacheStatus::stale_if_error(None))),
-                    None => {
-                        let err = ProxyError::from(err);
-                        let status = CacheStatus::error(Some(fwd), err.detail());
-                        send(FillReply::Response(error_response(&err), status))
-                    }
+                    Some(stale) => (
+                        outcome,
+                        FillReply::Entry(stale, CacheStatus::stale_if_error(None)),
+                    ),
+                    None => (outcome, error_reply(err, fwd)),
                 };
             }
         };
         let received_at = SystemTime::now();
-        note_upstream_status(&route, res.status());
+        note_upstream_status(route, res.status());
         let (mut head, body) = res.into_parts();
         let status_code = head.status.as_u16();
 
         if head.status == StatusCode::NOT_MODIFIED {
             if let Some(renewed) = stale
                 .as_ref()
-                .and_then(|s| s.renewed(&route.config, &policy_req, &head, received_at))
+                .and_then(|s| s.renewed(&route.config, policy_req, &head, received_at))
             {
                 let entry = Arc::new(renewed);
-                proxy.cache.store(&key, Arc::clone(&entry)).await;
-                permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
-                return send(FillReply::Entry(entry, CacheStatus::revalidated()));
+                proxy.cache.store(key, Arc::clone(&entry)).await;
+                return (
+                    FillOutcome::Filled(Arc::clone(&entry)),
+                    FillReply::Entry(entry, CacheStatus::revalidated()),
+                );
             }
         }
         if head.status.is_server_error() {
             if let Some(stale) = stale_if_error(received_at) {
-                permit.complete(FillOutcome::Failed(FailureKind::Status));
-                return send(FillReply::Entry(
-                    stale,
-                    CacheStatus::stale_if_error(Some(status_code)),
-                ));
+                let status = CacheStatus::stale_if_error(Some(status_code));
+                return (
+                    FillOutcome::Failed(FailureKind::Status),
+                    FillReply::Entry(stale, status),
+                );
             }
         }
 
-        let verdict = policy::evaluate(&route.config, &policy_req, &head, received_at);
+        let verdict = policy::evaluate(&route.config, policy_req, &head, received_at);
         let too_large =
             content_length(&head.headers).is_some_and(|len| len > proxy.max_object_bytes);
         let lifetime = match verdict {
@@ -565,27 +674,27 @@ impl Fill {
             Verdict::Pass(_) if head.status.is_server_error() && !too_large => {
                 // An error is the same for everyone who asked now: share it, so a failing
                 // upstream is not hit once per waiter, but do not store it.
-                return match proxy.read_body(&route, body).await {
+                return match proxy.read_body(route, body).await {
                     Ok(BodyRead::Complete(bytes)) => {
-                        let lifetime = policy::Lifetime::none(&policy_req, &head, received_at);
+                        let lifetime = policy::Lifetime::none(policy_req, &head, received_at);
                         let entry =
                             Arc::new(CacheEntry::new(head, bytes, lifetime, &policy_req.headers));
-                        permit.complete(FillOutcome::Shared(Arc::clone(&entry)));
-                        send(FillReply::Entry(
-                            entry,
-                            CacheStatus::fetched(fwd, status_code, false),
-                        ))
+                        let status = CacheStatus::fetched(fwd, status_code, false);
+                        (
+                            FillOutcome::Shared(Arc::clone(&entry)),
+                            FillReply::Entry(entry, status),
+                        )
                     }
                     Ok(BodyRead::TooLarge(prefix, rest)) => {
-                        permit.complete(FillOutcome::Uncacheable(PassReason::TooLarge));
                         headers::forward_response(&mut head.headers);
                         let res = Response::from_parts(head, ProxyBody::resumed(prefix, rest));
-                        send(FillReply::Response(
-                            res,
-                            CacheStatus::fetched(fwd, status_code, false),
-                        ))
+                        let status = CacheStatus::fetched(fwd, status_code, false);
+                        (
+                            FillOutcome::Uncacheable(PassReason::TooLarge),
+                            FillReply::Response(res, status),
+                        )
                     }
-                    Err(err) => fail_body(&route, permit, err, fwd, send),
+                    Err(err) => body_failed(route, err, fwd),
                 };
             }
             verdict => {
@@ -596,48 +705,44 @@ impl Fill {
                 // Hit-for-pass under the fill key: later requests skip the lock.
                 proxy
                     .cache
-                    .mark_pass(permit.key(), reason, route.config.hit_for_pass)
+                    .mark_pass(fill_key, reason, route.config.hit_for_pass)
                     .await;
-                permit.complete(FillOutcome::Uncacheable(reason));
                 headers::forward_response(&mut head.headers);
                 let res = Response::from_parts(head, ProxyBody::streaming(body));
-                return send(FillReply::Response(
-                    res,
-                    CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code),
-                ));
+                let status = CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code);
+                return (
+                    FillOutcome::Uncacheable(reason),
+                    FillReply::Response(res, status),
+                );
             }
         };
 
-        match proxy.read_body(&route, body).await {
+        match proxy.read_body(route, body).await {
             Ok(BodyRead::Complete(bytes)) => {
                 let entry = Arc::new(CacheEntry::new(head, bytes, *lifetime, &policy_req.headers));
-                proxy.cache.store(&key, Arc::clone(&entry)).await;
-                permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
+                proxy.cache.store(key, Arc::clone(&entry)).await;
                 tracing::debug!(status = status_code, bytes = entry.body.len(), "stored");
-                send(FillReply::Entry(
-                    entry,
-                    CacheStatus::fetched(fwd, status_code, true),
-                ));
+                let status = CacheStatus::fetched(fwd, status_code, true);
+                (
+                    FillOutcome::Filled(Arc::clone(&entry)),
+                    FillReply::Entry(entry, status),
+                )
             }
             Ok(BodyRead::TooLarge(prefix, rest)) => {
                 proxy
                     .cache
-                    .mark_pass(
-                        permit.key(),
-                        PassReason::TooLarge,
-                        route.config.hit_for_pass,
-                    )
+                    .mark_pass(fill_key, PassReason::TooLarge, route.config.hit_for_pass)
                     .await;
-                permit.complete(FillOutcome::Uncacheable(PassReason::TooLarge));
                 headers::forward_response(&mut head.headers);
                 let res = Response::from_parts(head, ProxyBody::resumed(prefix, rest));
-                send(FillReply::Response(
-                    res,
-                    CacheStatus::pass(fwd, PassReason::TooLarge.as_str())
-                        .with_fwd_status(status_code),
-                ));
+                let status = CacheStatus::pass(fwd, PassReason::TooLarge.as_str())
+                    .with_fwd_status(status_code);
+                (
+                    FillOutcome::Uncacheable(PassReason::TooLarge),
+                    FillReply::Response(res, status),
+                )
             }
-            Err(err) => fail_body(&route, permit, err, fwd, send),
+            Err(err) => body_failed(route, err, fwd),
         }
     }
 }
@@ -653,18 +758,19 @@ impl Proxy {
 }
 
 /// A fill whose response body broke off: waiters and leader learn it failed.
-fn fail_body(
+fn body_failed(
     route: &Route,
-    permit: FillPermit,
     err: crate::upstream::UpstreamError,
     fwd: Fwd,
-    send: impl FnOnce(FillReply),
-) {
+) -> (FillOutcome, FillReply) {
     note_upstream_error(route, &err);
-    permit.complete(FillOutcome::Failed(err.kind()));
+    (FillOutcome::Failed(err.kind()), error_reply(err, fwd))
+}
+
+fn error_reply(err: crate::upstream::UpstreamError, fwd: Fwd) -> FillReply {
     let err = ProxyError::from(err);
     let status = CacheStatus::error(Some(fwd), err.detail());
-    send(FillReply::Response(error_response(&err), status));
+    FillReply::Response(error_response(&err), status)
 }
 
 fn note_upstream_error(route: &Route, err: &crate::upstream::UpstreamError) {

@@ -31,6 +31,17 @@ pub struct CacheEntry {
     sie_until: SystemTime,
     keep_until: SystemTime,
     last_modified: Option<SystemTime>,
+    fence: u64,
+}
+
+fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// Where an entry stands at a given instant.
@@ -40,6 +51,12 @@ pub enum Freshness {
     Fresh { ttl: Duration },
     /// Past its freshness by `by`.
     Stale { by: Duration },
+}
+
+impl Freshness {
+    pub fn is_fresh(self) -> bool {
+        matches!(self, Freshness::Fresh { .. })
+    }
 }
 
 impl CacheEntry {
@@ -58,26 +75,31 @@ impl CacheEntry {
         head.headers.remove(header::SET_COOKIE);
         head.headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let vary: Vec<HeaderName> = head
-            .headers
-            .get_all(header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let vary = vary_names(&head.headers);
         let vary_values = vary_values(&vary, req_headers);
+        CacheEntry::from_parts(head.status, head.headers, body, lifetime, vary_values, 0)
+    }
+
+    /// An entry from its stored parts (headers already prepared), as the codec
+    /// restores it from the shared tier.
+    pub(crate) fn from_parts(
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        lifetime: Lifetime,
+        vary_values: String,
+        fence: u64,
+    ) -> CacheEntry {
         let fresh_until = lifetime.received_at + lifetime.fresh_for;
-        let last_modified = head
-            .headers
+        let last_modified = headers
             .get(header::LAST_MODIFIED)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok());
         CacheEntry {
-            status: head.status,
-            headers: head.headers,
+            status,
+            vary: vary_names(&headers),
+            headers,
             body,
-            vary,
             vary_values,
             fresh_until,
             swr_until: fresh_until + lifetime.stale_while_revalidate,
@@ -87,7 +109,23 @@ impl CacheEntry {
                 + lifetime.keep,
             last_modified,
             lifetime,
+            fence,
         }
+    }
+
+    /// The fencing token of the lock grant under which this entry was written to the
+    /// shared tier; 0 for an entry that never was.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    pub fn with_fence(mut self, fence: u64) -> CacheEntry {
+        self.fence = fence;
+        self
+    }
+
+    pub fn lifetime(&self) -> &Lifetime {
+        &self.lifetime
     }
 
     pub fn freshness(&self, now: SystemTime) -> Freshness {

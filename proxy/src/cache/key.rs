@@ -18,6 +18,8 @@ pub struct CacheKey(Arc<str>);
 
 // Fields are separated by a newline, which cannot occur in a URI or header value.
 const SEP: char = '\n';
+/// Separates a variant key's primary key from its `Vary` values.
+const VARY_MARKER: &str = "\nvary\n";
 
 impl CacheKey {
     /// The primary key of a request on `route`.
@@ -57,11 +59,23 @@ impl CacheKey {
 
     /// The key of the variant that `vary_values` (from [`vary_values`]) selects.
     pub fn variant(&self, vary_values: &str) -> CacheKey {
-        CacheKey(format!("{}{SEP}vary{SEP}{vary_values}", self.0).into())
+        CacheKey(format!("{}{VARY_MARKER}{vary_values}", self.0).into())
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The primary key of a variant key (itself for a primary key).
+    pub fn primary(&self) -> &str {
+        self.0
+            .split_once(VARY_MARKER)
+            .map_or(&self.0, |(primary, _)| primary)
+    }
+
+    /// A key as another instance sent it.
+    pub fn from_raw(key: &str) -> CacheKey {
+        CacheKey(key.into())
     }
 }
 

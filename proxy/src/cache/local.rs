@@ -112,6 +112,16 @@ impl LocalCache {
         self.objects.invalidate(key).await;
     }
 
+    /// Removes `key` and, for a variant key, its primary's `Vary` index too.
+    pub async fn remove_with_primary(&self, key: &CacheKey) {
+        self.objects.invalidate(key).await;
+        if key.primary() != key.as_str() {
+            self.objects
+                .invalidate(&CacheKey::from_raw(key.primary()))
+                .await;
+        }
+    }
+
     /// Bytes held, by the weigher's count (eventually consistent).
     pub fn weighted_size(&self) -> u64 {
         self.objects.weighted_size()

@@ -4,10 +4,12 @@
 //! shared tier slots in behind it: local first, then shared, filling local on a
 //! shared hit.
 
+pub mod codec;
 pub mod entry;
 pub mod key;
 pub mod local;
 pub mod policy;
+pub mod shared;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -54,13 +56,20 @@ pub struct Lookup {
 #[derive(Clone)]
 pub struct Cache {
     local: LocalCache,
+    shared: Option<shared::SharedCache>,
 }
 
 impl Cache {
     pub fn new(max_bytes: u64) -> Cache {
         Cache {
             local: LocalCache::new(max_bytes),
+            shared: None,
         }
+    }
+
+    /// Adds the shared tier behind the local one (fleet mode).
+    pub fn set_shared(&mut self, shared: shared::SharedCache) {
+        self.shared = Some(shared);
     }
 
     pub fn local(&self) -> &LocalCache {
@@ -80,6 +89,29 @@ impl Cache {
             }
             other => (other, key.clone(), false),
         };
+        let mut object = object;
+        let mut fill_key = fill_key;
+        let fresh_locally =
+            matches!(&object, Some(LocalObject::Entry(e)) if e.freshness(now).is_fresh());
+        if let (Some(shared), false, false) = (
+            &self.shared,
+            fresh_locally,
+            matches!(object, Some(LocalObject::Pass { .. })),
+        ) {
+            if let Some((found, key)) = self.shared_lookup(shared, &fill_key, req_headers).await {
+                let newer = match &object {
+                    Some(LocalObject::Entry(local)) => found.fence() >= local.fence(),
+                    _ => true,
+                };
+                if newer {
+                    let found = Arc::new(found);
+                    self.store(&CacheKey::from_raw(key.primary()), Arc::clone(&found))
+                        .await;
+                    object = Some(LocalObject::Entry(found));
+                    fill_key = key;
+                }
+            }
+        }
         let outcome = match object {
             Some(LocalObject::Entry(entry)) => match entry.freshness(now) {
                 Freshness::Fresh { .. } => LookupOutcome::Fresh(entry),
@@ -93,6 +125,24 @@ impl Cache {
             fill_key,
             vary_miss,
         }
+    }
+
+    /// The shared tier's entry for `key` and this request, following its `Vary` to the
+    /// request's variant when the entry found varies on other values.
+    async fn shared_lookup(
+        &self,
+        shared: &shared::SharedCache,
+        key: &CacheKey,
+        req_headers: &HeaderMap,
+    ) -> Option<(CacheEntry, CacheKey)> {
+        let entry = shared.get(key).await?;
+        if entry.matches_vary(req_headers) {
+            return Some((entry, key.clone()));
+        }
+        let primary = CacheKey::from_raw(key.primary());
+        let variant = primary.variant(&key::vary_values(&entry.vary, req_headers));
+        let entry = shared.get(&variant).await?;
+        entry.matches_vary(req_headers).then_some((entry, variant))
     }
 
     /// Stores `entry` for the primary `key`: directly, or under its variant key with a

@@ -11,6 +11,7 @@
 //! it: only a local permit holder contends for the distributed one.
 
 pub mod local;
+pub mod single;
 
 use std::sync::Arc;
 

@@ -2,6 +2,8 @@
 //! client that talks to both over real sockets.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -70,6 +72,8 @@ pub struct Setup {
     pub lock: String,
     /// Lines for the one `[[route]]` (named `t`, on every path).
     pub route: String,
+    /// A `[redis]` section (fleet mode).
+    pub redis: String,
 }
 
 impl Setup {
@@ -98,24 +102,53 @@ impl Setup {
         self
     }
 
-    pub async fn start(self) -> Harness {
-        let origin = Origin::start(self.origin).await.expect("origin starts");
+    /// Fleet mode on the given Redis.
+    pub fn redis(mut self, url: &str) -> Setup {
+        self.redis = format!(
+            "[redis]\nurl = \"{url}\"\ncommand_timeout = \"500ms\"\nretry_after = \"200ms\"\n"
+        );
+        self
+    }
+
+    fn config(&self, origin: &Origin) -> Config {
         let text = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
-             [cache]\n{}\n[lock]\n{}\n[[route]]\nname = \"t\"\nupstream = \"{}\"\n{}\n",
+             [cache]\n{}\n[lock]\n{}\n{}\n[[route]]\nname = \"t\"\nupstream = \"{}\"\n{}\n",
             self.cache,
             self.lock,
+            self.redis,
             origin.url(),
             self.route
         );
-        let config = Config::parse(&text, "test.toml").expect("test config is valid");
+        Config::parse(&text, "test.toml").expect("test config is valid")
+    }
+
+    pub async fn start(self) -> Harness {
+        let origin = Origin::start(self.origin.clone())
+            .await
+            .expect("origin starts");
+        let config = self.config(&origin);
         let server = corral::start(&config).await.expect("corral starts");
-        Harness {
+        let h = Harness {
             origin,
             server,
             config,
             client: client(),
+        };
+        h.wait_for_fleet(&h.server).await;
+        h
+    }
+
+    /// `n` instances in front of one origin (sharing Redis, with `.redis(..)`).
+    pub async fn start_fleet(self, n: usize) -> (Harness, Vec<RunningServer>) {
+        let h = self.start().await;
+        let mut others = Vec::new();
+        for _ in 1..n {
+            let server = corral::start(&h.config).await.expect("corral starts");
+            h.wait_for_fleet(&server).await;
+            others.push(server);
         }
+        (h, others)
     }
 }
 
@@ -126,6 +159,28 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 impl Harness {
+    /// In fleet mode, waits until `server` is connected to Redis and subscribed.
+    pub async fn wait_for_fleet(&self, server: &RunningServer) {
+        if let Some(fleet) = server.proxy().fleet() {
+            let fleet = std::sync::Arc::clone(fleet.fleet());
+            eventually("the instance joins the fleet", || {
+                let ready = fleet.ready();
+                async move { ready.then_some(()) }
+            })
+            .await;
+        }
+    }
+
+    /// A GET sent to another instance of the fleet.
+    pub async fn get_from(server: &RunningServer, path: &str) -> Reply {
+        let url = format!("http://{}{}", server.listen_addr(), path);
+        let res = client()
+            .request(Request::get(url).body(Full::default()).unwrap())
+            .await
+            .expect("request succeeds");
+        Reply::read(res).await
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.server.listen_addr()
     }

@@ -1,0 +1,161 @@
+//! The fleet-wide fill lock on one Redis: `SET key token NX PX ttl`, a fencing token
+//! from `INCR` on each grant, extension and release by compare-and-set scripts.
+//!
+//! Only a local permit holder asks for it (local coalescing stays in front), so one
+//! instance contends with at most one task per key.
+
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
+
+use crate::cache::CacheKey;
+use crate::fleet::Fleet;
+
+/// How long a fence counter outlives its last grant. A holder paused longer than this
+/// could see the counter restart below its token; a day is far beyond any fill.
+const FENCE_RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// KEYS: lock, fence. ARGV: token, ttl ms, fence retention ms. Returns the fencing
+/// token of the grant, or 0 when the lock is held.
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+        local fence = redis.call('INCR', KEYS[2])
+        redis.call('PEXPIRE', KEYS[2], ARGV[3])
+        return fence",
+    )
+});
+
+/// KEYS: lock. ARGV: token, ttl ms. 1 when extended, 0 when the lock is no longer ours.
+static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+        return 0",
+    )
+});
+
+/// KEYS: lock. ARGV: token. Deletes the lock only if it is still ours.
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+        return 0",
+    )
+});
+
+/// A granted lock: ours until `deadline` unless extended.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    lock_key: String,
+    token: String,
+    /// The grant's fencing token; the entry write carries it.
+    pub fence: u64,
+    /// Past this instant the holder must not assume it still holds the lock.
+    pub deadline: Instant,
+}
+
+/// The result of one attempt.
+pub enum LockTry {
+    Acquired(Lease),
+    /// Another instance holds it.
+    Held,
+    /// Redis is unavailable.
+    Unavailable,
+}
+
+#[derive(Clone)]
+pub struct RedisLock {
+    fleet: Arc<Fleet>,
+    ttl: Duration,
+}
+
+impl RedisLock {
+    pub fn new(fleet: Arc<Fleet>) -> RedisLock {
+        let ttl = fleet.lock.ttl;
+        RedisLock { fleet, ttl }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub async fn try_acquire(&self, key: &CacheKey) -> LockTry {
+        let keys = self.fleet.keys(key);
+        let token = format!("{}:{:016x}", self.fleet.instance, rand::random::<u64>());
+        let started = Instant::now();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let (lock_key, fence_key, t) = (keys.lock.clone(), keys.fence, token.clone());
+        let fence = self
+            .fleet
+            .run("lock acquire", |mut c| async move {
+                ACQUIRE
+                    .key(lock_key)
+                    .key(fence_key)
+                    .arg(t)
+                    .arg(ttl_ms)
+                    .arg(FENCE_RETENTION_MS)
+                    .invoke_async::<u64>(&mut c)
+                    .await
+            })
+            .await;
+        match fence {
+            None => LockTry::Unavailable,
+            Some(0) => {
+                self.fleet.metrics.lock_contended();
+                LockTry::Held
+            }
+            Some(fence) => {
+                self.fleet.metrics.lock_acquired();
+                LockTry::Acquired(Lease {
+                    lock_key: keys.lock,
+                    token,
+                    fence,
+                    // Counted from before the request: the lease may have started then.
+                    deadline: started + self.ttl,
+                })
+            }
+        }
+    }
+
+    /// Extends the lease by the TTL; `false` if it is no longer ours (or Redis is away).
+    pub async fn extend(&self, lease: &mut Lease) -> bool {
+        let started = Instant::now();
+        let ttl_ms = self.ttl.as_millis() as u64;
+        let (key, token) = (lease.lock_key.clone(), lease.token.clone());
+        let extended = self
+            .fleet
+            .run("lock extend", |mut c| async move {
+                EXTEND
+                    .key(key)
+                    .arg(token)
+                    .arg(ttl_ms)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+        if extended == Some(1) {
+            lease.deadline = started + self.ttl;
+            self.fleet.metrics.lock_extended();
+            true
+        } else {
+            self.fleet.metrics.lock_lost();
+            false
+        }
+    }
+
+    pub async fn release(&self, lease: Lease) {
+        let Lease {
+            lock_key, token, ..
+        } = lease;
+        self.fleet
+            .run("lock release", |mut c| async move {
+                RELEASE
+                    .key(lock_key)
+                    .arg(token)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+}

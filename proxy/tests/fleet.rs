@@ -1,0 +1,314 @@
+//! Fleet mode: instances sharing one real `redis-server` share the cache and the fill
+//! lock, so a herd spread across them reaches the upstream once.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral::cache::shared::{PutOutcome, SharedCache};
+use corral::cache::{CacheKey, LocalCache};
+use corral::fleet::Fleet;
+use corral::lock::single::{LockTry, RedisLock};
+use corral::RunningServer;
+use http::StatusCode;
+use support::redis::RedisServer;
+use support::{client, eventually, Harness, OriginBehaviour, Reply, Setup, DEADLINE};
+
+fn slow(ms: u64) -> OriginBehaviour {
+    OriginBehaviour {
+        delay: Duration::from_millis(ms),
+        ..OriginBehaviour::default()
+    }
+}
+
+/// `n` GETs for `path`, spread round-robin over the instances, all at once.
+async fn herd(instances: &[&RunningServer], path: &str, n: usize) -> Vec<Reply> {
+    let requests = (0..n).map(|i| {
+        let url = format!(
+            "http://{}{}",
+            instances[i % instances.len()].listen_addr(),
+            path
+        );
+        async move {
+            let req = http::Request::get(url).body(Default::default()).unwrap();
+            Reply::read(client().request(req).await.expect("request succeeds")).await
+        }
+    });
+    tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
+        .await
+        .expect("herd answered")
+}
+
+fn all<'a>(h: &'a Harness, others: &'a [RunningServer]) -> Vec<&'a RunningServer> {
+    std::iter::once(&h.server).chain(others.iter()).collect()
+}
+
+/// A client of the same Redis, outside any instance: a fake holder or a paused one.
+async fn outsider(h: &Harness) -> (Arc<Fleet>, RedisLock, SharedCache) {
+    let settings = h.config.redis.clone().unwrap();
+    let fleet = Fleet::start(
+        settings,
+        h.config.lock,
+        LocalCache::new(1 << 20),
+        corral::metrics::Metrics::new().fleet.clone(),
+    );
+    let ready = Arc::clone(&fleet);
+    eventually("the outsider connects", || {
+        let ok = ready.ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    (
+        Arc::clone(&fleet),
+        RedisLock::new(Arc::clone(&fleet)),
+        SharedCache::new(fleet),
+    )
+}
+
+/// The cache key corral derives for a plain GET of `path` on the test route.
+fn key_of(h: &Harness, path: &str) -> CacheKey {
+    let uri: http::Uri = path.parse().unwrap();
+    CacheKey::for_request(
+        &h.config.routes[0],
+        Some("127.0.0.1"),
+        &uri,
+        &http::HeaderMap::new(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_send_one_upstream_request_for_a_cold_herd() {
+    let redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(slow(300))
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    let replies = herd(&all(&h, &others), "/cold", 300).await;
+
+    assert_eq!(
+        h.origin.requests_for("/cold"),
+        1,
+        "one upstream request fleet-wide"
+    );
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert!(
+        replies.iter().all(|r| r.body == replies[0].body),
+        "all 300 got the same body"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
+    let redis = RedisServer::start().await;
+    let behaviour = OriginBehaviour {
+        cache_control: Some("max-age=1, stale-while-revalidate=60".into()),
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    let instances = all(&h, &others);
+    herd(&instances, "/s", 3).await; // every instance has the entry
+    h.origin.set(|b| {
+        b.version = 2;
+        b.delay = Duration::from_millis(1500);
+    });
+    h.until(
+        "staleness",
+        || h.get("/s"),
+        |r| r.cache_status().contains("stale-while-revalidate"),
+    )
+    .await;
+
+    let replies = herd(&instances, "/s", 60).await;
+    assert!(
+        replies.iter().all(|r| r.text().starts_with("/s v1")),
+        "everyone served the stale copy at once"
+    );
+    eventually("the refreshed copy", || async {
+        (h.get("/s").await.text().starts_with("/s v2")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        h.origin.requests_for("/s"),
+        2,
+        "exactly one background refresh across the fleet"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_holder_is_taken_over_after_the_lock_ttl() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default()
+        .redis(&redis.url())
+        .lock("ttl = \"1s\"")
+        .start()
+        .await;
+    let (_fleet, lock, _) = outsider(&h).await;
+    // An instance took the lock for /orphan and died before filling it.
+    let LockTry::Acquired(_lease) = lock.try_acquire(&key_of(&h, "/orphan")).await else {
+        panic!("lock free")
+    };
+
+    let reply = h.get("/orphan").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(h.origin.requests_for("/orphan"), 1);
+    assert_eq!(h.metric("corral_lock_takeovers_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_holder_cannot_overwrite_a_newer_entry() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default()
+        .redis(&redis.url())
+        .lock("ttl = \"300ms\"")
+        .start()
+        .await;
+    let (_fleet, lock, shared) = outsider(&h).await;
+    let key = key_of(&h, "/fenced");
+    let LockTry::Acquired(paused) = lock.try_acquire(&key).await else {
+        panic!()
+    };
+    // The holder pauses past its lease; an instance takes over and stores v1.
+    let reply = h.get("/fenced").await;
+    assert!(reply.text().starts_with("/fenced v1"));
+    let stored = shared
+        .get(&key)
+        .await
+        .expect("the instance stored its entry");
+    assert!(stored.fence() > paused.fence);
+
+    // The paused holder wakes up and writes what it fetched: refused.
+    h.origin.set(|b| b.version = 9);
+    let stale_write =
+        corral::cache::codec::decode(corral::cache::codec::encode(&stored, 0)).unwrap();
+    assert_eq!(
+        shared.put(&key, &stale_write, paused.fence).await,
+        PutOutcome::Fenced
+    );
+    assert_eq!(
+        shared.get(&key).await.unwrap().fence(),
+        stored.fence(),
+        "the newer entry stands"
+    );
+    assert_eq!(h.metric("corral_lock_takeovers_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_notification_still_ends_in_a_response_within_the_wait_bound() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default()
+        .redis(&redis.url())
+        .lock("ttl = \"1s\"")
+        .start()
+        .await;
+    let (_fleet, lock, shared) = outsider(&h).await;
+    let key = key_of(&h, "/quiet");
+    let LockTry::Acquired(lease) = lock.try_acquire(&key).await else {
+        panic!()
+    };
+
+    let waiting = tokio::spawn({
+        let url = h.url("/quiet");
+        async move {
+            Reply::read(
+                client()
+                    .request(http::Request::get(url).body(Default::default()).unwrap())
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    });
+    // The holder fills the key but its message is lost (it never publishes).
+    let other = Setup::default().start().await;
+    let filled = other.get("/quiet").await;
+    let entry = other
+        .server
+        .proxy()
+        .cache()
+        .local()
+        .get(&CacheKey::for_request(
+            &other.config.routes[0],
+            Some("127.0.0.1"),
+            &"/quiet".parse().unwrap(),
+            &http::HeaderMap::new(),
+        ))
+        .await;
+    let Some(corral::cache::LocalObject::Entry(entry)) = entry else {
+        panic!("filled")
+    };
+    assert_eq!(
+        shared.put(&key, &entry, lease.fence).await,
+        PutOutcome::Stored
+    );
+    lock.release(lease).await;
+
+    let reply = tokio::time::timeout(DEADLINE, waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        reply.body, filled.body,
+        "the waiter found the entry by re-checking Redis"
+    );
+    assert_eq!(
+        h.origin.requests_for("/quiet"),
+        0,
+        "and did not fetch it again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_redis_is_a_miss() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default().redis(&redis.url()).start().await;
+    let (_fleet, _, shared) = outsider(&h).await;
+    assert!(shared.put_raw(&key_of(&h, "/g"), b"\x00not an entry").await);
+    let reply = h.get("/g").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.text().starts_with("/g v1"));
+    assert_eq!(h.origin.requests_for("/g"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_fails_no_request_and_fleet_mode_resumes() {
+    let mut redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(slow(100))
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let instances = all(&h, &others);
+    redis.kill();
+    let replies = herd(&instances, "/outage", 100).await;
+    assert!(
+        replies.iter().all(|r| r.status == StatusCode::OK),
+        "no request failed"
+    );
+    assert!(
+        h.origin.requests_for("/outage") <= 2,
+        "coalesced per instance meanwhile"
+    );
+    assert_eq!(h.metric("corral_redis_fallback").await, 1.0);
+
+    redis.restart().await;
+    for server in &instances {
+        h.wait_for_fleet(server).await;
+    }
+    assert_eq!(
+        h.metric("corral_redis_fallback").await,
+        0.0,
+        "fleet mode resumed by itself"
+    );
+    assert_eq!(h.get("/after").await.status, StatusCode::OK);
+    // Back in the fleet: what one instance stores, the other reads from Redis.
+    let second = Harness::get_from(&others[0], "/after").await;
+    assert!(
+        second.cache_status().contains("hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert_eq!(h.origin.requests_for("/after"), 1);
+}
