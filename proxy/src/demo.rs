@@ -38,13 +38,36 @@ pub struct DemoOptions {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub upstream_delay: Duration,
+    /// Fleet mode: this many instances sharing the Redis at `redis` (the first on
+    /// `listen`, the others on free ports, without admin listeners).
+    pub instances: usize,
+    pub redis: Option<String>,
 }
 
 /// The origin and corral, running.
 pub struct Demo {
     pub origin: Origin,
     pub server: RunningServer,
+    /// The other instances of a fleet demo.
+    pub others: Vec<RunningServer>,
     pub config: Config,
+}
+
+impl Demo {
+    /// Every instance's address.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(&self.server)
+            .chain(&self.others)
+            .map(|s| s.listen_addr())
+            .collect()
+    }
+
+    pub async fn shutdown(self) {
+        for server in self.others {
+            server.shutdown().await;
+        }
+        self.server.shutdown().await;
+    }
 }
 
 /// Starts the origin (with `upstream_delay` per request) and corral in front of it.
@@ -67,10 +90,31 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
     for route in &mut config.routes {
         route.upstream = upstream.clone();
     }
+    if let Some(url) = &options.redis {
+        let fleet = format!("listen = \"127.0.0.1:0\"\n[redis]\nurl = {url:?}\n[[route]]\nname = \"x\"\nupstream = \"http://x\"\n");
+        config.redis = Config::parse(&fleet, "--redis")?.redis;
+    }
     let server = server::start(&config).await?;
+    let mut others = Vec::new();
+    for _ in 1..options.instances.max(1) {
+        let mut other = config.clone();
+        other.listen = "127.0.0.1:0".parse().expect("valid address");
+        other.admin_listen = None;
+        others.push(server::start(&other).await?);
+    }
+    // Fleet members join once connected to Redis; wait for that (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for s in std::iter::once(&server).chain(&others) {
+        while s.proxy().fleet().is_some_and(|f| !f.fleet().ready())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok(Demo {
         origin,
         server,
+        others,
         config,
     })
 }
@@ -124,16 +168,18 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Sends `clients` concurrent GETs for `path` to the proxy at `addr`, each on its own
-/// connection, and reports what they got. `upstream_requests` is filled by the caller.
-pub async fn fire_herd(addr: SocketAddr, path: &str, clients: usize) -> HerdReport {
+/// Sends `clients` concurrent GETs for `path`, spread round-robin over `addrs` as a load
+/// balancer would, each on its own connection, and reports what they got.
+/// `upstream_requests` is filled by the caller.
+pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> HerdReport {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(clients)
         .build_http();
-    let uri: http::Uri = format!("http://{addr}{path}").parse().expect("valid URI");
-    let requests = (0..clients).map(|_| {
+    let requests = (0..clients).map(|i| {
         let client = client.clone();
-        let uri = uri.clone();
+        let uri: http::Uri = format!("http://{}{path}", addrs[i % addrs.len()])
+            .parse()
+            .expect("valid URI");
         async move {
             let started = Instant::now();
             let req = Request::get(uri).body(Empty::new()).expect("valid request");

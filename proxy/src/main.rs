@@ -46,6 +46,12 @@ struct DemoArgs {
     /// How long the origin takes per request.
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     upstream_delay: Duration,
+    /// Run this many instances sharing the Redis of --redis (fleet mode).
+    #[arg(long, default_value_t = 1, requires = "redis")]
+    instances: usize,
+    /// Redis URL for fleet mode, e.g. redis://127.0.0.1:6379.
+    #[arg(long)]
+    redis: Option<String>,
     /// Exit after the herd instead of serving until Ctrl-C.
     #[arg(long)]
     no_serve: bool,
@@ -59,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(std::io::stderr)
         .init();
     match (cli.command, cli.config) {
         (Some(Command::Check { file }), _) => check(&file),
@@ -114,6 +121,8 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_listen: Some(args.admin_listen),
         upstream_delay: args.upstream_delay,
+        instances: args.instances,
+        redis: args.redis.clone(),
     };
     let demo = demo::start(&options).await.context("starting the demo")?;
     let addr = demo.server.listen_addr();
@@ -122,17 +131,32 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         args.upstream_delay
     );
     if args.herd > 0 {
-        let path = "/demo/herd";
+        // A key no earlier run (or other fleet member) has cached.
+        let path = &format!(
+            "/demo/herd/{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis()
+        );
         println!(
             "\nfiring {} concurrent requests at the cold key {path} ...",
             args.herd
         );
-        let mut report = demo::fire_herd(addr, path, args.herd).await;
+        let addrs = demo.addrs();
+        if addrs.len() > 1 {
+            println!(
+                "({} instances sharing {}; clients spread round-robin)",
+                addrs.len(),
+                args.redis.as_deref().unwrap_or("")
+            );
+        }
+        let mut report = demo::fire_herd(&addrs, path, args.herd).await;
         report.upstream_requests = demo.origin.requests_for(path);
         print!("{report}");
     }
     if args.no_serve {
-        demo.server.shutdown().await;
+        demo.shutdown().await;
         return Ok(());
     }
     println!("\ntry it (Ctrl-C to stop):");
@@ -142,7 +166,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
         args.admin_listen
     );
     shutdown_signal().await;
-    demo.server.shutdown().await;
+    demo.shutdown().await;
     Ok(())
 }
 
