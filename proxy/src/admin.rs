@@ -1,5 +1,10 @@
-//! The admin listener: `GET /healthz` for liveness probes and `GET /metrics` for
-//! Prometheus. Kept off the proxy port so it is never exposed with it.
+//! The admin listener: `GET /healthz` for liveness probes, `GET /metrics` for
+//! Prometheus, and `POST /purge`. Kept off the proxy port so it is never exposed with it.
+//!
+//! Purge: `POST /purge?route=NAME&path=/p?q=1[&host=H][&soft=true]` drops (or, soft,
+//! marks stale) what a GET of that URL would be served from, with all its `Vary`
+//! variants; `POST /purge?tag=T[&soft=true]` does so for every entry tagged `T` by its
+//! route's `tag_header`. In fleet mode both reach Redis and every instance.
 
 use std::sync::Arc;
 
@@ -9,6 +14,35 @@ use hyper::body::Incoming;
 
 use crate::body::ProxyBody;
 use crate::proxy::Proxy;
+
+async fn purge(proxy: &Proxy, query: &str) -> (StatusCode, &'static str, String) {
+    let text = "text/plain; charset=utf-8";
+    let params: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+    let soft = matches!(
+        params.get("soft").map(String::as_str),
+        Some("1" | "true" | "yes")
+    );
+    let kind = if soft { "soft-purged" } else { "purged" };
+    match (params.get("tag"), params.get("route"), params.get("path")) {
+        (Some(tag), None, None) => {
+            let n = proxy.purge_tag(tag, soft).await;
+            (StatusCode::OK, text, format!("{kind} {n} keys tagged {tag}\n"))
+        }
+        (None, Some(route), Some(path)) => match proxy.purge_url(route, params.get("host").map(String::as_str), path, soft).await {
+            Ok(()) => (StatusCode::OK, text, format!("{kind} {path} on route {route}\n")),
+            Err(e @ crate::proxy::PurgeError::UnknownRoute(_)) => (StatusCode::NOT_FOUND, text, format!("{e}\n")),
+            Err(e) => (StatusCode::BAD_REQUEST, text, format!("{e}\n")),
+        },
+        _ => (
+            StatusCode::BAD_REQUEST,
+            text,
+            "give either tag=T, or route=NAME and path=/p (optionally host=H); add soft=true to mark stale instead\n".to_string(),
+        ),
+    }
+}
 
 pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<ProxyBody> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
@@ -31,7 +65,8 @@ pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Proxy
                 text,
             )
         }
-        (_, "/healthz" | "/metrics") => (
+        (&Method::POST, "/purge") => purge(&proxy, req.uri().query().unwrap_or("")).await,
+        (_, "/healthz" | "/metrics" | "/purge") => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain; charset=utf-8",
             "method not allowed\n".to_string(),

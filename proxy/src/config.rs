@@ -47,6 +47,9 @@ pub struct RedisSettings {
     pub command_timeout: Duration,
     /// After a Redis fault, how long corral runs single-instance before trying again.
     pub retry_after: Duration,
+    /// The longest an instance serves an entry from its local tier before reading
+    /// Redis again: the bound on version skew when an invalidation message is lost.
+    pub local_ttl: Duration,
 }
 
 /// Which fill lock protects a fill across the fleet.
@@ -126,6 +129,8 @@ pub struct RouteConfig {
     /// How long a key whose response was uncacheable is passed straight upstream.
     pub hit_for_pass: Duration,
     pub preserve_host: bool,
+    /// The response header listing an entry's tags for purging (e.g. `Surrogate-Key`).
+    pub tag_header: Option<HeaderName>,
     pub wait_timeout: Duration,
     pub on_wait_timeout: OnWaitTimeout,
 }
@@ -232,6 +237,7 @@ struct FileRedis {
     connect_timeout: Option<Text>,
     command_timeout: Option<Text>,
     retry_after: Option<Text>,
+    local_ttl: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -263,6 +269,7 @@ struct FileRoute {
     hit_for_pass: Option<Text>,
     #[serde(default)]
     preserve_host: bool,
+    tag_header: Option<Text>,
     wait_timeout: Option<Text>,
     on_wait_timeout: Option<OnWaitTimeout>,
 }
@@ -602,6 +609,13 @@ impl FileRedis {
                 Duration::from_secs(1),
                 positive_duration,
             )?,
+            local_ttl: optional(
+                src,
+                "redis.local_ttl",
+                &self.local_ttl,
+                Duration::from_secs(5),
+                positive_duration,
+            )?,
         })
     }
 }
@@ -787,6 +801,18 @@ impl FileRoute {
             allow_private: self.allow_private,
             hit_for_pass,
             preserve_host: self.preserve_host,
+            tag_header: match &self.tag_header {
+                Some(h) => Some(
+                    HeaderName::from_bytes(h.get_ref().trim().as_bytes()).map_err(|_| {
+                        src.error(
+                            h.span(),
+                            k("tag_header"),
+                            format_args!("{:?} is not a valid header name", h.get_ref()),
+                        )
+                    })?,
+                ),
+                None => None,
+            },
             wait_timeout,
             on_wait_timeout: self.on_wait_timeout.unwrap_or(on_wait_timeout),
         })

@@ -67,6 +67,8 @@ pub struct RedisKeys {
     pub entry: String,
     pub lock: String,
     pub fence: String,
+    /// The set of entry keys holding variants of the primary key (for purges).
+    pub variants: String,
 }
 
 /// The fleet's connection to Redis.
@@ -120,7 +122,13 @@ impl Fleet {
             entry: format!("{p}{{{tag:032x}}}:e:{id:032x}"),
             lock: format!("{p}{{{tag:032x}}}:l:{id:032x}"),
             fence: format!("{p}{{{tag:032x}}}:f:{id:032x}"),
+            variants: format!("{p}{{{tag:032x}}}:v"),
         }
+    }
+
+    /// The set of primary keys whose responses carried `tag`.
+    pub fn tag_key(&self, tag: &str) -> String {
+        format!("{}tag:{tag}", self.settings.key_prefix)
     }
 
     fn channel(&self) -> String {
@@ -223,12 +231,15 @@ impl Fleet {
         let from = parts.next()?;
         let key = CacheKey::from_raw(parts.next()?);
         if from != self.instance {
-            if let FillEvent::Filled(_) | FillEvent::Purged = event {
-                // Another instance replaced (or purged) the entry: drop our copy, so the
-                // next request reads the new one from Redis.
-                let local = local.clone();
-                let stale_key = key.clone();
-                tokio::spawn(async move { local.remove_with_primary(&stale_key).await });
+            // Another instance replaced or purged the entry: drop our copy, so the next
+            // request reads the new one from Redis.
+            match event {
+                FillEvent::Filled(_) => {
+                    let (local, key) = (local.clone(), key.clone());
+                    tokio::spawn(async move { local.remove_with_primary(&key).await });
+                }
+                FillEvent::Purged => local.remove_all_of(&key),
+                FillEvent::Uncacheable | FillEvent::Failed => {}
             }
         }
         if let Some(waiter) = self
@@ -559,10 +570,21 @@ impl Coordinator {
 
     /// Writes a filled entry to the shared tier under `fence` and tells the fleet how
     /// the fill ended. The write comes first, so an instance woken by the event finds it.
-    pub async fn publish_outcome(&self, key: &CacheKey, outcome: &FillOutcome, fence: u64) {
+    pub async fn publish_outcome(
+        &self,
+        route: &Route,
+        key: &CacheKey,
+        outcome: &FillOutcome,
+        fence: u64,
+    ) {
         let event = match outcome {
             FillOutcome::Filled(entry) => match self.shared().put(key, entry, fence).await {
-                PutOutcome::Stored => FillEvent::Filled(fence),
+                PutOutcome::Stored => {
+                    if let Some(header) = &route.config.tag_header {
+                        self.shared().tag(key, entry, header).await;
+                    }
+                    FillEvent::Filled(fence)
+                }
                 PutOutcome::Fenced => {
                     tracing::info!(%key, fence, "a newer lock holder exists; this fill's entry was not written to the shared cache");
                     return;

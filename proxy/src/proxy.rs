@@ -66,7 +66,8 @@ impl Proxy {
                 metrics: metrics.for_route(&rc.name),
             })
             .collect();
-        let mut cache = Cache::new(config.cache.max_bytes);
+        let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
+        let mut cache = Cache::new(config.cache.max_bytes, local_ttl);
         let fleet = config.redis.clone().map(|settings| {
             let fleet = Fleet::start(
                 settings,
@@ -102,6 +103,64 @@ impl Proxy {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Purges what a GET of `path_and_query` on route `route` (for `host`) would be
+    /// served from, in every tier and every instance of the fleet.
+    pub async fn purge_url(
+        &self,
+        route: &str,
+        host: Option<&str>,
+        path_and_query: &str,
+        soft: bool,
+    ) -> Result<(), PurgeError> {
+        let route = self
+            .routes
+            .iter()
+            .find(|r| r.config.name == route)
+            .ok_or_else(|| PurgeError::UnknownRoute(route.to_string()))?;
+        let uri: http::Uri = path_and_query
+            .parse()
+            .map_err(|_| PurgeError::BadPath(path_and_query.to_string()))?;
+        if !uri.path().starts_with('/') {
+            return Err(PurgeError::BadPath(path_and_query.to_string()));
+        }
+        let host = match (host, &route.config.host) {
+            (Some(h), _) => Some(h.to_ascii_lowercase()),
+            (None, Some(h)) => Some(h.clone()),
+            (None, None) => return Err(PurgeError::HostRequired),
+        };
+        let key = CacheKey::for_request(
+            &route.config,
+            host.as_deref(),
+            &uri,
+            &http::HeaderMap::new(),
+        );
+        tracing::info!(%key, soft, "purge");
+        self.cache.purge(&key, soft).await;
+        Ok(())
+    }
+
+    /// Purges every entry whose route's `tag_header` listed `tag`; returns how many
+    /// cache keys that was.
+    pub async fn purge_tag(&self, tag: &str, soft: bool) -> usize {
+        let tag_header = |route: &str| {
+            self.routes
+                .iter()
+                .find(|r| r.config.name == route)
+                .and_then(|r| r.config.tag_header.clone())
+        };
+        let mut keys = self.cache.local().keys_tagged(tag, tag_header);
+        if let Some(shared) = self.cache.shared() {
+            keys.extend(shared.keys_tagged(tag).await);
+        }
+        keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        keys.dedup();
+        for key in &keys {
+            self.cache.purge(key, soft).await;
+        }
+        tracing::info!(tag, soft, keys = keys.len(), "purge by tag");
+        keys.len()
     }
 
     /// Serves one client request. Never fails: every error becomes a response.
@@ -442,6 +501,17 @@ impl Proxy {
     }
 }
 
+/// Why a purge request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    #[error("no route named {0:?}")]
+    UnknownRoute(String),
+    #[error("{0:?} is not a path (with optional query) starting with '/'")]
+    BadPath(String),
+    #[error("host= is required: the route matches any host, and the host is part of the key")]
+    HostRequired,
+}
+
 /// What a fill hands the request that leads it.
 enum FillReply {
     /// Serve this entry (stored, shared, or stale on error) with this status.
@@ -546,8 +616,9 @@ impl Fill {
             extender.abort();
         }
         if let Some(fleet) = &fleet {
+            let fence = lease.as_ref().map_or(0, |l| l.fence);
             fleet
-                .publish_outcome(&fill_key, &outcome, lease.as_ref().map_or(0, |l| l.fence))
+                .publish_outcome(&self.route, &fill_key, &outcome, fence)
                 .await;
             if let Some(lease) = lease {
                 fleet.release(lease).await;

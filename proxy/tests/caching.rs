@@ -429,3 +429,56 @@ async fn route_ttl_applies_when_upstream_gives_no_freshness() {
         .unwrap();
     assert!((295..=300).contains(&ttl), "ttl {ttl}");
 }
+
+#[tokio::test]
+async fn purge_without_a_fleet_drops_or_staleifies_locally() {
+    let h = Setup::origin(cc("max-age=600, stale-while-revalidate=600"))
+        .route("tag_header = \"surrogate-key\"")
+        .start()
+        .await;
+    h.get("/x").await;
+    h.origin.set(|b| b.version = 2);
+    let soft = h
+        .admin_post(None, "/purge?route=t&host=127.0.0.1&path=/x&soft=1")
+        .await;
+    assert_eq!(soft.status, StatusCode::OK);
+    let stale = h.get("/x").await;
+    assert!(
+        stale.cache_status().contains("stale-while-revalidate"),
+        "{}",
+        stale.cache_status()
+    );
+    h.until(
+        "the refresh",
+        || h.get("/x"),
+        |r| r.text().starts_with("/x v2"),
+    )
+    .await;
+
+    assert_eq!(
+        h.admin_post(None, "/purge?route=t&host=127.0.0.1&path=/x")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    h.origin.set(|b| b.version = 3);
+    assert!(
+        h.get("/x").await.text().starts_with("/x v3"),
+        "hard purge drops the entry"
+    );
+    assert_eq!(
+        h.admin_post(None, "/purge?route=nope&path=/x&host=h")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        h.admin_post(None, "/purge?route=t&path=/x").await.status,
+        StatusCode::BAD_REQUEST,
+        "host needed on a catch-all route"
+    );
+    assert_eq!(
+        h.admin_post(None, "/purge").await.status,
+        StatusCode::BAD_REQUEST
+    );
+}

@@ -50,7 +50,7 @@ async fn outsider(h: &Harness) -> (Arc<Fleet>, RedisLock, SharedCache) {
     let fleet = Fleet::start(
         settings,
         h.config.lock,
-        LocalCache::new(1 << 20),
+        LocalCache::new(1 << 20, None),
         corral::metrics::Metrics::new().fleet.clone(),
     );
     let ready = Arc::clone(&fleet);
@@ -311,4 +311,122 @@ async fn redis_outage_fails_no_request_and_fleet_mode_resumes() {
         second.cache_status()
     );
     assert_eq!(h.origin.requests_for("/after"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_key_reaches_every_instance() {
+    let redis = RedisServer::start().await;
+    let behaviour = OriginBehaviour {
+        headers: vec![("vary".into(), "accept-language".into())],
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    let instances = all(&h, &others);
+    herd(&instances, "/p", 3).await;
+    assert!(Harness::get_from(&others[1], "/p")
+        .await
+        .cache_status()
+        .contains("hit"));
+    h.origin.set(|b| b.version = 2);
+
+    let purged = h
+        .admin_post(Some(&others[0]), "/purge?route=t&host=127.0.0.1&path=/p")
+        .await;
+    assert_eq!(purged.status, StatusCode::OK, "{}", purged.text());
+    for server in &instances {
+        eventually("the purge reaches the instance", || async {
+            Harness::get_from(server, "/p")
+                .await
+                .text()
+                .starts_with("/p v2")
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        h.origin.requests_for("/p"),
+        2,
+        "one refill fleet-wide after the purge"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_purge_marks_stale_everywhere_instead_of_stampeding() {
+    let redis = RedisServer::start().await;
+    let behaviour = OriginBehaviour {
+        cache_control: Some("max-age=600, stale-while-revalidate=600".into()),
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    let instances = all(&h, &others);
+    herd(&instances, "/soft", 3).await;
+    h.origin.set(|b| {
+        b.version = 2;
+        b.delay = Duration::from_millis(500);
+    });
+
+    let purged = h
+        .admin_post(None, "/purge?route=t&host=127.0.0.1&path=/soft&soft=true")
+        .await;
+    assert_eq!(purged.status, StatusCode::OK);
+    // Every instance now serves the stale copy at once (no waiting, no herd) while one
+    // refresh runs, then the new one.
+    let replies = herd(&instances, "/soft", 30).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    for server in &instances {
+        eventually("the refreshed copy", || async {
+            Harness::get_from(server, "/soft")
+                .await
+                .text()
+                .starts_with("/soft v2")
+                .then_some(())
+        })
+        .await;
+    }
+    assert_eq!(h.origin.requests_for("/soft"), 2, "one refresh fleet-wide");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_tag_reaches_tagged_entries_only() {
+    let redis = RedisServer::start().await;
+    let behaviour = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7 catalog".into())],
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis(&redis.url())
+        .route("tag_header = \"surrogate-key\"")
+        .start_fleet(2)
+        .await;
+    h.get("/a").await;
+    h.get("/b").await;
+    h.origin.set(|b| b.headers.clear());
+    h.get("/untagged").await;
+    h.origin.set(|b| b.version = 2);
+
+    let purged = h.admin_post(Some(&others[0]), "/purge?tag=product-7").await;
+    assert_eq!(purged.text(), "purged 2 keys tagged product-7\n");
+    for path in ["/a", "/b"] {
+        eventually("the tagged entry is gone", || async {
+            Harness::get_from(&others[0], path)
+                .await
+                .text()
+                .contains(" v2")
+                .then_some(())
+        })
+        .await;
+    }
+    assert!(
+        Harness::get_from(&others[0], "/untagged")
+            .await
+            .text()
+            .contains(" v1"),
+        "untagged entries stay"
+    );
 }

@@ -128,6 +128,24 @@ impl CacheEntry {
         &self.lifetime
     }
 
+    /// A copy that turned stale at `at` (soft purge): still servable within its stale
+    /// windows and revalidatable, but never again fresh without asking the upstream.
+    pub fn soft_purged(&self, at: SystemTime) -> CacheEntry {
+        let mut lifetime = self.lifetime.clone();
+        lifetime.fresh_for = at
+            .duration_since(lifetime.received_at)
+            .unwrap_or_default()
+            .min(lifetime.fresh_for);
+        CacheEntry::from_parts(
+            self.status,
+            self.headers.clone(),
+            self.body.clone(),
+            lifetime,
+            self.vary_values.clone(),
+            self.fence,
+        )
+    }
+
     pub fn freshness(&self, now: SystemTime) -> Freshness {
         match self.fresh_until.duration_since(now) {
             Ok(ttl) if !ttl.is_zero() => Freshness::Fresh { ttl },

@@ -73,6 +73,16 @@ impl CacheKey {
             .map_or(&self.0, |(primary, _)| primary)
     }
 
+    /// Whether this is `primary` or one of its variants.
+    pub fn belongs_to(&self, primary: &CacheKey) -> bool {
+        self.primary() == primary.as_str()
+    }
+
+    /// The name of the route the key was made for.
+    pub fn route(&self) -> &str {
+        self.0.split(SEP).next().unwrap_or("")
+    }
+
     /// A key as another instance sent it.
     pub fn from_raw(key: &str) -> CacheKey {
         CacheKey(key.into())

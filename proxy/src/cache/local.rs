@@ -50,8 +50,11 @@ impl LocalObject {
     }
 }
 
-/// Expires each object at its own `until`, re-evaluated when it is replaced.
-struct UntilExpiry;
+/// Expires each object at its own `until`, re-evaluated when it is replaced, and no
+/// later than `cap` after it was stored (fleet mode: the next read goes to Redis).
+struct UntilExpiry {
+    cap: Option<Duration>,
+}
 
 impl Expiry<CacheKey, LocalObject> for UntilExpiry {
     fn expire_after_create(
@@ -60,12 +63,11 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
         value: &LocalObject,
         _: Instant,
     ) -> Option<Duration> {
-        Some(
-            value
-                .until()
-                .duration_since(SystemTime::now())
-                .unwrap_or_default(),
-        )
+        let left = value
+            .until()
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        Some(self.cap.map_or(left, |cap| left.min(cap)))
     }
 
     fn expire_after_update(
@@ -89,11 +91,12 @@ pub struct LocalCache {
 }
 
 impl LocalCache {
-    pub fn new(max_bytes: u64) -> LocalCache {
+    pub fn new(max_bytes: u64, cap: Option<Duration>) -> LocalCache {
         let objects = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(|k: &CacheKey, v: &LocalObject| v.weight(k))
-            .expire_after(UntilExpiry)
+            .expire_after(UntilExpiry { cap })
+            .support_invalidation_closures()
             .build();
         LocalCache { objects }
     }
@@ -110,6 +113,63 @@ impl LocalCache {
 
     pub async fn remove(&self, key: &CacheKey) {
         self.objects.invalidate(key).await;
+    }
+
+    /// Drops `primary` and all its variants (hard purge).
+    pub fn remove_all_of(&self, primary: &CacheKey) {
+        let primary = primary.clone();
+        // Lazy in moka, but reads never return an entry the predicate matches.
+        if self
+            .objects
+            .invalidate_entries_if(move |k, _| k.belongs_to(&primary))
+            .is_err()
+        {
+            tracing::error!("local cache built without invalidation closures");
+        }
+    }
+
+    /// Turns `primary` and all its variants stale in place (soft purge); returns how
+    /// many entries it touched.
+    pub async fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
+        let matching: Vec<(CacheKey, Arc<CacheEntry>)> = self
+            .objects
+            .iter()
+            .filter_map(|(k, v)| match v {
+                LocalObject::Entry(e) if k.belongs_to(primary) => Some(((*k).clone(), e)),
+                _ => None,
+            })
+            .collect();
+        let count = matching.len();
+        for (key, entry) in matching {
+            self.objects
+                .insert(key, LocalObject::Entry(Arc::new(entry.soft_purged(at))))
+                .await;
+        }
+        count
+    }
+
+    /// Primary keys of the entries whose `tag_header` lists `tag`, per route.
+    pub fn keys_tagged(
+        &self,
+        tag: &str,
+        tag_header: impl Fn(&str) -> Option<http::header::HeaderName>,
+    ) -> Vec<CacheKey> {
+        let mut keys: Vec<CacheKey> = self
+            .objects
+            .iter()
+            .filter_map(|(k, v)| match v {
+                LocalObject::Entry(e) => {
+                    let header = tag_header(k.route())?;
+                    super::tags(&e.headers, &header)
+                        .any(|t| t == tag)
+                        .then(|| CacheKey::from_raw(k.primary()))
+                }
+                _ => None,
+            })
+            .collect();
+        keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        keys.dedup();
+        keys
     }
 
     /// Removes `key` and, for a variant key, its primary's `Vary` index too.

@@ -21,6 +21,20 @@ pub use key::CacheKey;
 pub use local::{LocalCache, LocalObject};
 pub use policy::PassReason;
 
+/// The tags a response carries in `header` (space- or comma-separated, as
+/// `Surrogate-Key` and `Cache-Tag` write them).
+pub fn tags<'h>(
+    headers: &'h HeaderMap,
+    header: &http::header::HeaderName,
+) -> impl Iterator<Item = &'h str> {
+    headers
+        .get_all(header)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([' ', ',']))
+        .filter(|t| !t.is_empty())
+}
+
 /// What a lookup found.
 pub enum LookupOutcome {
     Fresh(Arc<CacheEntry>),
@@ -60,9 +74,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    pub fn new(max_bytes: u64) -> Cache {
+    /// `local_ttl` caps how long the local tier keeps anything (fleet mode).
+    pub fn new(max_bytes: u64, local_ttl: Option<Duration>) -> Cache {
         Cache {
-            local: LocalCache::new(max_bytes),
+            local: LocalCache::new(max_bytes, local_ttl),
             shared: None,
         }
     }
@@ -74,6 +89,10 @@ impl Cache {
 
     pub fn local(&self) -> &LocalCache {
         &self.local
+    }
+
+    pub fn shared(&self) -> Option<&shared::SharedCache> {
+        self.shared.as_ref()
     }
 
     /// Looks `key` up for a request with `req_headers`, following a `Vary` index to the
@@ -169,6 +188,23 @@ impl Cache {
         // The variant first: a reader that sees the index must find the entry.
         self.local.insert(variant, LocalObject::Entry(entry)).await;
         self.local.insert(key.clone(), index).await;
+    }
+
+    /// Purges `primary` and its variants from every tier: hard drops them, soft turns
+    /// them stale (the next request revalidates, or is served stale while one refresh
+    /// runs, instead of stampeding). Other instances drop their local copies on the
+    /// event the shared tier publishes.
+    pub async fn purge(&self, primary: &CacheKey, soft: bool) {
+        if soft {
+            self.local
+                .soft_purge_all_of(primary, SystemTime::now())
+                .await;
+        } else {
+            self.local.remove_all_of(primary);
+        }
+        if let Some(shared) = &self.shared {
+            shared.purge(primary, soft).await;
+        }
     }
 
     /// Remembers that `key`'s response was uncacheable, for `ttl`.

@@ -242,6 +242,20 @@ impl Harness {
         .await
     }
 
+    /// POSTs to the admin endpoint of `server` (this harness's own when `None`).
+    pub async fn admin_post(&self, server: Option<&RunningServer>, path: &str) -> Reply {
+        let addr = server
+            .unwrap_or(&self.server)
+            .admin_addr()
+            .expect("admin listener configured");
+        self.send(
+            Request::post(format!("http://{addr}{path}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    }
+
     /// The value of the metric line that starts with `series` (name and labels).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.admin("/metrics").await.text();
