@@ -133,6 +133,10 @@ pub struct HerdReport {
     pub max: Duration,
     /// Responses by `Cache-Status` (without its `ttl`).
     pub cache_status: BTreeMap<String, usize>,
+    /// How much later than the leader's response the waiters' responses completed
+    /// (p50, p99): those on the leader's instance, and those on other instances.
+    pub added_same_instance: Option<(Duration, Duration)>,
+    pub added_other_instances: Option<(Duration, Duration)>,
 }
 
 impl fmt::Display for HerdReport {
@@ -157,6 +161,16 @@ impl fmt::Display for HerdReport {
             ms(self.p99),
             ms(self.max)
         )?;
+        let added = |name: &str, v: Option<(Duration, Duration)>| match v {
+            Some((p50, p99)) => format!("{name}: p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99)),
+            None => format!("{name}: none"),
+        };
+        writeln!(
+            f,
+            "waiters finished after the leader by {}; {}",
+            added("same instance", self.added_same_instance),
+            added("other instances", self.added_other_instances)
+        )?;
         for (status, n) in &self.cache_status {
             writeln!(f, "  {n:>5} x Cache-Status: {status}")?;
         }
@@ -176,6 +190,7 @@ pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> Herd
         .pool_max_idle_per_host(clients)
         .build_http();
     let requests = (0..clients).map(|i| {
+        let instance = i % addrs.len();
         let client = client.clone();
         let uri: http::Uri = format!("http://{}{path}", addrs[i % addrs.len()])
             .parse()
@@ -199,7 +214,14 @@ pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> Herd
                 })
                 .unwrap_or_default();
             let body = res.into_body().collect().await.ok()?.to_bytes();
-            Some((started.elapsed(), status, cache_status, body))
+            Some((
+                started.elapsed(),
+                status,
+                cache_status,
+                body,
+                Instant::now(),
+                instance,
+            ))
         }
     });
     let results = join_all(requests).await;
@@ -215,11 +237,42 @@ pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> Herd
         p99: Duration::ZERO,
         max: Duration::ZERO,
         cache_status: BTreeMap::new(),
+        added_same_instance: None,
+        added_other_instances: None,
     };
+    let leader = results
+        .iter()
+        .flatten()
+        .find(|r| r.2.contains("fwd=miss") && !r.2.contains("collapsed"))
+        .map(|r| (r.4, r.5));
+    if let Some((leader_done, leader_instance)) = leader {
+        let quantiles = |same: bool| {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+            for r in results
+                .iter()
+                .flatten()
+                .filter(|r| r.2.contains("collapsed") && (r.5 == leader_instance) == same)
+            {
+                let _ = h.record(
+                    r.4.saturating_duration_since(leader_done)
+                        .as_micros()
+                        .max(1) as u64,
+                );
+            }
+            (h.len() > 0).then(|| {
+                (
+                    Duration::from_micros(h.value_at_quantile(0.5)),
+                    Duration::from_micros(h.value_at_quantile(0.99)),
+                )
+            })
+        };
+        report.added_same_instance = quantiles(true);
+        report.added_other_instances = quantiles(false);
+    }
     let mut first_body: Option<Bytes> = None;
     for result in results {
         match result {
-            Some((latency, StatusCode::OK, cache_status, body)) => {
+            Some((latency, StatusCode::OK, cache_status, body, _, _)) => {
                 report.ok += 1;
                 let _ = latencies.record(latency.as_micros().max(1) as u64);
                 *report.cache_status.entry(cache_status).or_default() += 1;
