@@ -259,7 +259,7 @@ pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> Herd
                         .max(1) as u64,
                 );
             }
-            (h.len() > 0).then(|| {
+            (!h.is_empty()).then(|| {
                 (
                     Duration::from_micros(h.value_at_quantile(0.5)),
                     Duration::from_micros(h.value_at_quantile(0.99)),
