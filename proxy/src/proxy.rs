@@ -597,6 +597,11 @@ impl Fill {
             {
                 Claim::Lead(lease) => lease,
                 Claim::Done(outcome) => {
+                    if let FillOutcome::Uncacheable(reason) = &outcome {
+                        // Hit-for-pass here too: later requests skip both locks.
+                        let ttl = self.route.config.hit_for_pass;
+                        self.proxy.cache.mark_pass(&fill_key, *reason, ttl).await;
+                    }
                     let reply = self.remote_reply(&outcome).await;
                     self.permit.complete(outcome);
                     return send(reply);

@@ -430,3 +430,33 @@ async fn purge_by_tag_reaches_tagged_entries_only() {
         "untagged entries stay"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncacheable_answer_reaches_other_instances_without_serializing_them() {
+    let redis = RedisServer::start().await;
+    let behaviour = OriginBehaviour {
+        cache_control: Some("private".into()),
+        ..slow(300)
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    let replies = herd(&all(&h, &others), "/mine", 30).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(
+        h.origin.requests_for("/mine"),
+        30,
+        "nobody was handed another client's private response"
+    );
+    assert!(
+        h.origin.max_in_flight() >= 2,
+        "the other instances went upstream together, not one by one"
+    );
+    for server in std::iter::once(&h.server).chain(&others) {
+        assert_eq!(
+            Harness::get_from(server, "/mine").await.cache_status(),
+            "corral; fwd=uri-miss; detail=hit-for-pass"
+        );
+    }
+}
