@@ -460,3 +460,19 @@ async fn uncacheable_answer_reaches_other_instances_without_serializing_them() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_in_the_redis_url_is_used() {
+    let redis = RedisServer::with_password("s3cret").await;
+    let (h, others) = Setup::origin(slow(200))
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let replies = herd(&all(&h, &others), "/auth", 20).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(
+        h.origin.requests_for("/auth"),
+        1,
+        "the instances coordinated through the password-protected Redis"
+    );
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 pub struct RedisServer {
     pub port: u16,
+    password: Option<String>,
     child: Option<Child>,
 }
 
@@ -18,8 +19,18 @@ fn free_port() -> u16 {
 
 impl RedisServer {
     pub async fn start() -> RedisServer {
+        RedisServer::spawned(None).await
+    }
+
+    /// A server that requires `AUTH password`.
+    pub async fn with_password(password: &str) -> RedisServer {
+        RedisServer::spawned(Some(password.to_string())).await
+    }
+
+    async fn spawned(password: Option<String>) -> RedisServer {
         let mut server = RedisServer {
             port: free_port(),
+            password,
             child: None,
         };
         server.spawn().await;
@@ -27,17 +38,15 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        let mut args: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+            .map(String::from)
+            .to_vec();
+        args.extend(["--port".to_string(), self.port.to_string()]);
+        if let Some(password) = &self.password {
+            args.extend(["--requirepass".to_string(), password.clone()]);
+        }
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -53,7 +62,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// SIGKILL, as a crash would.
@@ -67,7 +79,7 @@ impl RedisServer {
     /// Starts again on the same port, empty.
     pub async fn restart(&mut self) {
         self.kill();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The port is free once the killed process is reaped (`kill` waits for it).
         self.spawn().await;
     }
 }
