@@ -1,7 +1,6 @@
 //! A real `redis-server` on a free port, killed on drop.
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 pub struct RedisServer {
     pub port: u16,
