@@ -58,15 +58,26 @@ pub struct RedisSettings {
 pub enum LockMode {
     /// One Redis: the cache's own.
     Single,
+    /// The Redlock algorithm over `nodes`, N independent Redis masters (N odd, >= 3):
+    /// the lock survives the loss of a minority of them.
+    Redlock,
 }
 
 /// The fleet-wide fill lock.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LockSettings {
     pub mode: LockMode,
     /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
     /// bounds how long a dead holder blocks the key.
     pub ttl: Duration,
+    /// Redlock: the independent Redis masters.
+    pub nodes: Vec<String>,
+    /// Redlock: how long one node may take to answer one command.
+    pub node_timeout: Duration,
+    /// Redlock: attempts after a failed acquisition (no quorum), each after a random
+    /// delay up to `retry_delay`.
+    pub retries: u32,
+    pub retry_delay: Duration,
 }
 
 /// Bounds of the local (in-process) cache tier.
@@ -227,6 +238,10 @@ struct FileLock {
     on_wait_timeout: Option<OnWaitTimeout>,
     mode: Option<LockMode>,
     ttl: Option<Text>,
+    nodes: Option<Spanned<Vec<String>>>,
+    node_timeout: Option<Text>,
+    retries: Option<u32>,
+    retry_delay: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -510,17 +525,8 @@ impl FileConfig {
             positive_duration,
         )?;
         let on_wait_timeout = self.lock.on_wait_timeout.unwrap_or(OnWaitTimeout::Fetch);
-        let lock = LockSettings {
-            mode: self.lock.mode.unwrap_or(LockMode::Single),
-            ttl: optional(
-                src,
-                "lock.ttl",
-                &self.lock.ttl,
-                Duration::from_secs(10),
-                positive_duration,
-            )?,
-        };
         let redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
+        let lock = self.lock.validate(src, redis.is_some())?;
 
         if self.routes.is_empty() {
             return Err(src.error(
@@ -559,6 +565,88 @@ impl FileConfig {
             redis,
             lock,
             routes,
+        })
+    }
+}
+
+impl FileLock {
+    fn validate(&self, src: &Source, fleet: bool) -> Result<LockSettings, ConfigError> {
+        let mode = self.mode.unwrap_or(LockMode::Single);
+        let ttl = optional(
+            src,
+            "lock.ttl",
+            &self.ttl,
+            Duration::from_secs(10),
+            positive_duration,
+        )?;
+        let nodes: Vec<String> = self
+            .nodes
+            .as_ref()
+            .map_or_else(Vec::new, |n| n.get_ref().clone());
+        let span = self.nodes.as_ref().map_or(0..0, |n| n.span());
+        match mode {
+            LockMode::Single if !nodes.is_empty() => {
+                return Err(src.error(
+                    span,
+                    "lock.nodes",
+                    "nodes are for mode = \"redlock\"; mode \"single\" locks on [redis]",
+                ));
+            }
+            LockMode::Redlock => {
+                if !fleet {
+                    return Err(src.error(
+                        span,
+                        "lock.mode",
+                        "redlock needs a [redis] section: the shared cache the lock protects",
+                    ));
+                }
+                if nodes.len() < 3 || nodes.len().is_multiple_of(2) {
+                    return Err(src.error(
+                        span,
+                        "lock.nodes",
+                        format_args!("redlock needs an odd number of at least 3 independent Redis nodes, not {}", nodes.len()),
+                    ));
+                }
+                for url in &nodes {
+                    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url.as_str()) {
+                        return Err(src.error(
+                            span.clone(),
+                            "lock.nodes",
+                            format_args!("invalid Redis URL {url:?} ({e})"),
+                        ));
+                    }
+                }
+            }
+            LockMode::Single => {}
+        }
+        let node_timeout = optional(
+            src,
+            "lock.node_timeout",
+            &self.node_timeout,
+            Duration::from_millis(50),
+            positive_duration,
+        )?;
+        if mode == LockMode::Redlock && node_timeout * 4 > ttl {
+            let span = self.node_timeout.as_ref().map_or(span, |t| t.span());
+            return Err(src.error(
+                span,
+                "lock.node_timeout",
+                "must be well under lock.ttl (at most a quarter), or no grant has validity left",
+            ));
+        }
+        Ok(LockSettings {
+            mode,
+            ttl,
+            nodes,
+            node_timeout,
+            retries: self.retries.unwrap_or(3),
+            retry_delay: optional(
+                src,
+                "lock.retry_delay",
+                &self.retry_delay,
+                Duration::from_millis(50),
+                positive_duration,
+            )?,
         })
     }
 }
@@ -941,6 +1029,27 @@ mod tests {
         );
         assert_eq!(c.lock.ttl, Duration::from_secs(3));
         assert_eq!(c.lock.mode, LockMode::Single);
+    }
+
+    #[test]
+    fn redlock_needs_an_odd_number_of_nodes_and_a_cache() {
+        let head = "listen = \"127.0.0.1:8080\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n[lock]\nmode = \"redlock\"\n";
+        let route = &MINIMAL[MINIMAL.find('[').unwrap()..];
+        let nodes = |n: usize| {
+            let list: Vec<String> = (0..n)
+                .map(|i| format!("\"redis://127.0.0.1:{}\"", 7001 + i))
+                .collect();
+            format!("{head}nodes = [{}]\n{route}", list.join(", "))
+        };
+        assert_eq!(Config::parse(&nodes(5), "t").unwrap().lock.nodes.len(), 5);
+        for n in [0, 1, 2, 4] {
+            let e = err(&nodes(n));
+            assert_eq!(e.key(), Some("lock.nodes"), "{n} nodes: {e}");
+        }
+        let e = err(&nodes(3).replace("[redis]\nurl = \"redis://127.0.0.1:6379\"\n", ""));
+        assert_eq!(e.key(), Some("lock.mode"), "{e}");
+        let e = err(&nodes(3).replace("mode = \"redlock\"", "mode = \"single\""));
+        assert_eq!(e.key(), Some("lock.nodes"), "{e}");
     }
 
     #[test]

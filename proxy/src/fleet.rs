@@ -20,9 +20,12 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use crate::cache::shared::{PutOutcome, SharedCache};
 use crate::cache::{Cache, CacheKey, LocalCache, PassReason};
+use crate::config::LockMode;
 use crate::config::{LockSettings, OnWaitTimeout, RedisSettings};
-use crate::lock::single::{Lease, LockTry, RedisLock};
+use crate::lock::redlock::Redlock;
+use crate::lock::single::RedisLock;
 use crate::lock::FillOutcome;
+use crate::lock::{FleetLock, Lease, LockTry};
 use crate::metrics::FleetMetrics;
 use crate::route::Route;
 use crate::upstream::FailureKind;
@@ -101,7 +104,7 @@ impl Fleet {
         let retry_after = settings.retry_after;
         let fleet = Arc::new(Fleet {
             settings,
-            lock,
+            lock: lock.clone(),
             conn: RwLock::new(None),
             health: RedisHealth::new(retry_after),
             waiting: Mutex::new(HashMap::new()),
@@ -466,7 +469,7 @@ pub enum Claim {
 /// Fleet-wide fills: who fetches a key across instances, and how the others learn.
 pub struct Coordinator {
     fleet: Arc<Fleet>,
-    lock: RedisLock,
+    lock: FleetLock,
     cache: Cache,
 }
 
@@ -476,7 +479,10 @@ const TAKEOVER_MARGIN: Duration = Duration::from_millis(250);
 impl Coordinator {
     pub fn new(fleet: Arc<Fleet>, cache: Cache) -> Coordinator {
         Coordinator {
-            lock: RedisLock::new(Arc::clone(&fleet)),
+            lock: match fleet.lock.mode {
+                LockMode::Single => FleetLock::Single(RedisLock::new(Arc::clone(&fleet))),
+                LockMode::Redlock => FleetLock::Redlock(Redlock::new(Arc::clone(&fleet))),
+            },
             fleet,
             cache,
         }

@@ -101,6 +101,7 @@ pub struct FleetMetrics {
     lock_extended: Counter,
     lock_lost: Counter,
     lock_takeovers: Counter,
+    lock_no_quorum: Counter,
     shared_hits: Counter,
     fenced_writes: Counter,
     redis_errors: Counter,
@@ -118,6 +119,7 @@ impl FleetMetrics {
             lock_extended: Counter::default(),
             lock_lost: Counter::default(),
             lock_takeovers: Counter::default(),
+            lock_no_quorum: Counter::default(),
             shared_hits: Counter::default(),
             fenced_writes: Counter::default(),
             redis_errors: Counter::default(),
@@ -153,6 +155,11 @@ impl FleetMetrics {
                 "lock_takeovers",
                 "Fills taken over after another instance's lock expired",
                 &self.lock_takeovers,
+            ),
+            (
+                "lock_no_quorum",
+                "Redlock acquisitions that found no majority of lock nodes reachable",
+                &self.lock_no_quorum,
             ),
             (
                 "shared_hits",
@@ -199,6 +206,9 @@ impl FleetMetrics {
     }
     pub fn lock_takeover(&self) {
         self.lock_takeovers.inc();
+    }
+    pub fn lock_no_quorum(&self) {
+        self.lock_no_quorum.inc();
     }
     pub fn shared_hit(&self) {
         self.shared_hits.inc();

@@ -71,7 +71,7 @@ impl Proxy {
         let fleet = config.redis.clone().map(|settings| {
             let fleet = Fleet::start(
                 settings,
-                config.lock,
+                config.lock.clone(),
                 cache.local().clone(),
                 metrics.fleet.clone(),
             );

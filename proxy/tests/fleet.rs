@@ -9,7 +9,8 @@ use std::time::Duration;
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::{CacheKey, LocalCache};
 use corral::fleet::Fleet;
-use corral::lock::single::{LockTry, RedisLock};
+use corral::lock::single::RedisLock;
+use corral::lock::LockTry;
 use corral::RunningServer;
 use http::StatusCode;
 use support::redis::RedisServer;
@@ -49,7 +50,7 @@ async fn outsider(h: &Harness) -> (Arc<Fleet>, RedisLock, SharedCache) {
     let settings = h.config.redis.clone().unwrap();
     let fleet = Fleet::start(
         settings,
-        h.config.lock,
+        h.config.lock.clone(),
         LocalCache::new(1 << 20, None),
         corral::metrics::Metrics::new().fleet.clone(),
     );

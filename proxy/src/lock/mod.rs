@@ -11,9 +11,11 @@
 //! it: only a local permit holder contends for the distributed one.
 
 pub mod local;
+pub mod redlock;
 pub mod single;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::cache::{CacheEntry, PassReason};
 use crate::upstream::FailureKind;
@@ -50,6 +52,63 @@ impl FillOutcome {
             FillOutcome::Uncacheable(_) => "uncacheable",
             FillOutcome::Failed(_) => "failed",
             FillOutcome::HolderFailed => "holder-failed",
+        }
+    }
+}
+
+/// A granted fleet lock: ours until `deadline` unless extended.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub(crate) lock_key: String,
+    pub(crate) token: String,
+    /// The grant's fencing token; the entry write carries it.
+    pub fence: u64,
+    /// Past this instant the holder must not assume it still holds the lock.
+    pub deadline: Instant,
+}
+
+/// The result of one attempt at the fleet lock.
+pub enum LockTry {
+    Acquired(Lease),
+    /// Another instance holds it.
+    Held,
+    /// Redis is unavailable (for Redlock: no quorum of nodes answered).
+    Unavailable,
+}
+
+/// The fleet-wide lock, on the cache's Redis or by Redlock over independent nodes.
+pub enum FleetLock {
+    Single(single::RedisLock),
+    Redlock(redlock::Redlock),
+}
+
+impl FleetLock {
+    pub fn ttl(&self) -> Duration {
+        match self {
+            FleetLock::Single(l) => l.ttl(),
+            FleetLock::Redlock(l) => l.ttl(),
+        }
+    }
+
+    pub async fn try_acquire(&self, key: &crate::cache::CacheKey) -> LockTry {
+        match self {
+            FleetLock::Single(l) => l.try_acquire(key).await,
+            FleetLock::Redlock(l) => l.try_acquire(key).await,
+        }
+    }
+
+    /// Extends the lease by the TTL; `false` once it is lost.
+    pub async fn extend(&self, lease: &mut Lease) -> bool {
+        match self {
+            FleetLock::Single(l) => l.extend(lease).await,
+            FleetLock::Redlock(l) => l.extend(lease).await,
+        }
+    }
+
+    pub async fn release(&self, lease: Lease) {
+        match self {
+            FleetLock::Single(l) => l.release(lease).await,
+            FleetLock::Redlock(l) => l.release(lease).await,
         }
     }
 }

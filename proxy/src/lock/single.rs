@@ -7,12 +7,13 @@
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
+use super::{Lease, LockTry};
 use crate::cache::CacheKey;
 use crate::fleet::Fleet;
 
 /// How long a fence counter outlives its last grant. A holder paused longer than this
 /// could see the counter restart below its token; a day is far beyond any fill.
-const FENCE_RETENTION_MS: u64 = 24 * 3600 * 1000;
+pub(crate) const FENCE_RETENTION_MS: u64 = 24 * 3600 * 1000;
 
 /// KEYS: lock, fence. ARGV: token, ttl ms, fence retention ms. Returns the fencing
 /// token of the grant, or 0 when the lock is held.
@@ -27,7 +28,7 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 /// KEYS: lock. ARGV: token, ttl ms. 1 when extended, 0 when the lock is no longer ours.
-static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -36,33 +37,13 @@ static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
 });
 
 /// KEYS: lock. ARGV: token. Deletes the lock only if it is still ours.
-static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+pub(crate) static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
         return 0",
     )
 });
-
-/// A granted lock: ours until `deadline` unless extended.
-#[derive(Debug, Clone)]
-pub struct Lease {
-    lock_key: String,
-    token: String,
-    /// The grant's fencing token; the entry write carries it.
-    pub fence: u64,
-    /// Past this instant the holder must not assume it still holds the lock.
-    pub deadline: Instant,
-}
-
-/// The result of one attempt.
-pub enum LockTry {
-    Acquired(Lease),
-    /// Another instance holds it.
-    Held,
-    /// Redis is unavailable.
-    Unavailable,
-}
 
 #[derive(Clone)]
 pub struct RedisLock {
