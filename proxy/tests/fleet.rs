@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral::cache::shared::{PutOutcome, SharedCache};
-use corral::cache::{CacheKey, LocalCache};
+use corral::cache::CacheKey;
 use corral::fleet::Fleet;
 use corral::lock::single::RedisLock;
 use corral::lock::LockTry;
@@ -47,19 +47,7 @@ fn all<'a>(h: &'a Harness, others: &'a [RunningServer]) -> Vec<&'a RunningServer
 
 /// A client of the same Redis, outside any instance: a fake holder or a paused one.
 async fn outsider(h: &Harness) -> (Arc<Fleet>, RedisLock, SharedCache) {
-    let settings = h.config.redis.clone().unwrap();
-    let fleet = Fleet::start(
-        settings,
-        h.config.lock.clone(),
-        LocalCache::new(1 << 20, None),
-        corral::metrics::Metrics::new().fleet.clone(),
-    );
-    let ready = Arc::clone(&fleet);
-    eventually("the outsider connects", || {
-        let ok = ready.ready();
-        async move { ok.then_some(()) }
-    })
-    .await;
+    let fleet = support::fleet_client(&h.config).await;
     (
         Arc::clone(&fleet),
         RedisLock::new(Arc::clone(&fleet)),

@@ -7,9 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use corral::cache::shared::{PutOutcome, SharedCache};
-use corral::cache::{CacheKey, LocalCache};
+use corral::cache::CacheKey;
 use corral::config::Config;
-use corral::fleet::Fleet;
 use corral::lock::redlock::Redlock;
 use corral::lock::LockTry;
 use http::StatusCode;
@@ -52,18 +51,7 @@ impl Cluster {
     /// A Redlock client of its own, as one instance of the fleet would have.
     async fn client(&self, ttl: &str) -> (Redlock, SharedCache) {
         let config = self.config(ttl);
-        let fleet = Fleet::start(
-            config.redis.clone().unwrap(),
-            config.lock.clone(),
-            LocalCache::new(1 << 20, None),
-            corral::metrics::Metrics::new().fleet.clone(),
-        );
-        let ready = Arc::clone(&fleet);
-        eventually("connected", || {
-            let ok = ready.ready();
-            async move { ok.then_some(()) }
-        })
-        .await;
+        let fleet = support::fleet_client(&config).await;
         let lock = Redlock::new(Arc::clone(&fleet));
         // Nodes connect lazily; the first attempts may find them still connecting.
         let probe = key("/warmup");

@@ -293,6 +293,24 @@ impl Harness {
     }
 }
 
+/// A connection to a config's Redis from outside any instance (a fake holder, a paused
+/// one, or a Redlock client of its own), once it is connected.
+pub async fn fleet_client(config: &Config) -> std::sync::Arc<corral::fleet::Fleet> {
+    let fleet = corral::fleet::Fleet::start(
+        config.redis.clone().expect("a fleet config"),
+        config.lock.clone(),
+        corral::cache::LocalCache::new(1 << 20, None),
+        corral::metrics::Metrics::new().fleet.clone(),
+    );
+    let ready = std::sync::Arc::clone(&fleet);
+    eventually("the client connects to Redis", || {
+        let ok = ready.ready();
+        async move { ok.then_some(()) }
+    })
+    .await;
+    fleet
+}
+
 /// Polls `check` every 20 ms until it yields a value, or fails the test at the deadline.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
