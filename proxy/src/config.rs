@@ -134,6 +134,9 @@ pub struct RouteConfig {
     pub cacheable_statuses: Vec<StatusCode>,
     /// `false` turns caching (and coalescing) off for the route: a plain reverse proxy.
     pub cache: bool,
+    /// `false` keeps caching but turns coalescing and the fill lock off: every miss
+    /// goes upstream. Only useful as a baseline to measure the herd corral absorbs.
+    pub coalesce: bool,
     pub allow_authorization: bool,
     pub allow_set_cookie: bool,
     pub allow_private: bool,
@@ -275,6 +278,8 @@ struct FileRoute {
     cacheable_statuses: Option<Spanned<Vec<u16>>>,
     #[serde(default = "yes")]
     cache: bool,
+    #[serde(default = "yes")]
+    coalesce: bool,
     #[serde(default)]
     allow_authorization: bool,
     #[serde(default)]
@@ -884,6 +889,7 @@ impl FileRoute {
             key_headers,
             cacheable_statuses,
             cache: self.cache,
+            coalesce: self.coalesce,
             allow_authorization: self.allow_authorization,
             allow_set_cookie: self.allow_set_cookie,
             allow_private: self.allow_private,

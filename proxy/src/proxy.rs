@@ -287,7 +287,14 @@ impl Proxy {
                 (None, false) => Fwd::Miss,
             };
 
-            let waiter = match self.fills.acquire(&lookup.fill_key) {
+            // Without coalescing (a baseline to measure it against), every request gets
+            // a permit of its own: no one waits, everyone fetches.
+            let attempt = if route.config.coalesce {
+                self.fills.acquire(&lookup.fill_key)
+            } else {
+                LocalFillLock::new().acquire(&lookup.fill_key)
+            };
+            let waiter = match attempt {
                 LockAttempt::Acquired(permit) => {
                     // Someone may have filled the key between our lookup and the acquire.
                     let now = SystemTime::now();
@@ -584,7 +591,11 @@ impl Fill {
             }
         };
         let fill_key = self.permit.key().clone();
-        let fleet = self.proxy.fleet.clone();
+        let fleet = self
+            .proxy
+            .fleet
+            .clone()
+            .filter(|_| self.route.config.coalesce);
         let lease = match &fleet {
             None => None,
             Some(fleet) => match fleet

@@ -237,3 +237,22 @@ async fn waiter_past_wait_timeout_can_be_told_to_fail() {
         "the upstream was protected"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalesce_off_lets_the_herd_through_as_a_baseline() {
+    let h = Setup::origin(slow(300))
+        .route("coalesce = false")
+        .start()
+        .await;
+    let replies = h.herd("/naive", 20).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(
+        h.origin.requests_for("/naive"),
+        20,
+        "every concurrent miss went upstream"
+    );
+    assert!(
+        h.get("/naive").await.cache_status().contains("hit"),
+        "but responses are still cached"
+    );
+}
