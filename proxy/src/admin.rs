@@ -1,4 +1,5 @@
-//! The admin listener: `GET /healthz` for liveness probes, `GET /metrics` for
+//! The admin listener: `GET /healthz` for liveness probes, `GET /readyz` for readiness
+//! (in fleet mode: connected to Redis and subscribed), `GET /metrics` for
 //! Prometheus, and `POST /purge`. Kept off the proxy port so it is never exposed with it.
 //!
 //! Purge: `POST /purge?route=NAME&path=/p?q=1[&host=H][&soft=true]` drops (or, soft,
@@ -65,6 +66,18 @@ pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Proxy
                 text,
             )
         }
+        (&Method::GET, "/readyz") => match proxy.fleet() {
+            Some(fleet) if !fleet.fleet().ready() => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                "not ready: connecting to redis (serving single-instance meanwhile)\n".to_string(),
+            ),
+            _ => (
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ready\n".to_string(),
+            ),
+        },
         (&Method::POST, "/purge") => purge(&proxy, req.uri().query().unwrap_or("")).await,
         (_, "/healthz" | "/metrics" | "/purge") => (
             StatusCode::METHOD_NOT_ALLOWED,

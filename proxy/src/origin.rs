@@ -73,6 +73,9 @@ struct State {
     max_in_flight: AtomicU64,
     /// Woken on every request, for tests that wait for a count.
     arrived: Notify,
+    started: std::time::Instant,
+    /// Milliseconds since `started` at which each request arrived.
+    arrivals: Mutex<Vec<u64>>,
 }
 
 /// A running origin.
@@ -85,10 +88,17 @@ pub struct Origin {
 impl Origin {
     /// Starts an origin on a free port of 127.0.0.1.
     pub async fn start(behaviour: Behaviour) -> std::io::Result<Origin> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Origin::start_on("127.0.0.1:0".parse().expect("valid address"), behaviour).await
+    }
+
+    /// Starts an origin on `addr`.
+    pub async fn start_on(addr: SocketAddr, behaviour: Behaviour) -> std::io::Result<Origin> {
+        let listener = TcpListener::bind(addr).await?;
         let state = Arc::new(State {
             behaviour: Mutex::new(behaviour),
             per_path: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
+            arrivals: Mutex::new(Vec::new()),
             last_headers: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
             not_modified: AtomicU64::new(0),
@@ -242,7 +252,92 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
     res
 }
 
+/// The control API of an origin run as a process of its own (by the load tool):
+/// `GET /__origin/stats` answers the counts as JSON; `POST /__origin/set?status=500&delay=2s`
+/// changes the behaviour.
+async fn control(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
+    let text = |status: StatusCode, body: String| {
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::from(body)).boxed())
+            .expect("valid response")
+    };
+    match req.uri().path() {
+        "/__origin/stats" => {
+            let per_path = state
+                .per_path
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let arrivals = state
+                .arrivals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let paths: Vec<String> = per_path
+                .iter()
+                .map(|(p, n)| format!("{}:{n}", json_string(p)))
+                .collect();
+            let arrivals: Vec<String> = arrivals.iter().map(u64::to_string).collect();
+            let body = format!(
+                "{{\"total\":{},\"max_in_flight\":{},\"per_path\":{{{}}},\"arrivals_ms\":[{}]}}",
+                state.total.load(Ordering::SeqCst),
+                state.max_in_flight.load(Ordering::SeqCst),
+                paths.join(","),
+                arrivals.join(",")
+            );
+            text(StatusCode::OK, body)
+        }
+        "/__origin/set" => {
+            let mut b = state.behaviour.lock().unwrap_or_else(|e| e.into_inner());
+            for pair in req.uri().query().unwrap_or("").split('&') {
+                match pair.split_once('=') {
+                    Some(("status", v)) => match v
+                        .parse::<u16>()
+                        .ok()
+                        .and_then(|s| StatusCode::from_u16(s).ok())
+                    {
+                        Some(status) => b.status = status,
+                        None => return text(StatusCode::BAD_REQUEST, format!("bad status {v}\n")),
+                    },
+                    Some(("delay", v)) => match humantime::parse_duration(v) {
+                        Ok(delay) => b.delay = delay,
+                        Err(_) => return text(StatusCode::BAD_REQUEST, format!("bad delay {v}\n")),
+                    },
+                    _ => return text(StatusCode::BAD_REQUEST, format!("unknown setting {pair}\n")),
+                }
+            }
+            text(StatusCode::OK, "ok\n".into())
+        }
+        _ => text(StatusCode::NOT_FOUND, "unknown control path\n".into()),
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 async fn respond(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
+    if req.uri().path().starts_with("/__origin/") {
+        return control(state, req).await;
+    }
+    let arrived_ms = state.started.elapsed().as_millis() as u64;
+    state
+        .arrivals
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(arrived_ms);
     let path = req
         .uri()
         .path_and_query()

@@ -1,0 +1,151 @@
+//! `corral-loadtest`: measures how much of a request herd corral absorbs.
+//!
+//! `run SCENARIO` starts what the scenario needs as real processes (the slow origin
+//! and corral instances are this same program's `origin` and `proxy` commands;
+//! redis-server for fleets), sends the load, and writes a JSON file, a Markdown
+//! report and SVG charts.
+
+mod report;
+mod run;
+mod scenario;
+mod stats;
+mod supervise;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use corral::origin::{Behaviour, Origin};
+use scenario::{Overrides, Protection, Scenario};
+
+#[derive(Parser)]
+#[command(
+    name = "corral-loadtest",
+    version,
+    about = "Measures the herd corral absorbs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a scenario file (see loadtest/scenarios/).
+    Run {
+        scenario: PathBuf,
+        /// corral instances (a fleet sharing one Redis when more than one).
+        #[arg(long)]
+        instances: Option<usize>,
+        /// Concurrent clients per key.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// How long the origin takes per request.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        upstream_delay: Option<Duration>,
+        /// Run corral with its fill lock and coalescing, without, or both.
+        #[arg(long, value_enum)]
+        protection: Option<Protection>,
+        /// Send the load to these proxies (started by you, in front of the origin on
+        /// --origin-port) instead of corral instances started here.
+        #[arg(long = "target")]
+        targets: Vec<SocketAddr>,
+        /// Port for the origin (for --target setups configured beforehand).
+        #[arg(long)]
+        origin_port: Option<u16>,
+        /// Where the report goes.
+        #[arg(long, default_value = "loadtest/results")]
+        out: PathBuf,
+    },
+    /// Serve the slow origin (started by `run`; prints "listening on ADDR").
+    Origin {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, default_value = "max-age=60")]
+        cache_control: String,
+        #[arg(long, default_value_t = 1024)]
+        body_size: usize,
+    },
+    /// Run a corral instance (started by `run`): the same as `corral --config FILE`.
+    Proxy {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            scenario,
+            instances,
+            concurrency,
+            upstream_delay,
+            protection,
+            targets,
+            origin_port,
+            out,
+        } => {
+            let overrides = Overrides {
+                instances,
+                concurrency,
+                upstream_delay,
+                protection,
+            };
+            let loaded = Scenario::load(&scenario, &overrides)?;
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let out = out.join(&loaded.name);
+            let setup = run::Setup {
+                targets,
+                origin_port,
+            };
+            // Ctrl-C ends the run; dropping it kills every process it started.
+            let report = tokio::select! {
+                report = run::run(&loaded, &setup, command, &out) => report?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; every started process was stopped"),
+            };
+            println!("\n{}", report.table());
+            println!("report: {}", out.join("report.md").display());
+            Ok(())
+        }
+        Command::Origin {
+            listen,
+            delay,
+            cache_control,
+            body_size,
+        } => {
+            let behaviour = Behaviour {
+                delay,
+                cache_control: Some(cache_control),
+                body_size,
+                etag: true,
+                ..Behaviour::default()
+            };
+            let origin = Origin::start_on(listen, behaviour)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            println!("listening on {}", origin.addr());
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        Command::Proxy { config } => {
+            let config = corral::Config::load(&config)?;
+            corral::run(&config, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! What a run writes: a JSON file with every figure, a Markdown report, and SVG charts
+//! (upstream requests over time against client requests; latency CDF per run).
+//!
+//! The SVG is written by hand: the charting crates need system fonts to lay out text,
+//! which a fresh machine does not have, and two line charts are little code.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::stats::Percentiles;
+
+/// One run of a scenario: protection on or off.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub protection: bool,
+    pub instances: usize,
+    pub keys: usize,
+    pub concurrency: usize,
+    pub upstream_delay_ms: u64,
+    pub client_requests: u64,
+    pub failed_requests: u64,
+    pub upstream_requests: u64,
+    pub upstream_per_key_mean: f64,
+    pub upstream_per_key_max: u64,
+    /// Client requests per upstream request.
+    pub herd_reduction: f64,
+    pub latency: Percentiles,
+    /// How much later than their key's leader the waiters' responses completed.
+    pub waiter_added: Percentiles,
+    /// Per 50 ms: requests sent by clients, and requests that reached the upstream.
+    pub client_per_interval: Vec<u64>,
+    pub upstream_per_interval: Vec<u64>,
+    #[serde(skip)]
+    pub cdf: Vec<(f64, f64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub command: String,
+    pub machine: String,
+    pub runs: Vec<RunReport>,
+}
+
+pub const INTERVAL_MS: u64 = 50;
+
+impl Report {
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        std::fs::write(dir.join("upstream-over-time.svg"), self.timeline_chart())?;
+        std::fs::write(dir.join("latency-cdf.svg"), self.cdf_chart())?;
+        Ok(())
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str("| protection | instances | client requests | upstream requests | per key (mean / max) | herd reduction | p50 | p99 | max | waiters added p50 / p99 | failed |\n");
+        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &self.runs {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {:.2} / {} | {:.1}x | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} / {:.2} ms | {} |",
+                if r.protection { "on" } else { "off" },
+                r.instances,
+                r.client_requests,
+                r.upstream_requests,
+                r.upstream_per_key_mean,
+                r.upstream_per_key_max,
+                r.herd_reduction,
+                r.latency.p50_ms,
+                r.latency.p99_ms,
+                r.latency.max_ms,
+                r.waiter_added.p50_ms,
+                r.waiter_added.p99_ms,
+                r.failed_requests
+            );
+        }
+        out
+    }
+
+    fn markdown(&self) -> String {
+        format!(
+            "# {}\n\nCommand: `{}`\n\nMachine: {}\n\n{}\n![upstream requests over time](upstream-over-time.svg)\n\n![latency CDF](latency-cdf.svg)\n",
+            self.scenario,
+            self.command,
+            self.machine,
+            self.table()
+        )
+    }
+
+    fn timeline_chart(&self) -> String {
+        let mut series = Vec::new();
+        for r in &self.runs {
+            let label = if r.protection { "on" } else { "off" };
+            let points = |counts: &[u64]| {
+                counts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (i as f64 * INTERVAL_MS as f64, *c as f64))
+                    .collect::<Vec<_>>()
+            };
+            series.push((
+                format!("client requests (protection {label})"),
+                points(&r.client_per_interval),
+                true,
+            ));
+            series.push((
+                format!("upstream requests (protection {label})"),
+                points(&r.upstream_per_interval),
+                false,
+            ));
+        }
+        line_chart(
+            &format!("{}: requests per {INTERVAL_MS} ms", self.scenario),
+            "time since start (ms)",
+            "requests",
+            &series,
+            false,
+        )
+    }
+
+    fn cdf_chart(&self) -> String {
+        let series: Vec<_> = self
+            .runs
+            .iter()
+            .map(|r| {
+                (
+                    format!("protection {}", if r.protection { "on" } else { "off" }),
+                    r.cdf.clone(),
+                    r.protection,
+                )
+            })
+            .collect();
+        line_chart(
+            &format!("{}: client latency CDF", self.scenario),
+            "latency (ms)",
+            "fraction of requests",
+            &series,
+            true,
+        )
+    }
+}
+
+/// A chart line: label, (x, y) points, dashed.
+pub type Series = (String, Vec<(f64, f64)>, bool);
+
+const COLORS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+/// A line chart as SVG: `series` are (label, points, dashed).
+/// The x axis starts at the smallest x when `tight_x`, else at 0.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+    tight_x: bool,
+) -> String {
+    let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 20.0, 40.0, 110.0);
+    let points = series.iter().flat_map(|s| s.1.iter());
+    let x_min = if tight_x {
+        points
+            .clone()
+            .map(|p| p.0)
+            .fold(f64::INFINITY, f64::min)
+            .floor()
+    } else {
+        0.0
+    };
+    let x_min = if x_min.is_finite() { x_min } else { 0.0 };
+    let x_max = points
+        .clone()
+        .map(|p| p.0)
+        .fold(0.0, f64::max)
+        .max(x_min + 1.0);
+    let y_max = points.map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.05;
+    let x = |v: f64| left + (v - x_min) / (x_max - x_min) * (w - left - right);
+    let y = |v: f64| h - bottom - v / y_max * (h - top - bottom);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        w / 2.0,
+        escape(title)
+    );
+    // Axes with five ticks each.
+    let _ = writeln!(
+        svg,
+        r#"<path d="M{left} {top} V{} H{}" stroke="black" fill="none"/>"#,
+        h - bottom,
+        w - right
+    );
+    for i in 0..=5 {
+        let (xv, yv) = (
+            x_min + (x_max - x_min) * i as f64 / 5.0,
+            y_max * i as f64 / 5.0,
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            x(xv),
+            h - bottom + 16.0,
+            tick(xv)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            left - 6.0,
+            y(yv) + 4.0,
+            tick(yv)
+        );
+        let _ = writeln!(
+            svg,
+            r##"<path d="M{left} {:.1} H{}" stroke="#eee"/>"##,
+            y(yv),
+            w - right
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        (w + left) / 2.0,
+        h - bottom + 34.0,
+        escape(x_label)
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text transform="translate(16 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+        (h - bottom + top) / 2.0,
+        escape(y_label)
+    );
+    for (i, (label, pts, dashed)) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let d: Vec<String> = pts
+            .iter()
+            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+            .collect();
+        let dash = if *dashed {
+            r#" stroke-dasharray="5 3""#
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            svg,
+            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
+            d.join(" ")
+        );
+        let ly = h - bottom + 52.0 + 16.0 * i as f64;
+        let _ = writeln!(
+            svg,
+            r#"<path d="M{left} {ly} h24" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
+            left + 30.0,
+            ly + 4.0,
+            escape(label)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn tick(v: f64) -> String {
+    if v >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chart_is_well_formed_svg_with_every_series() {
+        let svg = line_chart(
+            "t <1>",
+            "x",
+            "y",
+            &[
+                ("a".into(), vec![(0.0, 1.0), (10.0, 3.0)], false),
+                ("b".into(), vec![(5.0, 2.0)], true),
+            ],
+            false,
+        );
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains("t &lt;1&gt;"));
+    }
+}
