@@ -45,6 +45,9 @@ enum Command {
         /// How long the origin takes per request.
         #[arg(long, value_parser = humantime::parse_duration)]
         upstream_delay: Option<Duration>,
+        /// How long the steady-load scenarios run.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
         /// Run corral with its fill lock and coalescing, without, or both.
         #[arg(long, value_enum)]
         protection: Option<Protection>,
@@ -92,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
             instances,
             concurrency,
             upstream_delay,
+            duration,
             protection,
             targets,
             origin_port,
@@ -102,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
                 concurrency,
                 upstream_delay,
                 protection,
+                duration,
             };
             let loaded = Scenario::load(&scenario, &overrides)?;
             let command = std::env::args().collect::<Vec<_>>().join(" ");

@@ -32,6 +32,8 @@ pub struct RunReport {
     /// Per 50 ms: requests sent by clients, and requests that reached the upstream.
     pub client_per_interval: Vec<u64>,
     pub upstream_per_interval: Vec<u64>,
+    /// What this scenario kind measures beyond the common figures.
+    pub figures: Vec<(String, f64)>,
     #[serde(skip)]
     pub cdf: Vec<(f64, f64)>,
 }
@@ -58,12 +60,20 @@ impl Report {
 
     pub fn table(&self) -> String {
         let mut out = String::new();
-        out.push_str("| protection | instances | client requests | upstream requests | per key (mean / max) | herd reduction | p50 | p99 | max | waiters added p50 / p99 | failed |\n");
-        out.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        let extra: Vec<&str> = self.runs.first().map_or(Vec::new(), |r| {
+            r.figures.iter().map(|(k, _)| k.as_str()).collect()
+        });
+        out.push_str("| protection | instances | client requests | upstream requests | per key (mean / max) | herd reduction | p50 | p99 | max | waiters added p50 / p99 | failed |");
+        for name in &extra {
+            let _ = write!(out, " {name} |");
+        }
+        out.push_str("\n|---|---|---|---|---|---|---|---|---|---|---|");
+        out.push_str(&"---|".repeat(extra.len()));
+        out.push('\n');
         for r in &self.runs {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.2} / {} | {:.1}x | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} / {:.2} ms | {} |",
+                "| {} | {} | {} | {} | {:.2} / {} | {:.1}x | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} / {:.2} ms | {} |{}",
                 if r.protection { "on" } else { "off" },
                 r.instances,
                 r.client_requests,
@@ -76,7 +86,8 @@ impl Report {
                 r.latency.max_ms,
                 r.waiter_added.p50_ms,
                 r.waiter_added.p99_ms,
-                r.failed_requests
+                r.failed_requests,
+                r.figures.iter().map(|(_, v)| format!(" {} |", figure(*v))).collect::<String>()
             );
         }
         out
@@ -266,6 +277,14 @@ pub fn line_chart(
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+fn figure(v: f64) -> String {
+    if v == v.trunc() && v.abs() < 1e12 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn tick(v: f64) -> String {

@@ -13,6 +13,16 @@ use serde::Deserialize;
 pub enum Kind {
     /// K cold keys, each hit by C concurrent clients across N instances.
     ColdHerd,
+    /// A steady rate on a few hot keys with a short TTL.
+    ExpiryUnderLoad,
+    /// Many keys with Zipf popularity, a local cache smaller than the working set.
+    Zipf,
+    /// The instance holding a key's lock is SIGKILLed mid-fetch.
+    HolderCrash,
+    /// Redis is stopped for a while under load.
+    RedisOutage,
+    /// The upstream fails (500s, then timeouts) for a while under load.
+    UpstreamOutage,
 }
 
 /// Whether corral runs with its fill lock and coalescing, without, or both in turn.
@@ -48,6 +58,21 @@ struct File {
     upstream_delay: String,
     #[serde(default = "both")]
     protection: Protection,
+    rate: Option<u32>,
+    duration: Option<String>,
+    cache_control: Option<String>,
+    zipf_exponent: Option<f64>,
+    local_cache: Option<String>,
+    body_size: Option<usize>,
+    fault_after: Option<String>,
+    fault_for: Option<String>,
+    lock_ttl: Option<String>,
+    response_timeout: Option<String>,
+}
+
+fn duration_of(what: &str, value: Option<&String>, default: &str) -> anyhow::Result<Duration> {
+    let text = value.map_or(default, String::as_str);
+    humantime::parse_duration(text).with_context(|| format!("{what} {text:?}"))
 }
 
 fn one() -> usize {
@@ -72,6 +97,28 @@ pub struct Scenario {
     pub concurrency: usize,
     pub upstream_delay: Duration,
     pub protection: Protection,
+    /// Requests per second, for the steady-load kinds.
+    pub rate: u32,
+    pub duration: Duration,
+    /// The origin's `Cache-Control`.
+    pub cache_control: String,
+    pub zipf_exponent: f64,
+    /// corral's local cache size (`[cache] max_bytes`).
+    pub local_cache: String,
+    pub body_size: usize,
+    pub fault_after: Duration,
+    pub fault_for: Duration,
+    pub lock_ttl: Duration,
+    pub response_timeout: Duration,
+}
+
+impl Scenario {
+    /// The origin's max-age, in seconds, if its `Cache-Control` has one.
+    pub fn max_age(&self) -> Option<f64> {
+        self.cache_control
+            .split(',')
+            .find_map(|d| d.trim().strip_prefix("max-age=")?.parse().ok())
+    }
 }
 
 /// Command-line overrides of a scenario's settings.
@@ -81,6 +128,7 @@ pub struct Overrides {
     pub concurrency: Option<usize>,
     pub upstream_delay: Option<Duration>,
     pub protection: Option<Protection>,
+    pub duration: Option<Duration>,
 }
 
 impl Scenario {
@@ -104,7 +152,44 @@ impl Scenario {
                     .with_context(|| format!("upstream_delay {:?}", file.upstream_delay))?,
             },
             protection: overrides.protection.unwrap_or(file.protection),
+            rate: file.rate.unwrap_or(200),
+            duration: match overrides.duration {
+                Some(d) => d,
+                None => duration_of("duration", file.duration.as_ref(), "10s")?,
+            },
+            cache_control: file.cache_control.unwrap_or_else(|| "max-age=60".into()),
+            zipf_exponent: file.zipf_exponent.unwrap_or(1.0),
+            local_cache: file.local_cache.unwrap_or_else(|| "256MiB".into()),
+            body_size: file.body_size.unwrap_or(1024),
+            fault_after: duration_of("fault_after", file.fault_after.as_ref(), "2s")?,
+            fault_for: duration_of("fault_for", file.fault_for.as_ref(), "3s")?,
+            lock_ttl: duration_of("lock_ttl", file.lock_ttl.as_ref(), "10s")?,
+            response_timeout: duration_of(
+                "response_timeout",
+                file.response_timeout.as_ref(),
+                "30s",
+            )?,
         };
+        if !(1..=5000).contains(&scenario.rate) {
+            bail!(
+                "rate must be 1 to 5000 requests per second, not {}",
+                scenario.rate
+            );
+        }
+        if scenario.duration > Duration::from_secs(120) || scenario.duration.is_zero() {
+            bail!("duration must be more than 0 and at most 120s");
+        }
+        let outage = matches!(scenario.kind, Kind::RedisOutage | Kind::UpstreamOutage);
+        if outage && scenario.fault_after + scenario.fault_for >= scenario.duration {
+            bail!("the fault (fault_after + fault_for) must end before the run (duration)");
+        }
+        if matches!(scenario.kind, Kind::RedisOutage | Kind::HolderCrash) && scenario.instances < 2
+        {
+            bail!("{:?} needs at least 2 instances", scenario.kind);
+        }
+        if !(0.0..=5.0).contains(&scenario.zipf_exponent) {
+            bail!("zipf_exponent must be between 0 and 5");
+        }
         // Bounded runs only: every loop stops by itself.
         if !(1..=16).contains(&scenario.instances) {
             bail!("instances must be 1 to 16, not {}", scenario.instances);
@@ -115,8 +200,8 @@ impl Scenario {
                 scenario.concurrency
             );
         }
-        if !(1..=1000).contains(&scenario.keys) {
-            bail!("keys must be 1 to 1000, not {}", scenario.keys);
+        if !(1..=100_000).contains(&scenario.keys) {
+            bail!("keys must be 1 to 100000, not {}", scenario.keys);
         }
         if scenario.upstream_delay > Duration::from_secs(30) {
             bail!("upstream_delay must be at most 30s");

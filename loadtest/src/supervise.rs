@@ -54,7 +54,11 @@ fn me() -> anyhow::Result<PathBuf> {
 
 /// Starts `redis-server` on a free port.
 pub fn redis() -> anyhow::Result<(Process, SocketAddr)> {
-    let port = free_port()?;
+    redis_on(free_port()?)
+}
+
+/// Starts `redis-server` on `port` (again, after an outage).
+pub fn redis_on(port: u16) -> anyhow::Result<(Process, SocketAddr)> {
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -77,15 +81,26 @@ pub fn redis() -> anyhow::Result<(Process, SocketAddr)> {
 
 /// Starts the slow origin (`corral-loadtest origin`) and reads the address it bound.
 /// On `port` when given (so proxies configured beforehand can point at it).
-pub fn origin(delay: Duration, port: Option<u16>) -> anyhow::Result<(Process, SocketAddr)> {
+pub fn origin(
+    delay: Duration,
+    port: Option<u16>,
+    cache_control: &str,
+    body_size: usize,
+) -> anyhow::Result<(Process, SocketAddr)> {
     let listen = format!("127.0.0.1:{}", port.unwrap_or(0));
+    let delay = humantime::format_duration(delay).to_string();
+    let body_size = body_size.to_string();
     let mut child = Command::new(me()?)
         .args([
             "origin",
             "--listen",
             &listen,
             "--delay",
-            &humantime::format_duration(delay).to_string(),
+            &delay,
+            "--cache-control",
+            cache_control,
+            "--body-size",
+            &body_size,
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -101,16 +116,20 @@ pub fn origin(delay: Duration, port: Option<u16>) -> anyhow::Result<(Process, So
     Ok((Process { child }, addr))
 }
 
+/// A corral instance started by [`corral`]: the process, its proxy and admin addresses.
+pub struct Instance {
+    pub process: Process,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
 /// Starts a corral instance (`corral-loadtest proxy --config FILE`) on free ports with
 /// the given config text (it fills in `listen` and `admin_listen`), and waits until it
 /// is ready (in fleet mode: connected to Redis).
-pub fn corral(
-    config: &str,
-    dir: &std::path::Path,
-    index: usize,
-) -> anyhow::Result<(Process, SocketAddr)> {
+pub fn corral(config: &str, dir: &std::path::Path, index: usize) -> anyhow::Result<Instance> {
     let addr: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
     let admin: SocketAddr = ([127, 0, 0, 1], free_port()?).into();
+    std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("corral-{index}.toml"));
     std::fs::write(
         &path,
@@ -131,7 +150,11 @@ pub fn corral(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((process, addr))
+    Ok(Instance {
+        process,
+        addr,
+        admin,
+    })
 }
 
 fn ready(admin: SocketAddr) -> bool {

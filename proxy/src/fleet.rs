@@ -41,6 +41,9 @@ pub enum FillEvent {
     Failed,
     /// The key was purged.
     Purged,
+    /// The event connection dropped: events may have been lost, so every waiter
+    /// re-checks now instead of sleeping out its bound. Never sent over Redis.
+    Lost,
 }
 
 impl FillEvent {
@@ -50,6 +53,7 @@ impl FillEvent {
             FillEvent::Uncacheable => "U".into(),
             FillEvent::Failed => "E".into(),
             FillEvent::Purged => "P".into(),
+            FillEvent::Lost => "L".into(),
         }
     }
 
@@ -193,6 +197,17 @@ impl Fleet {
         }
     }
 
+    fn wake_all(&self) {
+        for waiter in self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            waiter.send_replace(Some(FillEvent::Lost));
+        }
+    }
+
     /// Forgets a broken connection; the connect task opens a new one.
     fn drop_connection(&self) {
         *self.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
@@ -242,7 +257,7 @@ impl Fleet {
                     tokio::spawn(async move { local.remove_with_primary(&key).await });
                 }
                 FillEvent::Purged => local.remove_all_of(&key),
-                FillEvent::Uncacheable | FillEvent::Failed => {}
+                FillEvent::Uncacheable | FillEvent::Failed | FillEvent::Lost => {}
             }
         }
         if let Some(waiter) = self
@@ -344,8 +359,12 @@ async fn listen(fleet: std::sync::Weak<Fleet>, local: LocalCache) {
                             f.dispatch(&local, &String::from_utf8_lossy(payload));
                         }
                     }
-                    // Messages sent meanwhile are lost; waits are bounded for that.
-                    PushKind::Disconnection => break,
+                    // Messages sent meanwhile are lost: wake every waiter to re-check
+                    // (and, Redis being gone, fall back) instead of sleeping out a TTL.
+                    PushKind::Disconnection => {
+                        f.wake_all();
+                        break;
+                    }
                     _ => {}
                 }
             }
@@ -558,7 +577,10 @@ impl Coordinator {
                 }
                 // Filled: read it at the top. Purged or nothing (timeout, lost
                 // message, dead holder): re-check and try the lock again.
-                Some(FillEvent::Filled(_)) | Some(FillEvent::Purged) | None => {}
+                Some(FillEvent::Filled(_))
+                | Some(FillEvent::Purged)
+                | Some(FillEvent::Lost)
+                | None => {}
             }
         }
     }
