@@ -268,6 +268,13 @@ async fn one_run(
                 "answered during outage %".into(),
                 share(&|s| s.ok, &in_fault),
             ));
+            let from_cache = |s: &Sample| {
+                s.ok && (s.cache_status.contains("hit") || s.cache_status.contains("stale"))
+            };
+            figures.push((
+                "from cache during outage %".into(),
+                share(&from_cache, &in_fault),
+            ));
             figures.push((
                 "stale-if-error during outage %".into(),
                 share(&|s| s.cache_status.contains("stale-if-error"), &in_fault),
