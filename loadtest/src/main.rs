@@ -62,6 +62,22 @@ enum Command {
         #[arg(long, default_value = "loadtest/results")]
         out: PathBuf,
     },
+    /// The main job in one command: a slow origin and corral in front of it (a fleet of
+    /// 3 when redis-server is installed), a herd with and without protection, the
+    /// reduction; then corral keeps running for curl until Ctrl-C.
+    Demo {
+        /// Concurrent clients in the herd.
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+        /// How long the origin takes per request.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        upstream_delay: Duration,
+        /// Exit after the herds instead of serving until Ctrl-C.
+        #[arg(long)]
+        no_serve: bool,
+        #[arg(long, default_value = "loadtest/results/demo")]
+        out: PathBuf,
+    },
     /// Serve the slow origin (started by `run`; prints "listening on ADDR").
     Origin {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -122,6 +138,61 @@ async fn main() -> anyhow::Result<()> {
             };
             println!("\n{}", report.table());
             println!("report: {}", out.join("report.md").display());
+            Ok(())
+        }
+        Command::Demo {
+            concurrency,
+            upstream_delay,
+            no_serve,
+            out,
+        } => {
+            let fleet = std::process::Command::new("redis-server")
+                .arg("--version")
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            let instances = if fleet { 3 } else { 1 };
+            let text = format!("name = \"demo\"\nkind = \"cold-herd\"\ninstances = {instances}\nkeys = 1\nconcurrency = {concurrency}\nprotection = \"both\"\n");
+            let overrides = Overrides {
+                upstream_delay: Some(upstream_delay),
+                ..Overrides::default()
+            };
+            let scenario = Scenario::parse(&text, &overrides)?;
+            let where_ = if fleet {
+                "a fleet of 3 corral instances sharing one Redis"
+            } else {
+                "one corral instance (install redis-server for a fleet of 3)"
+            };
+            println!("{concurrency} concurrent clients, one cold key, {where_}, a {upstream_delay:?} upstream:\n");
+            let setup = run::Setup {
+                targets: Vec::new(),
+                origin_port: None,
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let report = tokio::select! {
+                report = run::run(&scenario, &setup, command, &out) => report?,
+                _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; every started process was stopped"),
+            };
+            println!("\n{}", report.table());
+            for r in &report.runs {
+                println!(
+                    "protection {}: {} client requests -> {} upstream request(s) (herd reduction {:.0}x)",
+                    if r.protection { "on " } else { "off" },
+                    r.client_requests,
+                    r.upstream_requests,
+                    r.herd_reduction
+                );
+            }
+            if no_serve {
+                return Ok(());
+            }
+            let running = run::serve(&scenario, &setup)?;
+            println!("\ncorral is running (Ctrl-C to stop). Try it:");
+            println!("  curl -si http://{}/demo/hello | grep -iE '^(HTTP|age|cache-status)'   # run twice: miss, then hit", running.proxies[0]);
+            for proxy in &running.proxies[1..] {
+                println!("  curl -si http://{proxy}/demo/hello | grep -iE '^(HTTP|cache-status)'   # another instance: a hit from Redis");
+            }
+            tokio::signal::ctrl_c().await?;
             Ok(())
         }
         Command::Origin {

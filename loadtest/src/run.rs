@@ -144,6 +144,22 @@ fn start(scenario: &Scenario, setup: &Setup, protection: Option<bool>) -> anyhow
     })
 }
 
+/// Starts the scenario's processes with protection on and leaves them running until
+/// the returned value is dropped (the demo's "try it yourself").
+pub fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running> {
+    let started = start(scenario, setup, Some(true))?;
+    Ok(Running {
+        proxies: started.proxies.clone(),
+        _started: started,
+    })
+}
+
+/// Processes kept running for the user; killed when dropped.
+pub struct Running {
+    pub proxies: Vec<SocketAddr>,
+    _started: Started,
+}
+
 fn client(concurrency: usize) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
