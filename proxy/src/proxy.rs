@@ -53,6 +53,17 @@ pub struct Proxy {
 struct ClientRequest {
     head: request::Parts,
     original_host: Option<HeaderValue>,
+    client: std::net::IpAddr,
+}
+
+impl ClientRequest {
+    /// The client's headers as the upstream gets them. Built only when a request goes
+    /// upstream: a hit never pays for it.
+    fn forwarded_headers(&self) -> http::HeaderMap {
+        let mut headers = self.head.headers.clone();
+        headers::forward_request(&mut headers, self.client, self.original_host.as_ref());
+        headers
+    }
 }
 
 impl Proxy {
@@ -182,7 +193,8 @@ impl Proxy {
             );
             return error_response(&ProxyError::NoRoute);
         };
-        let span = tracing::info_span!(
+        // Debug level: a span per request costs on every hit; RUST_LOG=corral=debug shows it.
+        let span = tracing::debug_span!(
             "request",
             route = %route.config.name,
             method = %req.method(),
@@ -209,16 +221,16 @@ impl Proxy {
         host: Option<&str>,
         client: SocketAddr,
     ) -> (Response<ProxyBody>, CacheStatus) {
-        let (mut head, body) = req.into_parts();
+        let (head, body) = req.into_parts();
         let original_host = head.headers.get(header::HOST).cloned().or_else(|| {
             head.uri
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        headers::forward_request(&mut head.headers, client.ip(), original_host.as_ref());
         let req = ClientRequest {
             head,
             original_host,
+            client: client.ip(),
         };
 
         let method_cacheable = req.head.method == Method::GET || req.head.method == Method::HEAD;
@@ -479,7 +491,7 @@ impl Proxy {
         let upstream_req = route.upstream.request(
             req.head.method.clone(),
             req.head.uri.path_and_query(),
-            req.head.headers.clone(),
+            req.forwarded_headers(),
             req.original_host.as_ref(),
             route.config.preserve_host,
             body,
@@ -556,7 +568,7 @@ impl Fill {
         fwd: Fwd,
         reason: UpstreamReason,
     ) -> Fill {
-        let mut headers = req.head.headers.clone();
+        let mut headers = req.forwarded_headers();
         headers::strip_conditionals(&mut headers);
         if let Some(stale) = &stale {
             stale.add_validators(&mut headers);
@@ -901,8 +913,8 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// A response from a cached entry for this request: `304` when the client's
-/// conditions hold, no body for `HEAD`, `Age` always.
-fn respond(req: &request::Parts, entry: &CacheEntry) -> Response<ProxyBody> {
+/// conditions hold, no body for `HEAD`, `Age` always. (Public for the benchmarks.)
+pub fn respond(req: &request::Parts, entry: &CacheEntry) -> Response<ProxyBody> {
     let now = SystemTime::now();
     let mut res = if entry.satisfies_conditional(&req.headers) {
         let mut res = Response::new(ProxyBody::empty());

@@ -1,0 +1,186 @@
+//! Criterion benchmarks of the pieces of a cache hit, so a regression shows per
+//! function: key derivation, local lookup, response assembly, entry encode/decode for
+//! the shared tier, and the fleet lock's acquire/release against a real Redis.
+//!
+//! Run: `cargo bench -p corral --bench hot_path` (the lock group needs `redis-server`
+//! and is skipped without it).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use corral::cache::codec;
+use corral::cache::entry::CacheEntry;
+use corral::cache::policy::{evaluate, Verdict};
+use corral::cache::{Cache, CacheKey};
+use corral::config::Config;
+use corral::status::CacheStatus;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{HeaderMap, Request, Response};
+
+fn config() -> Config {
+    Config::parse(
+        "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"bench\"\nupstream = \"http://u\"\nkey = { query = \"sort\", headers = [\"x-tenant\"] }\n",
+        "bench",
+    )
+    .unwrap()
+}
+
+fn entry(body_size: usize) -> (CacheEntry, http::request::Parts) {
+    let route = &config().routes[0];
+    let (req, ()) = Request::get("/catalog/item?b=2&a=1")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let (res, ()) = Response::builder()
+        .header("cache-control", "max-age=3600")
+        .header("content-type", "application/json")
+        .header("etag", "\"v1\"")
+        .header("date", "Thu, 26 Nov 2026 04:00:00 GMT")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let Verdict::Store(lifetime) = evaluate(route, &req, &res, SystemTime::now()) else {
+        panic!("storable")
+    };
+    (
+        CacheEntry::new(
+            res,
+            Bytes::from(vec![b'x'; body_size]),
+            *lifetime,
+            &req.headers,
+        ),
+        req,
+    )
+}
+
+fn hit_path(c: &mut Criterion) {
+    let config = config();
+    let route = &config.routes[0];
+    let uri: http::Uri = "/catalog/item?b=2&a=1".parse().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-tenant", "acme".parse().unwrap());
+    c.bench_function("key derivation (sorted query, one key header)", |b| {
+        b.iter(|| CacheKey::for_request(route, Some("api.example.com"), &uri, &headers))
+    });
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cache = Cache::new(64 << 20, None);
+    let key = CacheKey::for_request(route, Some("api.example.com"), &uri, &headers);
+    let (stored, req) = entry(1024);
+    runtime.block_on(cache.store(&key, Arc::new(stored)));
+    c.bench_function("local lookup (fresh 1 KiB entry)", |b| {
+        b.iter(|| runtime.block_on(cache.lookup(&key, &headers, SystemTime::now())))
+    });
+
+    let (hit, _) = entry(1024);
+    c.bench_function(
+        "response assembly for a hit (headers, Age, Cache-Status)",
+        |b| {
+            b.iter(|| {
+                let mut res = corral::proxy::respond(&req, &hit);
+                res.headers_mut()
+                    .insert("cache-status", CacheStatus::hit(3599).header_value());
+                res
+            })
+        },
+    );
+
+    for size in [1024, 64 * 1024] {
+        let (e, _) = entry(size);
+        let encoded = codec::encode(&e, 7);
+        c.bench_function(&format!("entry encode ({} KiB)", size / 1024), |b| {
+            b.iter(|| codec::encode(&e, 7))
+        });
+        c.bench_function(&format!("entry decode ({} KiB)", size / 1024), |b| {
+            b.iter_batched(
+                || encoded.clone(),
+                |v| codec::decode(v).unwrap(),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+}
+
+struct Redis(Child);
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fleet_lock(c: &mut Criterion) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let Ok(child) = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+    else {
+        eprintln!("redis-server not installed: skipping the fleet lock benchmark");
+        return;
+    };
+    let _redis = Redis(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let text = format!("listen = \"127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\n[[route]]\nname = \"bench\"\nupstream = \"http://u\"\n");
+    let config = Config::parse(&text, "bench").unwrap();
+    let lock = runtime.block_on(async {
+        let fleet = corral::fleet::Fleet::start(
+            config.redis.clone().unwrap(),
+            config.lock.clone(),
+            corral::cache::LocalCache::new(1 << 20, None),
+            corral::metrics::Metrics::new().fleet.clone(),
+        );
+        while !fleet.ready() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        corral::lock::single::RedisLock::new(fleet)
+    });
+    let key = CacheKey::for_request(
+        &config.routes[0],
+        Some("h"),
+        &"/k".parse().unwrap(),
+        &HeaderMap::new(),
+    );
+    c.bench_function(
+        "fleet lock acquire + release (single Redis, loopback)",
+        |b| {
+            b.iter(|| {
+                runtime.block_on(async {
+                    if let corral::lock::LockTry::Acquired(lease) = lock.try_acquire(&key).await {
+                        lock.release(lease).await;
+                    }
+                })
+            })
+        },
+    );
+}
+
+criterion_group!(benches, hit_path, fleet_lock);
+criterion_main!(benches);
