@@ -9,15 +9,14 @@
 //! headers:(u32 count, [u16 name len, name, u32 value len, value]...) body:(u32 len, bytes)
 //! ```
 //!
-//! The `http-cache-semantics` policy is rebuilt from the stored response head on decode;
-//! only its response headers matter to a later 304 merge.
+//! The timings are stored as durations from `received_at`, so an entry means the same
+//! on every instance whatever its clock reads now.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
-use http::{HeaderMap, Request, Response, StatusCode};
-use http_cache_semantics::{CacheOptions, CachePolicy};
+use http::{HeaderMap, StatusCode};
 
 use super::entry::CacheEntry;
 use super::policy::Lifetime;
@@ -98,13 +97,7 @@ pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
         return Err(DecodeError::Corrupt("trailing bytes"));
     }
 
-    let mut res = Response::new(());
-    *res.status_mut() = status;
-    *res.headers_mut() = headers;
-    let req = Request::get("/").body(()).expect("static request");
-    let policy = CachePolicy::new_options(&req, &res, received_at, CacheOptions::default());
     let lifetime = Lifetime {
-        policy,
         received_at,
         age,
         fresh_for,
@@ -112,10 +105,9 @@ pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
         stale_if_error: sie,
         keep,
     };
-    let (head, ()) = res.into_parts();
     Ok(CacheEntry::from_parts(
         status,
-        head.headers,
+        headers,
         body,
         lifetime,
         vary_values,
@@ -166,6 +158,7 @@ mod tests {
     use super::*;
     use crate::cache::policy::{evaluate, Verdict};
     use crate::config::Config;
+    use http::{Request, Response};
 
     fn entry() -> CacheEntry {
         let route = Config::parse(

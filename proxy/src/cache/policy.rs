@@ -22,7 +22,6 @@ pub enum Verdict {
 /// How long a stored response lives, measured from when it was received.
 #[derive(Debug, Clone)]
 pub struct Lifetime {
-    pub(crate) policy: CachePolicy,
     pub received_at: SystemTime,
     /// The response's age when it was received (its `Age` header plus transit).
     pub age: Duration,
@@ -39,7 +38,6 @@ impl Lifetime {
         let policy = CachePolicy::new_options(req, res, received_at, CacheOptions::default());
         Lifetime {
             age: policy.age(received_at),
-            policy,
             received_at,
             fresh_for: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
@@ -180,7 +178,6 @@ pub fn evaluate(
         return Verdict::Pass(PassReason::ZeroLifetime);
     }
     Verdict::Store(Box::new(Lifetime {
-        policy,
         received_at,
         age,
         fresh_for,
