@@ -90,8 +90,9 @@ impl CacheEntry {
         vary_values: String,
         fence: u64,
     ) -> CacheEntry {
-        // Exactly as large as needed: this map lives as long as the entry.
-        let mut compact = HeaderMap::with_capacity(headers.len());
+        // This map lives as long as the entry: no spare room but for the three headers
+        // every hit adds (Age, Via, Cache-Status), so a hit's copy never reallocates.
+        let mut compact = HeaderMap::with_capacity(headers.len() + 3);
         compact.extend(headers);
         let headers = compact;
         let fresh_until = lifetime.received_at + lifetime.fresh_for;

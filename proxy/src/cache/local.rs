@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::HeaderName;
-use moka::future::Cache as Moka;
+use moka::sync::Cache as Moka;
 use moka::Expiry;
 
 use super::entry::CacheEntry;
@@ -81,7 +81,9 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
     }
 }
 
-/// The in-process tier. Cheap to clone; clones share the cache.
+/// The in-process tier. Cheap to clone; clones share the cache. moka's synchronous
+/// cache: its operations never wait on I/O, and a hit skips the future machinery of
+/// the async variant (benches/hot_path.rs: local lookup).
 ///
 /// moka does its own locking (sharded, lock-free reads), so concurrent requests on
 /// both cores read without contending; writes are made visible to reads at once.
@@ -102,17 +104,17 @@ impl LocalCache {
     }
 
     pub async fn get(&self, key: &CacheKey) -> Option<LocalObject> {
-        let object = self.objects.get(key).await?;
+        let object = self.objects.get(key)?;
         // moka evicts lazily; an object past its end must not be served meanwhile.
         (object.until() > SystemTime::now()).then_some(object)
     }
 
     pub async fn insert(&self, key: CacheKey, object: LocalObject) {
-        self.objects.insert(key, object).await;
+        self.objects.insert(key, object);
     }
 
     pub async fn remove(&self, key: &CacheKey) {
-        self.objects.invalidate(key).await;
+        self.objects.invalidate(key);
     }
 
     /// Drops `primary` and all its variants (hard purge).
@@ -142,8 +144,7 @@ impl LocalCache {
         let count = matching.len();
         for (key, entry) in matching {
             self.objects
-                .insert(key, LocalObject::Entry(Arc::new(entry.soft_purged(at))))
-                .await;
+                .insert(key, LocalObject::Entry(Arc::new(entry.soft_purged(at))));
         }
         count
     }
@@ -174,11 +175,9 @@ impl LocalCache {
 
     /// Removes `key` and, for a variant key, its primary's `Vary` index too.
     pub async fn remove_with_primary(&self, key: &CacheKey) {
-        self.objects.invalidate(key).await;
+        self.objects.invalidate(key);
         if key.primary() != key.as_str() {
-            self.objects
-                .invalidate(&CacheKey::from_raw(key.primary()))
-                .await;
+            self.objects.invalidate(&CacheKey::from_raw(key.primary()));
         }
     }
 
@@ -193,6 +192,6 @@ impl LocalCache {
 
     /// Applies pending evictions so the sizes above are current (for metrics and tests).
     pub async fn sync(&self) {
-        self.objects.run_pending_tasks().await;
+        self.objects.run_pending_tasks();
     }
 }
