@@ -70,8 +70,8 @@ wait_port "$REDIS_PORT"
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1 | cut -d/ -f2) / varnish $(varnishd -V 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1); wrk -t1 -c64, ${SECONDS_PER_RUN}s x ${ROUNDS} rounds, medians"
 echo
-echo "| object | corral req/s | p99 | nginx req/s | p99 | Varnish req/s | p99 | corral shared-hit (Redis) req/s | p99 | corral/nginx | corral/Varnish |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| object | corral req/s | p99 | nginx req/s | p99 | Varnish req/s | p99 | corral shared-hit (Redis) req/s | p99 | corral fleet of 3 req/s | p99 | corral/nginx | corral/Varnish |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 
 for SIZE in $SIZES; do
     ORIGIN_PORT=$(free_port)
@@ -105,6 +105,23 @@ TOML
     RUST_LOG=warn $BIN/corral --config "$WORK/shared.toml" &
     PIDS+=($!)
 
+    # A fleet of three instances sharing the Redis; wrk's 64 connections split over them.
+    FLEET_PORTS=()
+    for i in 1 2 3; do
+        port=$(free_port)
+        FLEET_PORTS+=("$port")
+        cat >"$WORK/fleet-$i.toml" <<TOML
+listen = "127.0.0.1:$port"
+[redis]
+url = "redis://127.0.0.1:$REDIS_PORT"
+[[route]]
+name = "bench"
+upstream = "http://127.0.0.1:$ORIGIN_PORT"
+TOML
+        RUST_LOG=warn $BIN/corral --config "$WORK/fleet-$i.toml" &
+        PIDS+=($!)
+    done
+
     NGINX_PORT=$(free_port)
     rm -rf "$WORK/nginx-cache"; mkdir -p "$WORK/nginx-cache"; chown nobody "$WORK/nginx-cache" 2>/dev/null || true
     sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$NGINX_PORT#g" -e "s#@ORIGIN@#$ORIGIN_PORT#g" benches/nginx.conf.in >"$WORK/nginx.conf"
@@ -112,10 +129,10 @@ TOML
 
     VARNISH_PORT=$(free_port)
     varnishd -a "127.0.0.1:$VARNISH_PORT" -b "127.0.0.1:$ORIGIN_PORT" -s malloc,256m -n "$WORK/varnish" -p thread_pool_min=50 >/dev/null 2>&1
-    for port in $CORRAL_PORT $SHARED_PORT $NGINX_PORT $VARNISH_PORT; do wait_port "$port"; done
+    for port in $CORRAL_PORT $SHARED_PORT $NGINX_PORT $VARNISH_PORT "${FLEET_PORTS[@]}"; do wait_port "$port"; done
 
     # Warm every cache with the object, then check it is served from cache.
-    for port in $CORRAL_PORT $SHARED_PORT $NGINX_PORT $VARNISH_PORT; do
+    for port in $CORRAL_PORT $SHARED_PORT $NGINX_PORT $VARNISH_PORT "${FLEET_PORTS[@]}"; do
         for _ in 1 2 3; do curl -sf -o /dev/null "http://127.0.0.1:$port/object-$SIZE"; done
     done
     curl -sI "http://127.0.0.1:$CORRAL_PORT/object-$SIZE" | grep -qi '^cache-status: corral; hit' || { echo "corral does not hit" >&2; exit 1; }
@@ -125,6 +142,14 @@ TOML
 
     : >"$WORK/results"
     for round in $(seq "$ROUNDS"); do
+        # The fleet: three wrk processes, 21-22 connections each, at once; rates add up.
+        fleet_out=$(for port in "${FLEET_PORTS[@]}"; do
+            wrk -t1 -c21 -d"${SECONDS_PER_RUN}s" --latency "http://127.0.0.1:$port/object-$SIZE" &
+        done; wait)
+        if grep -q "Non-2xx" <<<"$fleet_out"; then echo "error responses from the fleet" >&2; exit 1; fi
+        fleet_rps=$(awk '/^Requests\/sec:/ {sum += $2} END {print sum}' <<<"$fleet_out")
+        fleet_p99=$(awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; if (v > m) m = v} END {print m}' <<<"$fleet_out")
+        echo "fleet $fleet_rps $fleet_p99" >>"$WORK/results"
         for name in corral shared nginx varnish; do
             case $name in
                 corral) port=$CORRAL_PORT ;; shared) port=$SHARED_PORT ;; nginx) port=$NGINX_PORT ;; varnish) port=$VARNISH_PORT ;;
@@ -137,9 +162,10 @@ TOML
     s=$(col shared 2); sp=$(col shared 3)
     n=$(col nginx 2); np=$(col nginx 3)
     v=$(col varnish 2); vp=$(col varnish 3)
+    f=$(col fleet 2); fp=$(col fleet 3)
     label=$([ "$SIZE" -ge 1024 ] && echo "$((SIZE / 1024)) KiB" || echo "$SIZE B")
-    printf "| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.0f | %.2f ms | %.0f | %.2f ms | %.2f | %.2f |\n" \
-        "$label" "$c" "$cp" "$n" "$np" "$v" "$vp" "$s" "$sp" "$(awk -v a="$c" -v b="$n" 'BEGIN {print a / b}')" "$(awk -v a="$c" -v b="$v" 'BEGIN {print a / b}')"
+    printf "| %s | %.0f | %.2f ms | %.0f | %.2f ms | %.0f | %.2f ms | %.0f | %.2f ms | %.0f | %.2f ms | %.2f | %.2f |\n" \
+        "$label" "$c" "$cp" "$n" "$np" "$v" "$vp" "$s" "$sp" "$f" "$fp" "$(awk -v a="$c" -v b="$n" 'BEGIN {print a / b}')" "$(awk -v a="$c" -v b="$v" 'BEGIN {print a / b}')"
 
     kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
     pkill -f "varnishd -a 127.0.0.1:$VARNISH_PORT" 2>/dev/null || true
