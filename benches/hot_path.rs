@@ -5,9 +5,8 @@
 //! Run: `cargo bench -p corral --bench hot_path` (the lock group needs `redis-server`
 //! and is skipped without it).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use corral::cache::codec;
@@ -106,49 +105,19 @@ fn hit_path(c: &mut Criterion) {
     }
 }
 
-struct Redis(Child);
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+#[path = "redis_process.rs"]
+mod redis_process;
 
 fn fleet_lock(c: &mut Criterion) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let Ok(child) = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-    else {
+    let Some(redis) = redis_process::RedisProcess::start() else {
         eprintln!("redis-server not installed: skipping the fleet lock benchmark");
         return;
     };
-    let _redis = Redis(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    let text = format!("listen = \"127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\n[[route]]\nname = \"bench\"\nupstream = \"http://u\"\n");
+    let text = format!("listen = \"127.0.0.1:1\"\n[redis]\nurl = \"{}\"\n[[route]]\nname = \"bench\"\nupstream = \"http://u\"\n", redis.url());
     let config = Config::parse(&text, "bench").unwrap();
     let lock = runtime.block_on(async {
         let fleet = corral::fleet::Fleet::start(

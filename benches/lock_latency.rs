@@ -6,7 +6,6 @@
 //! Run: `cargo bench -p corral --bench lock_latency` (needs `redis-server`).
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,50 +22,12 @@ use hdrhistogram::Histogram;
 const CONTENDERS: usize = 8;
 const RUN_FOR: Duration = Duration::from_secs(3);
 
-struct Redis {
-    port: u16,
-    child: Child,
-}
+#[path = "redis_process.rs"]
+mod redis_process;
+use redis_process::RedisProcess as Redis;
 
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Redis { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn redis() -> Redis {
+    Redis::start().expect("redis-server is installed")
 }
 
 fn config(cache: &Redis, nodes: &[Redis], mode: &str, upstream: &str) -> Config {
@@ -176,8 +137,8 @@ fn line(name: &str, h: &Histogram<u64>) -> String {
 
 #[tokio::main]
 async fn main() {
-    let cache = Redis::start();
-    let mut nodes: Vec<Redis> = (0..5).map(|_| Redis::start()).collect();
+    let cache = redis();
+    let mut nodes: Vec<Redis> = (0..5).map(|_| redis()).collect();
     println!("fleet lock acquire latency, {CONTENDERS} tasks contending for one key for {RUN_FOR:?} (acquire, then release at once)");
     for mode in ["single", "redlock"] {
         let lock = lock_for(&config(&cache, &nodes, mode, "http://127.0.0.1:1")).await;
