@@ -14,31 +14,13 @@ use corral::lock::LockTry;
 use corral::RunningServer;
 use http::StatusCode;
 use support::redis::RedisServer;
-use support::{client, eventually, Harness, OriginBehaviour, Reply, Setup, DEADLINE};
+use support::{eventually, herd_over, Harness, OriginBehaviour, Setup, DEADLINE};
 
 fn slow(ms: u64) -> OriginBehaviour {
     OriginBehaviour {
         delay: Duration::from_millis(ms),
         ..OriginBehaviour::default()
     }
-}
-
-/// `n` GETs for `path`, spread round-robin over the instances, all at once.
-async fn herd(instances: &[&RunningServer], path: &str, n: usize) -> Vec<Reply> {
-    let requests = (0..n).map(|i| {
-        let url = format!(
-            "http://{}{}",
-            instances[i % instances.len()].listen_addr(),
-            path
-        );
-        async move {
-            let req = http::Request::get(url).body(Default::default()).unwrap();
-            Reply::read(client().request(req).await.expect("request succeeds")).await
-        }
-    });
-    tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
-        .await
-        .expect("herd answered")
 }
 
 fn all<'a>(h: &'a Harness, others: &'a [RunningServer]) -> Vec<&'a RunningServer> {
@@ -73,7 +55,7 @@ async fn three_instances_send_one_upstream_request_for_a_cold_herd() {
         .redis(&redis.url())
         .start_fleet(3)
         .await;
-    let replies = herd(&all(&h, &others), "/cold", 300).await;
+    let replies = herd_over(&all(&h, &others), "/cold", 300).await;
 
     assert_eq!(
         h.origin.requests_for("/cold"),
@@ -99,7 +81,7 @@ async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
         .start_fleet(3)
         .await;
     let instances = all(&h, &others);
-    herd(&instances, "/s", 3).await; // every instance has the entry
+    herd_over(&instances, "/s", 3).await; // every instance has the entry
     h.origin.set(|b| {
         b.version = 2;
         b.delay = Duration::from_millis(1500);
@@ -111,7 +93,7 @@ async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
     )
     .await;
 
-    let replies = herd(&instances, "/s", 60).await;
+    let replies = herd_over(&instances, "/s", 60).await;
     assert!(
         replies.iter().all(|r| r.text().starts_with("/s v1")),
         "everyone served the stale copy at once"
@@ -199,18 +181,7 @@ async fn lost_notification_still_ends_in_a_response_within_the_wait_bound() {
         panic!()
     };
 
-    let waiting = tokio::spawn({
-        let url = h.url("/quiet");
-        async move {
-            Reply::read(
-                client()
-                    .request(http::Request::get(url).body(Default::default()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    });
+    let waiting = tokio::spawn(support::get_url(h.url("/quiet")));
     // The holder fills the key but its message is lost (it never publishes).
     let other = Setup::default().start().await;
     let filled = other.get("/quiet").await;
@@ -271,7 +242,7 @@ async fn redis_outage_fails_no_request_and_fleet_mode_resumes() {
         .await;
     let instances = all(&h, &others);
     redis.kill();
-    let replies = herd(&instances, "/outage", 100).await;
+    let replies = herd_over(&instances, "/outage", 100).await;
     assert!(
         replies.iter().all(|r| r.status == StatusCode::OK),
         "no request failed"
@@ -314,7 +285,7 @@ async fn purge_by_key_reaches_every_instance() {
         .start_fleet(3)
         .await;
     let instances = all(&h, &others);
-    herd(&instances, "/p", 3).await;
+    herd_over(&instances, "/p", 3).await;
     assert!(Harness::get_from(&others[1], "/p")
         .await
         .cache_status()
@@ -354,7 +325,7 @@ async fn soft_purge_marks_stale_everywhere_instead_of_stampeding() {
         .start_fleet(3)
         .await;
     let instances = all(&h, &others);
-    herd(&instances, "/soft", 3).await;
+    herd_over(&instances, "/soft", 3).await;
     h.origin.set(|b| {
         b.version = 2;
         b.delay = Duration::from_millis(500);
@@ -366,7 +337,7 @@ async fn soft_purge_marks_stale_everywhere_instead_of_stampeding() {
     assert_eq!(purged.status, StatusCode::OK);
     // Every instance now serves the stale copy at once (no waiting, no herd) while one
     // refresh runs, then the new one.
-    let replies = herd(&instances, "/soft", 30).await;
+    let replies = herd_over(&instances, "/soft", 30).await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK));
     for server in &instances {
         eventually("the refreshed copy", || async {
@@ -431,7 +402,7 @@ async fn uncacheable_answer_reaches_other_instances_without_serializing_them() {
         .redis(&redis.url())
         .start_fleet(3)
         .await;
-    let replies = herd(&all(&h, &others), "/mine", 30).await;
+    let replies = herd_over(&all(&h, &others), "/mine", 30).await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK));
     assert_eq!(
         h.origin.requests_for("/mine"),
@@ -457,7 +428,7 @@ async fn password_in_the_redis_url_is_used() {
         .redis(&redis.url())
         .start_fleet(2)
         .await;
-    let replies = herd(&all(&h, &others), "/auth", 20).await;
+    let replies = herd_over(&all(&h, &others), "/auth", 20).await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK));
     assert_eq!(
         h.origin.requests_for("/auth"),

@@ -13,7 +13,7 @@ use corral::lock::redlock::Redlock;
 use corral::lock::LockTry;
 use http::StatusCode;
 use support::redis::RedisServer;
-use support::{client, eventually, Harness, OriginBehaviour, Reply, Setup, DEADLINE};
+use support::{eventually, herd_over, Harness, OriginBehaviour, Setup, DEADLINE};
 
 struct Cluster {
     cache: RedisServer,
@@ -151,28 +151,6 @@ async fn fleet_with_redlock(
         .await
 }
 
-async fn herd(servers: &[&corral::RunningServer], path: &str, n: usize) -> Vec<Reply> {
-    let requests = (0..n).map(|i| {
-        let url = format!(
-            "http://{}{}",
-            servers[i % servers.len()].listen_addr(),
-            path
-        );
-        async move {
-            Reply::read(
-                client()
-                    .request(http::Request::get(url).body(Default::default()).unwrap())
-                    .await
-                    .unwrap(),
-            )
-            .await
-        }
-    });
-    tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
-        .await
-        .expect("herd answered")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_dead_nodes_still_grant_and_the_herd_reaches_upstream_once() {
     let mut cluster = Cluster::start().await;
@@ -182,7 +160,7 @@ async fn two_dead_nodes_still_grant_and_the_herd_reaches_upstream_once() {
     cluster.nodes[0].kill();
     cluster.nodes[3].kill();
     let servers: Vec<_> = std::iter::once(&h.server).chain(&others).collect();
-    let replies = herd(&servers, "/herd", 150).await;
+    let replies = herd_over(&servers, "/herd", 150).await;
     assert!(replies.iter().all(|r| r.status == StatusCode::OK));
     assert_eq!(
         h.origin.requests_for("/herd"),
@@ -208,7 +186,7 @@ async fn three_dead_nodes_grant_nothing_yet_every_request_is_answered() {
     );
 
     let servers: Vec<_> = std::iter::once(&h.server).chain(&others).collect();
-    let replies = herd(&servers, "/nolock", 60).await;
+    let replies = herd_over(&servers, "/nolock", 60).await;
     assert!(
         replies.iter().all(|r| r.status == StatusCode::OK),
         "answered via the fallback"

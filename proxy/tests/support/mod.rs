@@ -173,12 +173,7 @@ impl Harness {
 
     /// A GET sent to another instance of the fleet.
     pub async fn get_from(server: &RunningServer, path: &str) -> Reply {
-        let url = format!("http://{}{}", server.listen_addr(), path);
-        let res = client()
-            .request(Request::get(url).body(Full::default()).unwrap())
-            .await
-            .expect("request succeeds");
-        Reply::read(res).await
+        get_url(format!("http://{}{}", server.listen_addr(), path)).await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -291,6 +286,30 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A GET of `url` on a connection of its own.
+pub async fn get_url(url: String) -> Reply {
+    let res = client()
+        .request(Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("request succeeds");
+    Reply::read(res).await
+}
+
+/// `n` GETs for `path`, spread round-robin over `servers` as a load balancer would,
+/// all at once.
+pub async fn herd_over(servers: &[&RunningServer], path: &str, n: usize) -> Vec<Reply> {
+    let requests = (0..n).map(|i| {
+        get_url(format!(
+            "http://{}{}",
+            servers[i % servers.len()].listen_addr(),
+            path
+        ))
+    });
+    tokio::time::timeout(DEADLINE, futures_util::future::join_all(requests))
+        .await
+        .expect("herd answered")
 }
 
 /// A connection to a config's Redis from outside any instance (a fake holder, a paused
