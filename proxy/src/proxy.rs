@@ -38,6 +38,15 @@ use crate::upstream::{BodyRead, FailureKind, Upstream};
 /// variant did not match it, before it goes upstream on its own.
 const MAX_ATTEMPTS: usize = 4;
 
+/// A fresh entry in the local cache for a request, found without waiting on anything:
+/// what the HTTP/1 fast path answers with.
+pub struct LocalHit {
+    pub entry: Arc<CacheEntry>,
+    pub status: CacheStatus,
+    /// The `Age` to send, in seconds.
+    pub age: u64,
+}
+
 /// The proxy: routes, cache tiers and fill locks, shared by all connections.
 pub struct Proxy {
     routes: RouteTable,
@@ -184,7 +193,7 @@ impl Proxy {
             // A reverse proxy opens no tunnels.
             return error_response(&ProxyError::MethodNotAllowed);
         }
-        let host = route::request_host(&req);
+        let host = route::request_host(req.uri(), req.headers());
         let Some(route) = self.routes.find(host.as_deref(), req.uri().path()).cloned() else {
             tracing::debug!(
                 host = host.as_deref().unwrap_or(""),
@@ -212,6 +221,36 @@ impl Proxy {
         }
         .instrument(span)
         .await
+    }
+
+    /// The fast path's whole request path: a `GET` or `HEAD` whose route caches, with a
+    /// fresh entry in the local cache that the client's conditionals do not turn into a
+    /// `304`. Counted as a hit. `None`: the request takes [`Proxy::handle`], which
+    /// decides everything else (and may still find a hit, in the shared tier).
+    pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
+        if !(req.method == Method::GET || req.method == Method::HEAD)
+            || req.headers.contains_key(header::RANGE)
+        {
+            return None;
+        }
+        let host = route::request_host(&req.uri, &req.headers);
+        let route = self.routes.find(host.as_deref(), req.uri.path())?;
+        if !route.config.cache {
+            return None;
+        }
+        let key = CacheKey::for_request(&route.config, host.as_deref(), &req.uri, &req.headers);
+        let now = SystemTime::now();
+        let entry = self.cache.local_fresh(&key, &req.headers, now)?;
+        if entry.satisfies_conditional(&req.headers) {
+            return None;
+        }
+        let status = CacheStatus::hit(ttl_secs(&entry, now));
+        route.metrics.served(status.served);
+        Some(LocalHit {
+            age: entry.age(now),
+            entry,
+            status,
+        })
     }
 
     async fn serve(

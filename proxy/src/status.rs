@@ -13,7 +13,7 @@
 //! | hit-for-pass | `corral; fwd=uri-miss; detail=hit-for-pass` |
 //! | method or route not cached | `corral; fwd=method` / `corral; fwd=bypass` |
 
-use std::fmt::Write;
+use std::fmt;
 
 use http::HeaderValue;
 
@@ -197,30 +197,36 @@ impl CacheStatus {
     }
 
     pub fn header_value(&self) -> HeaderValue {
-        let mut out = String::with_capacity(64);
-        out.push_str("corral");
+        HeaderValue::try_from(self.to_string()).expect("tokens and numbers only")
+    }
+}
+
+/// The `Cache-Status` field value, as RFC 9211 writes it.
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, out: &mut fmt::Formatter<'_>) -> fmt::Result {
+        out.write_str("corral")?;
         if self.hit {
-            out.push_str("; hit");
+            out.write_str("; hit")?;
         }
         if let Some(fwd) = self.fwd {
-            let _ = write!(out, "; fwd={}", fwd.as_str());
+            write!(out, "; fwd={}", fwd.as_str())?;
         }
         if let Some(status) = self.fwd_status {
-            let _ = write!(out, "; fwd-status={status}");
+            write!(out, "; fwd-status={status}")?;
         }
         if let Some(ttl) = self.ttl {
-            let _ = write!(out, "; ttl={ttl}");
+            write!(out, "; ttl={ttl}")?;
         }
         if self.stored {
-            out.push_str("; stored");
+            out.write_str("; stored")?;
         }
         if self.collapsed {
-            out.push_str("; collapsed");
+            out.write_str("; collapsed")?;
         }
         if let Some(detail) = self.detail {
-            let _ = write!(out, "; detail={detail}");
+            write!(out, "; detail={detail}")?;
         }
-        HeaderValue::try_from(out).expect("tokens and numbers only")
+        Ok(())
     }
 }
 

@@ -195,8 +195,7 @@ async fn lost_notification_still_ends_in_a_response_within_the_wait_bound() {
             Some("127.0.0.1"),
             &"/quiet".parse().unwrap(),
             &http::HeaderMap::new(),
-        ))
-        .await;
+        ));
     let Some(corral::cache::LocalObject::Entry(entry)) = entry else {
         panic!("filled")
     };

@@ -249,7 +249,7 @@ async fn lost_lease_fails_to_extend_and_the_write_stays_fenced() {
         &http::HeaderMap::new(),
     );
     let Some(corral::cache::LocalObject::Entry(entry)) =
-        h.server.proxy().cache().local().get(&local_key).await
+        h.server.proxy().cache().local().get(&local_key)
     else {
         panic!()
     };

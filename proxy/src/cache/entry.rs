@@ -21,6 +21,10 @@ pub struct CacheEntry {
     /// `Cache-Status` are added per response.
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The status line and `headers` as HTTP/1.1 writes them, plus `Via`: what a hit
+    /// on the HTTP/1 fast path sends before its `Age` and `Cache-Status`. Built once,
+    /// here, so a hit encodes no stored header again.
+    pub http1_head: Bytes,
     /// The headers this response varies on (lowercase), and the filling request's
     /// values of them, as [`vary_values`] writes them.
     pub vary: Vec<HeaderName>,
@@ -42,6 +46,29 @@ fn vary_names(headers: &HeaderMap) -> Vec<HeaderName> {
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect()
+}
+
+fn http1_head(status: StatusCode, headers: &HeaderMap) -> Bytes {
+    let len = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(len + 64);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"via: ");
+    out.extend_from_slice(crate::headers::VIA.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    Bytes::from(out)
 }
 
 /// Where an entry stands at a given instant.
@@ -103,6 +130,7 @@ impl CacheEntry {
         CacheEntry {
             status,
             vary: vary_names(&headers),
+            http1_head: http1_head(status, &headers),
             headers,
             body,
             vary_values,
@@ -191,7 +219,8 @@ impl CacheEntry {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 112)
             .sum();
-        let total = self.body.len() + headers + self.vary_values.len() + 700;
+        let total =
+            self.body.len() + headers + self.http1_head.len() + self.vary_values.len() + 700;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 

@@ -103,7 +103,7 @@ impl LocalCache {
         LocalCache { objects }
     }
 
-    pub async fn get(&self, key: &CacheKey) -> Option<LocalObject> {
+    pub fn get(&self, key: &CacheKey) -> Option<LocalObject> {
         let object = self.objects.get(key)?;
         // moka evicts lazily; an object past its end must not be served meanwhile.
         (object.until() > SystemTime::now()).then_some(object)

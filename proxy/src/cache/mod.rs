@@ -1,8 +1,6 @@
-//! The cache: keys, entries, storage policy, and the tiers a lookup walks.
-//!
-//! Today there is one tier, the local in-process cache. [`Cache::lookup`] is where a
-//! shared tier slots in behind it: local first, then shared, filling local on a
-//! shared hit.
+//! The cache: keys, entries, storage policy, and the tiers a lookup walks: the local
+//! in-process cache first, then (fleet mode) the shared one in Redis, whose hits fill
+//! the local tier.
 
 pub mod codec;
 pub mod entry;
@@ -98,18 +96,7 @@ impl Cache {
     /// Looks `key` up for a request with `req_headers`, following a `Vary` index to the
     /// request's variant.
     pub async fn lookup(&self, key: &CacheKey, req_headers: &HeaderMap, now: SystemTime) -> Lookup {
-        let found = self.local.get(key).await;
-        let (object, fill_key, vary_miss) = match found {
-            Some(LocalObject::Variants { vary, .. }) => {
-                let variant = key.variant(&key::vary_values(&vary, req_headers));
-                let object = self.local.get(&variant).await;
-                let vary_miss = object.is_none();
-                (object, variant, vary_miss)
-            }
-            other => (other, key.clone(), false),
-        };
-        let mut object = object;
-        let mut fill_key = fill_key;
+        let (mut object, mut fill_key, vary_miss) = self.local_lookup(key, req_headers);
         let fresh_locally =
             matches!(&object, Some(LocalObject::Entry(e)) if e.freshness(now).is_fresh());
         if let (Some(shared), false, false) = (
@@ -146,6 +133,39 @@ impl Cache {
         }
     }
 
+    /// The entry the local tier holds for this request if it is fresh: the whole
+    /// lookup for a hit, without waiting on anything (the HTTP/1 fast path's).
+    pub fn local_fresh(
+        &self,
+        key: &CacheKey,
+        req_headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<Arc<CacheEntry>> {
+        match self.local_lookup(key, req_headers).0 {
+            Some(LocalObject::Entry(entry)) if entry.freshness(now).is_fresh() => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// The local tier's object for this request (following a `Vary` index to the
+    /// request's variant), the key a fill must use, and whether only the variant was
+    /// missing.
+    fn local_lookup(
+        &self,
+        key: &CacheKey,
+        req_headers: &HeaderMap,
+    ) -> (Option<LocalObject>, CacheKey, bool) {
+        match self.local.get(key) {
+            Some(LocalObject::Variants { vary, .. }) => {
+                let variant = key.variant(&key::vary_values(&vary, req_headers));
+                let object = self.local.get(&variant);
+                let vary_miss = object.is_none();
+                (object, variant, vary_miss)
+            }
+            other => (other, key.clone(), false),
+        }
+    }
+
     /// The shared tier's entry for `key` and this request, following its `Vary` to the
     /// request's variant when the entry found varies on other values.
     async fn shared_lookup(
@@ -176,7 +196,7 @@ impl Cache {
         let mut until = entry.keep_until();
         if let Some(LocalObject::Variants {
             until: existing, ..
-        }) = self.local.get(key).await
+        }) = self.local.get(key)
         {
             until = until.max(existing);
         }
