@@ -1,5 +1,10 @@
 //! The listeners: accept client connections (HTTP/1.1 and h2c on one port), serve each
 //! request through the [`Proxy`], and drain in-flight requests on shutdown.
+//!
+//! Proxy connections start in [`http1`], which answers fresh local hits itself and
+//! hands everything else to hyper; the admin port is hyper's alone.
+
+mod http1;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -7,18 +12,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin;
-use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
@@ -88,16 +90,27 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let task = {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
+            let http = Arc::new(Http::new());
             let admin = admin.map(|listener| {
-                let proxy = Arc::clone(&proxy);
-                let handler = move |req, _| admin::handle(req, Arc::clone(&proxy));
-                tokio::spawn(accept_loop(listener, handler, stopped.clone(), grace))
+                let (proxy, http) = (Arc::clone(&proxy), Arc::clone(&http));
+                let serve = move |stream: TcpStream, peer, stopped| {
+                    let proxy = Arc::clone(&proxy);
+                    let service = service_fn(move |req| {
+                        let proxy = Arc::clone(&proxy);
+                        async move { Ok::<_, Infallible>(admin::handle(req, proxy).await) }
+                    });
+                    let conn = http
+                        .any
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    serve_gracefully(conn, peer, stopped)
+                };
+                tokio::spawn(accept_loop(listener, serve, stopped.clone(), grace))
             });
-            let handler = move |req, peer| {
-                let proxy = Arc::clone(&proxy);
-                async move { proxy.handle(req, peer).await }
+            let serve = move |stream, peer, stopped| {
+                http1::serve(stream, peer, Arc::clone(&proxy), Arc::clone(&http), stopped)
             };
-            accept_loop(listener, handler, stopped, grace).await;
+            accept_loop(listener, serve, stopped, grace).await;
             if let Some(admin) = admin {
                 let _ = admin.await;
             }
@@ -128,23 +141,59 @@ pub async fn run(config: &Config, signal: impl Future<Output = ()>) -> Result<()
     Ok(())
 }
 
+/// hyper, configured once: `any` serves whatever a connection speaks (HTTP/1 or h2c)
+/// for as long as it lasts; `one_request` serves the single HTTP/1 request it is given.
+pub(crate) struct Http {
+    any: auto::Builder<TokioExecutor>,
+    one_request: hyper::server::conn::http1::Builder,
+}
+
+impl Http {
+    fn new() -> Http {
+        let mut any = auto::Builder::new(TokioExecutor::new());
+        // A timer enables hyper's header read timeout (30 s), so a client that trickles
+        // its request head (slowloris) cannot hold a connection forever.
+        any.http1().timer(TokioTimer::new());
+        any.http2().timer(TokioTimer::new());
+        let mut one_request = hyper::server::conn::http1::Builder::new();
+        one_request.timer(TokioTimer::new()).half_close(true);
+        Http { any, one_request }
+    }
+}
+
+/// Serves a hyper connection to its end; when `stopped` turns true, lets the request in
+/// flight finish and closes (idle connections at once).
+async fn serve_gracefully<C>(conn: C, peer: SocketAddr, mut stopped: watch::Receiver<bool>)
+where
+    C: GracefulConnection,
+    C::Error: std::fmt::Display,
+{
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = until_stopped(&mut stopped) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection closed with an error");
+    }
+}
+
 /// Accepts connections until `stopped` turns true, then waits up to `grace` for open
-/// connections to finish their requests (idle ones are closed at once).
-async fn accept_loop<H, F>(
+/// connections to finish their requests (idle ones close at once).
+async fn accept_loop<S, F>(
     listener: TcpListener,
-    handler: H,
+    serve: S,
     mut stopped: watch::Receiver<bool>,
     grace: Duration,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+    S: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> F,
+    F: Future<Output = ()> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // A timer enables hyper's header read timeout (30 s), so a client that trickles
-    // its request head (slowloris) cannot hold a connection forever.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    // Every connection task holds a sender; the channel closes when the last one ends.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -158,23 +207,19 @@ async fn accept_loop<H, F>(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let handler = handler.clone();
-                let service = service_fn(move |req| {
-                    let response = handler(req, peer);
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                let conn = serve(stream, peer, stopped.clone());
+                let open = open.clone();
                 tokio::spawn(async move {
-                    if let Err(error) = conn.await {
-                        tracing::debug!(%peer, %error, "connection closed with an error");
-                    }
+                    conn.await;
+                    drop(open);
                 });
             }
             _ = until_stopped(&mut stopped) => break,
         }
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    drop(open);
+    if tokio::time::timeout(grace, all_closed.recv())
         .await
         .is_err()
     {

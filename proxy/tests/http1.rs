@@ -1,0 +1,278 @@
+//! The HTTP/1 connection path over raw sockets: hits answered from the entry's
+//! prebuilt bytes, every other request handed to hyper on the same connection, and
+//! what is not plain HTTP/1.1 given to hyper for good.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{Harness, OriginBehaviour, Setup, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A response read off the wire.
+#[derive(Debug)]
+struct Wire {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Wire {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One client connection that reads responses one by one, pipelined or not.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(h: &Harness) -> Conn {
+        Conn {
+            stream: TcpStream::connect(h.addr()).await.expect("connects"),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).await.expect("request written");
+    }
+
+    /// Reads more bytes; false at the end of the stream.
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
+            .await
+            .expect("the server answers in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next response; `head_only` for the answer to a HEAD.
+    async fn response(&mut self, head_only: bool) -> Wire {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut res = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(len) = res.parse(&self.buf).expect("valid head") {
+                let status = res.code.expect("status");
+                let headers: Vec<(String, String)> = res
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        let value = String::from_utf8_lossy(h.value).into_owned();
+                        (h.name.to_ascii_lowercase(), value)
+                    })
+                    .collect();
+                let body_len = if head_only || status == 304 {
+                    0
+                } else {
+                    headers
+                        .iter()
+                        .find(|(n, _)| n == "content-length")
+                        .map(|(_, v)| v.parse::<usize>().expect("numeric length"))
+                        .expect("a length-delimited body")
+                };
+                while self.buf.len() < len + body_len {
+                    assert!(self.fill().await, "connection closed mid-body");
+                }
+                let body = self.buf[len..len + body_len].to_vec();
+                self.buf.drain(..len + body_len);
+                return Wire {
+                    status,
+                    headers,
+                    body,
+                };
+            }
+            assert!(self.fill().await, "connection closed before a response");
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Wire {
+        self.send(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await;
+        self.response(false).await
+    }
+
+    /// Whether the server closed the connection (after any bytes still buffered).
+    async fn closed(&mut self) -> bool {
+        self.buf.is_empty() && !self.fill().await
+    }
+}
+
+#[tokio::test]
+async fn hits_misses_and_bodies_share_one_keep_alive_connection() {
+    let h = Setup::default().start().await;
+    let mut conn = Conn::open(&h).await;
+
+    let miss = conn.get("/a").await;
+    assert_eq!(miss.status, 200);
+    assert!(miss.header("cache-status").unwrap().contains("fwd=miss"));
+
+    let hit = conn.get("/a").await;
+    assert_eq!(hit.status, 200);
+    assert!(
+        hit.header("cache-status")
+            .unwrap()
+            .starts_with("corral; hit; ttl="),
+        "{hit:?}"
+    );
+    assert_eq!(hit.body, miss.body, "the stored body, byte for byte");
+    assert_eq!(hit.header("content-length"), miss.header("content-length"));
+    assert_eq!(hit.header("via"), Some("1.1 corral"));
+    assert!(hit.header("age").is_some() && hit.header("date").is_some());
+
+    // A request with a body goes through hyper and the connection comes back.
+    conn.send(b"POST /p HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 5\r\n\r\nhello")
+        .await;
+    let post = conn.response(false).await;
+    assert_eq!(post.status, 200);
+    assert!(post.text().contains("received=5"), "{}", post.text());
+
+    // HEAD on a hit: the length of the body, and no body on the wire.
+    conn.send(b"HEAD /a HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await;
+    let head = conn.response(true).await;
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), miss.header("content-length"));
+
+    let again = conn.get("/a").await;
+    assert_eq!(again.body, miss.body);
+    assert!(again.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(h.origin.requests_for("/a"), 1);
+    assert_eq!(h.origin.requests_for("/p"), 1);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let h = Setup::default().start().await;
+    let mut conn = Conn::open(&h).await;
+    conn.get("/a").await;
+    // A hit, a miss (through hyper), a hit again, all in one write.
+    conn.send(
+        b"GET /a HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\nGET /b HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\nGET /a HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    let answers = [
+        conn.response(false).await,
+        conn.response(false).await,
+        conn.response(false).await,
+    ];
+    let paths: Vec<String> = answers
+        .iter()
+        .map(|w| w.text().split(' ').next().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(paths, ["/a", "/b", "/a"]);
+    assert!(answers[0].header("cache-status").unwrap().contains("hit"));
+    assert!(answers[1]
+        .header("cache-status")
+        .unwrap()
+        .contains("fwd=miss"));
+}
+
+#[tokio::test]
+async fn connection_close_on_a_hit_closes_after_the_response() {
+    let h = Setup::default().start().await;
+    h.get("/a").await;
+    let mut conn = Conn::open(&h).await;
+    conn.send(b"GET /a HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+        .await;
+    let hit = conn.response(false).await;
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(hit.header("connection"), Some("close"));
+    assert!(conn.closed().await, "the server closes the connection");
+}
+
+#[tokio::test]
+async fn a_head_arriving_byte_by_byte_is_served() {
+    let h = Setup::default().start().await;
+    h.get("/a").await;
+    let mut conn = Conn::open(&h).await;
+    for byte in b"GET /a HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n" {
+        conn.send(&[*byte]).await;
+        // Separate segments, so the server sees the head in pieces.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let hit = conn.response(false).await;
+    assert_eq!(hit.status, 200);
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+}
+
+#[tokio::test]
+async fn what_is_not_plain_http11_is_answered_by_hyper() {
+    let h = Setup::default().start().await;
+    h.get("/a").await;
+
+    // HTTP/1.0.
+    let mut conn = Conn::open(&h).await;
+    conn.send(b"GET /a HTTP/1.0\r\nhost: 127.0.0.1\r\n\r\n")
+        .await;
+    let old = conn.response(false).await;
+    assert_eq!(old.status, 200);
+    assert!(old.text().starts_with("/a "), "{}", old.text());
+
+    // A chunked request body, then a hit on the same connection.
+    let mut conn = Conn::open(&h).await;
+    conn.send(
+        b"POST /c HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+    )
+    .await;
+    let chunked = conn.response(false).await;
+    assert_eq!(chunked.status, 200);
+    assert!(chunked.text().contains("received=7"), "{}", chunked.text());
+    let hit = conn.get("/a").await;
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+
+    // A head larger than this path buffers (64 KiB), within hyper's limit.
+    let mut conn = Conn::open(&h).await;
+    let big = "x".repeat(70 * 1024);
+    conn.send(format!("GET /a HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await;
+    let large = conn.response(false).await;
+    assert_eq!(large.status, 200);
+    assert!(large.text().starts_with("/a "), "{}", large.text());
+
+    // Not HTTP at all.
+    let mut conn = Conn::open(&h).await;
+    conn.send(b"HELLO THERE\r\n\r\n").await;
+    assert_eq!(conn.response(false).await.status, 400);
+    assert_eq!(h.origin.requests_for("/a"), 1);
+}
+
+#[tokio::test]
+async fn a_hit_is_the_requests_own_variant() {
+    let varying = OriginBehaviour {
+        headers: vec![("vary".to_string(), "accept-language".to_string())],
+        ..OriginBehaviour::default()
+    };
+    let h = Setup::origin(varying).start().await;
+    let mut conn = Conn::open(&h).await;
+    let get = |lang: &str| {
+        format!("GET /v HTTP/1.1\r\nhost: 127.0.0.1\r\naccept-language: {lang}\r\n\r\n")
+    };
+    conn.send(get("en").as_bytes()).await;
+    let en = conn.response(false).await;
+    conn.send(get("en").as_bytes()).await;
+    let en_hit = conn.response(false).await;
+    conn.send(get("fr").as_bytes()).await;
+    let fr = conn.response(false).await;
+    assert!(en_hit.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(en_hit.body, en.body);
+    assert!(
+        fr.header("cache-status").unwrap().contains("miss"),
+        "{fr:?}"
+    );
+    assert!(fr.text().contains("lang=fr"), "{}", fr.text());
+    assert_eq!(h.origin.requests_for("/v"), 2);
+}
