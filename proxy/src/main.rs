@@ -72,11 +72,27 @@ async fn main() -> anyhow::Result<()> {
         (Some(Command::Demo(args)), _) => run_demo(args).await,
         (None, Some(file)) => {
             let config = Config::load(&file)?;
+            raise_open_file_limit();
             corral::run(&config, shutdown_signal()).await?;
             Ok(())
         }
         (None, None) => {
             anyhow::bail!("nothing to do: pass --config FILE, or a command (see --help)")
+        }
+    }
+}
+
+/// Client connections and large cached bodies (one sealed file each) both take file
+/// descriptors; the soft limit is often 1024 while the hard one is far higher.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let from = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(?from, to = ?limit.current, "raised the open file limit"),
+            Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
         }
     }
 }

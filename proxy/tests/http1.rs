@@ -276,3 +276,30 @@ async fn a_hit_is_the_requests_own_variant() {
     assert!(fr.text().contains("lang=fr"), "{}", fr.text());
     assert_eq!(h.origin.requests_for("/v"), 2);
 }
+
+#[tokio::test]
+async fn a_large_body_is_sent_from_its_file_intact() {
+    let large = OriginBehaviour {
+        body_size: 300 * 1024,
+        ..OriginBehaviour::default()
+    };
+    let h = Setup::origin(large).start().await;
+    let mut conn = Conn::open(&h).await;
+    let miss = conn.get("/big").await;
+    assert_eq!(miss.body.len(), 300 * 1024);
+    let hit = conn.get("/big").await;
+    assert!(hit.header("cache-status").unwrap().contains("hit"));
+    assert_eq!(hit.body, miss.body, "byte for byte");
+    conn.send(b"HEAD /big HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await;
+    let head = conn.response(true).await;
+    assert_eq!(head.header("content-length"), Some("307200"));
+    // hyper's path reads the same stored body (HTTP/1.0 goes there).
+    let mut old = Conn::open(&h).await;
+    old.send(b"GET /big HTTP/1.0\r\nhost: 127.0.0.1\r\n\r\n")
+        .await;
+    assert_eq!(old.response(false).await.body, miss.body);
+    // The connection is still in step after all that.
+    assert_eq!(conn.get("/big").await.body, miss.body);
+    assert_eq!(h.origin.requests_for("/big"), 1);
+}

@@ -108,7 +108,7 @@ pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
     Ok(CacheEntry::from_parts(
         status,
         headers,
-        body,
+        (body, None),
         lifetime,
         vary_values,
         fence,

@@ -1,6 +1,7 @@
 //! A cached response: what is served for it, and the instants at which it turns stale
 //! and stops being servable at all.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -8,6 +9,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{request, response, HeaderMap, StatusCode};
 use http_cache_semantics::{AfterResponse, CacheOptions, CachePolicy};
 
+use super::body_file::BodyFile;
 use super::key::vary_values;
 use super::policy::{self, Lifetime, Verdict};
 use crate::config::RouteConfig;
@@ -21,6 +23,9 @@ pub struct CacheEntry {
     /// `Cache-Status` are added per response.
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// For a large body, the sealed file it lives in (and `body` maps), which a hit
+    /// sends without copying.
+    pub body_file: Option<Arc<BodyFile>>,
     /// The status line and `headers` as HTTP/1.1 writes them, plus `Via`: what a hit
     /// on the HTTP/1 fast path sends before its `Age` and `Cache-Status`. Built once,
     /// here, so a hit encodes no stored header again.
@@ -104,19 +109,33 @@ impl CacheEntry {
             .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let vary = vary_names(&head.headers);
         let vary_values = vary_values(&vary, req_headers);
-        CacheEntry::from_parts(head.status, head.headers, body, lifetime, vary_values, 0)
+        CacheEntry::from_parts(
+            head.status,
+            head.headers,
+            (body, None),
+            lifetime,
+            vary_values,
+            0,
+        )
     }
 
     /// An entry from its stored parts (headers already prepared), as the codec
-    /// restores it from the shared tier.
+    /// restores it from the shared tier. A large body without its file gets one.
     pub(crate) fn from_parts(
         status: StatusCode,
         headers: HeaderMap,
-        body: Bytes,
+        (body, body_file): (Bytes, Option<Arc<BodyFile>>),
         lifetime: Lifetime,
         vary_values: String,
         fence: u64,
     ) -> CacheEntry {
+        let (body, body_file) = match body_file {
+            Some(file) => (body, Some(file)),
+            None => match BodyFile::store(&body) {
+                Some((file, mapped)) => (mapped, Some(file)),
+                None => (body, None),
+            },
+        };
         // This map lives as long as the entry: no spare room but for the three headers
         // every hit adds (Age, Via, Cache-Status), so a hit's copy never reallocates.
         let mut compact = HeaderMap::with_capacity(headers.len() + 3);
@@ -133,6 +152,7 @@ impl CacheEntry {
             http1_head: http1_head(status, &headers),
             headers,
             body,
+            body_file,
             vary_values,
             fresh_until,
             swr_until: fresh_until + lifetime.stale_while_revalidate,
@@ -172,7 +192,7 @@ impl CacheEntry {
         CacheEntry::from_parts(
             self.status,
             self.headers.clone(),
-            self.body.clone(),
+            (self.body.clone(), self.body_file.clone()),
             lifetime,
             self.vary_values.clone(),
             self.fence,
@@ -219,8 +239,9 @@ impl CacheEntry {
             .iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 112)
             .sum();
+        let file = self.body_file.as_ref().map_or(0, |f| f.overhead());
         let total =
-            self.body.len() + headers + self.http1_head.len() + self.vary_values.len() + 700;
+            self.body.len() + file + headers + self.http1_head.len() + self.vary_values.len() + 700;
         u32::try_from(total).unwrap_or(u32::MAX)
     }
 

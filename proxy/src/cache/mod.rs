@@ -2,6 +2,7 @@
 //! in-process cache first, then (fleet mode) the shared one in Redis, whose hits fill
 //! the local tier.
 
+pub mod body_file;
 pub mod codec;
 pub mod entry;
 pub mod key;

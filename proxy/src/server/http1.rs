@@ -2,8 +2,9 @@
 //!
 //! A fresh hit in the local cache is answered here: the entry's prebuilt status line
 //! and headers, then `Age` and `Cache-Status` (and `Date` when the origin sent none),
-//! then the shared body, in one `writev`. No response is built and no stored header is
-//! encoded again. Every other request is handed to hyper one request at a time: hyper
+//! then the shared body, in one `writev` (a large body goes by `sendfile` from its
+//! sealed file, without a copy). No response is built and no stored header is encoded
+//! again. Every other request is handed to hyper one request at a time: hyper
 //! reads exactly that request's bytes, the proxy answers it ([`Proxy::handle`]), and
 //! the connection comes back here for the next one. What is not plain HTTP/1.1 request
 //! and response (HTTP/2 prior knowledge, HTTP/1.0, chunked request bodies, upgrades,
@@ -22,12 +23,13 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{request, HeaderMap, Method, Request, Uri, Version};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{serve_gracefully, until_stopped, Http};
+use crate::cache::body_file::BodyFile;
 use crate::proxy::{LocalHit, Proxy};
 
 /// hyper's default: a head with more fields goes to hyper, which refuses it.
@@ -266,19 +268,66 @@ async fn write_hit(
         tail.extend_from_slice(b"connection: close\r\n");
     }
     tail.extend_from_slice(b"\r\n");
-    let body: &[u8] = if head_only { &[] } else { &hit.entry.body };
-    let mut slices = [
-        IoSlice::new(&hit.entry.http1_head),
-        IoSlice::new(tail),
-        IoSlice::new(body),
-    ];
-    let mut slices = &mut slices[..];
+    match &hit.entry.body_file {
+        Some(file) if !head_only => {
+            // The head with MSG_MORE, so it leaves in the body's first segment.
+            write_all(
+                stream,
+                &mut [IoSlice::new(&hit.entry.http1_head), IoSlice::new(tail)],
+                true,
+            )
+            .await?;
+            send_file(stream, file).await
+        }
+        _ => {
+            let body: &[u8] = if head_only { &[] } else { &hit.entry.body };
+            let mut slices = [
+                IoSlice::new(&hit.entry.http1_head),
+                IoSlice::new(tail),
+                IoSlice::new(body),
+            ];
+            write_all(stream, &mut slices, false).await
+        }
+    }
+}
+
+/// Writes all of `slices`; with `more`, tells the kernel more data follows at once.
+async fn write_all(stream: &TcpStream, slices: &mut [IoSlice<'_>], more: bool) -> io::Result<()> {
+    use rustix::net::{SendAncillaryBuffer, SendFlags};
+    let flags = if more {
+        SendFlags::MORE | SendFlags::NOSIGNAL
+    } else {
+        SendFlags::NOSIGNAL
+    };
+    let mut slices = slices;
     while !slices.is_empty() {
-        let n = stream.write_vectored(slices).await?;
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                let mut control = SendAncillaryBuffer::default();
+                Ok(rustix::net::sendmsg(stream, slices, &mut control, flags)?)
+            })
+            .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// Sends a body file with `sendfile`: the socket takes the file's pages, no copy.
+async fn send_file(stream: &TcpStream, file: &BodyFile) -> io::Result<()> {
+    let mut offset = 0u64;
+    while offset < file.len() {
+        let left = usize::try_from(file.len() - offset).unwrap_or(usize::MAX);
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                Ok(rustix::fs::sendfile(stream, file, Some(&mut offset), left)?)
+            })
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
     }
     Ok(())
 }
