@@ -1,6 +1,7 @@
 //! Criterion benchmarks of the pieces of a cache hit, so a regression shows per
-//! function: key derivation, local lookup, response assembly, entry encode/decode for
-//! the shared tier, and the fleet lock's acquire/release against a real Redis.
+//! function: key derivation, local lookup, the HTTP/1 fast path's hit decision and
+//! per-hit header lines, hyper's path's response assembly, entry encode/decode for the
+//! shared tier, and the fleet lock's acquire/release against a real Redis.
 //!
 //! Run: `cargo bench -p corral --bench hot_path` (the lock group needs `redis-server`
 //! and is skipped without it).
@@ -14,6 +15,8 @@ use corral::cache::entry::CacheEntry;
 use corral::cache::policy::{evaluate, Verdict};
 use corral::cache::{Cache, CacheKey};
 use corral::config::Config;
+use corral::metrics::Metrics;
+use corral::proxy::Proxy;
 use corral::status::CacheStatus;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, Request, Response};
@@ -76,9 +79,37 @@ fn hit_path(c: &mut Criterion) {
         b.iter(|| runtime.block_on(cache.lookup(&key, &headers, SystemTime::now())))
     });
 
+    c.bench_function("local lookup, fast path (fresh 1 KiB entry)", |b| {
+        b.iter(|| cache.local_fresh(&key, &headers, SystemTime::now()))
+    });
+
+    // The fast path's whole decision for a request head: route, key, lookup,
+    // conditionals, metrics.
+    let proxy = Proxy::new(&config, Arc::new(Metrics::new()));
+    let (mut head, ()) = Request::get("/catalog/item?b=2&a=1")
+        .header("host", "api.example.com")
+        .header("x-tenant", "acme")
+        .body(())
+        .unwrap()
+        .into_parts();
+    head.version = http::Version::HTTP_11;
+    let (stored, _) = entry(1024);
+    runtime.block_on(proxy.cache().store(&key, Arc::new(stored)));
+    c.bench_function("fast path hit decision (route, key, lookup)", |b| {
+        b.iter(|| proxy.local_hit(&head).expect("a hit"))
+    });
+    let hit = proxy.local_hit(&head).expect("a hit");
+    let mut lines = Vec::with_capacity(256);
+    c.bench_function("fast path per-hit header lines (Age, Cache-Status)", |b| {
+        b.iter(|| {
+            lines.clear();
+            hit.write_lines(&mut lines, false);
+        })
+    });
+
     let (hit, _) = entry(1024);
     c.bench_function(
-        "response assembly for a hit (headers, Age, Cache-Status)",
+        "hyper path response assembly for a hit (headers, Age, Cache-Status)",
         |b| {
             b.iter(|| {
                 let mut res = corral::proxy::respond(&req, &hit);

@@ -47,6 +47,30 @@ pub struct LocalHit {
     pub age: u64,
 }
 
+impl LocalHit {
+    /// The header lines this response adds to the entry's prebuilt head, through the
+    /// blank line: `Age`, `Cache-Status`, `Date` when the origin sent none, and
+    /// `Connection: close` when the connection ends after it.
+    pub fn write_lines(&self, out: &mut Vec<u8>, closing: bool) {
+        use std::io::Write as _;
+        // Writing to a Vec cannot fail.
+        let _ = write!(
+            out,
+            "age: {}\r\ncache-status: {}\r\n",
+            self.age, self.status
+        );
+        if !self.entry.headers.contains_key(header::DATE) {
+            out.extend_from_slice(b"date: ");
+            out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if closing {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
 /// The proxy: routes, cache tiers and fill locks, shared by all connections.
 pub struct Proxy {
     routes: RouteTable,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
@@ -256,18 +256,8 @@ async fn write_hit(
     closing: bool,
     tail: &mut Vec<u8>,
 ) -> io::Result<()> {
-    use std::io::Write as _;
     tail.clear();
-    write!(tail, "age: {}\r\ncache-status: {}\r\n", hit.age, hit.status)?;
-    if !hit.entry.headers.contains_key(header::DATE) {
-        tail.extend_from_slice(b"date: ");
-        tail.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
-        tail.extend_from_slice(b"\r\n");
-    }
-    if closing {
-        tail.extend_from_slice(b"connection: close\r\n");
-    }
-    tail.extend_from_slice(b"\r\n");
+    hit.write_lines(tail, closing);
     match &hit.entry.body_file {
         Some(file) if !head_only => {
             // The head with MSG_MORE, so it leaves in the body's first segment.
