@@ -8,7 +8,8 @@
 //!
 //! - [`config`]: the TOML file's types and their validation into typed settings.
 //! - [`route`]: which route (upstream and cache policy) serves a request.
-//! - [`cache`]: keys, entries, storage policy, and the tiers a lookup walks (local, then
+//! - [`cache`]: keys, entries (with their prebuilt HTTP/1.1 heads, and large bodies in
+//!   sealed memory files), storage policy, and the tiers a lookup walks (local, then
 //!   shared in Redis in fleet mode).
 //! - [`lock`]: fill locks: who fetches a key (in this process, then across the fleet),
 //!   and how waiters learn the outcome.
@@ -19,7 +20,8 @@
 //! - [`error`]: request-path errors and the one function that turns them into responses.
 //! - [`headers`]: hop-by-hop removal, `Via`, `X-Forwarded-*`.
 //! - [`body`]: the one body type for responses and forwarded requests.
-//! - [`server`]: listeners, connection handling, graceful shutdown.
+//! - [`server`]: listeners, graceful shutdown, and each connection's HTTP/1.1 fast path
+//!   for fresh local hits (everything else goes to hyper).
 //! - [`admin`]: `/healthz` and `/metrics`.
 //! - [`metrics`]: the Prometheus registry and per-route counters.
 //! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.

@@ -5,7 +5,7 @@
 //! (holder) fetch in a task of its own, store, wake waiters → respond | (waiter) wait
 //! for the holder's outcome → respond.
 //!
-//! The fetch for a fill runs in a spawned [`Fill`] task, not in the client's request
+//! The fetch for a fill runs in a spawned `Fill` task, not in the client's request
 //! future, so a client that disconnects does not cancel the fetch that others wait on;
 //! and if the task dies anyway, its dropped permit wakes the waiters to take over.
 

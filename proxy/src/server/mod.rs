@@ -1,7 +1,7 @@
 //! The listeners: accept client connections (HTTP/1.1 and h2c on one port), serve each
 //! request through the [`Proxy`], and drain in-flight requests on shutdown.
 //!
-//! Proxy connections start in [`http1`], which answers fresh local hits itself and
+//! Proxy connections start in `http1`, which answers fresh local hits itself and
 //! hands everything else to hyper; the admin port is hyper's alone.
 
 mod http1;
