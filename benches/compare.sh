@@ -8,6 +8,7 @@
 #
 #   bash benches/compare.sh            # 1 KiB and 64 KiB objects, 3 rounds of 5 s each
 #   ROUNDS=5 SECONDS_PER_RUN=10 bash benches/compare.sh
+#   CORRAL_WORKERS=1 bash benches/compare.sh   # corral's `workers` (default: one per core)
 #
 # Installs nginx, varnish, wrk and redis-server from Debian's packages when missing.
 # Everything listens on 127.0.0.1 and is stopped at the end (also on Ctrl-C).
@@ -18,6 +19,7 @@ ROUNDS=${ROUNDS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
 SIZES=${SIZES:-"1024 65536"}
 WRK="wrk -t1 -c64 -d${SECONDS_PER_RUN}s --latency"
+WORKERS_LINE=${CORRAL_WORKERS:+workers = $CORRAL_WORKERS}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need varnishd || ! need wrk || ! need redis-server; then
@@ -94,7 +96,7 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/d
 PIDS+=($!)
 wait_port "$REDIS_PORT"
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1 | cut -d/ -f2) / varnish $(varnishd -V 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1); wrk -t1 -c64, ${SECONDS_PER_RUN}s x ${ROUNDS} rounds, medians"
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nginx -v 2>&1 | cut -d/ -f2) / varnish $(varnishd -V 2>&1 | head -1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1); wrk -t1 -c64, ${SECONDS_PER_RUN}s x ${ROUNDS} rounds, medians; corral workers: ${CORRAL_WORKERS:-one per core}"
 : >"$WORK/table1"
 : >"$WORK/table2"
 for SIZE in $SIZES; do
@@ -106,6 +108,7 @@ for SIZE in $SIZES; do
     CORRAL_PORT=$(free_port)
     cat >"$WORK/corral.toml" <<TOML
 listen = "127.0.0.1:$CORRAL_PORT"
+$WORKERS_LINE
 [cache]
 max_bytes = "256MiB"
 [[route]]

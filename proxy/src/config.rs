@@ -28,6 +28,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; `None`: one per core this process may use.
+    pub workers: Option<usize>,
     pub cache: CacheSettings,
     /// Fleet mode: the shared tier and fill lock in Redis. `None`: single instance.
     pub redis: Option<RedisSettings>,
@@ -218,6 +220,7 @@ struct FileConfig {
     listen: Text,
     admin_listen: Option<Text>,
     shutdown_grace: Option<Text>,
+    workers: Option<Spanned<u32>>,
     #[serde(default)]
     cache: FileCache,
     #[serde(default)]
@@ -501,6 +504,14 @@ impl FileConfig {
             duration,
         )?;
 
+        let workers = match &self.workers {
+            Some(n) if !(1..=1024).contains(n.get_ref()) => {
+                return Err(src.error(n.span(), "workers", "must be between 1 and 1024"));
+            }
+            Some(n) => Some(*n.get_ref() as usize),
+            None => None,
+        };
+
         let max_bytes = match &self.cache.max_bytes {
             Some(v) => byte_size(src, "cache.max_bytes", v)?,
             None => 256 * 1024 * 1024,
@@ -563,6 +574,7 @@ impl FileConfig {
             listen,
             admin_listen,
             shutdown_grace,
+            workers,
             cache: CacheSettings {
                 max_bytes,
                 max_object_bytes,
@@ -933,6 +945,18 @@ mod tests {
         assert!(r.cache);
         assert_eq!(c.cache.max_bytes, 256 * 1024 * 1024);
         assert_eq!(r.on_wait_timeout, OnWaitTimeout::Fetch);
+    }
+
+    #[test]
+    fn workers_default_to_the_cores_and_must_be_sensible() {
+        assert_eq!(Config::parse(MINIMAL, "test.toml").unwrap().workers, None);
+        let c = Config::parse(&format!("workers = 3\n{MINIMAL}"), "test.toml").unwrap();
+        assert_eq!(c.workers, Some(3));
+        for bad in ["0", "5000", "-1", "\"two\""] {
+            let e = err(&format!("workers = {bad}\n{MINIMAL}"));
+            assert_eq!(e.line(), Some(1), "{bad}: {e}");
+            assert!(e.to_string().contains("workers"), "{bad}: {e}");
+        }
     }
 
     #[test]

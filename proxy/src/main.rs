@@ -63,8 +63,7 @@ struct DemoArgs {
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -75,17 +74,28 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match (cli.command, cli.config) {
         (Some(Command::Check { file }), _) => check(&file),
-        (Some(Command::Demo(args)), _) => run_demo(args).await,
+        (Some(Command::Demo(args)), _) => runtime(None)?.block_on(run_demo(args)),
         (None, Some(file)) => {
             let config = Config::load(&file)?;
             raise_open_file_limit();
-            corral::run(&config, shutdown_signal()).await?;
+            runtime(config.workers)?.block_on(corral::run(&config, shutdown_signal()))?;
             Ok(())
         }
         (None, None) => {
             anyhow::bail!("nothing to do: pass --config FILE, or a command (see --help)")
         }
     }
+}
+
+/// The multi-threaded runtime, with `workers` threads (default: one per core this
+/// process may use).
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    Ok(builder.build()?)
 }
 
 /// Client connections and large cached bodies (one sealed file each) both take file
@@ -107,11 +117,14 @@ fn check(file: &PathBuf) -> anyhow::Result<()> {
     let config = Config::load(file)?;
     println!("{}: ok", file.display());
     println!(
-        "listen {}, admin {}, local cache {} (objects up to {})",
+        "listen {}, admin {}, workers {}, local cache {} (objects up to {})",
         config.listen,
         config
             .admin_listen
             .map_or("off".to_string(), |a| a.to_string()),
+        config
+            .workers
+            .map_or("one per core".to_string(), |n| n.to_string()),
         bytesize::ByteSize(config.cache.max_bytes).display().iec(),
         bytesize::ByteSize(config.cache.max_object_bytes)
             .display()
