@@ -89,6 +89,20 @@ measure() {
 latency_p50_us() {
     wrk -t1 -c1 -d2s --latency "$1" | awk '$1 == "50%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v)} else if (v ~ /ms$/) {sub(/ms/,"",v); v=v*1000}; print v}'
 }
+# start_corral NAME PORT SETTINGS: writes $WORK/NAME.toml (listen on PORT, SETTINGS, the
+# bench route to this size's origin), starts corral on it, leaves its pid in STARTED.
+start_corral() {
+    cat >"$WORK/$1.toml" <<TOML
+listen = "127.0.0.1:$2"
+$3
+[[route]]
+name = "bench"
+upstream = "http://127.0.0.1:$ORIGIN_PORT"
+TOML
+    RUST_LOG=warn $BIN/corral --config "$WORK/$1.toml" &
+    STARTED=$!
+    PIDS+=($!)
+}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 REDIS_PORT=$(free_port)
@@ -106,49 +120,25 @@ for SIZE in $SIZES; do
     wait_port "$ORIGIN_PORT"
 
     CORRAL_PORT=$(free_port)
-    cat >"$WORK/corral.toml" <<TOML
-listen = "127.0.0.1:$CORRAL_PORT"
-$WORKERS_LINE
+    start_corral corral "$CORRAL_PORT" "$WORKERS_LINE
 [cache]
-max_bytes = "256MiB"
-[[route]]
-name = "bench"
-upstream = "http://127.0.0.1:$ORIGIN_PORT"
-TOML
-    RUST_LOG=warn $BIN/corral --config "$WORK/corral.toml" &
-    CORRAL_PID=$!
-    PIDS+=($!)
+max_bytes = \"256MiB\""
+    CORRAL_PID=$STARTED
 
     # A shared-tier hit every time: the local tier keeps nothing longer than 1 ms.
     SHARED_PORT=$(free_port)
-    cat >"$WORK/shared.toml" <<TOML
-listen = "127.0.0.1:$SHARED_PORT"
-[redis]
-url = "redis://127.0.0.1:$REDIS_PORT"
-local_ttl = "1ms"
-[[route]]
-name = "bench"
-upstream = "http://127.0.0.1:$ORIGIN_PORT"
-TOML
-    RUST_LOG=warn $BIN/corral --config "$WORK/shared.toml" &
-    SHARED_PID=$!
-    PIDS+=($!)
+    start_corral shared "$SHARED_PORT" "[redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\"
+local_ttl = \"1ms\""
+    SHARED_PID=$STARTED
 
     # A fleet of three instances sharing the Redis; wrk's 64 connections split over them.
     FLEET_PORTS=()
     for i in 1 2 3; do
         port=$(free_port)
         FLEET_PORTS+=("$port")
-        cat >"$WORK/fleet-$i.toml" <<TOML
-listen = "127.0.0.1:$port"
-[redis]
-url = "redis://127.0.0.1:$REDIS_PORT"
-[[route]]
-name = "bench"
-upstream = "http://127.0.0.1:$ORIGIN_PORT"
-TOML
-        RUST_LOG=warn $BIN/corral --config "$WORK/fleet-$i.toml" &
-        PIDS+=($!)
+        start_corral "fleet-$i" "$port" "[redis]
+url = \"redis://127.0.0.1:$REDIS_PORT\""
     done
 
     # nginx twice: sendfile on (Debian's default) and off (better for small objects).

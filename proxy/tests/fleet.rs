@@ -23,6 +23,13 @@ fn slow(ms: u64) -> OriginBehaviour {
     }
 }
 
+fn caching(cache_control: &str) -> OriginBehaviour {
+    OriginBehaviour {
+        cache_control: Some(cache_control.into()),
+        ..OriginBehaviour::default()
+    }
+}
+
 fn all<'a>(h: &'a Harness, others: &'a [RunningServer]) -> Vec<&'a RunningServer> {
     std::iter::once(&h.server).chain(others.iter()).collect()
 }
@@ -72,11 +79,7 @@ async fn three_instances_send_one_upstream_request_for_a_cold_herd() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
     let redis = RedisServer::start().await;
-    let behaviour = OriginBehaviour {
-        cache_control: Some("max-age=1, stale-while-revalidate=60".into()),
-        ..OriginBehaviour::default()
-    };
-    let (h, others) = Setup::origin(behaviour)
+    let (h, others) = Setup::origin(caching("max-age=1, stale-while-revalidate=60"))
         .redis(&redis.url())
         .start_fleet(3)
         .await;
@@ -315,11 +318,7 @@ async fn purge_by_key_reaches_every_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soft_purge_marks_stale_everywhere_instead_of_stampeding() {
     let redis = RedisServer::start().await;
-    let behaviour = OriginBehaviour {
-        cache_control: Some("max-age=600, stale-while-revalidate=600".into()),
-        ..OriginBehaviour::default()
-    };
-    let (h, others) = Setup::origin(behaviour)
+    let (h, others) = Setup::origin(caching("max-age=600, stale-while-revalidate=600"))
         .redis(&redis.url())
         .start_fleet(3)
         .await;

@@ -56,12 +56,9 @@ impl BodyFile {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    /// The body's length in bytes.
+    pub fn size(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// What the file costs beyond its body's bytes: page rounding, and the kernel's
@@ -134,7 +131,7 @@ mod tests {
         let body: Vec<u8> = (0..MIN_BYTES * 2).map(|i| (i % 251) as u8).collect();
         let (file, bytes) = BodyFile::store(&body).expect("a large body gets a file");
         assert_eq!(&bytes[..], &body[..], "the mapping reads the body");
-        assert_eq!(file.len(), body.len() as u64);
+        assert_eq!(file.size(), body.len() as u64);
         // Sealed: nobody can write to it or shrink it.
         let dup = std::fs::File::from(file.fd.try_clone().unwrap());
         assert!(std::io::Write::write(&mut &dup, b"x").is_err());

@@ -11,6 +11,8 @@
 //! heads that do not parse or are too large) is given to hyper for good, which serves
 //! or rejects it exactly as it would without this path.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,8 +22,9 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{request, HeaderMap, Method, Request, Uri, Version};
-use hyper::service::service_fn;
+use http::{request, HeaderMap, Method, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -29,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{serve_gracefully, until_stopped, Http};
+use crate::body::ProxyBody;
 use crate::cache::body_file::BodyFile;
 use crate::proxy::{LocalHit, Proxy};
 
@@ -208,13 +212,13 @@ fn parse(buf: &mut BytesMut) -> Parse {
     }
     let bytes = buf.split_to(len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(bytes.slice(path)) else {
-        buf.unsplit_front(bytes);
+        put_back(buf, bytes);
         return Parse::NotPlainHttp1;
     };
     let mut map = HeaderMap::with_capacity(fields.len());
     for (name, value) in fields {
         let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(value)) else {
-            buf.unsplit_front(bytes);
+            put_back(buf, bytes);
             return Parse::NotPlainHttp1;
         };
         map.append(name, value);
@@ -234,18 +238,12 @@ fn parse(buf: &mut BytesMut) -> Parse {
     })
 }
 
-/// Puts bytes split off the front of a buffer back in front of it.
-trait UnsplitFront {
-    fn unsplit_front(&mut self, front: Bytes);
-}
-
-impl UnsplitFront for BytesMut {
-    fn unsplit_front(&mut self, front: Bytes) {
-        let mut joined = BytesMut::with_capacity(front.len() + self.len());
-        joined.extend_from_slice(&front);
-        joined.extend_from_slice(self);
-        *self = joined;
-    }
+/// Puts bytes split off the front of `buf` back in front of it.
+fn put_back(buf: &mut BytesMut, front: Bytes) {
+    let mut joined = BytesMut::with_capacity(front.len() + buf.len());
+    joined.extend_from_slice(&front);
+    joined.extend_from_slice(buf);
+    *buf = joined;
 }
 
 /// Writes a hit: prebuilt head, this response's own header lines, body.
@@ -308,8 +306,8 @@ async fn write_all(stream: &TcpStream, slices: &mut [IoSlice<'_>], more: bool) -
 /// Sends a body file with `sendfile`: the socket takes the file's pages, no copy.
 async fn send_file(stream: &TcpStream, file: &BodyFile) -> io::Result<()> {
     let mut offset = 0u64;
-    while offset < file.len() {
-        let left = usize::try_from(file.len() - offset).unwrap_or(usize::MAX);
+    while offset < file.size() {
+        let left = usize::try_from(file.size() - offset).unwrap_or(usize::MAX);
         let n = stream
             .async_io(Interest::WRITABLE, || {
                 Ok(rustix::fs::sendfile(stream, file, Some(&mut offset), left)?)
@@ -322,6 +320,23 @@ async fn send_file(stream: &TcpStream, file: &BodyFile) -> io::Result<()> {
     Ok(())
 }
 
+/// The proxy as a hyper service for requests from `peer`.
+fn proxy_service(
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<ProxyBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+> + Send
+       + 'static {
+    service_fn(move |req| {
+        let proxy = Arc::clone(&proxy);
+        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+    })
+}
+
 /// Lets hyper serve the one request whose bytes `io` holds. The connection comes back
 /// when hyper finished it cleanly and read nothing past it.
 async fn serve_one(
@@ -330,11 +345,7 @@ async fn serve_one(
     proxy: &Arc<Proxy>,
     http: &Http,
 ) -> Option<TcpStream> {
-    let proxy = Arc::clone(proxy);
-    let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-    });
+    let service = proxy_service(Arc::clone(proxy), peer);
     // Half-close on: the end of the request's bytes is not the client leaving.
     let conn = http.one_request.serve_connection(TokioIo::new(io), service);
     match conn.without_shutdown().await {
@@ -364,10 +375,7 @@ async fn hand_over(
         prefix,
         limit: None,
     };
-    let service = service_fn(move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, std::convert::Infallible>(proxy.handle(req, peer).await) }
-    });
+    let service = proxy_service(proxy, peer);
     let conn = http.any.serve_connection(TokioIo::new(io), service);
     serve_gracefully(conn, peer, stopped).await;
 }
