@@ -2,6 +2,7 @@
 //! client that talks to both over real sockets.
 #![allow(dead_code)]
 
+pub mod raw;
 pub mod redis;
 
 use std::future::Future;
@@ -110,15 +111,11 @@ impl Setup {
         self
     }
 
-    fn config(&self, origin: &Origin) -> Config {
+    fn config(&self, upstream: &str) -> Config {
         let text = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
              [cache]\n{}\n[lock]\n{}\n{}\n[[route]]\nname = \"t\"\nupstream = \"{}\"\n{}\n",
-            self.cache,
-            self.lock,
-            self.redis,
-            origin.url(),
-            self.route
+            self.cache, self.lock, self.redis, upstream, self.route
         );
         Config::parse(&text, "test.toml").expect("test config is valid")
     }
@@ -127,7 +124,7 @@ impl Setup {
         let origin = Origin::start(self.origin.clone())
             .await
             .expect("origin starts");
-        let config = self.config(&origin);
+        let config = self.config(&origin.url());
         let server = corral::start(&config).await.expect("corral starts");
         let h = Harness {
             origin,
@@ -137,6 +134,13 @@ impl Setup {
         };
         h.wait_for_fleet(&h.server).await;
         h
+    }
+
+    /// corral alone in front of `upstream` (such as a [`raw::RecordingOrigin`]).
+    pub async fn start_in_front_of(self, upstream: &str) -> Front {
+        let config = self.config(upstream);
+        let server = corral::start(&config).await.expect("corral starts");
+        Front { server, config }
     }
 
     /// `n` instances in front of one origin (sharing Redis, with `.redis(..)`).
@@ -149,6 +153,22 @@ impl Setup {
             others.push(server);
         }
         (h, others)
+    }
+}
+
+/// A corral in front of an upstream the test started itself.
+pub struct Front {
+    pub server: RunningServer,
+    pub config: Config,
+}
+
+impl Front {
+    pub fn addr(&self) -> SocketAddr {
+        self.server.listen_addr()
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.server.admin_addr().expect("admin listener configured")
     }
 }
 

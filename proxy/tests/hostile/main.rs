@@ -1,0 +1,8 @@
+//! The hostile-client suite: raw bytes from clients (and crafted values from origins
+//! and Redis) against a real corral in front of an origin that records exactly what it
+//! received. Each module is one class of attack from the README's Security section.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod smuggling;
