@@ -30,6 +30,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Runtime worker threads; `None`: one per core this process may use.
     pub workers: Option<usize>,
+    /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`, ...) are kept and
+    /// extended; from anyone else they are removed. Empty: no one is trusted.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub cache: CacheSettings,
     /// Fleet mode: the shared tier and fill lock in Redis. `None`: single instance.
     pub redis: Option<RedisSettings>,
@@ -149,6 +152,21 @@ pub struct RouteConfig {
     pub tag_header: Option<HeaderName>,
     pub wait_timeout: Duration,
     pub on_wait_timeout: OnWaitTimeout,
+    /// Whether paths may carry encoded slashes (`%2F`, `%5C`), forwarded as they are;
+    /// refused with `400` otherwise.
+    pub encoded_slashes: EncodedSlashes,
+}
+
+/// What a route does with a path that has an encoded slash or backslash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlashes {
+    /// Refuse the request (`400`): origins disagree on whether `%2F` separates segments,
+    /// so `/pub/..%2Finternal` could reach a path the route does not expose.
+    Reject,
+    /// Forward the path with the slash still encoded, for APIs that put identifiers
+    /// such as `group%2Fproject` in one segment.
+    Keep,
 }
 
 /// Why a configuration was refused.
@@ -221,6 +239,7 @@ struct FileConfig {
     admin_listen: Option<Text>,
     shutdown_grace: Option<Text>,
     workers: Option<Spanned<u32>>,
+    trusted_proxies: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     cache: FileCache,
     #[serde(default)]
@@ -295,6 +314,7 @@ struct FileRoute {
     tag_header: Option<Text>,
     wait_timeout: Option<Text>,
     on_wait_timeout: Option<OnWaitTimeout>,
+    encoded_slashes: Option<EncodedSlashes>,
 }
 
 fn yes() -> bool {
@@ -456,6 +476,31 @@ fn socket_addr(src: &Source, key: &str, value: &Text) -> Result<SocketAddr, Conf
     })
 }
 
+/// `trusted_proxies`: addresses (`10.0.0.1`) or networks (`10.0.0.0/8`).
+fn trusted_proxies(
+    src: &Source,
+    list: &Spanned<Vec<String>>,
+) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    list.get_ref()
+        .iter()
+        .map(|entry| {
+            let entry = entry.trim();
+            entry
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    src.error(
+                        list.span(),
+                        "trusted_proxies",
+                        format_args!(
+                            "{entry:?} is not an IP address or network (e.g. \"10.0.0.0/8\")"
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
 fn upstream_uri(src: &Source, key: &str, value: &Text) -> Result<Uri, ConfigError> {
     let fail = |why: &str| {
         src.error(
@@ -510,6 +555,11 @@ impl FileConfig {
             }
             Some(n) => Some(*n.get_ref() as usize),
             None => None,
+        };
+
+        let trusted_proxies = match &self.trusted_proxies {
+            Some(list) => trusted_proxies(src, list)?,
+            None => Vec::new(),
         };
 
         let max_bytes = match &self.cache.max_bytes {
@@ -575,6 +625,7 @@ impl FileConfig {
             admin_listen,
             shutdown_grace,
             workers,
+            trusted_proxies,
             cache: CacheSettings {
                 max_bytes,
                 max_object_bytes,
@@ -921,6 +972,7 @@ impl FileRoute {
             },
             wait_timeout,
             on_wait_timeout: self.on_wait_timeout.unwrap_or(on_wait_timeout),
+            encoded_slashes: self.encoded_slashes.unwrap_or(EncodedSlashes::Reject),
         })
     }
 }
@@ -1041,6 +1093,28 @@ mod tests {
         assert!(e.to_string().contains("shuffle"), "{e}");
         let e = err(&format!("{MINIMAL}cacheable_statuses = [200, 99]\n"));
         assert_eq!(e.key(), Some("route[0].cacheable_statuses"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let c = Config::parse(
+            &format!("trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n{MINIMAL}"),
+            "test.toml",
+        )
+        .unwrap();
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(c.trusted_proxies[0].contains(&"10.1.2.3".parse::<std::net::IpAddr>().unwrap()));
+        let e = err(&format!("trusted_proxies = [\"10.0.0.0/33\"]\n{MINIMAL}"));
+        assert_eq!(e.key(), Some("trusted_proxies"));
+        assert_eq!(e.line(), Some(1));
+    }
+
+    #[test]
+    fn encoded_slashes_are_refused_unless_kept() {
+        let c = Config::parse(MINIMAL, "test.toml").unwrap();
+        assert_eq!(c.routes[0].encoded_slashes, EncodedSlashes::Reject);
+        let c = Config::parse(&format!("{MINIMAL}encoded_slashes = \"keep\"\n"), "t").unwrap();
+        assert_eq!(c.routes[0].encoded_slashes, EncodedSlashes::Keep);
     }
 
     #[test]

@@ -6,13 +6,16 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::body::ProxyBody;
+use crate::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
 /// Why corral could not produce the upstream's response. Each variant records whose
-/// fault it was: the client's (`NoRoute`, `MethodNotAllowed`), the upstream's
+/// fault it was: the client's (`BadRequest`, `NoRoute`, `MethodNotAllowed`), the upstream's
 /// (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(#[from] BadRequest),
     #[error("no route matches the request")]
     NoRoute,
     #[error("method not allowed through a reverse proxy")]
@@ -34,6 +37,7 @@ impl ProxyError {
             }
         };
         match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(e) => by_kind(e.kind()),
@@ -45,6 +49,7 @@ impl ProxyError {
     /// A short token for `Cache-Status` details and logs.
     pub fn detail(&self) -> &'static str {
         match self {
+            ProxyError::BadRequest(bad) => bad.detail(),
             ProxyError::NoRoute => "no-route",
             ProxyError::MethodNotAllowed => "method",
             ProxyError::Upstream(e) => failure_detail(e.kind()),
@@ -67,6 +72,7 @@ fn failure_detail(kind: FailureKind) -> &'static str {
 pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let status = err.status();
     let body = match err {
+        ProxyError::BadRequest(_) => "bad request\n",
         ProxyError::NoRoute => "no route for this host and path\n",
         ProxyError::MethodNotAllowed => "method not allowed\n",
         _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",

@@ -1,6 +1,7 @@
 //! Header rules of a reverse proxy: hop-by-hop headers removed both ways (RFC 9110
 //! §7.6.1), `Via` added, and the client's address and the original host and scheme
-//! passed upstream in `X-Forwarded-*`.
+//! passed upstream in `X-Forwarded-*`. Forwarding headers are corral's own: those a
+//! client sent are removed unless it is a trusted proxy (see `request`).
 
 use std::net::IpAddr;
 
@@ -26,6 +27,36 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
+/// Headers through which proxies tell an upstream who the client was and what it
+/// asked for. Frameworks build links, redirects and access decisions from them, and
+/// the cache key does not see them: only corral (or a trusted proxy) may set them.
+const FORWARDING: [HeaderName; 12] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-host"),
+    HeaderName::from_static("x-original-host"),
+];
+
+/// Whether `name` is a forwarding header (see [`FORWARDING`]).
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    FORWARDING.contains(name)
+}
+
+/// Removes every forwarding header a client sent.
+pub fn strip_forwarding(headers: &mut HeaderMap) {
+    for name in &FORWARDING {
+        headers.remove(name);
+    }
+}
+
 /// Removes the hop-by-hop headers, including those that `Connection` names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
@@ -45,15 +76,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Prepares a client's request headers for the upstream: hop-by-hop removed,
-/// `X-Forwarded-For` extended with the client, `X-Forwarded-Proto` and
-/// `X-Forwarded-Host` set unless a proxy before us set them, `Via` appended.
+/// Adds corral's forwarding headers to a client's request headers, which
+/// `request::sanitize_headers` already cleaned: `X-Forwarded-For` extended with the
+/// client, `X-Forwarded-Proto` and `X-Forwarded-Host` set unless a trusted proxy
+/// before us set them (from anyone else they were removed), `Via` appended.
 pub fn forward_request(
     headers: &mut HeaderMap,
     client: IpAddr,
     original_host: Option<&HeaderValue>,
 ) {
-    strip_hop_by_hop(headers);
     let client = client.to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {client}"),

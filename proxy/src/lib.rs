@@ -7,6 +7,8 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file's types and their validation into typed settings.
+//! - [`request`]: what corral accepts from a client: host, path and headers normalised
+//!   once, for routing, keying and forwarding alike; ambiguous requests refused.
 //! - [`route`]: which route (upstream and cache policy) serves a request.
 //! - [`cache`]: keys, entries (with their prebuilt HTTP/1.1 heads, and large bodies in
 //!   sealed memory files), storage policy, and the tiers a lookup walks (local, then
@@ -39,6 +41,7 @@ pub mod lock;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
+pub mod request;
 pub mod route;
 pub mod server;
 pub mod status;

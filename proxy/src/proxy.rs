@@ -9,7 +9,7 @@
 //! future, so a client that disconnects does not cancel the fetch that others wait on;
 //! and if the task dies anyway, its dropped permit wakes the waiters to take over.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,15 +24,16 @@ use crate::cache::entry::CacheEntry;
 use crate::cache::policy::{self, PassReason, Verdict};
 use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome};
-use crate::config::{Config, OnWaitTimeout};
+use crate::config::{Config, EncodedSlashes, OnWaitTimeout};
 use crate::error::{error_response, ProxyError};
 use crate::fleet::{Claim, Coordinator, Fleet};
 use crate::headers;
 use crate::lock::{FillOutcome, FillPermit, LocalFillLock, LockAttempt};
 use crate::metrics::{Metrics, UpstreamReason};
-use crate::route::{self, Route, RouteTable};
+use crate::request::{self as client_request, BadRequest};
+use crate::route::{Route, RouteTable};
 use crate::status::{CacheStatus, Fwd};
-use crate::upstream::{BodyRead, FailureKind, Upstream};
+use crate::upstream::{BodyRead, FailureKind};
 
 /// How often one request re-runs lookup and lock after a holder failed or a filled
 /// variant did not match it, before it goes upstream on its own.
@@ -79,6 +80,7 @@ pub struct Proxy {
     fleet: Option<Arc<Coordinator>>,
     fills: Arc<LocalFillLock>,
     max_object_bytes: u64,
+    trusted_proxies: Vec<ipnet::IpNet>,
     metrics: Arc<Metrics>,
 }
 
@@ -104,11 +106,7 @@ impl Proxy {
         let routes = config
             .routes
             .iter()
-            .map(|rc| Route {
-                config: rc.clone(),
-                upstream: Upstream::new(rc),
-                metrics: metrics.for_route(&rc.name),
-            })
+            .map(|rc| Route::new(rc.clone(), metrics.for_route(&rc.name)))
             .collect();
         let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
         let mut cache = Cache::new(config.cache.max_bytes, local_ttl);
@@ -128,6 +126,7 @@ impl Proxy {
             cache,
             fills: LocalFillLock::new(),
             max_object_bytes: config.cache.max_object_bytes,
+            trusted_proxies: config.trusted_proxies.clone(),
             metrics,
         }
     }
@@ -217,27 +216,32 @@ impl Proxy {
             // A reverse proxy opens no tunnels.
             return error_response(&ProxyError::MethodNotAllowed);
         }
-        let host = route::request_host(req.uri(), req.headers());
-        let Some(route) = self.routes.find(host.as_deref(), req.uri().path()).cloned() else {
-            tracing::debug!(
-                host = host.as_deref().unwrap_or(""),
-                path = req.uri().path(),
-                "no route"
-            );
-            return error_response(&ProxyError::NoRoute);
+        let (mut head, body) = req.into_parts();
+        let trusted = self.trusts(client.ip());
+        let (host, route) = match self.admit(&mut head, trusted) {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                tracing::debug!(path = head.uri.path(), error = %err, "refused");
+                return error_response(&err);
+            }
         };
         // Debug level: a span per request costs on every hit; RUST_LOG=corral=debug shows it.
         let span = tracing::debug_span!(
             "request",
             route = %route.config.name,
-            method = %req.method(),
-            path = req.uri().path(),
+            method = %head.method,
+            path = head.uri.path(),
             key = field::Empty,
             cache = field::Empty,
         );
         let this = Arc::clone(self);
         async move {
-            let (res, status) = this.serve(&route, req, host.as_deref(), client).await;
+            let req = ClientRequest {
+                original_host: host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                head,
+                client: client.ip(),
+            };
+            let (res, status) = this.serve(&route, req, body, host.as_deref()).await;
             route.metrics.served(status.served);
             Span::current().record("cache", status.served.as_str());
             tracing::debug!(status = res.status().as_u16(), "served");
@@ -247,22 +251,74 @@ impl Proxy {
         .await
     }
 
+    /// Normalises a request in place (host, path, headers: see `request`) and finds its
+    /// route. Everything after this sees the request only as normalised, so what is
+    /// routed, what is keyed and what is forwarded cannot differ.
+    fn admit(
+        &self,
+        head: &mut request::Parts,
+        trusted_peer: bool,
+    ) -> Result<(Option<String>, Arc<Route>), ProxyError> {
+        let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?;
+        if let Some(normal) = client_request::normalize_target(&head.uri)? {
+            head.uri = http::Uri::from(normal);
+        }
+        let route = self.routes.find(host.as_deref(), head.uri.path()).cloned();
+        let Some(route) = route else {
+            tracing::debug!(
+                host = host.as_deref().unwrap_or(""),
+                path = head.uri.path(),
+                "no route"
+            );
+            return Err(ProxyError::NoRoute);
+        };
+        if route.config.encoded_slashes == EncodedSlashes::Reject
+            && client_request::encoded_slash(head.uri.path())
+        {
+            return Err(BadRequest::EncodedSlash.into());
+        }
+        client_request::sanitize_headers(&mut head.headers, trusted_peer);
+        Ok((host, route))
+    }
+
+    /// Whether `peer` is a configured trusted proxy, whose forwarding headers are kept.
+    fn trusts(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+
     /// The fast path's whole request path: a `GET` or `HEAD` whose route caches, with a
     /// fresh entry in the local cache that the client's conditionals do not turn into a
     /// `304`. Counted as a hit. `None`: the request takes [`Proxy::handle`], which
     /// decides everything else (and may still find a hit, in the shared tier).
+    ///
+    /// It keys the request exactly as [`Proxy::handle`] would: same host and path
+    /// normalisation; requests whose headers `handle` would change before keying
+    /// (`Connection`-named headers, forwarding headers a route keys on) or that would
+    /// bypass the cache are left to it.
     pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
         if !(req.method == Method::GET || req.method == Method::HEAD)
             || req.headers.contains_key(header::RANGE)
+            || client_request::rewrites_request(&req.headers)
+            || client_request::nominates_headers(&req.headers)
         {
             return None;
         }
-        let host = route::request_host(&req.uri, &req.headers);
-        let route = self.routes.find(host.as_deref(), req.uri.path())?;
-        if !route.config.cache {
+        let host = client_request::canonical_host(req.version, &req.uri, &req.headers).ok()?;
+        let normal = client_request::normalize_target(&req.uri).ok()?;
+        let uri = match normal {
+            Some(pq) => &http::Uri::from(pq),
+            None => &req.uri,
+        };
+        let route = self.routes.find(host.as_deref(), uri.path())?;
+        if !route.config.cache || route.keys_forwarding_headers {
             return None;
         }
-        let key = CacheKey::for_request(&route.config, host.as_deref(), &req.uri, &req.headers);
+        if route.config.encoded_slashes == EncodedSlashes::Reject
+            && client_request::encoded_slash(uri.path())
+        {
+            return None;
+        }
+        let key = CacheKey::for_request(&route.config, host.as_deref(), uri, &req.headers);
         let now = SystemTime::now();
         let entry = self.cache.local_fresh(&key, &req.headers, now)?;
         if entry.satisfies_conditional(&req.headers) {
@@ -280,41 +336,17 @@ impl Proxy {
     async fn serve(
         self: &Arc<Self>,
         route: &Arc<Route>,
-        req: Request<Incoming>,
+        req: ClientRequest,
+        body: Incoming,
         host: Option<&str>,
-        client: SocketAddr,
     ) -> (Response<ProxyBody>, CacheStatus) {
-        let (head, body) = req.into_parts();
-        let original_host = head.headers.get(header::HOST).cloned().or_else(|| {
-            head.uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        let req = ClientRequest {
-            head,
-            original_host,
-            client: client.ip(),
-        };
-
-        let method_cacheable = req.head.method == Method::GET || req.head.method == Method::HEAD;
-        if !route.config.cache || !method_cacheable || req.head.headers.contains_key(header::RANGE)
-        {
-            let fwd = if method_cacheable {
-                Fwd::Bypass
-            } else {
-                Fwd::Method
-            };
+        if let Some(status) = bypass(route, &req.head, &body) {
+            // Streamed as it came, with its own framing; never stored, never served
+            // from the cache (the key does not see the body or the rewriting header).
             return self
-                .pass(
-                    route,
-                    &req,
-                    ProxyBody::streaming(body),
-                    CacheStatus::bypass(fwd),
-                )
+                .pass(route, &req, ProxyBody::streaming(body), status)
                 .await;
         }
-        drop(body); // a GET or HEAD body has no meaning for the cache (RFC 9110 §9.3.1)
-
         let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);
         Span::current().record("key", field::display(&key));
         self.serve_cacheable(route, &req, key).await
@@ -955,6 +987,27 @@ fn note_upstream_status(route: &Route, status: StatusCode) {
             .upstream
             .faults
             .success(&route.config.name, route.upstream.display());
+    }
+}
+
+/// Why a request is not one for the cache at all, if it is not: a method other than
+/// GET and HEAD, a route without caching, a `Range`, a body (RFC 9110 §9.3.1 gives a
+/// GET body no meaning, but an origin may read it: the key does not), or a header that
+/// rewrites the request at the origin.
+fn bypass(route: &Route, head: &request::Parts, body: &Incoming) -> Option<CacheStatus> {
+    let method_cacheable = head.method == Method::GET || head.method == Method::HEAD;
+    if !method_cacheable {
+        return Some(CacheStatus::bypass(Fwd::Method));
+    }
+    let status = CacheStatus::bypass(Fwd::Bypass);
+    if !route.config.cache || head.headers.contains_key(header::RANGE) {
+        Some(status)
+    } else if !http_body::Body::is_end_stream(body) {
+        Some(status.with_detail("request-body"))
+    } else if client_request::rewrites_request(&head.headers) {
+        Some(status.with_detail("rewriting-header"))
+    } else {
+        None
     }
 }
 

@@ -16,6 +16,20 @@ pub struct Route {
     pub config: RouteConfig,
     pub upstream: Upstream,
     pub metrics: RouteMetrics,
+    /// The key names a forwarding header, which corral rewrites before keying: the
+    /// fast path, which keys the client's headers as sent, leaves such routes alone.
+    pub keys_forwarding_headers: bool,
+}
+
+impl Route {
+    pub fn new(config: RouteConfig, metrics: RouteMetrics) -> Route {
+        Route {
+            upstream: Upstream::new(&config),
+            keys_forwarding_headers: config.key_headers.iter().any(crate::headers::is_forwarding),
+            config,
+            metrics,
+        }
+    }
 }
 
 /// All routes, ordered most specific first so the first match is the best.
@@ -58,24 +72,6 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
     }
 }
 
-/// The request's host, lowercase and without port: from the URI when absolute-form or
-/// HTTP/2, else from the `Host` header.
-pub fn request_host(uri: &http::Uri, headers: &http::HeaderMap) -> Option<String> {
-    let raw = match uri.host() {
-        Some(h) => h,
-        None => headers.get(http::header::HOST)?.to_str().ok()?,
-    };
-    let host = if raw.starts_with('[') {
-        // An IPv6 literal keeps its colons inside the brackets.
-        raw.split_inclusive(']').next().unwrap_or(raw)
-    } else {
-        raw.rsplit_once(':')
-            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
-            .map_or(raw, |(h, _)| h)
-    };
-    Some(host.trim_end_matches('.').to_ascii_lowercase())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,26 +84,5 @@ mod tests {
         assert!(!prefix_matches("/api", "/apix"));
         assert!(prefix_matches("/api/", "/api/x"));
         assert!(!prefix_matches("/api/", "/api"));
-    }
-
-    fn host_of(req: &http::Request<()>) -> Option<String> {
-        request_host(req.uri(), req.headers())
-    }
-
-    #[test]
-    fn host_is_lowercased_without_port() {
-        let req = |host: &str| {
-            http::Request::builder()
-                .uri("/")
-                .header("host", host)
-                .body(())
-                .unwrap()
-        };
-        assert_eq!(
-            host_of(&req("Example.COM:8080")).as_deref(),
-            Some("example.com")
-        );
-        assert_eq!(host_of(&req("example.com")).as_deref(), Some("example.com"));
-        assert_eq!(host_of(&req("[::1]:80")).as_deref(), Some("[::1]"));
     }
 }

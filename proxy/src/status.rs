@@ -173,6 +173,12 @@ impl CacheStatus {
         }
     }
 
+    /// Adds why the cache stood aside (`request-body`, `rewriting-header`).
+    pub fn with_detail(mut self, detail: &'static str) -> CacheStatus {
+        self.detail = Some(detail);
+        self
+    }
+
     /// No response could be had; `detail` says why.
     pub fn error(fwd: Option<Fwd>, detail: &'static str) -> CacheStatus {
         CacheStatus {

@@ -156,6 +156,7 @@ impl Upstream {
             _ => self.host.clone(),
         };
         headers.insert(header::HOST, host);
+        set_framing(&mut headers, &method, &body);
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = uri;
@@ -191,6 +192,27 @@ impl Upstream {
 
     pub fn display(&self) -> &str {
         &self.display
+    }
+}
+
+/// Frames an upstream request from the body it carries, never from the client's
+/// headers: a length can then never travel without its bytes (the smuggling a GET whose
+/// body was dropped would otherwise open). Set explicitly, because hyper's client sends
+/// no chunked body for a GET of unknown length.
+fn set_framing(headers: &mut HeaderMap, method: &Method, body: &ProxyBody) {
+    headers.remove(header::CONTENT_LENGTH);
+    headers.remove(header::TRANSFER_ENCODING);
+    match body.size_hint().exact() {
+        Some(0) if method == Method::GET || method == Method::HEAD => {}
+        Some(len) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        None => {
+            headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
     }
 }
 

@@ -1,31 +1,154 @@
 //! Request smuggling: what the origin receives is always a correctly framed message,
-//! whatever framing the client tried.
+//! whatever framing the client tried. A GET or HEAD with a body is forwarded with its
+//! bytes (and bypasses the cache); a length never travels without its bytes.
 
-use crate::support::raw::{exchange, RecordingOrigin};
-use crate::support::Setup;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
-#[tokio::test]
-async fn get_body_is_forwarded_with_its_bytes_or_not_at_all() {
+use crate::support::raw::{exchange, RawClient, Received, RecordingOrigin};
+use crate::support::{Front, Setup};
+
+/// A request whose body is a whole second request: if corral forwarded the length
+/// without the bytes, the origin would read the next request into it, or wait.
+const SMUGGLED: &[u8] = b"GET /internal HTTP/1.1\r\nhost: x\r\n\r\n";
+
+async fn start() -> (RecordingOrigin, Front) {
     let origin = RecordingOrigin::start().await;
     let corral = Setup::default().start_in_front_of(&origin.url()).await;
-    // The "body" is a whole second request: if corral forwarded the length without
-    // the bytes, the origin would read the next request into it (or wait forever).
-    let smuggled = b"GET /internal HTTP/1.1\r\nhost: x\r\n\r\n";
-    let req = format!(
-        "GET /x HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n",
-        smuggled.len()
+    (origin, corral)
+}
+
+/// Every request the origin got declared exactly the bytes it carried, and nothing
+/// reached it that the client did not ask for as a request of its own.
+fn assert_framed(origin: &RecordingOrigin) {
+    assert!(origin.garbled().is_empty(), "{:?}", origin.received());
+    assert!(origin.received_for("/internal").is_empty());
+    for r in origin.received() {
+        assert!(r.header_count("content-length") <= 1, "{r:?}");
+        assert!(
+            !(r.header("content-length").is_some() && r.header("transfer-encoding").is_some()),
+            "{r:?}"
+        );
+        if let Some(declared) = r.header("content-length") {
+            assert_eq!(declared.parse::<usize>().unwrap(), r.body.len(), "{r:?}");
+        }
+    }
+}
+
+fn with_body(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut raw = format!(
+        "{method} {path} HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+async fn only(origin: &RecordingOrigin, path: &str) -> Received {
+    let got = origin.received_for(path);
+    assert_eq!(got.len(), 1, "{got:?}");
+    got.into_iter().next().unwrap()
+}
+
+#[tokio::test]
+async fn get_body_is_forwarded_with_its_bytes_and_bypasses_the_cache() {
+    let (origin, corral) = start().await;
+    let mut conn = RawClient::connect(corral.addr()).await;
+    let res = conn.exchange(&with_body("GET", "/x", SMUGGLED)).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(
+        res.cache_status(),
+        "corral; fwd=bypass; detail=request-body"
     );
-    let mut raw = req.into_bytes();
-    raw.extend_from_slice(smuggled);
+    // The same connection, and a fresh one, carry on in step.
+    let next = conn.exchange(b"GET /y HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(next.text(), "answer to GET /y");
+    origin.wait_for(2).await;
+    assert_eq!(only(&origin, "/x").await.body, SMUGGLED);
+    assert_framed(&origin);
+    // Not stored: a plain GET of /x goes to the origin, which answers it afresh.
+    let plain = exchange(corral.addr(), b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(plain.cache_status().contains("fwd=miss"), "{plain:?}");
+    assert_eq!(origin.received_for("/x").len(), 2);
+}
+
+#[tokio::test]
+async fn head_body_is_forwarded_with_its_bytes() {
+    let (origin, corral) = start().await;
+    let res = exchange(corral.addr(), &with_body("HEAD", "/h", SMUGGLED)).await;
+    assert_eq!(res.status, 200);
+    origin.wait_for(1).await;
+    assert_eq!(only(&origin, "/h").await.body, SMUGGLED);
+    assert_framed(&origin);
+}
+
+#[tokio::test]
+async fn chunked_get_body_is_forwarded_chunked() {
+    let (origin, corral) = start().await;
+    let mut raw = b"GET /c HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    raw.extend_from_slice(format!("{:x}\r\n", SMUGGLED.len()).as_bytes());
+    raw.extend_from_slice(SMUGGLED);
+    raw.extend_from_slice(b"\r\n0\r\n\r\n");
     let res = exchange(corral.addr(), &raw).await;
     assert_eq!(res.status, 200, "{res:?}");
-    let next = exchange(corral.addr(), b"GET /y HTTP/1.1\r\nhost: a\r\n\r\n").await;
-    assert_eq!(next.text(), "answer to GET /y");
-    let got = origin.wait_for(2).await;
-    assert!(origin.received_for("/internal").is_empty(), "{got:?}");
-    assert!(origin.garbled().is_empty());
-    for r in &got {
-        let declared: usize = r.header("content-length").map_or(0, |v| v.parse().unwrap());
-        assert_eq!(declared, r.body.len(), "framing of {r:?}");
-    }
+    assert_eq!(
+        res.cache_status(),
+        "corral; fwd=bypass; detail=request-body"
+    );
+    origin.wait_for(1).await;
+    assert_eq!(only(&origin, "/c").await.body, SMUGGLED);
+    assert_framed(&origin);
+}
+
+#[tokio::test]
+async fn a_bodiless_get_keeps_the_cache_and_sends_no_length() {
+    let (origin, corral) = start().await;
+    let raw = b"GET /z HTTP/1.1\r\nhost: a\r\ncontent-length: 0\r\n\r\n";
+    let first = exchange(corral.addr(), raw).await;
+    assert!(first.cache_status().contains("stored"), "{first:?}");
+    let second = exchange(corral.addr(), raw).await;
+    assert!(
+        second.cache_status().starts_with("corral; hit"),
+        "{second:?}"
+    );
+    let got = only(&origin, "/z").await;
+    assert_eq!(got.header("content-length"), None, "{got:?}");
+    assert!(got.body.is_empty());
+}
+
+#[tokio::test]
+async fn post_bodies_keep_their_framing() {
+    let (origin, corral) = start().await;
+    let res = exchange(corral.addr(), &with_body("POST", "/p", b"hello")).await;
+    assert_eq!(res.status, 200);
+    let got = only(&origin, "/p").await;
+    assert_eq!(got.header("content-length").as_deref(), Some("5"));
+    assert_eq!(got.body, b"hello");
+    assert_framed(&origin);
+}
+
+#[tokio::test]
+async fn h2c_get_body_is_forwarded_with_its_bytes() {
+    let (origin, corral) = start().await;
+    let stream = tokio::net::TcpStream::connect(corral.addr()).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/h2", corral.addr()))
+        .header("content-length", SMUGGLED.len())
+        .body(Full::new(Bytes::from_static(SMUGGLED)))
+        .unwrap();
+    let res = send.send_request(req).await.expect("h2 response");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["cache-status"],
+        "corral; fwd=bypass; detail=request-body"
+    );
+    res.into_body().collect().await.unwrap();
+    assert_eq!(only(&origin, "/h2").await.body, SMUGGLED);
+    assert_framed(&origin);
 }
