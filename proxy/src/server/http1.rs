@@ -447,3 +447,7 @@ impl AsyncWrite for HandedIo {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[path = "http1_props.rs"]
+mod props;

@@ -152,3 +152,77 @@ async fn h2c_get_body_is_forwarded_with_its_bytes() {
     assert_eq!(only(&origin, "/h2").await.body, SMUGGLED);
     assert_framed(&origin);
 }
+
+/// One request as a hostile client might frame it.
+#[derive(Debug, Clone)]
+enum Framing {
+    None,
+    Length(Vec<u8>),
+    Chunked(Vec<u8>),
+    /// A zero length, then bytes that are no request at all.
+    ZeroThenGarbage,
+}
+
+fn render(method: &str, path: &str, framing: &Framing) -> Vec<u8> {
+    let mut raw = format!("{method} {path} HTTP/1.1\r\nhost: a\r\n").into_bytes();
+    match framing {
+        Framing::None => raw.extend_from_slice(b"\r\n"),
+        Framing::Length(body) => {
+            raw.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+            raw.extend_from_slice(body);
+        }
+        Framing::Chunked(body) => {
+            raw.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+            if !body.is_empty() {
+                raw.extend_from_slice(format!("{:x}\r\n", body.len()).as_bytes());
+                raw.extend_from_slice(body);
+                raw.extend_from_slice(b"\r\n");
+            }
+            raw.extend_from_slice(b"0\r\n\r\n");
+        }
+        Framing::ZeroThenGarbage => {
+            raw.extend_from_slice(b"content-length: 0\r\n\r\n\x01garbage\r\n\r\n");
+        }
+    }
+    raw
+}
+
+fn framing() -> impl proptest::strategy::Strategy<Value = Framing> {
+    use proptest::prelude::*;
+    let body = || proptest::collection::vec(any::<u8>(), 0..48);
+    prop_oneof![
+        Just(Framing::None),
+        body().prop_map(Framing::Length),
+        body().prop_map(Framing::Chunked),
+        Just(Framing::ZeroThenGarbage),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Pipelined pairs of requests, framed any way a client may: every request the
+    /// origin receives carries exactly the bytes its framing declares, and nothing
+    /// reaches it that was not sent as a request of its own.
+    #[test]
+    fn forwarded_requests_stay_framed(
+        first in (proptest::prelude::prop_oneof!["GET", "HEAD", "POST"], framing()),
+        second in (proptest::prelude::prop_oneof!["GET", "HEAD", "POST"], framing()),
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (origin, corral) = start().await;
+            let mut conn = RawClient::connect(corral.addr()).await;
+            let mut raw = render(&first.0, "/one", &first.1);
+            raw.extend(render(&second.0, "/two", &second.1));
+            conn.send(&raw).await;
+            conn.response(first.0 == "HEAD").await;
+            // After a request with trailing garbage corral may answer 400 and close.
+            if !matches!(first.1, Framing::ZeroThenGarbage) {
+                conn.response(second.0 == "HEAD").await;
+            }
+            assert_framed(&origin);
+            corral.server.shutdown().await;
+        });
+    }
+}

@@ -76,6 +76,8 @@ pub struct Setup {
     pub route: String,
     /// A `[redis]` section (fleet mode).
     pub redis: String,
+    /// Top-level lines (before any section).
+    pub top: String,
 }
 
 impl Setup {
@@ -89,6 +91,12 @@ impl Setup {
     pub fn route(mut self, lines: &str) -> Setup {
         self.route.push_str(lines);
         self.route.push('\n');
+        self
+    }
+
+    pub fn top(mut self, lines: &str) -> Setup {
+        self.top.push_str(lines);
+        self.top.push('\n');
         self
     }
 
@@ -114,8 +122,9 @@ impl Setup {
 
     fn config(&self, upstream: &str) -> Config {
         let text = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n\
              [cache]\n{}\n[lock]\n{}\n{}\n[[route]]\nname = \"t\"\nupstream = \"{}\"\n{}\n",
+            self.top,
             self.cache, self.lock, self.redis, upstream, self.route
         );
         Config::parse(&text, "test.toml").expect("test config is valid")
