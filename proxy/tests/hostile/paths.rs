@@ -62,6 +62,7 @@ async fn ambiguous_paths_are_refused() {
         "/pub/a%00",
         "/pub/a%zz",
         "/pub/a%2",
+        "/pub\\..\\internal",
     ] {
         let res = exchange(corral.addr(), &get(path)).await;
         assert_eq!(res.status, 400, "{path}: {res:?}");
