@@ -113,7 +113,7 @@ impl Proxy {
             })
             .collect();
         let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
-        let tags = TagRules::from_routes(&config.routes);
+        let tags = TagRules::from_routes(&config.routes, &metrics);
         let mut cache = Cache::tagged(config.cache.max_bytes, local_ttl, tags);
         let fleet = config.redis.clone().map(|settings| {
             let fleet = Fleet::start(

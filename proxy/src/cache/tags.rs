@@ -2,13 +2,15 @@
 //! bounded so that no response can make corral do unbounded work per fill.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::HeaderName;
 use http::HeaderMap;
+use prometheus_client::metrics::counter::Counter;
 
 use crate::config::RouteConfig;
+use crate::metrics::Metrics;
 
 /// A tag longer than this is dropped (not truncated: two long tags cut to the same
 /// prefix would purge each other's entries). Fastly's limit for a surrogate key.
@@ -32,7 +34,8 @@ struct TagRule {
     /// Set by the first response whose tags were cut, which logs it: a misbehaving
     /// origin says so once, not on every fill.
     warned: AtomicBool,
-    dropped: AtomicU64,
+    /// `corral_tags_dropped_total{route}`.
+    dropped: Counter,
 }
 
 /// The tag settings of every route that has a `tag_header`. Cheap to clone.
@@ -42,7 +45,7 @@ pub struct TagRules {
 }
 
 impl TagRules {
-    pub fn from_routes(routes: &[RouteConfig]) -> TagRules {
+    pub fn from_routes(routes: &[RouteConfig], metrics: &Metrics) -> TagRules {
         let by_route = routes
             .iter()
             .filter_map(|r| {
@@ -51,7 +54,7 @@ impl TagRules {
                     header,
                     max_tags: r.max_tags,
                     warned: AtomicBool::new(false),
-                    dropped: AtomicU64::new(0),
+                    dropped: metrics.tags_dropped(&r.name),
                 };
                 Some((r.name.clone(), rule))
             })
@@ -77,7 +80,7 @@ impl TagRules {
     pub fn tags_to_store<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
         let (kept, dropped) = self.select(route, headers);
         if let (Some(rule), true) = (self.by_route.get(route), dropped > 0) {
-            rule.dropped.fetch_add(dropped, Ordering::Relaxed);
+            rule.dropped.inc_by(dropped);
             if !rule.warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     route,
@@ -114,9 +117,7 @@ impl TagRules {
 
     /// How many tags `route`'s responses have had dropped so far.
     pub fn dropped(&self, route: &str) -> u64 {
-        self.by_route
-            .get(route)
-            .map_or(0, |r| r.dropped.load(Ordering::Relaxed))
+        self.by_route.get(route).map_or(0, |r| r.dropped.get())
     }
 }
 
@@ -129,7 +130,7 @@ mod tests {
         let text = format!(
             "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\ntag_header = \"surrogate-key\"\n{extra}\n"
         );
-        TagRules::from_routes(&Config::parse(&text, "t").unwrap().routes)
+        TagRules::from_routes(&Config::parse(&text, "t").unwrap().routes, &Metrics::new())
     }
 
     fn headers(value: &str) -> HeaderMap {

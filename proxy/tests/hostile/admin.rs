@@ -449,6 +449,13 @@ async fn many_tags_are_bounded_and_written_to_redis_in_one_transaction() {
         .await
         .unwrap();
     assert!(ttl > 0, "tag sets expire with their entries (pttl {ttl})");
+    let metrics = exchange(admin(&server), b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(
+        metrics
+            .text()
+            .contains("corral_tags_dropped_total{route=\"t\"} 4992"),
+        "the dropped tags are counted"
+    );
 }
 
 /// `INFO commandstats` as command -> calls.
