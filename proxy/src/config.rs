@@ -7,6 +7,7 @@
 //! line and the key, so an operator can fix it without guessing.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -26,6 +27,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where `/healthz` and `/metrics` are served; none when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token `POST /purge` requires; `None`: purges need none (then the
+    /// admin listener must be on a loopback address).
+    pub admin_token: Option<AdminToken>,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_grace: Duration,
     /// Runtime worker threads; `None`: one per core this process may use.
@@ -150,6 +154,9 @@ pub struct RouteConfig {
     pub preserve_host: bool,
     /// The response header listing an entry's tags for purging (e.g. `Surrogate-Key`).
     pub tag_header: Option<HeaderName>,
+    /// At most this many tags of one response are kept (the first ones); the rest are
+    /// dropped, so that a response cannot make corral do unbounded work per fill.
+    pub max_tags: usize,
     pub wait_timeout: Duration,
     pub on_wait_timeout: OnWaitTimeout,
     /// Whether paths may carry encoded slashes (`%2F`, `%5C`), forwarded as they are;
@@ -169,6 +176,80 @@ pub enum EncodedSlashes {
     Keep,
 }
 
+/// The admin token: a secret that is never logged, printed or formatted (`Debug`
+/// shows where it came from, not what it is).
+#[derive(Clone)]
+pub struct AdminToken {
+    secret: String,
+    pub source: TokenSource,
+}
+
+/// Where the admin token was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    File,
+    /// [`ADMIN_TOKEN_ENV`], which wins over the file.
+    Environment,
+}
+
+/// The environment variable that sets the admin token, over `admin_token` in the file
+/// (so the secret can stay out of a file that is checked in or widely readable).
+pub const ADMIN_TOKEN_ENV: &str = "CORRAL_ADMIN_TOKEN";
+
+/// Shortest admin token accepted: a guessable token on a public port is no token.
+const MIN_TOKEN_LEN: usize = 16;
+const MAX_TOKEN_LEN: usize = 4096;
+
+impl AdminToken {
+    /// Whether `presented` is the token, in time that does not depend on where they
+    /// differ (only on the length, which is not secret enough to matter).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.secret.as_bytes().ct_eq(presented))
+    }
+
+    /// Checks a token's form; the error says what is wrong, never the token.
+    fn new(secret: &str, source: TokenSource) -> Result<AdminToken, String> {
+        if secret.len() < MIN_TOKEN_LEN || secret.len() > MAX_TOKEN_LEN {
+            return Err(format!(
+                "must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} characters long (e.g. `openssl rand -hex 32`), not {}",
+                secret.len()
+            ));
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be printable ASCII without spaces (it is sent as `Authorization: Bearer <token>`)".to_string());
+        }
+        Ok(AdminToken {
+            secret: secret.to_string(),
+            source,
+        })
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminToken(*** from {:?})", self.source)
+    }
+}
+
+/// The settings corral reads from its environment rather than the file. Passed in, not
+/// read where used, so that tests (one process, many threads) need not touch the real
+/// environment.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// [`ADMIN_TOKEN_ENV`]'s value, if set.
+    pub admin_token: Option<OsString>,
+}
+
+impl Environment {
+    /// This process's environment.
+    pub fn from_process() -> Environment {
+        Environment {
+            admin_token: std::env::var_os(ADMIN_TOKEN_ENV),
+        }
+    }
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -186,6 +267,8 @@ pub enum ConfigError {
         key: String,
         message: String,
     },
+    #[error("{var} (environment): {message}")]
+    Environment { var: &'static str, message: String },
 }
 
 impl ConfigError {
@@ -193,6 +276,7 @@ impl ConfigError {
     pub fn key(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Environment { var, .. } => Some(var),
             ConfigError::Read { .. } => None,
         }
     }
@@ -201,30 +285,47 @@ impl ConfigError {
     pub fn line(&self) -> Option<usize> {
         match self {
             ConfigError::Invalid { line, .. } => Some(*line),
-            ConfigError::Read { .. } => None,
+            ConfigError::Read { .. } | ConfigError::Environment { .. } => None,
         }
     }
 }
+
+/// Tags kept per response by default: more than any real page needs (Fastly's
+/// pages carry a handful), few enough that a fill's tag writes stay one small batch.
+const DEFAULT_MAX_TAGS: usize = 64;
+/// The most `max_tags` may be set to.
+const MAX_TAGS_LIMIT: u32 = 4096;
 
 /// Status codes RFC 9110 §15.1 calls heuristically cacheable; the default list.
 const DEFAULT_CACHEABLE_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
 
 impl Config {
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`, with this process's environment (what
+    /// the `corral` command does).
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        Config::load_with(path, &Environment::from_process())
+    }
+
+    /// Reads and validates the file at `path`, with `env` for the environment.
+    pub fn load_with(path: impl AsRef<Path>, env: &Environment) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        Config::parse_with(&text, &path.display().to_string(), env)
     }
 
-    /// Validates `text`; `path` only names the source in errors.
+    /// Validates `text` alone (no environment); `path` only names the source in errors.
     pub fn parse(text: &str, path: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, path, &Environment::default())
+    }
+
+    /// Validates `text` with `env` for the environment.
+    pub fn parse_with(text: &str, path: &str, env: &Environment) -> Result<Config, ConfigError> {
         let source = Source { path, text };
         let file: FileConfig = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
-        file.validate(&source)
+        file.validate(&source, env)
     }
 }
 
@@ -237,6 +338,7 @@ type Text = Spanned<String>;
 struct FileConfig {
     listen: Text,
     admin_listen: Option<Text>,
+    admin_token: Option<Text>,
     shutdown_grace: Option<Text>,
     workers: Option<Spanned<u32>>,
     trusted_proxies: Option<Spanned<Vec<String>>>,
@@ -312,6 +414,7 @@ struct FileRoute {
     #[serde(default)]
     preserve_host: bool,
     tag_header: Option<Text>,
+    max_tags: Option<Spanned<u32>>,
     wait_timeout: Option<Text>,
     on_wait_timeout: Option<OnWaitTimeout>,
     encoded_slashes: Option<EncodedSlashes>,
@@ -527,20 +630,69 @@ fn upstream_uri(src: &Source, key: &str, value: &Text) -> Result<Uri, ConfigErro
     Ok(uri)
 }
 
+/// The admin token from the environment (which wins) or the file.
+fn admin_token(
+    src: &Source,
+    file: Option<&Text>,
+    env: &Environment,
+) -> Result<Option<AdminToken>, ConfigError> {
+    if let Some(value) = &env.admin_token {
+        let fail = |message: String| ConfigError::Environment {
+            var: ADMIN_TOKEN_ENV,
+            message,
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| fail("is not valid UTF-8".to_string()))?;
+        return AdminToken::new(text, TokenSource::Environment)
+            .map(Some)
+            .map_err(fail);
+    }
+    file.map(|t| {
+        AdminToken::new(t.get_ref(), TokenSource::File)
+            .map_err(|message| src.error(t.span(), "admin_token", message))
+    })
+    .transpose()
+}
+
+/// The admin listener's address, refused on a non-loopback address without a token:
+/// purges would then be open to whoever can reach the port.
+fn admin_listen(
+    src: &Source,
+    text: Option<&Text>,
+    listen: SocketAddr,
+    token: Option<&AdminToken>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(text) = text else { return Ok(None) };
+    let admin = socket_addr(src, "admin_listen", text)?;
+    // Port 0 asks the OS for a free port each, so those never collide.
+    if admin == listen && admin.port() != 0 {
+        return Err(src.error(text.span(), "admin_listen", "must differ from `listen`"));
+    }
+    if token.is_none() && !admin.ip().to_canonical().is_loopback() {
+        return Err(src.error(
+            text.span(),
+            "admin_listen",
+            format_args!(
+                "{admin} is not a loopback address, and no admin token is set: anyone who \
+                 can reach it could purge the cache. Set admin_token (or {ADMIN_TOKEN_ENV}), \
+                 or listen on 127.0.0.1"
+            ),
+        ));
+    }
+    Ok(Some(admin))
+}
+
 impl FileConfig {
-    fn validate(self, src: &Source) -> Result<Config, ConfigError> {
+    fn validate(self, src: &Source, env: &Environment) -> Result<Config, ConfigError> {
         let listen = socket_addr(src, "listen", &self.listen)?;
-        let admin_listen = self
-            .admin_listen
-            .as_ref()
-            .map(|v| socket_addr(src, "admin_listen", v))
-            .transpose()?;
-        if let (Some(admin), Some(text)) = (admin_listen, &self.admin_listen) {
-            // Port 0 asks the OS for a free port each, so those never collide.
-            if admin == listen && admin.port() != 0 {
-                return Err(src.error(text.span(), "admin_listen", "must differ from `listen`"));
-            }
-        }
+        let admin_token = admin_token(src, self.admin_token.as_ref(), env)?;
+        let admin_listen = admin_listen(
+            src,
+            self.admin_listen.as_ref(),
+            listen,
+            admin_token.as_ref(),
+        )?;
         let shutdown_grace = optional(
             src,
             "shutdown_grace",
@@ -623,6 +775,7 @@ impl FileConfig {
         Ok(Config {
             listen,
             admin_listen,
+            admin_token,
             shutdown_grace,
             workers,
             trusted_proxies,
@@ -912,6 +1065,18 @@ impl FileRoute {
             key_headers.push(name);
         }
 
+        let max_tags = match &self.max_tags {
+            Some(n) if !(1..=MAX_TAGS_LIMIT).contains(n.get_ref()) => {
+                return Err(src.error(
+                    n.span(),
+                    k("max_tags"),
+                    format_args!("must be between 1 and {MAX_TAGS_LIMIT}"),
+                ));
+            }
+            Some(n) => *n.get_ref() as usize,
+            None => DEFAULT_MAX_TAGS,
+        };
+
         let cacheable_statuses = match &self.cacheable_statuses {
             Some(list) => {
                 let mut statuses = Vec::new();
@@ -970,6 +1135,7 @@ impl FileRoute {
                 ),
                 None => None,
             },
+            max_tags,
             wait_timeout,
             on_wait_timeout: self.on_wait_timeout.unwrap_or(on_wait_timeout),
             encoded_slashes: self.encoded_slashes.unwrap_or(EncodedSlashes::Reject),
@@ -1164,6 +1330,83 @@ mod tests {
         ));
         assert_eq!(e.key(), Some("redis.url"), "{e}");
         assert_eq!(e.line(), Some(3));
+    }
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+    fn env(token: &str) -> Environment {
+        Environment {
+            admin_token: Some(token.into()),
+        }
+    }
+
+    #[test]
+    fn public_admin_listen_needs_a_token() {
+        let public = format!("admin_listen = \"0.0.0.0:9090\"\n{MINIMAL}");
+        let e = err(&public);
+        assert_eq!((e.key(), e.line()), (Some("admin_listen"), Some(1)), "{e}");
+        assert!(e.to_string().starts_with("test.toml:1:"), "{e}");
+        assert!(e.to_string().contains(ADMIN_TOKEN_ENV), "{e}");
+        for addr in ["[::]:9090", "10.0.0.1:9090", "[::ffff:10.0.0.1]:9090"] {
+            let e = err(&format!("admin_listen = \"{addr}\"\n{MINIMAL}"));
+            assert_eq!(e.key(), Some("admin_listen"), "{addr}: {e}");
+        }
+        for addr in [
+            "127.0.0.1:9090",
+            "127.1.2.3:0",
+            "[::1]:9090",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            Config::parse(&format!("admin_listen = \"{addr}\"\n{MINIMAL}"), "t")
+                .unwrap_or_else(|e| panic!("{addr}: {e}"));
+        }
+        let with_file = format!("admin_token = \"{TOKEN}\"\n{public}");
+        let c = Config::parse(&with_file, "t").unwrap();
+        assert_eq!(c.admin_token.unwrap().source, TokenSource::File);
+        let c = Config::parse_with(&public, "t", &env(TOKEN)).unwrap();
+        let token = c.admin_token.unwrap();
+        assert_eq!(token.source, TokenSource::Environment);
+        assert!(token.matches(TOKEN.as_bytes()));
+    }
+
+    #[test]
+    fn the_environment_token_wins_and_is_checked() {
+        let text = format!("admin_token = \"{TOKEN}\"\n{MINIMAL}");
+        let other = "fedcba9876543210fedcba9876543210";
+        let token = Config::parse_with(&text, "t", &env(other))
+            .unwrap()
+            .admin_token
+            .unwrap();
+        assert!(token.matches(other.as_bytes()) && !token.matches(TOKEN.as_bytes()));
+        let e = Config::parse_with(&text, "t", &env("short")).unwrap_err();
+        assert_eq!(e.key(), Some(ADMIN_TOKEN_ENV), "{e}");
+        assert!(!e.to_string().contains("short"), "never echo a token: {e}");
+    }
+
+    #[test]
+    fn bad_file_tokens_are_refused_without_being_echoed() {
+        for bad in ["tooshort", "has a space in it, sixteen+", ""] {
+            let e = err(&format!("admin_token = \"{bad}\"\n{MINIMAL}"));
+            assert_eq!((e.key(), e.line()), (Some("admin_token"), Some(1)), "{e}");
+            assert!(bad.is_empty() || !e.to_string().contains(bad), "{e}");
+        }
+        let c = Config::parse(&format!("admin_token = \"{TOKEN}\"\n{MINIMAL}"), "t").unwrap();
+        assert!(!format!("{c:?}").contains(TOKEN), "Debug hides the token");
+    }
+
+    #[test]
+    fn max_tags_defaults_to_64_and_is_bounded() {
+        assert_eq!(Config::parse(MINIMAL, "t").unwrap().routes[0].max_tags, 64);
+        let c = Config::parse(&format!("{MINIMAL}max_tags = 8\n"), "t").unwrap();
+        assert_eq!(c.routes[0].max_tags, 8);
+        for bad in ["0", "5000", "-1"] {
+            let e = err(&format!("{MINIMAL}max_tags = {bad}\n"));
+            assert_eq!(
+                (e.key(), e.line()),
+                (Some("route[0].max_tags"), Some(5)),
+                "{e}"
+            );
+        }
     }
 
     #[test]

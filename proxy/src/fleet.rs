@@ -138,8 +138,14 @@ impl Fleet {
         format!("{}tag:{tag}", self.settings.key_prefix)
     }
 
-    fn channel(&self) -> String {
+    /// The channel fill and purge events go out on.
+    pub(crate) fn channel(&self) -> String {
         format!("{}events", self.settings.key_prefix)
+    }
+
+    /// The message that tells the fleet `event` happened to `key`.
+    pub(crate) fn event_message(&self, key: &CacheKey, event: FillEvent) -> String {
+        format!("{} {} {}", event.code(), self.instance, key.as_str())
     }
 
     /// Connected for commands and subscribed to events.
@@ -216,7 +222,7 @@ impl Fleet {
 
     /// Tells the fleet how a fill of `key` ended.
     pub async fn publish(&self, key: &CacheKey, event: FillEvent) {
-        let message = format!("{} {} {}", event.code(), self.instance, key.as_str());
+        let message = self.event_message(key, event);
         let channel = self.channel();
         self.run("publish", |mut c| async move {
             redis::cmd("PUBLISH")
@@ -256,7 +262,9 @@ impl Fleet {
                     let (local, key) = (local.clone(), key.clone());
                     tokio::spawn(async move { local.remove_with_primary(&key).await });
                 }
-                FillEvent::Purged => local.remove_all_of(&key),
+                FillEvent::Purged => {
+                    local.remove_all_of(&key);
+                }
                 FillEvent::Uncacheable | FillEvent::Failed | FillEvent::Lost => {}
             }
         }
@@ -608,9 +616,9 @@ impl Coordinator {
         let event = match outcome {
             FillOutcome::Filled(entry) => match self.shared().put(key, entry, fence).await {
                 PutOutcome::Stored => {
-                    if let Some(header) = &route.config.tag_header {
-                        self.shared().tag(key, entry, header).await;
-                    }
+                    let rules = self.cache.local().tag_rules();
+                    let tags = rules.tags_of(&route.config.name, &entry.headers);
+                    self.shared().tag(key, entry, &tags).await;
                     FillEvent::Filled(fence)
                 }
                 PutOutcome::Fenced => {

@@ -24,7 +24,8 @@
 //! - [`body`]: the one body type for responses and forwarded requests.
 //! - [`server`]: listeners, graceful shutdown, and each connection's HTTP/1.1 fast path
 //!   for fresh local hits (everything else goes to hyper).
-//! - [`admin`]: `/healthz` and `/metrics`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, and `POST /purge` behind its guard.
+//! - [`purge`]: a purge request resolved to cache keys as requests are keyed.
 //! - [`metrics`]: the Prometheus registry and per-route counters.
 //! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.
 //! - [`demo`]: `corral demo`, a herd against corral in front of that upstream.
@@ -41,6 +42,7 @@ pub mod lock;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
+pub mod purge;
 pub mod request;
 pub mod route;
 pub mod server;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use corral::config::Config;
+use corral::config::{Config, TokenSource};
 use corral::demo::{self, DemoOptions};
 
 #[derive(Parser)]
@@ -130,6 +130,15 @@ fn check(file: &PathBuf) -> anyhow::Result<()> {
             .display()
             .iec(),
     );
+    // Where the token came from, never the token.
+    println!(
+        "admin token: {}",
+        match config.admin_token.as_ref().map(|t| t.source) {
+            None => "none (purges need no credentials; admin_listen must be loopback)",
+            Some(TokenSource::File) => "set (admin_token)",
+            Some(TokenSource::Environment) => "set (CORRAL_ADMIN_TOKEN, over the file)",
+        }
+    );
     println!(
         "{:<16} {:<32} {:<28} {:>8} {:>8} {:>8} {:>6}",
         "route", "match", "upstream", "ttl", "swr", "sie", "cache"
@@ -152,6 +161,13 @@ fn check(file: &PathBuf) -> anyhow::Result<()> {
 }
 
 async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    // The demo sets no admin token, so its purges must stay on this machine.
+    if !args.admin_listen.ip().to_canonical().is_loopback() {
+        anyhow::bail!(
+            "--admin-listen {}: the demo's admin port has no token; keep it on a loopback address",
+            args.admin_listen
+        );
+    }
     let options = DemoOptions {
         listen: args.listen,
         admin_listen: Some(args.admin_listen),

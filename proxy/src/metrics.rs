@@ -90,6 +90,7 @@ pub struct Metrics {
     cache_bytes: Gauge<u64, AtomicU64>,
     cache_entries: Gauge<u64, AtomicU64>,
     fills_in_progress: Gauge<u64, AtomicU64>,
+    tags_dropped: Family<RouteLabel, Counter>,
     pub fleet: FleetMetrics,
 }
 
@@ -330,9 +331,16 @@ impl Metrics {
             "Keys being fetched from the upstream now",
             fills_in_progress.clone(),
         );
+        let tags_dropped = Family::<RouteLabel, Counter>::default();
+        registry.register(
+            "tags_dropped",
+            "Purge tags dropped from stored responses (past the route's max_tags, or too long)",
+            tags_dropped.clone(),
+        );
         let fleet = FleetMetrics::new();
         fleet.register(&mut registry);
         Metrics {
+            tags_dropped,
             fleet,
             registry: Mutex::new(registry),
             requests,
@@ -345,6 +353,14 @@ impl Metrics {
             cache_entries,
             fills_in_progress,
         }
+    }
+
+    /// The counter of purge tags dropped from `route`'s stored responses.
+    pub fn tags_dropped(&self, route: &str) -> Counter {
+        let label = RouteLabel {
+            route: route.to_string(),
+        };
+        self.tags_dropped.get_or_create(&label).clone()
     }
 
     pub fn for_route(&self, route: &str) -> RouteMetrics {

@@ -23,8 +23,8 @@ use crate::body::ProxyBody;
 use crate::cache::entry::CacheEntry;
 use crate::cache::policy::{self, PassReason, Verdict};
 use crate::cache::shared::SharedCache;
-use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome};
-use crate::config::{Config, EncodedSlashes, OnWaitTimeout};
+use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome, TagRules};
+use crate::config::{AdminToken, Config, EncodedSlashes, OnWaitTimeout};
 use crate::error::{error_response, ProxyError};
 use crate::fleet::{Claim, Coordinator, Fleet};
 use crate::headers;
@@ -82,6 +82,8 @@ pub struct Proxy {
     max_object_bytes: u64,
     trusted_proxies: Vec<ipnet::IpNet>,
     metrics: Arc<Metrics>,
+    /// What `POST /purge` requires (admin.rs); here so the admin listener has it.
+    admin_token: Option<AdminToken>,
 }
 
 /// A request as the cache path needs it: the client's head, prepared for forwarding.
@@ -109,7 +111,8 @@ impl Proxy {
             .map(|rc| Route::new(rc.clone(), metrics.for_route(&rc.name)))
             .collect();
         let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
-        let mut cache = Cache::new(config.cache.max_bytes, local_ttl);
+        let tags = TagRules::from_routes(&config.routes, &metrics);
+        let mut cache = Cache::tagged(config.cache.max_bytes, local_ttl, tags);
         let fleet = config.redis.clone().map(|settings| {
             let fleet = Fleet::start(
                 settings,
@@ -128,6 +131,7 @@ impl Proxy {
             max_object_bytes: config.cache.max_object_bytes,
             trusted_proxies: config.trusted_proxies.clone(),
             metrics,
+            admin_token: config.admin_token.clone(),
         }
     }
 
@@ -148,62 +152,12 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Purges what a GET of `path_and_query` on route `route` (for `host`) would be
-    /// served from, in every tier and every instance of the fleet.
-    pub async fn purge_url(
-        &self,
-        route: &str,
-        host: Option<&str>,
-        path_and_query: &str,
-        soft: bool,
-    ) -> Result<(), PurgeError> {
-        let route = self
-            .routes
-            .iter()
-            .find(|r| r.config.name == route)
-            .ok_or_else(|| PurgeError::UnknownRoute(route.to_string()))?;
-        let uri: http::Uri = path_and_query
-            .parse()
-            .map_err(|_| PurgeError::BadPath(path_and_query.to_string()))?;
-        if !uri.path().starts_with('/') {
-            return Err(PurgeError::BadPath(path_and_query.to_string()));
-        }
-        let host = match (host, &route.config.host) {
-            (Some(h), _) => Some(h.to_ascii_lowercase()),
-            (None, Some(h)) => Some(h.clone()),
-            (None, None) => return Err(PurgeError::HostRequired),
-        };
-        let key = CacheKey::for_request(
-            &route.config,
-            host.as_deref(),
-            &uri,
-            &http::HeaderMap::new(),
-        );
-        tracing::info!(%key, soft, "purge");
-        self.cache.purge(&key, soft).await;
-        Ok(())
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
     }
 
-    /// Purges every entry whose route's `tag_header` listed `tag`; returns how many
-    /// cache keys that was.
-    pub async fn purge_tag(&self, tag: &str, soft: bool) -> usize {
-        let tag_header = |route: &str| {
-            self.routes
-                .iter()
-                .find(|r| r.config.name == route)
-                .and_then(|r| r.config.tag_header.clone())
-        };
-        let mut keys = self.cache.local().keys_tagged(tag, tag_header);
-        if let Some(shared) = self.cache.shared() {
-            keys.extend(shared.keys_tagged(tag).await);
-        }
-        keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        keys.dedup();
-        for key in &keys {
-            self.cache.purge(key, soft).await;
-        }
-        tracing::info!(tag, soft, keys = keys.len(), "purge by tag");
-        keys.len()
+    pub fn admin_token(&self) -> Option<&AdminToken> {
+        self.admin_token.as_ref()
     }
 
     /// Serves one client request. Never fails: every error becomes a response.
@@ -613,17 +567,6 @@ impl Proxy {
             }
         }
     }
-}
-
-/// Why a purge request was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum PurgeError {
-    #[error("no route named {0:?}")]
-    UnknownRoute(String),
-    #[error("{0:?} is not a path (with optional query) starting with '/'")]
-    BadPath(String),
-    #[error("host= is required: the route matches any host, and the host is part of the key")]
-    HostRequired,
 }
 
 /// What a fill hands the request that leads it.

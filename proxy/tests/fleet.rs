@@ -369,7 +369,7 @@ async fn purge_by_tag_reaches_tagged_entries_only() {
     h.origin.set(|b| b.version = 2);
 
     let purged = h.admin_post(Some(&others[0]), "/purge?tag=product-7").await;
-    assert_eq!(purged.text(), "purged 2 keys tagged product-7\n");
+    assert_eq!(purged.text(), "purged tag=product-7 local=0 shared=2\n");
     for path in ["/a", "/b"] {
         eventually("the tagged entry is gone", || async {
             Harness::get_from(&others[0], path)

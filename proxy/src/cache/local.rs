@@ -1,5 +1,6 @@
 //! The local tier: an in-process cache (moka) bounded by bytes, where each object
-//! expires when it can serve no one any more (the end of its stale windows).
+//! expires when it can serve no one any more (the end of its stale windows), with an
+//! index of its entries by purge tag and by primary key.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -9,8 +10,10 @@ use moka::sync::Cache as Moka;
 use moka::Expiry;
 
 use super::entry::CacheEntry;
+use super::index::{KeyIndex, Label};
 use super::key::CacheKey;
 use super::policy::PassReason;
+use super::tags::TagRules;
 
 /// What the local tier holds under a key.
 #[derive(Clone)]
@@ -81,26 +84,82 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
     }
 }
 
+/// What one index record costs, added to its entry's weight so that the byte bound
+/// of the cache also bounds the index (a record: a key handle and a stamp in a hash
+/// map, under a label that may be shared).
+const RECORD_WEIGHT: u32 = 64;
+
 /// The in-process tier. Cheap to clone; clones share the cache. moka's synchronous
 /// cache: its operations never wait on I/O, and a hit skips the future machinery of
 /// the async variant (benches/hot_path.rs: local lookup).
 ///
 /// moka does its own locking (sharded, lock-free reads), so concurrent requests on
 /// both cores read without contending; writes are made visible to reads at once.
+/// Beside it, [`KeyIndex`] files every entry under its tags and (for a variant) its
+/// primary key, so purges find their entries without a scan.
 #[derive(Clone)]
 pub struct LocalCache {
     objects: Moka<CacheKey, LocalObject>,
+    index: Arc<KeyIndex>,
+    rules: TagRules,
+}
+
+/// The identity of a stored entry, for [`KeyIndex`]'s records.
+fn stamp(entry: &Arc<CacheEntry>) -> usize {
+    Arc::as_ptr(entry) as usize
+}
+
+/// The index labels of `entry` stored under `key`; `storing`: count dropped tags.
+fn labels(rules: &TagRules, key: &CacheKey, entry: &CacheEntry, storing: bool) -> Vec<Label> {
+    let tags = if storing {
+        rules.tags_to_store(key.route(), &entry.headers)
+    } else {
+        rules.tags_of(key.route(), &entry.headers)
+    };
+    let mut labels: Vec<Label> = tags.into_iter().map(|t| Label::Tag(t.into())).collect();
+    if key.primary() != key.as_str() {
+        labels.push(Label::Variants(CacheKey::from_raw(key.primary())));
+    }
+    labels
 }
 
 impl LocalCache {
+    /// A local tier without purge tags.
     pub fn new(max_bytes: u64, cap: Option<Duration>) -> LocalCache {
+        LocalCache::tagged(max_bytes, cap, TagRules::default())
+    }
+
+    /// A local tier that indexes its entries by the tags `rules` find in them.
+    pub fn tagged(max_bytes: u64, cap: Option<Duration>, rules: TagRules) -> LocalCache {
+        let index = Arc::new(KeyIndex::default());
+        let (weigh_rules, listen_rules, listen_index) =
+            (rules.clone(), rules.clone(), Arc::clone(&index));
         let objects = Moka::builder()
             .max_capacity(max_bytes)
-            .weigher(|k: &CacheKey, v: &LocalObject| v.weight(k))
+            .weigher(move |k: &CacheKey, v: &LocalObject| {
+                let records = match v {
+                    LocalObject::Entry(e) if !weigh_rules.is_empty() => {
+                        weigh_rules.tags_of(k.route(), &e.headers).len() as u32 + 1
+                    }
+                    _ => 1,
+                };
+                v.weight(k)
+                    .saturating_add(records.saturating_mul(RECORD_WEIGHT))
+            })
             .expire_after(UntilExpiry { cap })
-            .support_invalidation_closures()
+            // Runs once for every object that leaves, on the thread that removed it,
+            // while moka holds that key's lock: it must not call into the cache.
+            .eviction_listener(move |key: Arc<CacheKey>, value, _cause| {
+                if let LocalObject::Entry(e) = value {
+                    listen_index.remove(&key, stamp(&e), labels(&listen_rules, &key, &e, false));
+                }
+            })
             .build();
-        LocalCache { objects }
+        LocalCache {
+            objects,
+            index,
+            rules,
+        }
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<LocalObject> {
@@ -110,6 +169,19 @@ impl LocalCache {
     }
 
     pub async fn insert(&self, key: CacheKey, object: LocalObject) {
+        if let LocalObject::Entry(e) = &object {
+            let labels = labels(&self.rules, &key, e, true);
+            if !labels.is_empty() {
+                if matches!(self.objects.get(&key), Some(LocalObject::Entry(old)) if Arc::ptr_eq(&old, e))
+                {
+                    // Already there: replacing it with itself would run the listener
+                    // for the same stamp and drop the records just added.
+                    return;
+                }
+                // Records first (see [`KeyIndex`]'s invariant).
+                self.index.add(&key, stamp(e), labels);
+            }
+        }
         self.objects.insert(key, object);
     }
 
@@ -117,60 +189,57 @@ impl LocalCache {
         self.objects.invalidate(key);
     }
 
-    /// Drops `primary` and all its variants (hard purge).
-    pub fn remove_all_of(&self, primary: &CacheKey) {
-        let primary = primary.clone();
-        // Lazy in moka, but reads never return an entry the predicate matches.
-        if self
-            .objects
-            .invalidate_entries_if(move |k, _| k.belongs_to(&primary))
-            .is_err()
-        {
-            tracing::error!("local cache built without invalidation closures");
+    /// Drops `primary` and all its variants (hard purge); returns how many entries
+    /// (not `Vary` indexes or hit-for-pass marks) it removed.
+    pub fn remove_all_of(&self, primary: &CacheKey) -> usize {
+        let mut removed = 0;
+        let variants = self.index.keys(&Label::Variants(primary.clone()));
+        for key in std::iter::once(primary.clone()).chain(variants) {
+            if let Some(LocalObject::Entry(_)) = self.objects.remove(&key) {
+                removed += 1;
+            }
         }
+        removed
     }
 
     /// Turns `primary` and all its variants stale in place (soft purge); returns how
     /// many entries it touched.
     pub async fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
-        let matching: Vec<(CacheKey, Arc<CacheEntry>)> = self
-            .objects
-            .iter()
-            .filter_map(|(k, v)| match v {
-                LocalObject::Entry(e) if k.belongs_to(primary) => Some(((*k).clone(), e)),
-                _ => None,
-            })
-            .collect();
-        let count = matching.len();
-        for (key, entry) in matching {
-            self.objects
-                .insert(key, LocalObject::Entry(Arc::new(entry.soft_purged(at))));
+        let variants = self.index.keys(&Label::Variants(primary.clone()));
+        let mut count = 0;
+        for key in std::iter::once(primary.clone()).chain(variants) {
+            if let Some(LocalObject::Entry(e)) = self.get(&key) {
+                self.insert(key, LocalObject::Entry(Arc::new(e.soft_purged(at))))
+                    .await;
+                count += 1;
+            }
         }
         count
     }
 
-    /// Primary keys of the entries whose `tag_header` lists `tag`, per route.
-    pub fn keys_tagged(
-        &self,
-        tag: &str,
-        tag_header: impl Fn(&str) -> Option<http::header::HeaderName>,
-    ) -> Vec<CacheKey> {
-        let mut keys: Vec<CacheKey> = self
-            .objects
+    /// Primary keys of the entries tagged `tag`, from the index (no scan).
+    pub fn primaries_tagged(&self, tag: &str) -> Vec<CacheKey> {
+        let keys = self.index.keys(&Label::Tag(tag.into()));
+        if keys.iter().all(|k| k.primary() == k.as_str()) {
+            // Index keys are distinct: without variants, nothing to merge.
+            return keys;
+        }
+        let primaries: std::collections::HashSet<CacheKey> = keys
             .iter()
-            .filter_map(|(k, v)| match v {
-                LocalObject::Entry(e) => {
-                    let header = tag_header(k.route())?;
-                    super::tags(&e.headers, &header)
-                        .any(|t| t == tag)
-                        .then(|| CacheKey::from_raw(k.primary()))
-                }
-                _ => None,
-            })
+            .map(|k| CacheKey::from_raw(k.primary()))
             .collect();
-        keys.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        keys.dedup();
-        keys
+        primaries.into_iter().collect()
+    }
+
+    /// The tag rules entries are indexed by.
+    pub fn tag_rules(&self) -> &TagRules {
+        &self.rules
+    }
+
+    /// Records in the tag and variant index (for tests of its bound).
+    #[doc(hidden)]
+    pub fn index_records(&self) -> usize {
+        self.index.records()
     }
 
     /// Removes `key` and, for a variant key, its primary's `Vary` index too.

@@ -5,10 +5,12 @@
 pub mod body_file;
 pub mod codec;
 pub mod entry;
+mod index;
 pub mod key;
 pub mod local;
 pub mod policy;
 pub mod shared;
+pub mod tags;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,18 +22,26 @@ pub use key::CacheKey;
 pub use local::{LocalCache, LocalObject};
 pub use policy::PassReason;
 
-/// The tags a response carries in `header` (space- or comma-separated, as
-/// `Surrogate-Key` and `Cache-Tag` write them).
-pub fn tags<'h>(
-    headers: &'h HeaderMap,
-    header: &http::header::HeaderName,
-) -> impl Iterator<Item = &'h str> {
-    headers
-        .get_all(header)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split([' ', ',']))
-        .filter(|t| !t.is_empty())
+pub use tags::{tags, TagRules};
+
+/// Local entries purged between two yields to the scheduler.
+const PURGE_BATCH: usize = 256;
+
+/// What a purge removed (or, soft, marked stale), in entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Purged {
+    /// In this instance's local tier (other instances drop theirs on the purge event).
+    pub local: usize,
+    pub shared: SharedPurged,
+}
+
+/// What a purge did in the shared tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedPurged {
+    /// Single instance: there is no shared tier.
+    NoFleet,
+    /// Values removed from Redis; `None` when Redis was unavailable.
+    Counted(Option<usize>),
 }
 
 /// What a lookup found.
@@ -75,8 +85,13 @@ pub struct Cache {
 impl Cache {
     /// `local_ttl` caps how long the local tier keeps anything (fleet mode).
     pub fn new(max_bytes: u64, local_ttl: Option<Duration>) -> Cache {
+        Cache::tagged(max_bytes, local_ttl, TagRules::default())
+    }
+
+    /// A cache whose entries are indexed by the purge tags `rules` find in them.
+    pub fn tagged(max_bytes: u64, local_ttl: Option<Duration>, rules: TagRules) -> Cache {
         Cache {
-            local: LocalCache::new(max_bytes, local_ttl),
+            local: LocalCache::tagged(max_bytes, local_ttl, rules),
             shared: None,
         }
     }
@@ -215,16 +230,50 @@ impl Cache {
     /// them stale (the next request revalidates, or is served stale while one refresh
     /// runs, instead of stampeding). Other instances drop their local copies on the
     /// event the shared tier publishes.
-    pub async fn purge(&self, primary: &CacheKey, soft: bool) {
+    ///
+    /// Redis first: were the local copy dropped first, a request in between could
+    /// read the old entry back from Redis, and this instance ignores its own events.
+    pub async fn purge(&self, primary: &CacheKey, soft: bool) -> Purged {
+        let shared = match &self.shared {
+            Some(shared) => SharedPurged::Counted(shared.purge(primary, soft).await),
+            None => SharedPurged::NoFleet,
+        };
+        let local = self.purge_local(primary, soft).await;
+        Purged { local, shared }
+    }
+
+    /// Purges every entry tagged `tag` (with all its variants) from every tier: the
+    /// local tier finds them through its index, the shared tier through the tag's set.
+    /// Yields between batches, so that a purge of many entries never holds a worker.
+    pub async fn purge_tag(&self, tag: &str, soft: bool) -> Purged {
+        let mut primaries = self.local.primaries_tagged(tag);
+        let shared = match &self.shared {
+            Some(shared) => {
+                let (from_redis, counted) = shared.purge_tag(tag, &primaries, soft).await;
+                primaries.extend(from_redis);
+                primaries.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                primaries.dedup();
+                SharedPurged::Counted(counted)
+            }
+            None => SharedPurged::NoFleet,
+        };
+        let mut local = 0;
+        for batch in primaries.chunks(PURGE_BATCH) {
+            for primary in batch {
+                local += self.purge_local(primary, soft).await;
+            }
+            tokio::task::yield_now().await;
+        }
+        Purged { local, shared }
+    }
+
+    async fn purge_local(&self, primary: &CacheKey, soft: bool) -> usize {
         if soft {
             self.local
                 .soft_purge_all_of(primary, SystemTime::now())
-                .await;
+                .await
         } else {
-            self.local.remove_all_of(primary);
-        }
-        if let Some(shared) = &self.shared {
-            shared.purge(primary, soft).await;
+            self.local.remove_all_of(primary)
         }
     }
 

@@ -33,16 +33,23 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
-/// KEYS[1]: the primary's variant set. Deletes every entry it lists, and itself.
+/// KEYS[1]: the primary's variant set; KEYS[2]: the primary's entry. Deletes the entry,
+/// every entry the set lists, and the set; returns how many entries existed.
 static HARD_PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        local keys = redis.call('SMEMBERS', KEYS[1])
-        for _, k in ipairs(keys) do redis.call('DEL', k) end
+        local n = redis.call('DEL', KEYS[2])
+        for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+            if k ~= KEYS[2] then n = n + redis.call('DEL', k) end
+        end
         redis.call('DEL', KEYS[1])
-        return #keys",
+        return n",
     )
 });
+
+/// Primary keys purged per pipeline: one round trip each, small enough to stay well
+/// within the command timeout.
+const PURGE_PIPELINE: usize = 256;
 
 /// How a write to the shared tier went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,116 +141,182 @@ impl SharedCache {
         }
     }
 
-    /// Records that `key` (its primary) carries the tags `entry` lists in `header`.
-    pub async fn tag(&self, key: &CacheKey, entry: &CacheEntry, header: &http::header::HeaderName) {
-        let primary = key.primary().to_string();
+    /// Records that `key` (its primary) carries `tags`, in one round trip (one
+    /// MULTI/EXEC, however many tags). Each tag's set expires with the last entry it
+    /// lists.
+    pub async fn tag(&self, key: &CacheKey, entry: &CacheEntry, tags: &[&str]) {
+        if tags.is_empty() {
+            return;
+        }
+        let primary = key.primary();
         let expires_ms = entry
             .keep_until()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
-        for tag in super::tags(&entry.headers, header) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for tag in tags {
             let tag_key = self.fleet.tag_key(tag);
-            let primary = primary.clone();
-            self.fleet
-                .run("tag", |mut c| async move {
-                    redis::pipe()
-                        .cmd("SADD")
-                        .arg(&tag_key)
-                        .arg(primary)
-                        .ignore()
-                        .cmd("PEXPIREAT")
-                        .arg(&tag_key)
-                        .arg(expires_ms)
-                        .arg("GT")
-                        .ignore()
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await;
+            // NX sets the first expiry (GT alone never sets one on a key without
+            // any: it counts as infinite), GT extends it for longer-lived entries.
+            pipe.cmd("SADD").arg(&tag_key).arg(primary).ignore();
+            for mode in ["NX", "GT"] {
+                pipe.cmd("PEXPIREAT")
+                    .arg(&tag_key)
+                    .arg(expires_ms)
+                    .arg(mode)
+                    .ignore();
+            }
         }
-    }
-
-    /// Primary keys tagged `tag` in the shared tier.
-    pub async fn keys_tagged(&self, tag: &str) -> Vec<CacheKey> {
-        let tag_key = self.fleet.tag_key(tag);
-        let keys: Option<Vec<String>> = self
-            .fleet
-            .run("tag members", |mut c| async move {
-                redis::cmd("SMEMBERS")
-                    .arg(tag_key)
-                    .query_async(&mut c)
-                    .await
+        self.fleet
+            .run("tag", |mut c| async move {
+                pipe.query_async::<()>(&mut c).await
             })
             .await;
-        keys.unwrap_or_default()
-            .iter()
-            .map(|k| CacheKey::from_raw(k))
-            .collect()
+    }
+
+    /// Purges every entry tagged `tag` in Redis, and the primaries in `also` (found
+    /// tagged in the local tier); returns the primaries Redis listed, and how many
+    /// values were removed (`None`: Redis unavailable). A hard purge drops the tag's
+    /// set; a soft one keeps it, as the entries stay.
+    pub async fn purge_tag(
+        &self,
+        tag: &str,
+        also: &[CacheKey],
+        soft: bool,
+    ) -> (Vec<CacheKey>, Option<usize>) {
+        let tag_key = self.fleet.tag_key(tag);
+        let members: Option<Vec<String>> = self
+            .fleet
+            .run("tag members", |mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("SMEMBERS").arg(&tag_key);
+                if !soft {
+                    pipe.cmd("DEL").arg(&tag_key).ignore();
+                }
+                let (members,): (Vec<String>,) = pipe.query_async(&mut c).await?;
+                Ok(members)
+            })
+            .await;
+        let Some(members) = members else {
+            return (Vec::new(), None);
+        };
+        let tagged: Vec<CacheKey> = members.iter().map(|k| CacheKey::from_raw(k)).collect();
+        let mut all: Vec<CacheKey> = tagged.iter().chain(also).cloned().collect();
+        all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        all.dedup();
+        (tagged, self.purge_many(&all, soft).await)
     }
 
     /// Drops (hard) or marks stale (soft) `primary` and its variants in Redis, and tells
-    /// every instance to drop its local copies.
-    pub async fn purge(&self, primary: &CacheKey, soft: bool) {
-        let keys = self.fleet.keys(primary);
-        if soft {
-            let variants_key = keys.variants.clone();
-            let mut targets: Vec<String> = self
-                .fleet
-                .run("purge members", |mut c| async move {
-                    redis::cmd("SMEMBERS")
-                        .arg(variants_key)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await
-                .unwrap_or_default();
-            if !targets.contains(&keys.entry) {
-                targets.push(keys.entry.clone());
-            }
-            let now = std::time::SystemTime::now();
-            for target in targets {
-                let read_key = target.clone();
-                let value: Option<Option<Vec<u8>>> = self
-                    .fleet
-                    .run("get", |mut c| async move {
-                        redis::cmd("GET").arg(read_key).query_async(&mut c).await
-                    })
-                    .await;
-                let Some(Ok(entry)) = value.flatten().map(|v| codec::decode(Bytes::from(v))) else {
-                    continue;
-                };
-                let stale = codec::encode(&entry.soft_purged(now), entry.fence());
-                self.fleet
-                    .run("soft purge", |mut c| async move {
-                        redis::cmd("SET")
-                            .arg(target)
-                            .arg(stale.as_ref())
-                            .arg("KEEPTTL")
-                            .arg("XX")
-                            .query_async::<()>(&mut c)
-                            .await
-                    })
-                    .await;
-            }
-        } else {
-            let (entry_key, variants_key) = (keys.entry, keys.variants);
-            self.fleet
-                .run("purge", |mut c| async move {
-                    redis::cmd("DEL")
-                        .arg(entry_key)
-                        .query_async::<()>(&mut c)
-                        .await?;
-                    HARD_PURGE
-                        .key(variants_key)
-                        .invoke_async::<i64>(&mut c)
-                        .await
-                })
-                .await;
+    /// every instance to drop its local copies; returns how many values it removed
+    /// (hard) or marked (soft), `None` when Redis was unavailable.
+    pub async fn purge(&self, primary: &CacheKey, soft: bool) -> Option<usize> {
+        self.purge_many(std::slice::from_ref(primary), soft).await
+    }
+
+    /// [`SharedCache::purge`] for many primaries, a few round trips per batch.
+    async fn purge_many(&self, primaries: &[CacheKey], soft: bool) -> Option<usize> {
+        let mut total = 0;
+        for batch in primaries.chunks(PURGE_PIPELINE) {
+            total += if soft {
+                self.soft_purge_batch(batch).await?
+            } else {
+                self.hard_purge_batch(batch).await?
+            };
         }
-        self.fleet
-            .publish(primary, crate::fleet::FillEvent::Purged)
-            .await;
+        Some(total)
+    }
+
+    /// One round trip: every primary's script, then every purge event.
+    async fn hard_purge_batch(&self, primaries: &[CacheKey]) -> Option<usize> {
+        let mut pipe = redis::pipe();
+        // Pipelined scripts are not loaded on demand: load it first, in the same trip.
+        pipe.load_script(&HARD_PURGE).ignore();
+        for primary in primaries {
+            let keys = self.fleet.keys(primary);
+            pipe.invoke_script(HARD_PURGE.key(keys.variants).key(keys.entry));
+        }
+        self.add_purge_events(&mut pipe, primaries);
+        let removed: Vec<i64> = self
+            .fleet
+            .run(
+                "purge",
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        Some(removed.iter().map(|n| *n as usize).sum())
+    }
+
+    /// Three round trips: the variant sets, the entries, the stale rewrites (with the
+    /// purge events).
+    async fn soft_purge_batch(&self, primaries: &[CacheKey]) -> Option<usize> {
+        let mut members = redis::pipe();
+        for primary in primaries {
+            members
+                .cmd("SMEMBERS")
+                .arg(self.fleet.keys(primary).variants);
+        }
+        let sets: Vec<Vec<String>> = self
+            .fleet
+            .run("purge members", |mut c| async move {
+                members.query_async(&mut c).await
+            })
+            .await?;
+        let mut targets: Vec<String> = Vec::new();
+        for (primary, set) in primaries.iter().zip(sets) {
+            targets.push(self.fleet.keys(primary).entry);
+            targets.extend(set);
+        }
+        targets.sort();
+        targets.dedup();
+        let mut reads = redis::pipe();
+        for target in &targets {
+            reads.cmd("GET").arg(target);
+        }
+        let values: Vec<Option<Vec<u8>>> = self
+            .fleet
+            .run(
+                "get",
+                |mut c| async move { reads.query_async(&mut c).await },
+            )
+            .await?;
+        let now = std::time::SystemTime::now();
+        let mut writes = redis::pipe();
+        for (target, value) in targets.iter().zip(values) {
+            let Some(Ok(entry)) = value.map(|v| codec::decode(Bytes::from(v))) else {
+                continue;
+            };
+            let stale = codec::encode(&entry.soft_purged(now), entry.fence());
+            writes
+                .cmd("SET")
+                .arg(target)
+                .arg(stale.as_ref())
+                .arg("KEEPTTL")
+                .arg("XX");
+        }
+        self.add_purge_events(&mut writes, primaries);
+        let written: Vec<Option<String>> = self
+            .fleet
+            .run("soft purge", |mut c| async move {
+                writes.query_async(&mut c).await
+            })
+            .await?;
+        Some(written.iter().filter(|w| w.is_some()).count())
+    }
+
+    /// Appends the purge event of each primary (results ignored).
+    fn add_purge_events(&self, pipe: &mut redis::Pipeline, primaries: &[CacheKey]) {
+        for primary in primaries {
+            pipe.cmd("PUBLISH")
+                .arg(self.fleet.channel())
+                .arg(
+                    self.fleet
+                        .event_message(primary, crate::fleet::FillEvent::Purged),
+                )
+                .ignore();
+        }
     }
 
     /// Plants raw bytes under `key`'s entry (for tests of corrupt values).

@@ -3,8 +3,10 @@
 //! received. Each module is one class of attack from the README's Security section.
 
 #[path = "../support/mod.rs"]
+#[allow(unused_imports)] // not every re-export is used by this suite
 mod support;
 
+mod admin;
 mod paths;
 mod poisoning;
 mod smuggling;

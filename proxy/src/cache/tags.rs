@@ -1,0 +1,162 @@
+//! Purge tags: which tags a stored response carries, per its route's `tag_header`,
+//! bounded so that no response can make corral do unbounded work per fill.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http::header::HeaderName;
+use http::HeaderMap;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::config::RouteConfig;
+use crate::metrics::Metrics;
+
+/// A tag longer than this is dropped (not truncated: two long tags cut to the same
+/// prefix would purge each other's entries). Fastly's limit for a surrogate key.
+pub const MAX_TAG_LEN: usize = 1024;
+
+/// The tags a response carries in `header` (space- or comma-separated, as
+/// `Surrogate-Key` and `Cache-Tag` write them), unbounded: see [`TagRules::tags_of`].
+pub fn tags<'h>(headers: &'h HeaderMap, header: &HeaderName) -> impl Iterator<Item = &'h str> {
+    headers
+        .get_all(header)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([' ', ',']))
+        .filter(|t| !t.is_empty())
+}
+
+/// One route's tag settings, and how many tags it has had to drop.
+struct TagRule {
+    header: HeaderName,
+    max_tags: usize,
+    /// Set by the first response whose tags were cut, which logs it: a misbehaving
+    /// origin says so once, not on every fill.
+    warned: AtomicBool,
+    /// `corral_tags_dropped_total{route}`.
+    dropped: Counter,
+}
+
+/// The tag settings of every route that has a `tag_header`. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct TagRules {
+    by_route: Arc<HashMap<String, TagRule>>,
+}
+
+impl TagRules {
+    pub fn from_routes(routes: &[RouteConfig], metrics: &Metrics) -> TagRules {
+        let by_route = routes
+            .iter()
+            .filter_map(|r| {
+                let header = r.tag_header.clone()?;
+                let rule = TagRule {
+                    header,
+                    max_tags: r.max_tags,
+                    warned: AtomicBool::new(false),
+                    dropped: metrics.tags_dropped(&r.name),
+                };
+                Some((r.name.clone(), rule))
+            })
+            .collect();
+        TagRules {
+            by_route: Arc::new(by_route),
+        }
+    }
+
+    /// Whether no route has tags (then nothing needs indexing).
+    pub fn is_empty(&self) -> bool {
+        self.by_route.is_empty()
+    }
+
+    /// The distinct tags of a response stored for `route`: the first `max_tags` of at
+    /// most [`MAX_TAG_LEN`] bytes.
+    pub fn tags_of<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
+        self.select(route, headers).0
+    }
+
+    /// [`TagRules::tags_of`] for a response being stored: the tags dropped are counted,
+    /// and the first time for a route, logged.
+    pub fn tags_to_store<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
+        let (kept, dropped) = self.select(route, headers);
+        if let (Some(rule), true) = (self.by_route.get(route), dropped > 0) {
+            rule.dropped.inc_by(dropped);
+            if !rule.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    route,
+                    max_tags = rule.max_tags,
+                    max_tag_len = MAX_TAG_LEN,
+                    dropped,
+                    "a response carried more (or longer) purge tags than allowed; the rest are dropped (logged once per route)"
+                );
+            }
+        }
+        kept
+    }
+
+    /// The tags kept, and how many were dropped.
+    fn select<'h>(&self, route: &str, headers: &'h HeaderMap) -> (Vec<&'h str>, u64) {
+        let Some(rule) = self.by_route.get(route) else {
+            return (Vec::new(), 0);
+        };
+        let mut kept = Vec::new();
+        let mut seen = HashSet::new();
+        let mut dropped = 0u64;
+        for tag in tags(headers, &rule.header) {
+            if !seen.insert(tag) {
+                continue;
+            }
+            if tag.len() > MAX_TAG_LEN || kept.len() >= rule.max_tags {
+                dropped += 1;
+            } else {
+                kept.push(tag);
+            }
+        }
+        (kept, dropped)
+    }
+
+    /// How many tags `route`'s responses have had dropped so far.
+    pub fn dropped(&self, route: &str) -> u64 {
+        self.by_route.get(route).map_or(0, |r| r.dropped.get())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn rules(extra: &str) -> TagRules {
+        let text = format!(
+            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\ntag_header = \"surrogate-key\"\n{extra}\n"
+        );
+        TagRules::from_routes(&Config::parse(&text, "t").unwrap().routes, &Metrics::new())
+    }
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("surrogate-key", value.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn tags_are_bounded_deduplicated_and_counted() {
+        let rules = rules("max_tags = 3");
+        let long = "x".repeat(MAX_TAG_LEN + 1);
+        let h = headers(&format!("a b,a c {long} d e"));
+        assert_eq!(rules.tags_to_store("r", &h), ["a", "b", "c"]);
+        assert_eq!(rules.dropped("r"), 3, "the long tag, d and e");
+        assert!(rules.tags_to_store("other-route", &h).is_empty());
+        assert_eq!(rules.tags_of("r", &h).len(), 3);
+        assert_eq!(rules.dropped("r"), 3, "only stores count");
+    }
+
+    #[test]
+    fn default_bound_is_64() {
+        let rules = rules("");
+        let many: Vec<String> = (0..5000).map(|i| format!("t{i}")).collect();
+        let h = headers(&many.join(" "));
+        assert_eq!(rules.tags_to_store("r", &h).len(), 64);
+        assert_eq!(rules.dropped("r"), 5000 - 64);
+    }
+}
