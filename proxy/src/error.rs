@@ -10,11 +10,15 @@ use crate::upstream::{FailureKind, UpstreamError};
 
 /// Why corral could not produce the upstream's response. Each variant records whose
 /// fault it was: the client's (`NoRoute`, `MethodNotAllowed`), the upstream's
-/// (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
+/// (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`); `ClientBody`
+/// is the client's too.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("no route matches the request")]
     NoRoute,
+    /// The client's request body broke off or was malformed while it was forwarded.
+    #[error("the client's request body was malformed or cut off")]
+    ClientBody,
     #[error("method not allowed through a reverse proxy")]
     MethodNotAllowed,
     #[error(transparent)]
@@ -35,6 +39,7 @@ impl ProxyError {
         };
         match self {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(e) => by_kind(e.kind()),
             ProxyError::SharedFailure(kind) => by_kind(*kind),
@@ -46,6 +51,7 @@ impl ProxyError {
     pub fn detail(&self) -> &'static str {
         match self {
             ProxyError::NoRoute => "no-route",
+            ProxyError::ClientBody => "client-body",
             ProxyError::MethodNotAllowed => "method",
             ProxyError::Upstream(e) => failure_detail(e.kind()),
             ProxyError::SharedFailure(kind) => failure_detail(*kind),
@@ -68,6 +74,7 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let status = err.status();
     let body = match err {
         ProxyError::NoRoute => "no route for this host and path\n",
+        ProxyError::ClientBody => "malformed request body\n",
         ProxyError::MethodNotAllowed => "method not allowed\n",
         _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
         _ => "upstream unavailable\n",

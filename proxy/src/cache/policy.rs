@@ -4,14 +4,29 @@
 //! RFC 9111 storability and freshness come from `http-cache-semantics` (evaluated as a
 //! shared cache); the route's overrides (`allow_*`, `ttl`, `override_ttl`) and the
 //! RFC 5861 stale windows, which that crate does not cover, are applied here.
+//!
+//! Two rules guard against what a hostile client or origin can send. Delta-seconds
+//! (`max-age`, `s-maxage`, the stale windows, `Age`) are clamped to 2^31 seconds
+//! (RFC 9111 §1.2.2) before any arithmetic, so no value overflows a time. And a
+//! request carrying credentials (a `Cookie` the route neither keys nor ignores, or an
+//! `Authorization` the route does not allow) is never stored on heuristic freshness:
+//! only the origin's explicit shared freshness (`s-maxage`, `max-age`, `Expires`,
+//! `public`) stores it. Its passes are request-specific: they mark no hit-for-pass.
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
+use http::header::{
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, EXPIRES,
+    LAST_MODIFIED, SET_COOKIE, VARY,
+};
 use http::{request, response, HeaderMap, Method, Request, Response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use crate::config::RouteConfig;
+
+/// The greatest delta-seconds value corral computes with (RFC 9111 §1.2.2): larger
+/// values, and values too large to parse, count as this.
+pub const MAX_DELTA: Duration = Duration::from_secs(1 << 31);
 
 /// The outcome of evaluating a response for storage.
 pub enum Verdict {
@@ -35,9 +50,12 @@ pub struct Lifetime {
 impl Lifetime {
     /// The lifetime of a response served once and never stored (a shared error).
     pub fn none(req: &request::Parts, res: &response::Parts, received_at: SystemTime) -> Lifetime {
-        let policy = CachePolicy::new_options(req, res, received_at, CacheOptions::default());
+        let mut res_view = Response::new(());
+        *res_view.status_mut() = res.status;
+        *res_view.headers_mut() = clamped(&res.headers);
+        let policy = CachePolicy::new_options(req, &res_view, received_at, CacheOptions::default());
         Lifetime {
-            age: policy.age(received_at),
+            age: policy.age(received_at).min(MAX_DELTA),
             received_at,
             fresh_for: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
@@ -59,6 +77,11 @@ pub enum PassReason {
     NotStorable,
     ZeroLifetime,
     TooLarge,
+    /// The fill failed inside corral (a bug): requests go upstream for a while.
+    Internal,
+    /// The request carried a cookie the route neither keys nor ignores, and the
+    /// response had no explicit shared freshness.
+    Credentials,
 }
 
 impl PassReason {
@@ -73,12 +96,149 @@ impl PassReason {
             PassReason::NotStorable => "not-storable",
             PassReason::ZeroLifetime => "zero-lifetime",
             PassReason::TooLarge => "too-large",
+            PassReason::Credentials => "credentials",
+            PassReason::Internal => "internal-error",
         }
+    }
+
+    /// Whether the pass was caused by this request (its credentials) rather than by
+    /// the response: then the next request for the key may well be storable, so the
+    /// key is not marked hit-for-pass and waiters compete for the fill again.
+    pub fn is_request_specific(self) -> bool {
+        matches!(self, PassReason::Credentials | PassReason::Authorization)
     }
 }
 
+/// Whether a request with `headers` carries credentials on `route`: an `Authorization`
+/// the route does not allow, or a cookie the route neither keys nor ignores.
+pub fn has_credentials(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    (headers.contains_key(AUTHORIZATION) && !route.allow_authorization)
+        || credential_cookie(route, headers)
+}
+
+/// Whether the request sends a cookie that is not in `key.cookies` or `ignore_cookies`.
+fn credential_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    headers.get_all(COOKIE).iter().any(|value| {
+        // A value that is not text cannot be matched to a name: a credential.
+        let Ok(value) = value.to_str() else {
+            return true;
+        };
+        value
+            .split(';')
+            .map(|pair| pair.split_once('=').map_or(pair, |(name, _)| name).trim())
+            .filter(|name| !name.is_empty())
+            .any(|name| {
+                !route.key_cookies.iter().any(|c| c == name)
+                    && !route.ignore_cookies.iter().any(|c| c == name)
+            })
+    })
+}
+
+/// A delta-seconds value (RFC 9111 §1.2.2): digits only, clamped to [`MAX_DELTA`]
+/// (a value too long to parse counts as the maximum). `None` when not a number.
+pub fn delta_seconds(value: &str) -> Option<Duration> {
+    let value = value.trim().trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        value
+            .parse::<u64>()
+            .map_or(MAX_DELTA, Duration::from_secs)
+            .min(MAX_DELTA),
+    )
+}
+
+/// `headers` with every delta-seconds value in `Cache-Control` and `Age` clamped to
+/// [`MAX_DELTA`], so that neither the policy crate nor corral overflows on them.
+pub fn clamped(headers: &HeaderMap) -> HeaderMap {
+    let too_big = |v: &str| {
+        let v = v.trim().trim_matches('"');
+        !v.is_empty()
+            && v.bytes().all(|b| b.is_ascii_digit())
+            && delta_seconds(v).is_some_and(|d| d >= MAX_DELTA)
+    };
+    let mut out = headers.clone();
+    let directives_too_big = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.split_once('=').is_some_and(|(_, v)| too_big(v)));
+    if directives_too_big {
+        out.remove(CACHE_CONTROL);
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else {
+                out.append(CACHE_CONTROL, value.clone());
+                continue;
+            };
+            let rewritten: Vec<String> = text
+                .split(',')
+                .map(|d| match d.split_once('=') {
+                    Some((k, v)) if too_big(v) => format!("{}={}", k.trim(), MAX_DELTA.as_secs()),
+                    _ => d.trim().to_string(),
+                })
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&rewritten.join(", ")) {
+                out.append(CACHE_CONTROL, v);
+            }
+        }
+    }
+    if headers
+        .get_all(AGE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(too_big))
+    {
+        out.insert(AGE, HeaderValue::from(MAX_DELTA.as_secs()));
+    }
+    out
+}
+
+/// Whether `Vary` names `*` or anything that is not a header name: a response whose
+/// variants corral cannot tell apart, so it is not stored.
+fn varies_unknowably(headers: &HeaderMap) -> bool {
+    headers.get_all(VARY).iter().any(|v| match v.to_str() {
+        Err(_) => true,
+        Ok(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .any(|n| n == "*" || HeaderName::from_bytes(n.as_bytes()).is_err()),
+    })
+}
+
 /// Decides whether `res`, received at `received_at` for `req`, may be stored on `route`.
+///
+/// Any pass for a request with credentials is request-specific (`Credentials` or
+/// `Authorization`): the origin may well have answered differently because of them
+/// (`private` for a signed-in user, a 403 for a bad token), so the pass says nothing
+/// about what others would get.
 pub fn evaluate(
+    route: &RouteConfig,
+    req: &request::Parts,
+    res: &response::Parts,
+    received_at: SystemTime,
+) -> Verdict {
+    match evaluate_response(route, req, res, received_at) {
+        Verdict::Pass(reason)
+            if !reason.is_request_specific() && has_credentials(route, &req.headers) =>
+        {
+            Verdict::Pass(credentials_reason(route, &req.headers))
+        }
+        verdict => verdict,
+    }
+}
+
+/// Which credentials a request carries, as a pass reason.
+fn credentials_reason(route: &RouteConfig, headers: &HeaderMap) -> PassReason {
+    if headers.contains_key(AUTHORIZATION) && !route.allow_authorization {
+        PassReason::Authorization
+    } else {
+        PassReason::Credentials
+    }
+}
+
+fn evaluate_response(
     route: &RouteConfig,
     req: &request::Parts,
     res: &response::Parts,
@@ -87,10 +247,7 @@ pub fn evaluate(
     if !route.cacheable_statuses.contains(&res.status) {
         return Verdict::Pass(PassReason::Status);
     }
-    if res.headers.get_all(VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
-    }) {
+    if varies_unknowably(&res.headers) {
         return Verdict::Pass(PassReason::VaryStar);
     }
     if res.headers.contains_key(SET_COOKIE) && !route.allow_set_cookie {
@@ -113,7 +270,7 @@ pub fn evaluate(
         .status(res.status)
         .body(())
         .expect("valid parts");
-    *res_view.headers_mut() = res.headers.clone();
+    *res_view.headers_mut() = clamped(&res.headers);
     if route.allow_set_cookie {
         res_view.headers_mut().remove(SET_COOKIE);
     }
@@ -143,13 +300,19 @@ pub fn evaluate(
     let explicit = directive(h, "max-age").is_some()
         || directive(h, "s-maxage").is_some()
         || h.contains_key(EXPIRES);
-    let age = policy.age(received_at);
+    if !explicit && directive(h, "public").is_none() && has_credentials(route, &req.headers) {
+        // Web cache deception: `/account/x.css` with the victim's cookie, answered
+        // without Cache-Control, must not be stored for everyone on the route's ttl.
+        return Verdict::Pass(credentials_reason(route, &req.headers));
+    }
+    let age = policy.age(received_at).min(MAX_DELTA);
     let fresh_for = if route.override_ttl {
         route.ttl
     } else if directive(h, "no-cache").is_some() {
         Duration::ZERO
     } else if explicit {
-        policy.time_to_live(received_at)
+        // `Expires` far in the future is not delta-seconds: clamp it the same way.
+        policy.time_to_live(received_at).min(MAX_DELTA)
     } else {
         route.ttl.saturating_sub(age)
     };
@@ -159,8 +322,8 @@ pub fn evaluate(
         }
         directive(h, name)
             .flatten()
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(default, Duration::from_secs)
+            .and_then(delta_seconds)
+            .unwrap_or(default)
     };
     let stale_while_revalidate = window("stale-while-revalidate", route.stale_while_revalidate);
     let stale_if_error = window("stale-if-error", route.stale_if_error);
@@ -396,6 +559,165 @@ mod tests {
         ));
         assert_eq!(l.fresh_for, Duration::from_secs(60));
         assert_eq!(l.age, Duration::from_secs(40));
+    }
+
+    #[test]
+    fn absurd_delta_seconds_are_clamped_not_overflowed() {
+        let huge = "18446744073709551615";
+        let longer = "99999999999999999999999999";
+        for cc in [
+            format!("max-age={huge}"),
+            format!("s-maxage={huge}"),
+            format!("max-age=1, stale-while-revalidate={huge}, stale-if-error={longer}"),
+            format!("max-age={longer}"),
+            format!("max-age=\"{huge}\""),
+        ] {
+            let l = lifetime(eval(&route(""), &[], 200, &[("cache-control", &cc)]));
+            assert!(l.fresh_for <= MAX_DELTA, "{cc}");
+            assert!(l.stale_while_revalidate <= MAX_DELTA, "{cc}");
+            assert!(l.stale_if_error <= MAX_DELTA, "{cc}");
+            // Building the entry adds these to the received time.
+            let entry = crate::cache::CacheEntry::new(
+                Response::new(()).into_parts().0,
+                bytes::Bytes::new(),
+                l,
+                &HeaderMap::new(),
+            );
+            assert!(entry.freshness(SystemTime::now()).is_fresh(), "{cc}");
+        }
+        assert_eq!(
+            lifetime(eval(
+                &route(""),
+                &[],
+                200,
+                &[("cache-control", &format!("max-age={longer}"))]
+            ))
+            .fresh_for,
+            MAX_DELTA
+        );
+        // An absurd Age: the response is as old as can be, hence stale, and no panic.
+        let l = lifetime(eval(
+            &route(""),
+            &[],
+            200,
+            &[("cache-control", "max-age=60"), ("age", huge)],
+        ));
+        assert_eq!((l.fresh_for, l.age), (Duration::ZERO, MAX_DELTA));
+        let l = Lifetime::none(
+            &Request::get("/").body(()).unwrap().into_parts().0,
+            &Response::builder()
+                .header("age", huge)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0,
+            SystemTime::now(),
+        );
+        assert_eq!(l.age, MAX_DELTA);
+        let far = eval(
+            &route(""),
+            &[],
+            200,
+            &[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")],
+        );
+        assert_eq!(lifetime(far).fresh_for, MAX_DELTA);
+    }
+
+    #[test]
+    fn delta_seconds_parse_digits_only() {
+        assert_eq!(delta_seconds("30"), Some(Duration::from_secs(30)));
+        assert_eq!(delta_seconds("\"30\""), Some(Duration::from_secs(30)));
+        assert_eq!(delta_seconds("18446744073709551616"), Some(MAX_DELTA));
+        assert_eq!(delta_seconds("-1"), None);
+        assert_eq!(delta_seconds("+1"), None);
+        assert_eq!(delta_seconds(""), None);
+    }
+
+    #[test]
+    fn cookies_keep_heuristic_responses_out_unless_keyed_or_ignored() {
+        let r = route("");
+        let cookie = [("cookie", "session=abc")];
+        assert_eq!(reason(eval(&r, &cookie, 200, &[])), "credentials");
+        assert!(PassReason::Credentials.is_request_specific());
+        // Explicit shared freshness from the origin still stores.
+        for cc in ["max-age=5", "s-maxage=5", "public"] {
+            assert_eq!(
+                reason(eval(&r, &cookie, 200, &[("cache-control", cc)])),
+                "stored",
+                "{cc}"
+            );
+        }
+        assert_eq!(
+            reason(eval(
+                &r,
+                &cookie,
+                200,
+                &[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")]
+            )),
+            "stored"
+        );
+        // Revalidation-only storage is heuristic too: not for a credentialed request.
+        assert_eq!(
+            reason(eval(
+                &r,
+                &cookie,
+                200,
+                &[("cache-control", "no-cache"), ("etag", "\"a\"")]
+            )),
+            "credentials"
+        );
+        // Any other pass of a credentialed request is request-specific as well.
+        let private = eval(&r, &cookie, 200, &[("cache-control", "private")]);
+        assert_eq!(reason(private), "credentials");
+        let opted = route("key = { cookies = [\"lang\"] }\nignore_cookies = [\"_ga\"]");
+        assert_eq!(
+            reason(eval(&opted, &[("cookie", "lang=en; _ga=GA1.2")], 200, &[])),
+            "stored"
+        );
+        assert_eq!(
+            reason(eval(&opted, &[("cookie", "lang=en; sid=1")], 200, &[])),
+            "credentials"
+        );
+        // Authorization without explicit freshness: request-specific too.
+        let auth = [("authorization", "Bearer x")];
+        assert_eq!(
+            reason(eval(
+                &r,
+                &auth,
+                200,
+                &[("cache-control", "must-revalidate")]
+            )),
+            "authorization"
+        );
+        assert!(PassReason::Authorization.is_request_specific());
+        assert!(!PassReason::NoStore.is_request_specific());
+    }
+
+    #[test]
+    fn unparsable_vary_is_treated_as_star() {
+        let r = route("");
+        assert_eq!(
+            reason(eval(&r, &[], 200, &[("vary", "accept, bad name")])),
+            "vary-star"
+        );
+        assert_eq!(reason(eval(&r, &[], 200, &[("vary", "x(y)")])), "vary-star");
+        assert_eq!(
+            reason(eval(&r, &[], 200, &[("vary", "accept-encoding, ")])),
+            "stored"
+        );
+    }
+
+    #[test]
+    fn method_errors_are_not_stored_by_default() {
+        let r = route("");
+        for status in [405, 501, 206] {
+            assert_eq!(
+                reason(eval(&r, &[], status, &[])),
+                "uncacheable-status",
+                "{status}"
+            );
+        }
+        assert_eq!(reason(eval(&r, &[], 404, &[])), "stored");
     }
 
     #[test]
