@@ -5,6 +5,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod config_values;
 mod deception;
 mod freshness;
 mod smuggling;
