@@ -3,10 +3,11 @@
 //! others, routes opt in by naming cookies, and only responses that answer the
 //! resource (not the method, not an unknowable `Vary`) are stored heuristically.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::raw::{exchange, Answer, RecordingOrigin};
-use crate::support::{eventually, OriginBehaviour, Setup};
+use crate::support::redis::RedisServer;
+use crate::support::{eventually, herd_over, Harness, OriginBehaviour, Setup};
 
 /// An answer without any freshness of its own: stored only on the route's ttl.
 fn heuristic() -> Answer {
@@ -211,4 +212,37 @@ async fn route_host_written_with_case_and_trailing_dot_matches_requests() {
     .await;
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(origin.received_for("/p").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentialed_fill_elsewhere_in_the_fleet_does_not_release_the_herd() {
+    let redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(OriginBehaviour {
+        delay: Duration::from_millis(300),
+        cache_control: None,
+        ..OriginBehaviour::default()
+    })
+    .redis(&redis.url())
+    .start_fleet(2)
+    .await;
+    let path = "/popular";
+    let attacker = h.get_with(path, &[("authorization", "x")]);
+    let herd = async {
+        eventually("the attacker's fetch reaches the origin", || async {
+            (h.origin.requests_for(path) == 1).then_some(())
+        })
+        .await;
+        let started = Instant::now();
+        let replies = herd_over(&[&others[0]], path, 10).await;
+        (replies, started.elapsed())
+    };
+    let (attacker, (herd, took)) = tokio::join!(attacker, herd);
+    assert_eq!(attacker.status, 200);
+    assert!(herd.iter().all(|r| r.status == 200), "{herd:?}");
+    // The other instance fills once for its herd, as soon as the lock is free: it
+    // neither passes every request upstream nor waits out the lock's TTL.
+    assert_eq!(h.origin.requests_for(path), 2);
+    assert!(took < Duration::from_secs(3), "the herd waited {took:?}");
+    let next = Harness::get_from(&h.server, path).await;
+    assert!(next.cache_status().contains("hit"), "{next:?}");
 }
