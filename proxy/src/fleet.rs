@@ -263,6 +263,7 @@ impl Fleet {
                 }
                 FillEvent::Purged => local.remove_all_of(&key),
                 FillEvent::Uncacheable | FillEvent::Retry | FillEvent::Failed | FillEvent::Lost => {
+                    // Nothing stored changed.
                 }
             }
         }

@@ -7,7 +7,12 @@
 //!
 //! The fetch for a fill runs in a spawned `Fill` task, not in the client's request
 //! future, so a client that disconnects does not cancel the fetch that others wait on;
-//! and if the task dies anyway, its dropped permit wakes the waiters to take over.
+//! and if the task dies anyway, its dropped permit wakes the waiters to take over. A
+//! panic inside a fill is caught and ends it like an uncacheable response (the key is
+//! passed upstream for `hit_for_pass`), so a bug cannot leave a key answering errors.
+//!
+//! A pass caused by the request itself (its credentials, see `cache::policy`) marks
+//! no hit-for-pass, and the waiters without credentials compete for the fill again.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -513,7 +518,8 @@ impl Proxy {
                 }
                 (res, status)
             }
-            // The fill task panicked; its permit has already woken the waiters.
+            // The fill task was aborted (the runtime is shutting down); its dropped
+            // permit has already woken the waiters. (A panic in it is caught: a Pass.)
             Err(_) => {
                 let err = ProxyError::SharedFailure(FailureKind::Protocol);
                 (
