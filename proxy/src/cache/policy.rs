@@ -112,12 +112,19 @@ impl PassReason {
 /// Whether a request with `headers` carries credentials on `route`: an `Authorization`
 /// the route does not allow, or a cookie the route neither keys nor ignores.
 pub fn has_credentials(route: &RouteConfig, headers: &HeaderMap) -> bool {
-    (headers.contains_key(AUTHORIZATION) && !route.allow_authorization)
-        || credential_cookie(route, headers)
+    credential_authorization(route, headers) || credential_cookie(route, headers)
 }
 
-/// Whether the request sends a cookie that is not in `key.cookies` or `ignore_cookies`.
+fn credential_authorization(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    headers.contains_key(AUTHORIZATION) && !route.allow_authorization
+}
+
+/// Whether the request sends a cookie that is not in `key.cookies` or `ignore_cookies`
+/// (none does when the route keys on the whole `Cookie` header).
 fn credential_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    if route.key_headers.contains(&COOKIE) {
+        return false;
+    }
     headers.get_all(COOKIE).iter().any(|value| {
         // A value that is not text cannot be matched to a name: a credential.
         let Ok(value) = value.to_str() else {
@@ -194,6 +201,16 @@ pub fn clamped(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Whether `Vary` names `name`.
+fn varies_on(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
 /// Whether `Vary` names `*` or anything that is not a header name: a response whose
 /// variants corral cannot tell apart, so it is not stored.
 fn varies_unknowably(headers: &HeaderMap) -> bool {
@@ -231,7 +248,7 @@ pub fn evaluate(
 
 /// Which credentials a request carries, as a pass reason.
 fn credentials_reason(route: &RouteConfig, headers: &HeaderMap) -> PassReason {
-    if headers.contains_key(AUTHORIZATION) && !route.allow_authorization {
+    if credential_authorization(route, headers) {
         PassReason::Authorization
     } else {
         PassReason::Credentials
@@ -300,9 +317,12 @@ fn evaluate_response(
     let explicit = directive(h, "max-age").is_some()
         || directive(h, "s-maxage").is_some()
         || h.contains_key(EXPIRES);
-    if !explicit && directive(h, "public").is_none() && has_credentials(route, &req.headers) {
-        // Web cache deception: `/account/x.css` with the victim's cookie, answered
-        // without Cache-Control, must not be stored for everyone on the route's ttl.
+    // Web cache deception: `/account/x.css` with the victim's cookie, answered without
+    // Cache-Control, must not be stored for everyone on the route's ttl. (A response
+    // that varies on `Cookie` is stored for that exact `Cookie` only: no risk.)
+    let credentials = credential_authorization(route, &req.headers)
+        || (credential_cookie(route, &req.headers) && !varies_on(h, &COOKIE));
+    if credentials && !explicit && directive(h, "public").is_none() {
         return Verdict::Pass(credentials_reason(route, &req.headers));
     }
     let age = policy.age(received_at).min(MAX_DELTA);
@@ -677,6 +697,12 @@ mod tests {
         assert_eq!(
             reason(eval(&opted, &[("cookie", "lang=en; sid=1")], 200, &[])),
             "credentials"
+        );
+        let whole = route("key = { headers = [\"cookie\"] }");
+        assert_eq!(reason(eval(&whole, &cookie, 200, &[])), "stored");
+        assert_eq!(
+            reason(eval(&r, &cookie, 200, &[("vary", "Cookie")])),
+            "stored"
         );
         // Authorization without explicit freshness: request-specific too.
         let auth = [("authorization", "Bearer x")];
