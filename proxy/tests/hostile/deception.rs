@@ -246,3 +246,35 @@ async fn a_credentialed_fill_elsewhere_in_the_fleet_does_not_release_the_herd() 
     let next = Harness::get_from(&h.server, path).await;
     assert!(next.cache_status().contains("hit"), "{next:?}");
 }
+
+#[tokio::test]
+async fn credentialed_revalidation_gets_the_stored_body_not_a_bare_304() {
+    // Stored by an anonymous request for revalidation only (no-cache + validator).
+    let revalidate_only = vec![
+        ("cache-control".to_string(), "no-cache".to_string()),
+        ("etag".to_string(), "\"v1\"".to_string()),
+    ];
+    let origin = RecordingOrigin::answering(Answer {
+        headers: revalidate_only.clone(),
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let first = exchange(corral.addr(), &get("/doc", "")).await;
+    assert_eq!(first.text(), "answer to GET /doc");
+
+    // A request with a session cookie revalidates it; the origin says 304.
+    origin.set_answer(Answer {
+        status: 304,
+        headers: revalidate_only,
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let res = exchange(corral.addr(), &get("/doc", "cookie: session=1\r\n")).await;
+    let sent = origin.received_for("/doc");
+    assert_eq!(sent[1].header("if-none-match").as_deref(), Some("\"v1\""));
+    // The client asked for no condition: it gets the body, not a bare 304.
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.text(), "answer to GET /doc");
+    assert!(res.cache_status().contains("credentials"), "{res:?}");
+}
