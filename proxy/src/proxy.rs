@@ -883,8 +883,14 @@ impl Fill {
                         FillReply::Entry(entry, CacheStatus::revalidated()),
                     );
                 }
-                // Current for this request (its credentials), not to be stored again.
-                Err(Some(reason)) if reason.is_request_specific() => {
+                // The stored body is current, but may not be stored again (for this
+                // request's credentials, or for what the 304 said): serve it, since
+                // the client asked for no 304.
+                Err(Some(reason)) => {
+                    if !reason.is_request_specific() {
+                        let ttl = route.config.hit_for_pass;
+                        proxy.cache.mark_pass(fill_key, reason, ttl).await;
+                    }
                     let status =
                         CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code);
                     return (
@@ -892,7 +898,7 @@ impl Fill {
                         FillReply::Entry(Arc::clone(stale), status),
                     );
                 }
-                Err(_) => {}
+                Err(None) => {}
             }
         }
         if head.status.is_server_error() {

@@ -1,7 +1,8 @@
 //! Web cache deception and what gets stored: a response to a request with credentials
 //! is not stored on heuristic freshness, such a request never turns caching off for
 //! others, routes opt in by naming cookies, and only responses that answer the
-//! resource (not the method, not an unknowable `Vary`) are stored heuristically.
+//! resource (not the method, not an unknowable `Vary`) are stored heuristically. A
+//! revalidation whose result may not be stored still answers with the body.
 
 use std::time::{Duration, Instant};
 
@@ -277,4 +278,31 @@ async fn credentialed_revalidation_gets_the_stored_body_not_a_bare_304() {
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.text(), "answer to GET /doc");
     assert!(res.cache_status().contains("credentials"), "{res:?}");
+}
+
+#[tokio::test]
+async fn revalidation_made_unstorable_by_the_304_still_gets_the_body() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![
+            ("cache-control".into(), "no-cache".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    exchange(corral.addr(), &get("/doc", "")).await;
+    origin.set_answer(Answer {
+        status: 304,
+        headers: vec![
+            ("cache-control".into(), "no-store".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let res = exchange(corral.addr(), &get("/doc", "")).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.text(), "answer to GET /doc");
+    assert!(res.cache_status().contains("no-store"), "{res:?}");
 }
