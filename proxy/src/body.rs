@@ -1,8 +1,15 @@
 //! The body type of every response corral sends and every request it forwards: either
 //! bytes in memory (cached bodies, error messages) or a stream passed through from the
 //! other side, possibly after a prefix already read. One enum, so no boxing per response.
+//!
+//! A client's request body streamed upstream remembers whether the *client's* stream
+//! failed (a malformed chunk, a connection cut mid-body): the upstream client reports
+//! that as its own error, and only this flag tells the client's fault from the
+//! upstream's.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -15,6 +22,8 @@ pin_project! {
     pub enum ProxyBody {
         Full { data: Option<Bytes> },
         Streaming { prefix: Option<Bytes>, #[pin] rest: Incoming },
+        /// A client's request body; `failed` is set when reading it fails.
+        FromClient { #[pin] rest: Incoming, failed: Arc<AtomicBool> },
     }
 }
 
@@ -32,6 +41,23 @@ impl ProxyBody {
 
     pub fn streaming(rest: Incoming) -> ProxyBody {
         ProxyBody::Streaming { prefix: None, rest }
+    }
+
+    /// A client's request body, to forward upstream.
+    pub fn from_client(rest: Incoming) -> ProxyBody {
+        ProxyBody::FromClient {
+            rest,
+            failed: Arc::default(),
+        }
+    }
+
+    /// For a client's body, the flag its stream sets when it fails; read it after the
+    /// upstream exchange to tell whose fault an error was.
+    pub fn client_fault(&self) -> Option<ClientFault> {
+        match self {
+            ProxyBody::FromClient { failed, .. } => Some(ClientFault(Arc::clone(failed))),
+            _ => None,
+        }
     }
 
     /// A stream of which `prefix` was already read.
@@ -57,6 +83,13 @@ impl Body for ProxyBody {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
                 None => rest.poll_frame(cx),
             },
+            ProxyBodyProj::FromClient { rest, failed } => {
+                let frame = rest.poll_frame(cx);
+                if let Poll::Ready(Some(Err(_))) = &frame {
+                    failed.store(true, Ordering::Release);
+                }
+                frame
+            }
         }
     }
 
@@ -64,6 +97,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Full { data } => data.is_none(),
             ProxyBody::Streaming { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ProxyBody::FromClient { rest, .. } => rest.is_end_stream(),
         }
     }
 
@@ -82,6 +116,17 @@ impl Body for ProxyBody {
                 }
                 out
             }
+            ProxyBody::FromClient { rest, .. } => rest.size_hint(),
         }
+    }
+}
+
+/// Whether a client's request body failed while it was read (see [`ProxyBody::client_fault`]).
+#[derive(Debug, Clone)]
+pub struct ClientFault(Arc<AtomicBool>);
+
+impl ClientFault {
+    pub fn happened(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }

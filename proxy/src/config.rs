@@ -140,6 +140,12 @@ pub struct RouteConfig {
     pub keep: Duration,
     pub key_query: QueryMode,
     pub key_headers: Vec<HeaderName>,
+    /// Cookies whose values are part of the key (`key.cookies`). A request whose
+    /// cookies are all keyed or ignored counts as carrying no credentials.
+    pub key_cookies: Vec<String>,
+    /// Cookies that are not credentials (`ignore_cookies`, e.g. analytics): forwarded
+    /// unchanged, not keyed, and no obstacle to storing a response.
+    pub ignore_cookies: Vec<String>,
     pub cacheable_statuses: Vec<StatusCode>,
     /// `false` turns caching (and coalescing) off for the route: a plain reverse proxy.
     pub cache: bool,
@@ -296,8 +302,14 @@ const DEFAULT_MAX_TAGS: usize = 64;
 /// The most `max_tags` may be set to.
 const MAX_TAGS_LIMIT: u32 = 4096;
 
-/// Status codes RFC 9110 §15.1 calls heuristically cacheable; the default list.
-const DEFAULT_CACHEABLE_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable, but for 405 and 501:
+/// those answer the method (or an `X-HTTP-Method-Override` the key does not see),
+/// not the resource, so storing them lets one client turn a URL off for everyone.
+const DEFAULT_CACHEABLE_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 410, 414];
+
+/// The longest duration any setting accepts: past it a value is a typo, and time
+/// arithmetic on it could overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 impl Config {
     /// Reads and validates the file at `path`, with this process's environment (what
@@ -399,6 +411,8 @@ struct FileRoute {
     keep: Option<Text>,
     #[serde(default)]
     key: FileKey,
+    #[serde(default)]
+    ignore_cookies: Vec<Text>,
     cacheable_statuses: Option<Spanned<Vec<u16>>>,
     #[serde(default = "yes")]
     cache: bool,
@@ -431,6 +445,8 @@ struct FileKey {
     query: QueryMode,
     #[serde(default)]
     headers: Vec<Text>,
+    #[serde(default)]
+    cookies: Vec<Text>,
 }
 
 fn keep() -> QueryMode {
@@ -442,6 +458,7 @@ impl Default for FileKey {
         FileKey {
             query: QueryMode::Keep,
             headers: Vec::new(),
+            cookies: Vec::new(),
         }
     }
 }
@@ -519,7 +536,7 @@ impl Source<'_> {
 }
 
 fn duration(src: &Source, key: &str, value: &Text) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
+    let d = humantime::parse_duration(value.get_ref().trim()).map_err(|e| {
         src.error(
             value.span(),
             key,
@@ -528,7 +545,11 @@ fn duration(src: &Source, key: &str, value: &Text) -> Result<Duration, ConfigErr
                 value.get_ref()
             ),
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return Err(src.error(value.span(), key, "must be at most 10 years"));
+    }
+    Ok(d)
 }
 
 fn positive_duration(src: &Source, key: &str, value: &Text) -> Result<Duration, ConfigError> {
@@ -604,12 +625,27 @@ fn trusted_proxies(
         .collect()
 }
 
+/// `url` with any `user:password@` replaced by `***@`, for messages.
+fn without_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_string(),
+    }
+}
+
 fn upstream_uri(src: &Source, key: &str, value: &Text) -> Result<Uri, ConfigError> {
     let fail = |why: &str| {
         src.error(
             value.span(),
             key,
-            format_args!("invalid upstream URL {:?}: {why}", value.get_ref()),
+            format_args!(
+                "invalid upstream URL {:?}: {why}",
+                without_userinfo(value.get_ref())
+            ),
         )
     };
     let uri: Uri = value
@@ -620,6 +656,12 @@ fn upstream_uri(src: &Source, key: &str, value: &Text) -> Result<Uri, ConfigErro
     match uri.scheme_str() {
         Some("http") | Some("https") => {}
         _ => return Err(fail("the scheme must be http or https")),
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // Credentials in the URL would be sent inside `Host` and printed in logs.
+        return Err(fail(
+            "it may not contain credentials (user:password@); corral never sends or logs them",
+        ));
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(fail("it has no host"));
@@ -833,7 +875,7 @@ impl FileLock {
                         return Err(src.error(
                             span.clone(),
                             "lock.nodes",
-                            format_args!("invalid Redis URL {url:?} ({e})"),
+                            format_args!("invalid Redis URL {:?} ({e})", without_userinfo(url)),
                         ));
                     }
                 }
@@ -945,6 +987,46 @@ fn validated_span(src: &Source, i: usize) -> Range<usize> {
     0..0
 }
 
+/// A route's host as requests are matched against it: lowercase, without the one
+/// trailing dot of a fully qualified name. `None` unless it is a plain host name or
+/// IPv4 address: non-empty dot-separated labels of letters, digits, '-' and '_'.
+fn route_host(text: &str) -> Option<String> {
+    let host = text.trim().to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    let valid = !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    valid.then(|| host.to_string())
+}
+
+/// Cookie names (RFC 6265 tokens), for `key.cookies` and `ignore_cookies`.
+fn cookie_names(src: &Source, key: &str, names: &[Text]) -> Result<Vec<String>, ConfigError> {
+    names
+        .iter()
+        .map(|name| {
+            let trimmed = name.get_ref().trim();
+            // A token: visible ASCII without separators (RFC 9110 §5.6.2).
+            let token = !trimmed.is_empty()
+                && trimmed
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b"\"(),/:;<=>?@[\\]{}".contains(&b));
+            if token {
+                Ok(trimmed.to_string())
+            } else {
+                Err(src.error(
+                    name.span(),
+                    key,
+                    format_args!("{:?} is not a cookie name", name.get_ref()),
+                ))
+            }
+        })
+        .collect()
+}
+
 impl FileRoute {
     fn validate(
         self,
@@ -975,17 +1057,13 @@ impl FileRoute {
             ));
         }
         let host = match &self.host {
-            Some(h) => {
-                let host = h.get_ref().trim().to_ascii_lowercase();
-                if host.is_empty() || host.contains(['/', ':', ' ']) {
-                    return Err(src.error(
-                        h.span(),
-                        k("host"),
-                        "must be a bare host name, without scheme, port or path",
-                    ));
-                }
-                Some(host)
-            }
+            Some(h) => Some(route_host(h.get_ref()).ok_or_else(|| {
+                src.error(
+                    h.span(),
+                    k("host"),
+                    "must be a bare host name (letters, digits, '-', '_' and dots between non-empty labels), without scheme, port or path",
+                )
+            })?),
             None => None,
         };
         let path_prefix = match &self.path_prefix {
@@ -1064,6 +1142,8 @@ impl FileRoute {
             })?;
             key_headers.push(name);
         }
+        let key_cookies = cookie_names(src, &k("key.cookies"), &self.key.cookies)?;
+        let ignore_cookies = cookie_names(src, &k("ignore_cookies"), &self.ignore_cookies)?;
 
         let max_tags = match &self.max_tags {
             Some(n) if !(1..=MAX_TAGS_LIMIT).contains(n.get_ref()) => {
@@ -1081,14 +1161,16 @@ impl FileRoute {
             Some(list) => {
                 let mut statuses = Vec::new();
                 for code in list.get_ref() {
+                    // A 206 answers a Range request, which is never cached: stored, it
+                    // would serve a part as the whole.
                     let status = StatusCode::from_u16(*code)
                         .ok()
-                        .filter(|s| (200..600).contains(&s.as_u16()))
+                        .filter(|s| (200..600).contains(&s.as_u16()) && s.as_u16() != 206)
                         .ok_or_else(|| {
                             src.error(
                                 list.span(),
                                 k("cacheable_statuses"),
-                                format_args!("{code} is not a final HTTP status (200-599)"),
+                                format_args!("{code} is not a final HTTP status (200-599) that can be stored whole (not 206)"),
                             )
                         })?;
                     statuses.push(status);
@@ -1115,6 +1197,8 @@ impl FileRoute {
             keep,
             key_query: self.key.query,
             key_headers,
+            key_cookies,
+            ignore_cookies,
             cacheable_statuses,
             cache: self.cache,
             coalesce: self.coalesce,
@@ -1407,6 +1491,99 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_with_their_key() {
+        for bad in ["11years", "100000000000000h", "18446744073709551615s"] {
+            let e = err(&format!("{MINIMAL}ttl = \"{bad}\"\n"));
+            assert_eq!(e.key(), Some("route[0].ttl"), "{bad}: {e}");
+            assert_eq!(e.line(), Some(5), "{bad}: {e}");
+        }
+        let ok = Config::parse(&format!("{MINIMAL}ttl = \"9years\"\n"), "t").unwrap();
+        assert!(ok.routes[0].ttl > Duration::from_secs(9 * 365 * 86400));
+        let route = &MINIMAL[MINIMAL.find('[').unwrap()..];
+        let e = err(&format!(
+            "listen = \"127.0.0.1:8080\"\n[lock]\nttl = \"20years\"\n{route}"
+        ));
+        assert_eq!(e.key(), Some("lock.ttl"), "{e}");
+    }
+
+    #[test]
+    fn upstream_credentials_are_refused_without_printing_them() {
+        for url in [
+            "http://user:s3cret@127.0.0.1:9000",
+            "https://:s3cret@x/base",
+            "ftp://user:s3cret@x",
+        ] {
+            let e = err(&MINIMAL.replace("http://127.0.0.1:9000", url));
+            assert_eq!(e.key(), Some("route[0].upstream"), "{url}: {e}");
+            assert!(!e.to_string().contains("s3cret"), "{url}: {e}");
+        }
+        let e = err(&MINIMAL.replace("http://127.0.0.1:9000", "http://user:s3cret@x"));
+        assert!(e.to_string().contains("credentials"), "{e}");
+        assert_eq!(without_userinfo("http://u:p@h:1/a@b"), "http://***@h:1/a@b");
+    }
+
+    #[test]
+    fn route_hosts_are_normalised_or_refused() {
+        let host = |h: &str| {
+            Config::parse(&format!("{MINIMAL}host = \"{h}\"\n"), "t")
+                .map(|c| c.routes[0].host.clone())
+        };
+        assert_eq!(
+            host("Example.COM.").unwrap().as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            host("a_b-1.example").unwrap().as_deref(),
+            Some("a_b-1.example")
+        );
+        for bad in [
+            "",
+            ".",
+            "a..b",
+            "x.com:80",
+            "x.com/p",
+            "http://x.com",
+            "a b",
+            "x.com..",
+            "[::1]",
+            "é.com",
+        ] {
+            let e = host(bad).expect_err(bad);
+            assert_eq!(e.key(), Some("route[0].host"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cookie_settings_are_cookie_names() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}key = {{ cookies = [\"lang\"] }}\nignore_cookies = [\"_ga\", \"_gid\"]\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].key_cookies, ["lang"]);
+        assert_eq!(c.routes[0].ignore_cookies, ["_ga", "_gid"]);
+        let e = err(&format!("{MINIMAL}ignore_cookies = [\"a=b\"]\n"));
+        assert_eq!(e.key(), Some("route[0].ignore_cookies"), "{e}");
+        let e = err(&format!("{MINIMAL}key = {{ cookies = [\"\"] }}\n"));
+        assert_eq!(e.key(), Some("route[0].key.cookies"), "{e}");
+    }
+
+    #[test]
+    fn default_statuses_leave_method_errors_out_and_206_is_refused() {
+        let c = Config::parse(MINIMAL, "t").unwrap();
+        let codes: Vec<u16> = c.routes[0]
+            .cacheable_statuses
+            .iter()
+            .map(|s| s.as_u16())
+            .collect();
+        assert!(!codes.contains(&405) && !codes.contains(&501), "{codes:?}");
+        let e = err(&format!("{MINIMAL}cacheable_statuses = [200, 206]\n"));
+        assert_eq!(e.key(), Some("route[0].cacheable_statuses"), "{e}");
     }
 
     #[test]

@@ -10,14 +10,17 @@ use crate::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
 /// Why corral could not produce the upstream's response. Each variant records whose
-/// fault it was: the client's (`BadRequest`, `NoRoute`, `MethodNotAllowed`), the upstream's
-/// (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
+/// fault it was: the client's (`BadRequest`, `NoRoute`, `MethodNotAllowed`, `ClientBody`),
+/// the upstream's (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(#[from] BadRequest),
     #[error("no route matches the request")]
     NoRoute,
+    /// The client's request body broke off or was malformed while it was forwarded.
+    #[error("the client's request body was malformed or cut off")]
+    ClientBody,
     #[error("method not allowed through a reverse proxy")]
     MethodNotAllowed,
     #[error(transparent)]
@@ -39,6 +42,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::ClientBody => StatusCode::BAD_REQUEST,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(e) => by_kind(e.kind()),
             ProxyError::SharedFailure(kind) => by_kind(*kind),
@@ -51,6 +55,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(bad) => bad.detail(),
             ProxyError::NoRoute => "no-route",
+            ProxyError::ClientBody => "client-body",
             ProxyError::MethodNotAllowed => "method",
             ProxyError::Upstream(e) => failure_detail(e.kind()),
             ProxyError::SharedFailure(kind) => failure_detail(*kind),
@@ -74,6 +79,7 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let body = match err {
         ProxyError::BadRequest(_) => "bad request\n",
         ProxyError::NoRoute => "no route for this host and path\n",
+        ProxyError::ClientBody => "malformed request body\n",
         ProxyError::MethodNotAllowed => "method not allowed\n",
         _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
         _ => "upstream unavailable\n",

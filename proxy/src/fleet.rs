@@ -37,6 +37,9 @@ pub enum FillEvent {
     Filled(u64),
     /// The response was not cacheable: fetch it yourself.
     Uncacheable,
+    /// The filler's own credentials kept its response out of the cache: compete for
+    /// the fill again (the lock is already free).
+    Retry,
     /// The upstream failed.
     Failed,
     /// The key was purged.
@@ -51,6 +54,7 @@ impl FillEvent {
         match self {
             FillEvent::Filled(fence) => format!("F{fence}"),
             FillEvent::Uncacheable => "U".into(),
+            FillEvent::Retry => "R".into(),
             FillEvent::Failed => "E".into(),
             FillEvent::Purged => "P".into(),
             FillEvent::Lost => "L".into(),
@@ -61,6 +65,7 @@ impl FillEvent {
         match code.as_bytes().first()? {
             b'F' => code[1..].parse().ok().map(FillEvent::Filled),
             b'U' => Some(FillEvent::Uncacheable),
+            b'R' => Some(FillEvent::Retry),
             b'E' => Some(FillEvent::Failed),
             b'P' => Some(FillEvent::Purged),
             _ => None,
@@ -265,7 +270,9 @@ impl Fleet {
                 FillEvent::Purged => {
                     local.remove_all_of(&key);
                 }
-                FillEvent::Uncacheable | FillEvent::Failed | FillEvent::Lost => {}
+                FillEvent::Uncacheable | FillEvent::Retry | FillEvent::Failed | FillEvent::Lost => {
+                    // Nothing stored changed.
+                }
             }
         }
         if let Some(waiter) = self
@@ -586,6 +593,7 @@ impl Coordinator {
                 // Filled: read it at the top. Purged or nothing (timeout, lost
                 // message, dead holder): re-check and try the lock again.
                 Some(FillEvent::Filled(_))
+                | Some(FillEvent::Retry)
                 | Some(FillEvent::Purged)
                 | Some(FillEvent::Lost)
                 | None => {}
@@ -627,6 +635,7 @@ impl Coordinator {
                 }
                 PutOutcome::Unavailable => return,
             },
+            FillOutcome::Uncacheable(r) if r.is_request_specific() => FillEvent::Retry,
             FillOutcome::Uncacheable(_) => FillEvent::Uncacheable,
             FillOutcome::Shared(_) | FillOutcome::Failed(_) => FillEvent::Failed,
             FillOutcome::HolderFailed => return,
@@ -648,6 +657,7 @@ mod tests {
         for e in [
             FillEvent::Filled(42),
             FillEvent::Uncacheable,
+            FillEvent::Retry,
             FillEvent::Failed,
             FillEvent::Purged,
         ] {

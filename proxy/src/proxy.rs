@@ -7,12 +7,19 @@
 //!
 //! The fetch for a fill runs in a spawned `Fill` task, not in the client's request
 //! future, so a client that disconnects does not cancel the fetch that others wait on;
-//! and if the task dies anyway, its dropped permit wakes the waiters to take over.
+//! and if the task dies anyway, its dropped permit wakes the waiters to take over. A
+//! panic inside a fill is caught and ends it like an uncacheable response (the key is
+//! passed upstream for `hit_for_pass`), so a bug cannot leave a key answering errors.
+//!
+//! A pass caused by the request itself (its credentials, see `cache::policy`) marks
+//! no hit-for-pass, and the waiters without credentials compete for the fill again.
 
 use std::net::{IpAddr, SocketAddr};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use futures_util::FutureExt as _;
 use http::header::{self, HeaderValue};
 use http::{request, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -298,7 +305,7 @@ impl Proxy {
             // Streamed as it came, with its own framing; never stored, never served
             // from the cache (the key does not see the body or the rewriting header).
             return self
-                .pass(route, &req, ProxyBody::streaming(body), status)
+                .pass(route, &req, ProxyBody::from_client(body), status)
                 .await;
         }
         let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);
@@ -396,6 +403,14 @@ impl Proxy {
                 }
                 // A variant for other header values, or the holder died: look again.
                 Ok(FillOutcome::Filled(_)) | Ok(FillOutcome::HolderFailed) => continue,
+                // The holder's own credentials kept its response out of the cache: a
+                // request without them competes for the fill again.
+                Ok(FillOutcome::Uncacheable(reason))
+                    if reason.is_request_specific()
+                        && !policy::has_credentials(&route.config, &req.head.headers) =>
+                {
+                    continue
+                }
                 Ok(FillOutcome::Shared(entry)) => {
                     let status =
                         CacheStatus::fetched(fwd, entry.status.as_u16(), false).collapsed();
@@ -489,7 +504,8 @@ impl Proxy {
                 }
                 (res, status)
             }
-            // The fill task panicked; its permit has already woken the waiters.
+            // The fill task was aborted (the runtime is shutting down); its dropped
+            // permit has already woken the waiters. (A panic in it is caught: a Pass.)
             Err(_) => {
                 let err = ProxyError::SharedFailure(FailureKind::Protocol);
                 (
@@ -537,6 +553,7 @@ impl Proxy {
         status: CacheStatus,
     ) -> (Response<ProxyBody>, CacheStatus) {
         route.metrics.upstream_request(UpstreamReason::Pass);
+        let client_fault = body.client_fault();
         let upstream_req = route.upstream.request(
             req.head.method.clone(),
             req.head.uri.path_and_query(),
@@ -556,6 +573,13 @@ impl Proxy {
                     ProxyBody::streaming(body)
                 };
                 (Response::from_parts(head, body), status)
+            }
+            // The client's body failed: its fault, not the upstream's (no fault log, no
+            // upstream error counted), whatever error the upstream client reported.
+            Err(_) if client_fault.is_some_and(|f| f.happened()) => {
+                tracing::debug!("client request body failed while forwarded");
+                let err = ProxyError::ClientBody;
+                (error_response(&err), CacheStatus::error(None, err.detail()))
             }
             Err(err) => {
                 note_upstream_error(route, &err);
@@ -579,13 +603,23 @@ enum FillReply {
     Pass(CacheStatus),
 }
 
+/// Aborts a helper task when its owner ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// One fetch of a key from the upstream, owned by a spawned task.
 struct Fill {
     proxy: Arc<Proxy>,
     route: Arc<Route>,
     /// The primary key (where the entry, or its `Vary` index, is stored).
     key: CacheKey,
-    permit: FillPermit,
+    /// Taken by [`Fill::run`], which completes it whatever happens.
+    permit: Option<FillPermit>,
     stale: Option<Arc<CacheEntry>>,
     fwd: Fwd,
     reason: UpstreamReason,
@@ -620,7 +654,7 @@ impl Fill {
             proxy: Arc::clone(proxy),
             route: Arc::clone(route),
             key,
-            permit,
+            permit: Some(permit),
             stale,
             fwd,
             reason,
@@ -633,14 +667,44 @@ impl Fill {
     ///
     /// Order matters: the entry is stored before the permit completes, so a request
     /// that finds the key unlocked finds the entry.
-    async fn run(self, reply: Option<oneshot::Sender<FillReply>>) {
-        let send = |r: FillReply| {
-            if let Some(reply) = reply {
-                // The leader may have gone; the waiters were told through the permit.
-                let _ = reply.send(r);
+    ///
+    /// A panic anywhere in the fill (a bug, or a value nobody foresaw) still ends it
+    /// with an outcome: the key is marked hit-for-pass, so requests go upstream
+    /// without this code path instead of failing one after another.
+    async fn run(mut self, reply: Option<oneshot::Sender<FillReply>>) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let fill_key = permit.key().clone();
+        let settled = AssertUnwindSafe(self.settle(&fill_key))
+            .catch_unwind()
+            .await;
+        let (outcome, answer) = match settled {
+            Ok(settled) => settled,
+            Err(panic) => {
+                let panic = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(key = %fill_key, %panic, "fill panicked; the key is passed upstream for hit_for_pass");
+                let reason = PassReason::Internal;
+                let ttl = self.route.config.hit_for_pass;
+                self.proxy.cache.mark_pass(&fill_key, reason, ttl).await;
+                let status = CacheStatus::pass(self.fwd, reason.as_str());
+                (FillOutcome::Uncacheable(reason), FillReply::Pass(status))
             }
         };
-        let fill_key = self.permit.key().clone();
+        permit.complete(outcome);
+        if let Some(reply) = reply {
+            // The leader may have gone; the waiters were told through the permit.
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// The fill itself, in the fleet when there is one: what the waiters and the
+    /// leader are told.
+    async fn settle(&self, fill_key: &CacheKey) -> (FillOutcome, FillReply) {
         let fleet = self
             .proxy
             .fleet
@@ -651,7 +715,7 @@ impl Fill {
             Some(fleet) => match fleet
                 .claim(
                     &self.route,
-                    &fill_key,
+                    fill_key,
                     self.reason == UpstreamReason::Refresh,
                 )
                 .await
@@ -661,37 +725,41 @@ impl Fill {
                     if let FillOutcome::Uncacheable(reason) = &outcome {
                         // Hit-for-pass here too: later requests skip both locks.
                         let ttl = self.route.config.hit_for_pass;
-                        self.proxy.cache.mark_pass(&fill_key, *reason, ttl).await;
+                        self.proxy.cache.mark_pass(fill_key, *reason, ttl).await;
                     }
                     let reply = self.remote_reply(&outcome).await;
-                    self.permit.complete(outcome);
-                    return send(reply);
+                    return (outcome, reply);
                 }
             },
         };
         // While the fetch runs, keep the fleet lease alive so a slow upstream does not
-        // lose it; if it is lost anyway, the fenced write still guards the entry.
-        let extender = fleet
+        // lose it; if it is lost anyway, the fenced write still guards the entry. The
+        // guard aborts it however the fetch ends, a panic included.
+        let _extender = fleet
             .as_ref()
             .zip(lease.clone())
-            .map(|(fleet, lease)| tokio::spawn(Arc::clone(fleet).keep_alive(lease)));
+            .map(|(fleet, lease)| AbortOnDrop(tokio::spawn(Arc::clone(fleet).keep_alive(lease))));
 
-        let (outcome, reply) = self.fetch(&fill_key).await;
+        let (outcome, reply) = self.fetch(fill_key).await;
 
-        if let Some(extender) = extender {
-            extender.abort();
-        }
         if let Some(fleet) = &fleet {
             let fence = lease.as_ref().map_or(0, |l| l.fence);
+            let mut lease = lease;
+            // A pass this request caused: free the lock before telling the fleet to
+            // retry, so the instances that retry find it free.
+            if matches!(&outcome, FillOutcome::Uncacheable(r) if r.is_request_specific()) {
+                if let Some(lease) = lease.take() {
+                    fleet.release(lease).await;
+                }
+            }
             fleet
-                .publish_outcome(&self.route, &fill_key, &outcome, fence)
+                .publish_outcome(&self.route, fill_key, &outcome, fence)
                 .await;
             if let Some(lease) = lease {
                 fleet.release(lease).await;
             }
         }
-        self.permit.complete(outcome);
-        send(reply);
+        (outcome, reply)
     }
 
     /// What the leader gets when another instance's fill ended it.
@@ -780,17 +848,32 @@ impl Fill {
         let (mut head, body) = res.into_parts();
         let status_code = head.status.as_u16();
 
-        if head.status == StatusCode::NOT_MODIFIED {
-            if let Some(renewed) = stale
-                .as_ref()
-                .and_then(|s| s.renewed(&route.config, policy_req, &head, received_at))
-            {
-                let entry = Arc::new(renewed);
-                proxy.cache.store(key, Arc::clone(&entry)).await;
-                return (
-                    FillOutcome::Filled(Arc::clone(&entry)),
-                    FillReply::Entry(entry, CacheStatus::revalidated()),
-                );
+        if let (StatusCode::NOT_MODIFIED, Some(stale)) = (head.status, stale) {
+            match stale.renewed(&route.config, policy_req, &head, received_at) {
+                Ok(renewed) => {
+                    let entry = Arc::new(renewed);
+                    proxy.cache.store(key, Arc::clone(&entry)).await;
+                    return (
+                        FillOutcome::Filled(Arc::clone(&entry)),
+                        FillReply::Entry(entry, CacheStatus::revalidated()),
+                    );
+                }
+                // The stored body is current, but may not be stored again (for this
+                // request's credentials, or for what the 304 said): serve it, since
+                // the client asked for no 304.
+                Err(Some(reason)) => {
+                    if !reason.is_request_specific() {
+                        let ttl = route.config.hit_for_pass;
+                        proxy.cache.mark_pass(fill_key, reason, ttl).await;
+                    }
+                    let status =
+                        CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code);
+                    return (
+                        FillOutcome::Uncacheable(reason),
+                        FillReply::Entry(Arc::clone(stale), status),
+                    );
+                }
+                Err(None) => {}
             }
         }
         if head.status.is_server_error() {
@@ -808,7 +891,9 @@ impl Fill {
             content_length(&head.headers).is_some_and(|len| len > proxy.max_object_bytes);
         let lifetime = match verdict {
             Verdict::Store(lifetime) if !too_large => lifetime,
-            Verdict::Pass(_) if head.status.is_server_error() && !too_large => {
+            Verdict::Pass(reason)
+                if head.status.is_server_error() && !too_large && !reason.is_request_specific() =>
+            {
                 // An error is the same for everyone who asked now: share it, so a failing
                 // upstream is not hit once per waiter, but do not store it.
                 return match proxy.read_body(route, body).await {
@@ -839,11 +924,15 @@ impl Fill {
                     Verdict::Pass(reason) => reason,
                     Verdict::Store(_) => PassReason::TooLarge,
                 };
-                // Hit-for-pass under the fill key: later requests skip the lock.
-                proxy
-                    .cache
-                    .mark_pass(fill_key, reason, route.config.hit_for_pass)
-                    .await;
+                // Hit-for-pass under the fill key: later requests skip the lock. Not for
+                // a pass this request caused (its credentials): one client must not
+                // turn caching off for everyone.
+                if !reason.is_request_specific() {
+                    proxy
+                        .cache
+                        .mark_pass(fill_key, reason, route.config.hit_for_pass)
+                        .await;
+                }
                 headers::forward_response(&mut head.headers);
                 let res = Response::from_parts(head, ProxyBody::streaming(body));
                 let status = CacheStatus::pass(fwd, reason.as_str()).with_fwd_status(status_code);

@@ -11,7 +11,7 @@ use http_cache_semantics::{AfterResponse, CacheOptions, CachePolicy};
 
 use super::body_file::BodyFile;
 use super::key::vary_values;
-use super::policy::{self, Lifetime, Verdict};
+use super::policy::{self, Lifetime, PassReason, Verdict};
 use crate::config::RouteConfig;
 use crate::headers::strip_hop_by_hop;
 
@@ -141,7 +141,18 @@ impl CacheEntry {
         let mut compact = HeaderMap::with_capacity(headers.len() + 3);
         compact.extend(headers);
         let headers = compact;
-        let fresh_until = lifetime.received_at + lifetime.fresh_for;
+        // Every span is clamped (an entry may come from Redis, written by anything), so
+        // no sum below can overflow a SystemTime.
+        let span = |d: Duration| d.min(policy::MAX_DELTA);
+        let at = |d: Duration| {
+            lifetime
+                .received_at
+                .checked_add(d)
+                .unwrap_or(lifetime.received_at)
+        };
+        let fresh_for = span(lifetime.fresh_for);
+        let swr = span(lifetime.stale_while_revalidate);
+        let sie = span(lifetime.stale_if_error);
         let last_modified = headers
             .get(header::LAST_MODIFIED)
             .and_then(|v| v.to_str().ok())
@@ -154,12 +165,10 @@ impl CacheEntry {
             body,
             body_file,
             vary_values,
-            fresh_until,
-            swr_until: fresh_until + lifetime.stale_while_revalidate,
-            sie_until: fresh_until + lifetime.stale_if_error,
-            keep_until: fresh_until
-                + lifetime.stale_while_revalidate.max(lifetime.stale_if_error)
-                + lifetime.keep,
+            fresh_until: at(fresh_for),
+            swr_until: at(fresh_for + swr),
+            sie_until: at(fresh_for + sie),
+            keep_until: at(fresh_for + swr.max(sie) + span(lifetime.keep)),
             last_modified,
             lifetime,
             fence,
@@ -227,7 +236,7 @@ impl CacheEntry {
         let resident = now
             .duration_since(self.lifetime.received_at)
             .unwrap_or_default();
-        (self.lifetime.age + resident).as_secs()
+        self.lifetime.age.saturating_add(resident).as_secs()
     }
 
     /// What the entry costs the local cache, in bytes (body, headers, bookkeeping).
@@ -310,20 +319,23 @@ impl CacheEntry {
     }
 
     /// The entry renewed by a `304 Not Modified` from the upstream: the stored body under
-    /// the updated headers and a new lifetime. `None` when the 304 does not match this
-    /// entry's validators or the updated response may no longer be stored.
+    /// the updated headers and a new lifetime. `Err(None)` when the 304 does not match
+    /// this entry's validators, `Err(Some(reason))` when the updated response may not
+    /// be stored (for a request-specific reason, the body is still current for `req`).
     pub fn renewed(
         &self,
         route: &RouteConfig,
         req: &request::Parts,
         not_modified: &response::Parts,
         received_at: SystemTime,
-    ) -> Option<CacheEntry> {
+    ) -> Result<CacheEntry, Option<PassReason>> {
         // The stored exchange as the policy crate sees it, rebuilt here rather than kept
         // with every entry: only this rare merge needs it, and it costs kilobytes.
         let mut stored = http::Response::new(());
         *stored.status_mut() = self.status;
-        *stored.headers_mut() = self.headers.clone();
+        *stored.headers_mut() = policy::clamped(&self.headers);
+        let mut not_modified = not_modified.clone();
+        not_modified.headers = policy::clamped(&not_modified.headers);
         let original = http::Request::get("/").body(()).expect("a static request");
         let policy = CachePolicy::new_options(
             &original,
@@ -332,21 +344,21 @@ impl CacheEntry {
             CacheOptions::default(),
         );
         let AfterResponse::NotModified(_, mut merged) =
-            policy.after_response(req, not_modified, received_at)
+            policy.after_response(req, &not_modified, received_at)
         else {
-            return None;
+            return Err(None);
         };
         merged.status = self.status;
         // The crate adds the Age it computed; our own Age is added per response.
         merged.headers.remove(header::AGE);
         match policy::evaluate(route, req, &merged, received_at) {
-            Verdict::Store(lifetime) => Some(CacheEntry::new(
+            Verdict::Store(lifetime) => Ok(CacheEntry::new(
                 merged,
                 self.body.clone(),
                 *lifetime,
                 &req.headers,
             )),
-            Verdict::Pass(_) => None,
+            Verdict::Pass(reason) => Err(Some(reason)),
         }
     }
 }

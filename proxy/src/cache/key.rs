@@ -1,7 +1,8 @@
 //! Cache keys: what makes two requests the same cached object.
 //!
 //! A key is the route, the host, the path, the query string (kept, sorted or ignored
-//! per route) and any request headers the route names. A response with `Vary` is
+//! per route), any request headers the route names and the values of the cookies it
+//! names (`key.cookies`). A response with `Vary` is
 //! stored under a *variant* key: the primary key plus the values of the varying headers.
 
 use std::fmt;
@@ -53,6 +54,13 @@ impl CacheKey {
             key.push_str(name.as_str());
             key.push(':');
             push_header_values(&mut key, headers, name);
+        }
+        for name in &route.key_cookies {
+            key.push(SEP);
+            key.push_str("cookie:");
+            key.push_str(name);
+            key.push('=');
+            push_cookie_values(&mut key, headers, name);
         }
         CacheKey(key.into())
     }
@@ -111,6 +119,27 @@ fn push_header_values(out: &mut String, headers: &HeaderMap, name: &HeaderName) 
             Ok(s) => out.push_str(s.trim()),
             Err(_) => out.push_str(&String::from_utf8_lossy(value.as_bytes())),
         }
+    }
+}
+
+/// The values of cookie `name` in the request's `Cookie` headers, in order.
+fn push_cookie_values(out: &mut String, headers: &HeaderMap, name: &str) {
+    let pairs = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .flat_map(|v| {
+            v.split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .filter(|(n, _)| n.trim() == name)
+                .map(|(_, value)| value.trim().to_string())
+                .collect::<Vec<_>>()
+        });
+    for (i, value) in pairs.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&value);
     }
 }
 
@@ -175,6 +204,28 @@ mod tests {
             key(&r, "/p", &[("x-tenant", "b")])
         );
         assert_eq!(key(&r, "/p", &[("x-other", "a")]), key(&r, "/p", &[]));
+    }
+
+    #[test]
+    fn named_cookies_split_keys_and_others_do_not() {
+        let r = route("key = { cookies = [\"lang\"] }");
+        let en = key(&r, "/p", &[("cookie", "lang=en; _ga=1")]);
+        assert_ne!(en, key(&r, "/p", &[("cookie", "lang=fr")]));
+        assert_eq!(
+            en,
+            key(&r, "/p", &[("cookie", "_ga=2"), ("cookie", "lang=en")])
+        );
+        assert_ne!(en, key(&r, "/p", &[]));
+        // A cookie named like the keyed one as a prefix is another cookie.
+        assert_eq!(
+            key(&r, "/p", &[("cookie", "language=en")]),
+            key(&r, "/p", &[])
+        );
+        let plain = route("");
+        assert_eq!(
+            key(&plain, "/p", &[("cookie", "lang=en")]),
+            key(&plain, "/p", &[])
+        );
     }
 
     #[test]

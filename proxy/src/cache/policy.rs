@@ -4,14 +4,29 @@
 //! RFC 9111 storability and freshness come from `http-cache-semantics` (evaluated as a
 //! shared cache); the route's overrides (`allow_*`, `ttl`, `override_ttl`) and the
 //! RFC 5861 stale windows, which that crate does not cover, are applied here.
+//!
+//! Two rules guard against what a hostile client or origin can send. Delta-seconds
+//! (`max-age`, `s-maxage`, the stale windows, `Age`) are clamped to 2^31 seconds
+//! (RFC 9111 §1.2.2) before any arithmetic, so no value overflows a time. And a
+//! request carrying credentials (a `Cookie` the route neither keys nor ignores, or an
+//! `Authorization` the route does not allow) is never stored on heuristic freshness:
+//! only the origin's explicit shared freshness (`s-maxage`, `max-age`, `Expires`,
+//! `public`) stores it. Its passes are request-specific: they mark no hit-for-pass.
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AUTHORIZATION, CACHE_CONTROL, ETAG, EXPIRES, LAST_MODIFIED, SET_COOKIE, VARY};
+use http::header::{
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, EXPIRES,
+    LAST_MODIFIED, SET_COOKIE, VARY,
+};
 use http::{request, response, HeaderMap, Method, Request, Response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use crate::config::RouteConfig;
+
+/// The greatest delta-seconds value corral computes with (RFC 9111 §1.2.2): larger
+/// values, and values too large to parse, count as this.
+pub(crate) const MAX_DELTA: Duration = Duration::from_secs(1 << 31);
 
 /// The outcome of evaluating a response for storage.
 pub enum Verdict {
@@ -35,9 +50,12 @@ pub struct Lifetime {
 impl Lifetime {
     /// The lifetime of a response served once and never stored (a shared error).
     pub fn none(req: &request::Parts, res: &response::Parts, received_at: SystemTime) -> Lifetime {
-        let policy = CachePolicy::new_options(req, res, received_at, CacheOptions::default());
+        let mut res_view = Response::new(());
+        *res_view.status_mut() = res.status;
+        *res_view.headers_mut() = clamped(&res.headers);
+        let policy = CachePolicy::new_options(req, &res_view, received_at, CacheOptions::default());
         Lifetime {
-            age: policy.age(received_at),
+            age: policy.age(received_at).min(MAX_DELTA),
             received_at,
             fresh_for: Duration::ZERO,
             stale_while_revalidate: Duration::ZERO,
@@ -59,6 +77,11 @@ pub enum PassReason {
     NotStorable,
     ZeroLifetime,
     TooLarge,
+    /// The fill failed inside corral (a bug): requests go upstream for a while.
+    Internal,
+    /// The request carried a cookie the route neither keys nor ignores, and the
+    /// response had no explicit shared freshness.
+    Credentials,
 }
 
 impl PassReason {
@@ -73,28 +96,188 @@ impl PassReason {
             PassReason::NotStorable => "not-storable",
             PassReason::ZeroLifetime => "zero-lifetime",
             PassReason::TooLarge => "too-large",
+            PassReason::Credentials => "credentials",
+            PassReason::Internal => "internal-error",
         }
+    }
+
+    /// Whether the pass was caused by this request (its credentials) rather than by
+    /// the response: then the next request for the key may well be storable, so the
+    /// key is not marked hit-for-pass and waiters compete for the fill again.
+    pub fn is_request_specific(self) -> bool {
+        matches!(self, PassReason::Credentials | PassReason::Authorization)
     }
 }
 
+/// Whether a request with `headers` carries credentials on `route`: an `Authorization`
+/// the route does not allow, or a cookie the route neither keys nor ignores.
+pub(crate) fn has_credentials(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    credential_authorization(route, headers) || credential_cookie(route, headers)
+}
+
+fn credential_authorization(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    headers.contains_key(AUTHORIZATION) && !route.allow_authorization
+}
+
+/// Whether the request sends a cookie that is not in `key.cookies` or `ignore_cookies`
+/// (none does when the route keys on the whole `Cookie` header).
+fn credential_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    if route.key_headers.contains(&COOKIE) {
+        return false;
+    }
+    headers.get_all(COOKIE).iter().any(|value| {
+        // A value that is not text cannot be matched to a name: a credential.
+        let Ok(value) = value.to_str() else {
+            return true;
+        };
+        value
+            .split(';')
+            .map(|pair| pair.split_once('=').map_or(pair, |(name, _)| name).trim())
+            .filter(|name| !name.is_empty())
+            .any(|name| {
+                !route.key_cookies.iter().any(|c| c == name)
+                    && !route.ignore_cookies.iter().any(|c| c == name)
+            })
+    })
+}
+
+/// A delta-seconds value (RFC 9111 §1.2.2): digits only, clamped to [`MAX_DELTA`]
+/// (a value too long to parse counts as the maximum). `None` when not a number.
+pub(crate) fn delta_seconds(value: &str) -> Option<Duration> {
+    let value = value.trim().trim_matches('"');
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(
+        value
+            .parse::<u64>()
+            .map_or(MAX_DELTA, Duration::from_secs)
+            .min(MAX_DELTA),
+    )
+}
+
+/// `headers` with every delta-seconds value in `Cache-Control` and `Age` clamped to
+/// [`MAX_DELTA`], so that neither the policy crate nor corral overflows on them.
+pub(crate) fn clamped(headers: &HeaderMap) -> HeaderMap {
+    let too_big = |v: &str| delta_seconds(v).is_some_and(|d| d >= MAX_DELTA);
+    let mut out = headers.clone();
+    let directives_too_big = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.split_once('=').is_some_and(|(_, v)| too_big(v)));
+    if directives_too_big {
+        out.remove(CACHE_CONTROL);
+        for value in headers.get_all(CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else {
+                out.append(CACHE_CONTROL, value.clone());
+                continue;
+            };
+            let rewritten: Vec<String> = text
+                .split(',')
+                .map(|d| match d.split_once('=') {
+                    Some((k, v)) if too_big(v) => format!("{}={}", k.trim(), MAX_DELTA.as_secs()),
+                    _ => d.trim().to_string(),
+                })
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&rewritten.join(", ")) {
+                out.append(CACHE_CONTROL, v);
+            }
+        }
+    }
+    if headers
+        .get_all(AGE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(too_big))
+    {
+        out.insert(AGE, HeaderValue::from(MAX_DELTA.as_secs()));
+    }
+    out
+}
+
+/// Whether `Vary` names `name`.
+fn varies_on(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Whether `Vary` names `*` or anything that is not a header name: a response whose
+/// variants corral cannot tell apart, so it is not stored.
+fn varies_unknowably(headers: &HeaderMap) -> bool {
+    headers.get_all(VARY).iter().any(|v| match v.to_str() {
+        Err(_) => true,
+        Ok(v) => v
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .any(|n| n == "*" || HeaderName::from_bytes(n.as_bytes()).is_err()),
+    })
+}
+
 /// Decides whether `res`, received at `received_at` for `req`, may be stored on `route`.
+///
+/// Any pass for a request with credentials is request-specific (`Credentials` or
+/// `Authorization`): the origin may well have answered differently because of them
+/// (`private` for a signed-in user, a 403 for a bad token), so the pass says nothing
+/// about what others would get.
 pub fn evaluate(
     route: &RouteConfig,
     req: &request::Parts,
     res: &response::Parts,
     received_at: SystemTime,
 ) -> Verdict {
-    if !route.cacheable_statuses.contains(&res.status) {
-        return Verdict::Pass(PassReason::Status);
+    match evaluate_response(route, req, res, received_at) {
+        Verdict::Pass(reason)
+            if !reason.is_request_specific() && has_credentials(route, &req.headers) =>
+        {
+            Verdict::Pass(credentials_reason(route, &req.headers))
+        }
+        verdict => verdict,
     }
-    if res.headers.get_all(VARY).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|n| n.trim() == "*"))
-    }) {
-        return Verdict::Pass(PassReason::VaryStar);
+}
+
+/// Which credentials a request carries, as a pass reason.
+fn credentials_reason(route: &RouteConfig, headers: &HeaderMap) -> PassReason {
+    if credential_authorization(route, headers) {
+        PassReason::Authorization
+    } else {
+        PassReason::Credentials
+    }
+}
+
+fn evaluate_response(
+    route: &RouteConfig,
+    req: &request::Parts,
+    res: &response::Parts,
+    received_at: SystemTime,
+) -> Verdict {
+    match storable(route, req, res, received_at) {
+        Ok(policy) => lifetime(route, &req.headers, &res.headers, &policy, received_at),
+        Err(reason) => Verdict::Pass(reason),
+    }
+}
+
+/// Whether the response may be stored at all (RFC 9111 §3 and the route's rules);
+/// the crate's view of it when it may.
+fn storable(
+    route: &RouteConfig,
+    req: &request::Parts,
+    res: &response::Parts,
+    received_at: SystemTime,
+) -> Result<CachePolicy, PassReason> {
+    if !route.cacheable_statuses.contains(&res.status) {
+        return Err(PassReason::Status);
+    }
+    if varies_unknowably(&res.headers) {
+        return Err(PassReason::VaryStar);
     }
     if res.headers.contains_key(SET_COOKIE) && !route.allow_set_cookie {
-        return Verdict::Pass(PassReason::SetCookie);
+        return Err(PassReason::SetCookie);
     }
 
     // The crate sees the exchange as the route allows it to be stored: without the
@@ -113,7 +296,7 @@ pub fn evaluate(
         .status(res.status)
         .body(())
         .expect("valid parts");
-    *res_view.headers_mut() = res.headers.clone();
+    *res_view.headers_mut() = clamped(&res.headers);
     if route.allow_set_cookie {
         res_view.headers_mut().remove(SET_COOKIE);
     }
@@ -133,23 +316,41 @@ pub fn evaluate(
         } else {
             PassReason::NotStorable
         };
-        return Verdict::Pass(reason);
+        return Err(reason);
     }
+    Ok(policy)
+}
 
-    let h = &res.headers;
+/// How long a storable response `h` lives, for a request with `req_headers`.
+fn lifetime(
+    route: &RouteConfig,
+    req_headers: &HeaderMap,
+    h: &HeaderMap,
+    policy: &CachePolicy,
+    received_at: SystemTime,
+) -> Verdict {
     let must_revalidate = ["no-cache", "must-revalidate", "proxy-revalidate"]
         .iter()
         .any(|d| directive(h, d).is_some());
     let explicit = directive(h, "max-age").is_some()
         || directive(h, "s-maxage").is_some()
         || h.contains_key(EXPIRES);
-    let age = policy.age(received_at);
+    // Web cache deception: `/account/x.css` with the victim's cookie, answered without
+    // Cache-Control, must not be stored for everyone on the route's ttl. (A response
+    // that varies on `Cookie` is stored for that exact `Cookie` only: no risk.)
+    let credentials = credential_authorization(route, req_headers)
+        || (credential_cookie(route, req_headers) && !varies_on(h, &COOKIE));
+    if credentials && !explicit && directive(h, "public").is_none() {
+        return Verdict::Pass(credentials_reason(route, req_headers));
+    }
+    let age = policy.age(received_at).min(MAX_DELTA);
     let fresh_for = if route.override_ttl {
         route.ttl
     } else if directive(h, "no-cache").is_some() {
         Duration::ZERO
     } else if explicit {
-        policy.time_to_live(received_at)
+        // `Expires` far in the future is not delta-seconds: clamp it the same way.
+        policy.time_to_live(received_at).min(MAX_DELTA)
     } else {
         route.ttl.saturating_sub(age)
     };
@@ -159,8 +360,8 @@ pub fn evaluate(
         }
         directive(h, name)
             .flatten()
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or(default, Duration::from_secs)
+            .and_then(delta_seconds)
+            .unwrap_or(default)
     };
     let stale_while_revalidate = window("stale-while-revalidate", route.stale_while_revalidate);
     let stale_if_error = window("stale-if-error", route.stale_if_error);
@@ -210,202 +411,4 @@ pub fn directive<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h st
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    fn route(extra: &str) -> RouteConfig {
-        let text = format!("listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\nttl = \"60s\"\nstale_while_revalidate = \"30s\"\nstale_if_error = \"5m\"\n{extra}\n");
-        Config::parse(&text, "t").unwrap().routes.remove(0)
-    }
-
-    fn eval(
-        route: &RouteConfig,
-        req_headers: &[(&str, &str)],
-        status: u16,
-        res_headers: &[(&str, &str)],
-    ) -> Verdict {
-        let mut req = Request::get("http://h/p").body(()).unwrap();
-        for (k, v) in req_headers {
-            req.headers_mut().append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        let mut res = Response::builder().status(status).body(()).unwrap();
-        for (k, v) in res_headers {
-            res.headers_mut().append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        evaluate(
-            route,
-            &req.into_parts().0,
-            &res.into_parts().0,
-            SystemTime::now(),
-        )
-    }
-
-    fn lifetime(v: Verdict) -> Lifetime {
-        match v {
-            Verdict::Store(l) => *l,
-            Verdict::Pass(r) => panic!("expected storable, got {}", r.as_str()),
-        }
-    }
-
-    fn reason(v: Verdict) -> &'static str {
-        match v {
-            Verdict::Store(_) => "stored",
-            Verdict::Pass(r) => r.as_str(),
-        }
-    }
-
-    #[test]
-    fn upstream_max_age_wins_over_route_ttl() {
-        let l = lifetime(eval(
-            &route(""),
-            &[],
-            200,
-            &[("cache-control", "max-age=10")],
-        ));
-        assert_eq!(l.fresh_for, Duration::from_secs(10));
-        assert_eq!(l.stale_while_revalidate, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn route_ttl_applies_without_upstream_freshness_or_with_override() {
-        assert_eq!(
-            lifetime(eval(&route(""), &[], 200, &[])).fresh_for,
-            Duration::from_secs(60)
-        );
-        let forced = route("override_ttl = true");
-        assert_eq!(
-            lifetime(eval(&forced, &[], 200, &[("cache-control", "max-age=10")])).fresh_for,
-            Duration::from_secs(60)
-        );
-    }
-
-    #[test]
-    fn response_stale_directives_override_route_windows() {
-        let l = lifetime(eval(
-            &route(""),
-            &[],
-            200,
-            &[(
-                "cache-control",
-                "max-age=1, stale-while-revalidate=7, stale-if-error=9",
-            )],
-        ));
-        assert_eq!(l.stale_while_revalidate, Duration::from_secs(7));
-        assert_eq!(l.stale_if_error, Duration::from_secs(9));
-        let l = lifetime(eval(
-            &route(""),
-            &[],
-            200,
-            &[("cache-control", "max-age=1, must-revalidate")],
-        ));
-        assert_eq!(l.stale_while_revalidate, Duration::ZERO);
-        assert_eq!(l.stale_if_error, Duration::ZERO);
-    }
-
-    #[test]
-    fn unsafe_responses_pass_unless_route_allows() {
-        let r = route("");
-        assert_eq!(
-            reason(eval(&r, &[], 200, &[("cache-control", "no-store")])),
-            "no-store"
-        );
-        assert_eq!(
-            reason(eval(
-                &r,
-                &[],
-                200,
-                &[("cache-control", "private, max-age=60")]
-            )),
-            "private"
-        );
-        assert_eq!(
-            reason(eval(&r, &[], 200, &[("set-cookie", "a=b")])),
-            "set-cookie"
-        );
-        assert_eq!(
-            reason(eval(&r, &[("authorization", "Bearer x")], 200, &[])),
-            "authorization"
-        );
-        assert_eq!(reason(eval(&r, &[], 200, &[("vary", "*")])), "vary-star");
-        assert_eq!(reason(eval(&r, &[], 500, &[])), "uncacheable-status");
-        let allowing =
-            route("allow_set_cookie = true\nallow_authorization = true\nallow_private = true");
-        assert_eq!(
-            reason(eval(&allowing, &[], 200, &[("set-cookie", "a=b")])),
-            "stored"
-        );
-        assert_eq!(
-            reason(eval(&allowing, &[("authorization", "Bearer x")], 200, &[])),
-            "stored"
-        );
-        assert_eq!(
-            reason(eval(
-                &allowing,
-                &[],
-                200,
-                &[("cache-control", "private, max-age=60")]
-            )),
-            "stored"
-        );
-    }
-
-    #[test]
-    fn public_response_to_authorized_request_is_stored() {
-        let l = eval(
-            &route(""),
-            &[("authorization", "Bearer x")],
-            200,
-            &[("cache-control", "public, max-age=5")],
-        );
-        assert_eq!(reason(l), "stored");
-    }
-
-    #[test]
-    fn no_cache_is_stored_only_to_revalidate() {
-        let r = route("");
-        let l = lifetime(eval(
-            &r,
-            &[],
-            200,
-            &[("cache-control", "no-cache"), ("etag", "\"a\"")],
-        ));
-        assert_eq!(l.fresh_for, Duration::ZERO);
-        assert_eq!(l.stale_while_revalidate, Duration::ZERO);
-        assert_eq!(l.keep, Duration::from_secs(600));
-        // Without a validator there is nothing to revalidate with: not stored.
-        assert_eq!(
-            reason(eval(&r, &[], 200, &[("cache-control", "no-cache")])),
-            "zero-lifetime"
-        );
-    }
-
-    #[test]
-    fn age_header_shortens_freshness() {
-        let l = lifetime(eval(
-            &route(""),
-            &[],
-            200,
-            &[("cache-control", "max-age=100"), ("age", "40")],
-        ));
-        assert_eq!(l.fresh_for, Duration::from_secs(60));
-        assert_eq!(l.age, Duration::from_secs(40));
-    }
-
-    #[test]
-    fn directive_parsing() {
-        let mut h = HeaderMap::new();
-        h.append(CACHE_CONTROL, "public, Max-Age=\"30\"".parse().unwrap());
-        h.append(CACHE_CONTROL, "no-transform".parse().unwrap());
-        assert_eq!(directive(&h, "max-age"), Some(Some("30")));
-        assert_eq!(directive(&h, "public"), Some(None));
-        assert_eq!(directive(&h, "no-transform"), Some(None));
-        assert_eq!(directive(&h, "private"), None);
-    }
-}
+mod tests;

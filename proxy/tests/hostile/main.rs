@@ -7,6 +7,9 @@
 mod support;
 
 mod admin;
+mod config_values;
+mod deception;
+mod freshness;
 mod paths;
 mod poisoning;
 mod smuggling;

@@ -1,0 +1,308 @@
+//! Web cache deception and what gets stored: a response to a request with credentials
+//! is not stored on heuristic freshness, such a request never turns caching off for
+//! others, routes opt in by naming cookies, and only responses that answer the
+//! resource (not the method, not an unknowable `Vary`) are stored heuristically. A
+//! revalidation whose result may not be stored still answers with the body.
+
+use std::time::{Duration, Instant};
+
+use crate::support::raw::{exchange, Answer, RecordingOrigin};
+use crate::support::redis::RedisServer;
+use crate::support::{eventually, herd_over, Harness, OriginBehaviour, Setup};
+
+/// An answer without any freshness of its own: stored only on the route's ttl.
+fn heuristic() -> Answer {
+    Answer {
+        headers: vec![],
+        ..Answer::default()
+    }
+}
+
+fn get(path: &str, extra: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nhost: a\r\n{extra}\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn cookie_request_answered_without_cache_control_is_not_served_to_others() {
+    let origin = RecordingOrigin::answering(heuristic()).await;
+    let corral = Setup::default()
+        .route("ttl = \"60s\"")
+        .start_in_front_of(&origin.url())
+        .await;
+    let victim = exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    assert_eq!(victim.status, 200, "{victim:?}");
+    assert!(victim.cache_status().contains("credentials"), "{victim:?}");
+
+    let attacker = exchange(corral.addr(), &get("/account/x.css", "")).await;
+    assert_eq!(origin.received_for("/account/x.css").len(), 2);
+    assert!(!attacker.cache_status().contains("hit"), "{attacker:?}");
+    // The anonymous answer is stored as usual: no hit-for-pass was left behind.
+    let next = exchange(corral.addr(), &get("/account/x.css", "")).await;
+    assert!(next.cache_status().contains("hit"), "{next:?}");
+    assert_eq!(origin.received_for("/account/x.css").len(), 2);
+}
+
+#[tokio::test]
+async fn explicit_shared_freshness_still_stores_a_credentialed_response() {
+    for cache_control in ["max-age=60", "s-maxage=60", "public"] {
+        let origin = RecordingOrigin::answering(Answer {
+            headers: vec![("cache-control".into(), cache_control.into())],
+            ..Answer::default()
+        })
+        .await;
+        let corral = Setup::default().start_in_front_of(&origin.url()).await;
+        let first = exchange(corral.addr(), &get("/logo.png", "cookie: session=1\r\n")).await;
+        assert_eq!(first.status, 200, "{cache_control}: {first:?}");
+        let second = exchange(corral.addr(), &get("/logo.png", "")).await;
+        assert!(
+            second.cache_status().contains("hit"),
+            "{cache_control}: {second:?}"
+        );
+        assert_eq!(origin.received().len(), 1, "{cache_control}");
+    }
+}
+
+#[tokio::test]
+async fn keyed_and_ignored_cookies_opt_a_route_in_and_split_its_keys() {
+    let origin = RecordingOrigin::answering(heuristic()).await;
+    let corral = Setup::default()
+        .route("key = { cookies = [\"lang\"] }\nignore_cookies = [\"_ga\"]")
+        .start_in_front_of(&origin.url())
+        .await;
+    let en = exchange(
+        corral.addr(),
+        &get("/home", "cookie: lang=en; _ga=GA1.1\r\n"),
+    )
+    .await;
+    assert!(!en.cache_status().contains("credentials"), "{en:?}");
+    // Forwarded unchanged, the ignored cookie included.
+    let sent = origin.received_for("/home");
+    assert_eq!(
+        sent[0].header("cookie").as_deref(),
+        Some("lang=en; _ga=GA1.1")
+    );
+
+    // The HTTP/1 fast path keys the same way: same lang, other _ga -> hit.
+    let again = exchange(
+        corral.addr(),
+        &get("/home", "cookie: _ga=GA1.2; lang=en\r\n"),
+    )
+    .await;
+    assert!(again.cache_status().contains("hit"), "{again:?}");
+    let fr = exchange(corral.addr(), &get("/home", "cookie: lang=fr\r\n")).await;
+    assert!(!fr.cache_status().contains("hit"), "{fr:?}");
+    let none = exchange(corral.addr(), &get("/home", "")).await;
+    assert!(!none.cache_status().contains("hit"), "{none:?}");
+    assert_eq!(origin.received_for("/home").len(), 3);
+
+    // Any other cookie is a credential again.
+    let session = exchange(corral.addr(), &get("/home", "cookie: lang=de; sid=1\r\n")).await;
+    assert!(
+        session.cache_status().contains("credentials"),
+        "{session:?}"
+    );
+}
+
+/// One request with credentials leads the fill while a herd waits on it: the herd must
+/// neither inherit its pass (all going upstream) nor find the key hit-for-pass later.
+async fn credentialed_leader_does_not_release_the_herd(credential: (&str, &str)) {
+    let h = Setup::origin(OriginBehaviour {
+        delay: Duration::from_millis(300),
+        cache_control: None,
+        ..OriginBehaviour::default()
+    })
+    .route("ttl = \"60s\"")
+    .start()
+    .await;
+    let path = "/popular";
+    let credentials = [credential];
+    let attacker = h.get_with(path, &credentials);
+    let herd = async {
+        eventually("the attacker's fetch reaches the origin", || async {
+            (h.origin.requests_for(path) == 1).then_some(())
+        })
+        .await;
+        h.herd(path, 20).await
+    };
+    let (attacker, herd) = tokio::join!(attacker, herd);
+    assert_eq!(attacker.status, 200);
+    assert!(
+        attacker
+            .cache_status()
+            .contains(credential_reason(credential.0)),
+        "{attacker:?}"
+    );
+    assert!(herd.iter().all(|r| r.status == 200), "{herd:?}");
+    // The attacker's fetch, then one fill for the whole herd.
+    assert_eq!(h.origin.requests_for(path), 2);
+    let next = h.get(path).await;
+    assert!(next.cache_status().contains("hit"), "{next:?}");
+    assert_eq!(h.origin.requests_for(path), 2);
+}
+
+fn credential_reason(header: &str) -> &'static str {
+    if header == "authorization" {
+        "authorization"
+    } else {
+        "credentials"
+    }
+}
+
+#[tokio::test]
+async fn an_authorization_request_does_not_turn_caching_off_for_the_herd() {
+    credentialed_leader_does_not_release_the_herd(("authorization", "x")).await;
+}
+
+#[tokio::test]
+async fn a_cookie_request_does_not_turn_caching_off_for_the_herd() {
+    credentialed_leader_does_not_release_the_herd(("cookie", "session=attacker")).await;
+}
+
+#[tokio::test]
+async fn method_override_405_is_not_stored_for_the_url() {
+    let origin = RecordingOrigin::answering(Answer {
+        status: 405,
+        ..heuristic()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let poisoned = exchange(
+        corral.addr(),
+        &get("/items/1", "x-http-method-override: DELETE\r\n"),
+    )
+    .await;
+    assert_eq!(poisoned.status, 405);
+    origin.set_answer(heuristic());
+    let next = exchange(corral.addr(), &get("/items/1", "")).await;
+    assert_eq!(next.status, 200, "{next:?}");
+    assert_eq!(origin.received_for("/items/1").len(), 2);
+}
+
+#[tokio::test]
+async fn unparsable_vary_is_not_stored_as_if_it_did_not_vary() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=60".into()),
+            ("vary".into(), "accept-language, x(user)".into()),
+        ],
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let first = exchange(corral.addr(), &get("/v", "")).await;
+    assert!(first.cache_status().contains("vary-star"), "{first:?}");
+    exchange(corral.addr(), &get("/v", "")).await;
+    assert_eq!(origin.received_for("/v").len(), 2);
+}
+
+#[tokio::test]
+async fn route_host_written_with_case_and_trailing_dot_matches_requests() {
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default()
+        .route("host = \"Example.COM.\"")
+        .start_in_front_of(&origin.url())
+        .await;
+    let res = exchange(
+        corral.addr(),
+        b"GET /p HTTP/1.1\r\nhost: example.com\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(origin.received_for("/p").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentialed_fill_elsewhere_in_the_fleet_does_not_release_the_herd() {
+    let redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(OriginBehaviour {
+        delay: Duration::from_millis(300),
+        cache_control: None,
+        ..OriginBehaviour::default()
+    })
+    .redis(&redis.url())
+    .start_fleet(2)
+    .await;
+    let path = "/popular";
+    let attacker = h.get_with(path, &[("authorization", "x")]);
+    let herd = async {
+        eventually("the attacker's fetch reaches the origin", || async {
+            (h.origin.requests_for(path) == 1).then_some(())
+        })
+        .await;
+        let started = Instant::now();
+        let replies = herd_over(&[&others[0]], path, 10).await;
+        (replies, started.elapsed())
+    };
+    let (attacker, (herd, took)) = tokio::join!(attacker, herd);
+    assert_eq!(attacker.status, 200);
+    assert!(herd.iter().all(|r| r.status == 200), "{herd:?}");
+    // The other instance fills once for its herd, as soon as the lock is free: it
+    // neither passes every request upstream nor waits out the lock's TTL.
+    assert_eq!(h.origin.requests_for(path), 2);
+    assert!(took < Duration::from_secs(3), "the herd waited {took:?}");
+    let next = Harness::get_from(&h.server, path).await;
+    assert!(next.cache_status().contains("hit"), "{next:?}");
+}
+
+#[tokio::test]
+async fn credentialed_revalidation_gets_the_stored_body_not_a_bare_304() {
+    // Stored by an anonymous request for revalidation only (no-cache + validator).
+    let revalidate_only = vec![
+        ("cache-control".to_string(), "no-cache".to_string()),
+        ("etag".to_string(), "\"v1\"".to_string()),
+    ];
+    let origin = RecordingOrigin::answering(Answer {
+        headers: revalidate_only.clone(),
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let first = exchange(corral.addr(), &get("/doc", "")).await;
+    assert_eq!(first.text(), "answer to GET /doc");
+
+    // A request with a session cookie revalidates it; the origin says 304.
+    origin.set_answer(Answer {
+        status: 304,
+        headers: revalidate_only,
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let res = exchange(corral.addr(), &get("/doc", "cookie: session=1\r\n")).await;
+    let sent = origin.received_for("/doc");
+    assert_eq!(sent[1].header("if-none-match").as_deref(), Some("\"v1\""));
+    // The client asked for no condition: it gets the body, not a bare 304.
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.text(), "answer to GET /doc");
+    assert!(res.cache_status().contains("credentials"), "{res:?}");
+}
+
+#[tokio::test]
+async fn revalidation_made_unstorable_by_the_304_still_gets_the_body() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![
+            ("cache-control".into(), "no-cache".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    exchange(corral.addr(), &get("/doc", "")).await;
+    origin.set_answer(Answer {
+        status: 304,
+        headers: vec![
+            ("cache-control".into(), "no-store".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let res = exchange(corral.addr(), &get("/doc", "")).await;
+    assert_eq!(res.status, 200, "{res:?}");
+    assert_eq!(res.text(), "answer to GET /doc");
+    assert!(res.cache_status().contains("no-store"), "{res:?}");
+}

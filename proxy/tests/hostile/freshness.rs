@@ -1,0 +1,123 @@
+//! Values that must not break corral: absurd freshness from an origin (clamped, never
+//! an overflow that panics a fill and leaves the key answering 502), and a malformed
+//! client body (the client's fault, not an upstream failure).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+
+use crate::support::raw::{exchange, Answer, RecordingOrigin};
+use crate::support::{eventually, Setup};
+
+const HUGE: &str = "18446744073709551615";
+
+/// Panics raised outside test code (in corral or a crate it calls), counted by a panic
+/// hook that leaves the default report in place.
+static NON_TEST_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+fn count_non_test_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let in_tests = info.location().is_some_and(|l| l.file().contains("tests/"));
+            if !in_tests {
+                NON_TEST_PANICS.fetch_add(1, Ordering::SeqCst);
+            }
+            default(info);
+        }));
+    });
+}
+
+#[tokio::test]
+async fn absurd_freshness_values_never_break_a_key() {
+    count_non_test_panics();
+    let cases: Vec<Vec<(String, String)>> = vec![
+        vec![("cache-control".into(), format!("max-age={HUGE}"))],
+        vec![("cache-control".into(), format!("public, s-maxage={HUGE}"))],
+        vec![(
+            "cache-control".into(),
+            format!("max-age=60, stale-while-revalidate={HUGE}"),
+        )],
+        vec![(
+            "cache-control".into(),
+            format!("max-age=60, stale-if-error={HUGE}"),
+        )],
+        vec![(
+            "cache-control".into(),
+            "max-age=999999999999999999999999999999".into(),
+        )],
+        vec![
+            ("cache-control".into(), "max-age=60".into()),
+            ("age".into(), HUGE.into()),
+        ],
+        vec![("expires".into(), "Fri, 31 Dec 9999 23:59:59 GMT".into())],
+        vec![
+            ("cache-control".into(), format!("max-age={HUGE}")),
+            ("age".into(), HUGE.into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+    ];
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default()
+        .route("stale_while_revalidate = \"30s\"\nstale_if_error = \"5m\"")
+        .start_in_front_of(&origin.url())
+        .await;
+    for (i, headers) in cases.into_iter().enumerate() {
+        origin.set_answer(Answer {
+            headers: headers.clone(),
+            ..Answer::default()
+        });
+        let path = format!("/absurd/{i}");
+        let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n");
+        let first = exchange(corral.addr(), req.as_bytes()).await;
+        assert_eq!(first.status, 200, "{headers:?}: {first:?}");
+        assert_eq!(first.text(), format!("answer to GET {path}"), "{headers:?}");
+        let second = exchange(corral.addr(), req.as_bytes()).await;
+        assert_eq!(second.status, 200, "{headers:?}: {second:?}");
+        assert_eq!(
+            second.text(),
+            format!("answer to GET {path}"),
+            "{headers:?}"
+        );
+        // What the client is told stays within what a header can say.
+        if let Some(age) = second.header("age") {
+            assert!(age.parse::<u64>().is_ok(), "{headers:?}: {second:?}");
+        }
+    }
+    // Every fill ended, background refreshes of stale answers included.
+    eventually("every fill ends", || async {
+        (corral.server.proxy().fills().in_progress() == 0).then_some(())
+    })
+    .await;
+    assert_eq!(NON_TEST_PANICS.load(Ordering::SeqCst), 0, "corral panicked");
+}
+
+#[tokio::test]
+async fn malformed_chunked_client_body_is_a_client_error_not_an_upstream_failure() {
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let res = exchange(
+        corral.addr(),
+        b"POST /form HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n\
+          5\r\nhello\r\nzz\r\nbroken\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 400, "{res:?}");
+    assert!(res.cache_status().contains("client-body"), "{res:?}");
+
+    let metrics = exchange(
+        corral.admin_addr(),
+        b"GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n",
+    )
+    .await
+    .text();
+    let upstream_errors: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("corral_upstream_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(upstream_errors, 0.0, "{metrics}");
+    // The upstream is not reported failing: the next request is simply served.
+    let next = exchange(corral.addr(), b"GET /ok HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(next.status, 200);
+}
