@@ -58,14 +58,38 @@ impl FillEvent {
     }
 
     fn parse(code: &str) -> Option<FillEvent> {
-        match code.as_bytes().first()? {
-            b'F' => code[1..].parse().ok().map(FillEvent::Filled),
-            b'U' => Some(FillEvent::Uncacheable),
-            b'E' => Some(FillEvent::Failed),
-            b'P' => Some(FillEvent::Purged),
+        match code.as_bytes() {
+            [b'F', fence @ ..] if !fence.is_empty() && fence.iter().all(u8::is_ascii_digit) => {
+                code[1..].parse().ok().map(FillEvent::Filled)
+            }
+            b"U" => Some(FillEvent::Uncacheable),
+            b"E" => Some(FillEvent::Failed),
+            b"P" => Some(FillEvent::Purged),
             _ => None,
         }
     }
+}
+
+/// The longest event message read: an event code, an instance id and a cache key,
+/// whose request head hyper bounds well below this. Anything on the channel is
+/// untrusted (the prefix may be shared); longer messages are ignored.
+const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// An event message as another instance publishes it: `{code} {instance} {key}`, the
+/// instance being 16 hex digits. `None` for anything else.
+fn parse_event(payload: &[u8]) -> Option<(FillEvent, &str, CacheKey)> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return None;
+    }
+    let message = std::str::from_utf8(payload).ok()?;
+    let mut parts = message.splitn(3, ' ');
+    let event = FillEvent::parse(parts.next()?)?;
+    let from = parts.next()?;
+    if from.len() != 16 || !from.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let key = parts.next().filter(|k| !k.is_empty())?;
+    Some((event, from, CacheKey::from_raw(key)))
 }
 
 /// The Redis keys of one cache key. All share the hash tag of the *primary* key, so
@@ -243,11 +267,13 @@ impl Fleet {
         }
     }
 
-    fn dispatch(&self, local: &LocalCache, message: &str) -> Option<()> {
-        let mut parts = message.splitn(3, ' ');
-        let event = FillEvent::parse(parts.next()?)?;
-        let from = parts.next()?;
-        let key = CacheKey::from_raw(parts.next()?);
+    /// Acts on one message from the event channel; a malformed one is counted and
+    /// ignored.
+    fn dispatch(&self, local: &LocalCache, payload: &[u8]) {
+        let Some((event, from, key)) = parse_event(payload) else {
+            self.metrics.event_ignored();
+            return;
+        };
         if from != self.instance {
             // Another instance replaced or purged the entry: drop our copy, so the next
             // request reads the new one from Redis.
@@ -268,7 +294,6 @@ impl Fleet {
         {
             waiter.send_replace(Some(event));
         }
-        Some(())
     }
 }
 
@@ -354,11 +379,10 @@ async fn listen(fleet: std::sync::Weak<Fleet>, local: LocalCache) {
             while let Some(push) = pushes.recv().await {
                 let Some(f) = fleet.upgrade() else { return };
                 match push.kind {
-                    PushKind::Message => {
-                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            f.dispatch(&local, &String::from_utf8_lossy(payload));
-                        }
-                    }
+                    PushKind::Message => match push.data.get(1) {
+                        Some(Value::BulkString(payload)) => f.dispatch(&local, payload),
+                        _ => f.metrics.event_ignored(),
+                    },
                     // Messages sent meanwhile are lost: wake every waiter to re-check
                     // (and, Redis being gone, fall back) instead of sleeping out a TTL.
                     PushKind::Disconnection => {
@@ -511,8 +535,12 @@ impl Coordinator {
         &self.fleet
     }
 
+    /// The cache's own shared tier (its read bound and log of unreadable values).
     fn shared(&self) -> SharedCache {
-        SharedCache::new(Arc::clone(&self.fleet))
+        self.cache
+            .shared()
+            .cloned()
+            .unwrap_or_else(|| SharedCache::new(Arc::clone(&self.fleet)))
     }
 
     /// Becomes the fleet's filler of `key`, or waits for the one that is. Called only by
@@ -647,6 +675,45 @@ mod tests {
         }
         assert_eq!(FillEvent::parse("Fx"), None);
         assert_eq!(FillEvent::parse(""), None);
+    }
+
+    #[test]
+    fn malformed_events_are_refused() {
+        let ok = parse_event(b"F7 0123456789abcdef t\nh\n/p").unwrap();
+        assert_eq!(ok.0, FillEvent::Filled(7));
+        assert_eq!(ok.2.as_str(), "t\nh\n/p");
+        for bad in [
+            &b""[..],
+            b"F",
+            b"F+7 0123456789abcdef k",
+            b"F-1 0123456789abcdef k",
+            b"F99999999999999999999 0123456789abcdef k",
+            b"Fx 0123456789abcdef k",
+            b"L 0123456789abcdef k",
+            b"Purged 0123456789abcdef k",
+            b"P 0123 k",
+            b"P 0123456789abcdeg k",
+            b"P 0123456789abcdef",
+            b"P 0123456789abcdef ",
+            b"P\xff 0123456789abcdef k",
+            b"\xc3\x28 0123456789abcdef k",
+        ] {
+            assert!(
+                parse_event(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut huge = b"P 0123456789abcdef ".to_vec();
+        huge.resize(MAX_EVENT_BYTES + 1, b'k');
+        assert!(parse_event(&huge).is_none());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_event_payload_parses_or_is_refused_without_panic(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = parse_event(&payload);
+        }
     }
 
     #[test]
