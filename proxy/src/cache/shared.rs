@@ -27,11 +27,18 @@ use crate::fleet::Fleet;
 /// KEYS[1]: the fence counter of the filled key; KEYS[2]: the primary's variant set;
 /// KEYS[3..]: where the entry goes. ARGV[1]: this write's fencing token; ARGV[2]: the
 /// encoded entry; ARGV[3]: expiry (Unix ms). Returns 1 when written, 0 when fenced off.
+/// A counter that is not a number fences every write off until the next grant
+/// repairs it; a variant set of another type is replaced (neither may fail the
+/// script, which would read as a Redis outage).
 static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        local granted = tonumber(redis.call('GET', KEYS[1]) or '0')
-        if tonumber(ARGV[1]) < granted then return 0 end
+        local kind = redis.call('TYPE', KEYS[1])['ok']
+        local granted = 0
+        if kind ~= 'none' then granted = kind == 'string' and tonumber(redis.call('GET', KEYS[1])) end
+        if not granted or tonumber(ARGV[1]) < granted then return 0 end
+        kind = redis.call('TYPE', KEYS[2])['ok']
+        if kind ~= 'none' and kind ~= 'set' then redis.call('DEL', KEYS[2]) end
         for i = 3, #KEYS do
             redis.call('SET', KEYS[i], ARGV[2], 'PXAT', ARGV[3])
             redis.call('SADD', KEYS[2], KEYS[i])

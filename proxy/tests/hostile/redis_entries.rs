@@ -370,3 +370,56 @@ async fn malformed_fleet_events_are_ignored_and_counted() {
     assert_eq!(res.status, 200);
     assert_eq!(p.metric("corral_redis_fallback").await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_fence_counter_is_repaired_not_taken_for_an_outage() {
+    let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
+    let proxy = p.front.server.proxy();
+    let keys = proxy.fleet().unwrap().fleet().keys(&p.key("/fenced"));
+    let entry_key = keys.entry.clone();
+    redis::cmd("SET")
+        .arg(&keys.fence)
+        .arg("not a count")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    let res = exchange(p.front.addr(), &get("/fenced")).await;
+    assert!(res.text().contains("GET /fenced"), "{res:?}");
+    let stored: bool = redis::cmd("EXISTS")
+        .arg(&entry_key)
+        .query_async(&mut p.redis)
+        .await
+        .unwrap();
+    assert!(
+        stored,
+        "the fill's fenced write went through the repaired counter"
+    );
+    assert_eq!(p.metric("corral_redis_errors_total").await, 0.0);
+    assert_eq!(p.metric("corral_redis_fallback").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_planted_without_expiry_ends_within_one_lock_ttl() {
+    let setup = Setup::default()
+        .route("ttl = \"60s\"")
+        .lock("ttl = \"300ms\"\nwait_timeout = \"8s\"");
+    let mut p = Planting::start(setup).await;
+    let proxy = p.front.server.proxy();
+    let lock_key = proxy.fleet().unwrap().fleet().keys(&p.key("/locked")).lock;
+    redis::cmd("SET")
+        .arg(&lock_key)
+        .arg("held forever")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let res = exchange(p.front.addr(), &get("/locked")).await;
+    assert!(res.text().contains("GET /locked"), "{res:?}");
+    // The lock's TTL and a takeover margin, not the 8 s wait bound.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(p.origin.received_for("/locked").len(), 1);
+}
