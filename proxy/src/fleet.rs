@@ -201,6 +201,14 @@ impl Fleet {
                 self.health.success(&self.metrics);
                 Some(value)
             }
+            Ok(Err(error)) if about_one_value(&error) => {
+                // One key's value (planted by anything sharing the prefix), not Redis:
+                // it must not switch the whole fleet off. Counted, and the caller
+                // treats it as nothing found.
+                self.metrics.redis_error();
+                tracing::debug!(op, %error, "redis refused a command on one key's value");
+                None
+            }
             Ok(Err(error)) => {
                 self.health.failure(op, &error, &self.metrics);
                 if error.is_io_error()
@@ -434,6 +442,15 @@ async fn open_events(
     let mut conn = client.get_connection_manager_with_config(config).await?;
     conn.subscribe(channel).await?;
     Ok(conn)
+}
+
+/// Whether a command failed on the value it met (another type under the key, a reply
+/// of an unexpected shape) rather than on Redis: no outage, nothing to back off from.
+/// (A reply that does not convert, such as a non-UTF-8 string read as `String`, is a
+/// parse error, which redis-rs also uses for a broken protocol: read such values as
+/// bytes.)
+fn about_one_value(error: &redis::RedisError) -> bool {
+    error.code() == Some("WRONGTYPE") || error.kind() == redis::ErrorKind::UnexpectedReturnType
 }
 
 /// The URL without its password, for logs.

@@ -423,3 +423,31 @@ async fn a_lock_planted_without_expiry_ends_within_one_lock_ttl() {
     );
     assert_eq!(p.origin.received_for("/locked").len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_refused_for_one_keys_value_does_not_switch_the_fleet_off() {
+    let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
+    let proxy = p.front.server.proxy();
+    let fleet = std::sync::Arc::clone(proxy.fleet().unwrap().fleet());
+    // A tag set that is not a set.
+    let tag_key = fleet.tag_key("planted");
+    redis::cmd("SET")
+        .arg(&tag_key)
+        .arg("not a set")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    let members: Option<Vec<String>> = fleet
+        .run("tag members", |mut c| async move {
+            redis::cmd("SMEMBERS")
+                .arg(tag_key)
+                .query_async(&mut c)
+                .await
+        })
+        .await;
+    assert_eq!(members, None);
+    assert!(fleet.available(), "the breaker stays closed");
+    let res = exchange(p.front.addr(), &get("/after-refusal")).await;
+    assert_eq!(res.status, 200);
+    assert_eq!(p.metric("corral_redis_fallback").await, 0.0);
+}
