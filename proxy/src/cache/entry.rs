@@ -510,4 +510,41 @@ mod tests {
             assert!(matches!(res, Err(Unframeable::BodyNotAllowed { .. })));
         }
     }
+
+    proptest::proptest! {
+        /// Whatever framing the upstream sent, the prebuilt head frames the body.
+        #[test]
+        fn any_upstream_head_is_framed_by_the_body(
+            status in 200u16..=599,
+            fields in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::strategy::Just("content-length"),
+                    proptest::strategy::Just("transfer-encoding"),
+                    proptest::strategy::Just("connection"),
+                    proptest::strategy::Just("upgrade"),
+                    proptest::strategy::Just("x-a"),
+                ],
+                "[ -~]{0,12}",
+            ), 0..6),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        ) {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.trim())).collect();
+            let bodiless = status == 204 || status == 304;
+            let body = if bodiless { Bytes::new() } else { Bytes::from(body) };
+            let entry = CacheEntry::new(head(status, &fields), body, lifetime(), &HeaderMap::new()).unwrap();
+            let mut wire = entry.http1_head.to_vec();
+            wire.extend_from_slice(b"\r\n");
+            let mut parsed = [httparse::EMPTY_HEADER; 16];
+            let mut res = httparse::Response::new(&mut parsed);
+            proptest::prop_assert!(res.parse(&wire).unwrap().is_complete());
+            let lengths: Vec<&[u8]> = res.headers.iter().filter(|h| h.name == "content-length").map(|h| h.value).collect();
+            let expected = entry.body.len().to_string();
+            if bodiless {
+                proptest::prop_assert!(lengths.is_empty());
+            } else {
+                proptest::prop_assert_eq!(lengths, vec![expected.as_bytes()]);
+            }
+            proptest::prop_assert!(res.headers.iter().all(|h| !["transfer-encoding", "connection", "upgrade"].contains(&h.name)));
+        }
+    }
 }
