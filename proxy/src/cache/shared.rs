@@ -130,7 +130,8 @@ impl SharedCache {
             })
             .await?;
         let (reason, detail) = match value {
-            Value::Nil => return None,
+            // Lua's false: nil in RESP2, a boolean in RESP3.
+            Value::Nil | Value::Boolean(false) => return None,
             Value::BulkString(bytes) => match codec::decode(Bytes::from(bytes), key, self.max_body)
             {
                 Ok(entry) => {
