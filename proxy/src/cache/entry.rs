@@ -148,8 +148,8 @@ impl Freshness {
 
 impl CacheEntry {
     /// Builds an entry from a response's head and full body. `req_headers` are the
-    /// filling request's, for `Vary`. Fails only for a response no cache may replay
-    /// (see [`frame`]).
+    /// filling request's, for `Vary`. Fails only for a response no cache may replay:
+    /// an interim status, or content on a 204 or 304 (see [`Unframeable`]).
     pub fn new(
         mut head: response::Parts,
         body: Bytes,
