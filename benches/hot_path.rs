@@ -52,7 +52,8 @@ fn entry(body_size: usize) -> (CacheEntry, http::request::Parts) {
             Bytes::from(vec![b'x'; body_size]),
             *lifetime,
             &req.headers,
-        ),
+        )
+        .expect("a final status"),
         req,
     )
 }
@@ -124,14 +125,15 @@ fn hit_path(c: &mut Criterion) {
 
     for size in [1024, 64 * 1024] {
         let (e, _) = entry(size);
-        let encoded = codec::encode(&e, 7);
+        let key = CacheKey::from_raw("catalog\napi.example.com\n/catalog/item");
+        let encoded = codec::encode(&e, &key, 7);
         c.bench_function(&format!("entry encode ({} KiB)", size / 1024), |b| {
-            b.iter(|| codec::encode(&e, 7))
+            b.iter(|| codec::encode(&e, &key, 7))
         });
         c.bench_function(&format!("entry decode ({} KiB)", size / 1024), |b| {
             b.iter_batched(
                 || encoded.clone(),
-                |v| codec::decode(v).unwrap(),
+                |v| codec::decode(v, &key, u64::from(u32::MAX)).unwrap(),
                 BatchSize::SmallInput,
             )
         });

@@ -30,48 +30,9 @@ use crate::metrics::FleetMetrics;
 use crate::route::Route;
 use crate::upstream::FailureKind;
 
-/// What another instance said about a key's fill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FillEvent {
-    /// The entry was stored in the shared tier under this fencing token.
-    Filled(u64),
-    /// The response was not cacheable: fetch it yourself.
-    Uncacheable,
-    /// The filler's own credentials kept its response out of the cache: compete for
-    /// the fill again (the lock is already free).
-    Retry,
-    /// The upstream failed.
-    Failed,
-    /// The key was purged.
-    Purged,
-    /// The event connection dropped: events may have been lost, so every waiter
-    /// re-checks now instead of sleeping out its bound. Never sent over Redis.
-    Lost,
-}
-
-impl FillEvent {
-    fn code(self) -> String {
-        match self {
-            FillEvent::Filled(fence) => format!("F{fence}"),
-            FillEvent::Uncacheable => "U".into(),
-            FillEvent::Retry => "R".into(),
-            FillEvent::Failed => "E".into(),
-            FillEvent::Purged => "P".into(),
-            FillEvent::Lost => "L".into(),
-        }
-    }
-
-    fn parse(code: &str) -> Option<FillEvent> {
-        match code.as_bytes().first()? {
-            b'F' => code[1..].parse().ok().map(FillEvent::Filled),
-            b'U' => Some(FillEvent::Uncacheable),
-            b'R' => Some(FillEvent::Retry),
-            b'E' => Some(FillEvent::Failed),
-            b'P' => Some(FillEvent::Purged),
-            _ => None,
-        }
-    }
-}
+mod events;
+use events::parse_event;
+pub use events::FillEvent;
 
 /// The Redis keys of one cache key. All share the hash tag of the *primary* key, so
 /// the scripts that touch several of them also run on Redis Cluster.
@@ -188,6 +149,14 @@ impl Fleet {
                 self.health.success(&self.metrics);
                 Some(value)
             }
+            Ok(Err(error)) if about_one_value(&error) => {
+                // One key's value (planted by anything sharing the prefix), not Redis:
+                // it must not switch the whole fleet off. Counted, and the caller
+                // treats it as nothing found.
+                self.metrics.redis_error();
+                tracing::debug!(op, %error, "redis refused a command on one key's value");
+                None
+            }
             Ok(Err(error)) => {
                 self.health.failure(op, &error, &self.metrics);
                 if error.is_io_error()
@@ -254,11 +223,13 @@ impl Fleet {
         }
     }
 
-    fn dispatch(&self, local: &LocalCache, message: &str) -> Option<()> {
-        let mut parts = message.splitn(3, ' ');
-        let event = FillEvent::parse(parts.next()?)?;
-        let from = parts.next()?;
-        let key = CacheKey::from_raw(parts.next()?);
+    /// Acts on one message from the event channel; a malformed one is counted and
+    /// ignored.
+    fn dispatch(&self, local: &LocalCache, payload: &[u8]) {
+        let Some((event, from, key)) = parse_event(payload) else {
+            self.metrics.event_ignored();
+            return;
+        };
         if from != self.instance {
             // Another instance replaced or purged the entry: drop our copy, so the next
             // request reads the new one from Redis.
@@ -283,7 +254,6 @@ impl Fleet {
         {
             waiter.send_replace(Some(event));
         }
-        Some(())
     }
 }
 
@@ -369,11 +339,10 @@ async fn listen(fleet: std::sync::Weak<Fleet>, local: LocalCache) {
             while let Some(push) = pushes.recv().await {
                 let Some(f) = fleet.upgrade() else { return };
                 match push.kind {
-                    PushKind::Message => {
-                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            f.dispatch(&local, &String::from_utf8_lossy(payload));
-                        }
-                    }
+                    PushKind::Message => match push.data.get(1) {
+                        Some(Value::BulkString(payload)) => f.dispatch(&local, payload),
+                        _ => f.metrics.event_ignored(),
+                    },
                     // Messages sent meanwhile are lost: wake every waiter to re-check
                     // (and, Redis being gone, fall back) instead of sleeping out a TTL.
                     PushKind::Disconnection => {
@@ -425,6 +394,15 @@ async fn open_events(
     let mut conn = client.get_connection_manager_with_config(config).await?;
     conn.subscribe(channel).await?;
     Ok(conn)
+}
+
+/// Whether a command failed on the value it met (another type under the key, a reply
+/// of an unexpected shape) rather than on Redis: no outage, nothing to back off from.
+/// (A reply that does not convert, such as a non-UTF-8 string read as `String`, is a
+/// parse error, which redis-rs also uses for a broken protocol: read such values as
+/// bytes.)
+fn about_one_value(error: &redis::RedisError) -> bool {
+    error.code() == Some("WRONGTYPE") || error.kind() == redis::ErrorKind::UnexpectedReturnType
 }
 
 /// The URL without its password, for logs.
@@ -526,8 +504,12 @@ impl Coordinator {
         &self.fleet
     }
 
+    /// The cache's own shared tier (its read bound and log of unreadable values).
     fn shared(&self) -> SharedCache {
-        SharedCache::new(Arc::clone(&self.fleet))
+        self.cache
+            .shared()
+            .cloned()
+            .unwrap_or_else(|| SharedCache::new(Arc::clone(&self.fleet)))
     }
 
     /// Becomes the fleet's filler of `key`, or waits for the one that is. Called only by
@@ -651,21 +633,6 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn events_round_trip() {
-        for e in [
-            FillEvent::Filled(42),
-            FillEvent::Uncacheable,
-            FillEvent::Retry,
-            FillEvent::Failed,
-            FillEvent::Purged,
-        ] {
-            assert_eq!(FillEvent::parse(&e.code()), Some(e));
-        }
-        assert_eq!(FillEvent::parse("Fx"), None);
-        assert_eq!(FillEvent::parse(""), None);
-    }
 
     #[test]
     fn passwords_stay_out_of_logs() {

@@ -35,6 +35,25 @@ struct RouteLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Why a value read from the shared tier was not served: the decoder's reasons
+/// ([`crate::cache::codec::DecodeError::reason`]), a key holding another Redis type,
+/// and a value too large to read.
+pub const UNREADABLE_REASONS: [&str; 8] = [
+    "foreign",
+    "version",
+    "corrupt",
+    "other-key",
+    "too-large",
+    "unframeable",
+    "wrong-type",
+    "oversized",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     route: String,
     kind: &'static str,
@@ -106,6 +125,10 @@ pub struct FleetMetrics {
     shared_hits: Counter,
     fenced_writes: Counter,
     redis_errors: Counter,
+    /// Values under corral's entry keys that were not served, by reason.
+    shared_unreadable: Family<ReasonLabel, Counter>,
+    /// Messages on the event channel that were not corral's and were ignored.
+    events_ignored: Counter,
     fallback: Gauge,
     /// Seconds from a fill's event being published to a waiter in another instance
     /// having the entry.
@@ -124,6 +147,8 @@ impl FleetMetrics {
             shared_hits: Counter::default(),
             fenced_writes: Counter::default(),
             redis_errors: Counter::default(),
+            shared_unreadable: Family::default(),
+            events_ignored: Counter::default(),
             fallback: Gauge::default(),
             // 0.25 ms to ~4 s.
             wake_latency: Histogram::new(exponential_buckets(0.00025, 2.0, 15)),
@@ -177,10 +202,26 @@ impl FleetMetrics {
                 "Redis commands that failed or timed out",
                 &self.redis_errors,
             ),
+            (
+                "fleet_events_ignored",
+                "Messages on the fleet event channel that were malformed and ignored",
+                &self.events_ignored,
+            ),
         ];
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
         }
+        for reason in UNREADABLE_REASONS {
+            // Every series exists from the start, at 0.
+            let _ = self
+                .shared_unreadable
+                .get_or_create(&ReasonLabel { reason });
+        }
+        registry.register(
+            "shared_unreadable",
+            "Values under shared-tier entry keys treated as misses, by reason",
+            self.shared_unreadable.clone(),
+        );
         registry.register(
             "redis_fallback",
             "1 while Redis is unavailable and this instance runs alone",
@@ -219,6 +260,16 @@ impl FleetMetrics {
     }
     pub fn redis_error(&self) {
         self.redis_errors.inc();
+    }
+    /// A value under an entry key was not served; `reason` is one of
+    /// [`UNREADABLE_REASONS`].
+    pub fn shared_unreadable(&self, reason: &'static str) {
+        self.shared_unreadable
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+    pub fn event_ignored(&self) {
+        self.events_ignored.inc();
     }
     pub fn set_fallback(&self, on: bool) {
         self.fallback.set(i64::from(on));

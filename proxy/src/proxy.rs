@@ -127,7 +127,10 @@ impl Proxy {
                 cache.local().clone(),
                 metrics.fleet.clone(),
             );
-            cache.set_shared(SharedCache::new(Arc::clone(&fleet)));
+            cache.set_shared(SharedCache::with_max_body(
+                Arc::clone(&fleet),
+                config.cache.max_object_bytes,
+            ));
             Arc::new(Coordinator::new(fleet, cache.clone()))
         });
         Proxy {
@@ -900,7 +903,10 @@ impl Fill {
                     Ok(BodyRead::Complete(bytes)) => {
                         let lifetime = policy::Lifetime::none(policy_req, &head, received_at);
                         let entry =
-                            Arc::new(CacheEntry::new(head, bytes, lifetime, &policy_req.headers));
+                            match CacheEntry::new(head, bytes, lifetime, &policy_req.headers) {
+                                Ok(entry) => Arc::new(entry),
+                                Err(err) => return unframeable(route, err, fwd),
+                            };
                         let status = CacheStatus::fetched(fwd, status_code, false);
                         (
                             FillOutcome::Shared(Arc::clone(&entry)),
@@ -945,7 +951,10 @@ impl Fill {
 
         match proxy.read_body(route, body).await {
             Ok(BodyRead::Complete(bytes)) => {
-                let entry = Arc::new(CacheEntry::new(head, bytes, *lifetime, &policy_req.headers));
+                let entry = match CacheEntry::new(head, bytes, *lifetime, &policy_req.headers) {
+                    Ok(entry) => Arc::new(entry),
+                    Err(err) => return unframeable(route, err, fwd),
+                };
                 proxy.cache.store(key, Arc::clone(&entry)).await;
                 tracing::debug!(status = status_code, bytes = entry.body.len(), "stored");
                 let status = CacheStatus::fetched(fwd, status_code, true);
@@ -991,6 +1000,24 @@ fn body_failed(
 ) -> (FillOutcome, FillReply) {
     note_upstream_error(route, &err);
     (FillOutcome::Failed(err.kind()), error_reply(err, fwd))
+}
+
+/// A response no cache may replay (an interim status, or content on a 204 or 304).
+/// The policy stores no such status and hyper reads no such content, so this is an
+/// upstream breaking HTTP: its waiters and leader get a 502, never its bytes.
+fn unframeable(
+    route: &Route,
+    err: crate::cache::entry::Unframeable,
+    fwd: Fwd,
+) -> (FillOutcome, FillReply) {
+    tracing::warn!(route = %route.config.name, %err, "upstream response cannot be framed");
+    route.metrics.upstream_error(FailureKind::Protocol);
+    let err = ProxyError::SharedFailure(FailureKind::Protocol);
+    let status = CacheStatus::error(Some(fwd), err.detail());
+    (
+        FillOutcome::Failed(FailureKind::Protocol),
+        FillReply::Response(error_response(&err), status),
+    )
 }
 
 fn error_reply(err: crate::upstream::UpstreamError, fwd: Fwd) -> FillReply {

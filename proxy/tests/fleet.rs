@@ -156,8 +156,12 @@ async fn paused_holder_cannot_overwrite_a_newer_entry() {
 
     // The paused holder wakes up and writes what it fetched: refused.
     h.origin.set(|b| b.version = 9);
-    let stale_write =
-        corral::cache::codec::decode(corral::cache::codec::encode(&stored, 0)).unwrap();
+    let stale_write = corral::cache::codec::decode(
+        corral::cache::codec::encode(&stored, &key, 0),
+        &key,
+        u64::MAX,
+    )
+    .unwrap();
     assert_eq!(
         shared.put(&key, &stale_write, paused.fence).await,
         PutOutcome::Fenced

@@ -4,13 +4,22 @@
 //! entries or treat them as misses, never as garbage. Layout (integers big-endian):
 //!
 //! ```text
-//! "CRL" version:u8(=1) status:u16 received_at_ms:u64 age_ms:u64 fresh_for_ms:u64
-//! swr_ms:u64 sie_ms:u64 keep_ms:u64 fence:u64 vary_values:(u32 len, bytes)
+//! "CRL" version:u8(=2) status:u16 received_at_ms:u64 age_ms:u64 fresh_for_ms:u64
+//! swr_ms:u64 sie_ms:u64 keep_ms:u64 fence:u64 primary_key:(u32 len, bytes)
+//! vary_values:(u32 len, bytes)
 //! headers:(u32 count, [u16 name len, name, u32 value len, value]...) body:(u32 len, bytes)
 //! ```
 //!
 //! The timings are stored as durations from `received_at`, so an entry means the same
 //! on every instance whatever its clock reads now.
+//!
+//! A value read back is untrusted: the key prefix may be shared with other software,
+//! and Redis is another process. Decoding checks every length against what is left
+//! (a declared length allocates nothing), refuses an entry written for another key or
+//! with a body over the local tier's `max_object_bytes`, caps its timings, and frames
+//! what it serves again exactly as a response from the upstream is framed
+//! ([`entry::frame`](super::entry)): status, headers and `Content-Length` never come
+//! from the stored bytes as they are.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,11 +27,19 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 
-use super::entry::CacheEntry;
+use super::entry::{CacheEntry, Unframeable};
+use super::key::CacheKey;
 use super::policy::Lifetime;
 
 const MAGIC: &[u8; 3] = b"CRL";
-const VERSION: u8 = 1;
+/// 2: the primary key is stored, so an entry found under another key is refused.
+const VERSION: u8 = 2;
+/// More header fields than any upstream response corral stores (hyper's client reads at
+/// most 100); a value declaring more is not an entry.
+const MAX_HEADERS: u32 = 256;
+/// Timings above this (about 317 years, in ms) are read as this: beyond any real
+/// lifetime, and far below where adding them to an instant could overflow.
+const MAX_MS: u64 = 10_000_000_000_000;
 
 /// Why a stored value could not be read as an entry.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,12 +50,34 @@ pub enum DecodeError {
     UnknownVersion(u8),
     #[error("entry is truncated or corrupt at {0}")]
     Corrupt(&'static str),
+    #[error("entry was written for another cache key")]
+    OtherKey,
+    #[error("entry body of {len} bytes is over max_object_bytes ({max})")]
+    TooLarge { len: u64, max: u64 },
+    #[error("entry cannot be served: {0}")]
+    Unframeable(#[from] Unframeable),
 }
 
-/// Encodes `entry` as written under the lock grant with fencing token `fence`.
-pub fn encode(entry: &CacheEntry, fence: u64) -> Bytes {
+impl DecodeError {
+    /// The metric label of this kind of failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::Foreign => "foreign",
+            DecodeError::UnknownVersion(_) => "version",
+            DecodeError::Corrupt(_) => "corrupt",
+            DecodeError::OtherKey => "other-key",
+            DecodeError::TooLarge { .. } => "too-large",
+            DecodeError::Unframeable(_) => "unframeable",
+        }
+    }
+}
+
+/// Encodes `entry`, filled for `key` (its primary key is stored) and written under the
+/// lock grant with fencing token `fence`.
+pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
     let l = entry.lifetime();
-    let mut out = BytesMut::with_capacity(entry.body.len() + 512);
+    let primary = key.primary().as_bytes();
+    let mut out = BytesMut::with_capacity(entry.body.len() + primary.len() + 512);
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u16(entry.status.as_u16());
@@ -50,9 +89,10 @@ pub fn encode(entry: &CacheEntry, fence: u64) -> Bytes {
         l.stale_if_error,
         l.keep,
     ] {
-        out.put_u64(d.as_millis() as u64);
+        out.put_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     }
     out.put_u64(fence);
+    put_bytes(&mut out, primary);
     put_bytes(&mut out, entry.vary_values.as_bytes());
     out.put_u32(entry.headers.len() as u32);
     for (name, value) in &entry.headers {
@@ -64,7 +104,9 @@ pub fn encode(entry: &CacheEntry, fence: u64) -> Bytes {
     out.freeze()
 }
 
-pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
+/// Reads the value found under `key`'s entry: an entry for `key` (or its primary)
+/// whose body is at most `max_body` bytes, framed for serving.
+pub fn decode(mut buf: Bytes, key: &CacheKey, max_body: u64) -> Result<CacheEntry, DecodeError> {
     if buf.len() < 4 || &buf[..3] != MAGIC {
         return Err(DecodeError::Foreign);
     }
@@ -75,28 +117,27 @@ pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
     }
     let status = StatusCode::from_u16(u16_(&mut buf, "status")?)
         .map_err(|_| DecodeError::Corrupt("status"))?;
-    let received_at = UNIX_EPOCH + Duration::from_millis(u64_(&mut buf, "received_at")?);
-    let mut ms = || u64_(&mut buf, "lifetime").map(Duration::from_millis);
-    let (age, fresh_for, swr, sie, keep) = (ms()?, ms()?, ms()?, ms()?, ms()?);
+    let mut ms = |what| u64_(&mut buf, what).map(|ms| Duration::from_millis(ms.min(MAX_MS)));
+    let received_at = UNIX_EPOCH + ms("received_at")?;
+    let (age, fresh_for) = (ms("age")?, ms("fresh_for")?);
+    let (swr, sie, keep) = (ms("swr")?, ms("sie")?, ms("keep")?);
     let fence = u64_(&mut buf, "fence")?;
+    if bytes_(&mut buf, "key")? != key.primary().as_bytes() {
+        return Err(DecodeError::OtherKey);
+    }
     let vary_values = String::from_utf8(bytes_(&mut buf, "vary")?.to_vec())
         .map_err(|_| DecodeError::Corrupt("vary"))?;
-    let count = u32_(&mut buf, "header count")?;
-    let mut headers = HeaderMap::with_capacity(count.min(256) as usize);
-    for _ in 0..count {
-        let len = u16_(&mut buf, "header name")? as usize;
-        let name = take(&mut buf, len, "header name")?;
-        let name =
-            HeaderName::from_bytes(&name).map_err(|_| DecodeError::Corrupt("header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes_(&mut buf, "header value")?)
-            .map_err(|_| DecodeError::Corrupt("header value"))?;
-        headers.append(name, value);
-    }
+    let headers = headers(&mut buf)?;
     let body = bytes_(&mut buf, "body")?;
     if buf.has_remaining() {
         return Err(DecodeError::Corrupt("trailing bytes"));
     }
-
+    if body.len() as u64 > max_body {
+        return Err(DecodeError::TooLarge {
+            len: body.len() as u64,
+            max: max_body,
+        });
+    }
     let lifetime = Lifetime {
         received_at,
         age,
@@ -105,18 +146,39 @@ pub fn decode(mut buf: Bytes) -> Result<CacheEntry, DecodeError> {
         stale_if_error: sie,
         keep,
     };
-    Ok(CacheEntry::from_parts(
+    Ok(CacheEntry::restored(
         status,
         headers,
-        (body, None),
+        body,
         lifetime,
         vary_values,
         fence,
-    ))
+    )?)
+}
+
+/// The header fields, each name and value checked as hyper checks a received one (no
+/// CR, LF or NUL can reach a response head).
+fn headers(buf: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+    let count = u32_(buf, "header count")?;
+    if count > MAX_HEADERS {
+        return Err(DecodeError::Corrupt("header count"));
+    }
+    let mut headers = HeaderMap::with_capacity(count as usize);
+    for _ in 0..count {
+        let len = u16_(buf, "header name")? as usize;
+        let name = take(buf, len, "header name")?;
+        let name =
+            HeaderName::from_bytes(&name).map_err(|_| DecodeError::Corrupt("header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes_(buf, "header value")?)
+            .map_err(|_| DecodeError::Corrupt("header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 fn put_bytes(out: &mut BytesMut, b: &[u8]) {
@@ -159,6 +221,13 @@ mod tests {
     use crate::cache::policy::{evaluate, Verdict};
     use crate::config::Config;
     use http::{Request, Response};
+    use proptest::prelude::*;
+
+    const MAX: u64 = 1 << 20;
+
+    fn key() -> CacheKey {
+        CacheKey::from_raw("r\nh\n/p")
+    }
 
     fn entry() -> CacheEntry {
         let route = Config::parse(
@@ -183,15 +252,18 @@ mod tests {
         let Verdict::Store(lifetime) = evaluate(&route, &req, &res, SystemTime::now()) else {
             panic!()
         };
-        CacheEntry::new(res, Bytes::from_static(b"hello"), *lifetime, &req.headers).with_fence(7)
+        CacheEntry::new(res, Bytes::from_static(b"hello"), *lifetime, &req.headers)
+            .unwrap()
+            .with_fence(7)
     }
 
     #[test]
     fn round_trip_keeps_what_serving_needs() {
         let original = entry();
-        let decoded = decode(encode(&original, original.fence())).unwrap();
+        let decoded = decode(encode(&original, &key(), original.fence()), &key(), MAX).unwrap();
         assert_eq!(decoded.status, original.status);
         assert_eq!(decoded.headers, original.headers);
+        assert_eq!(decoded.http1_head, original.http1_head);
         assert_eq!(decoded.body, original.body);
         assert_eq!(decoded.vary, original.vary);
         assert_eq!(decoded.vary_values, original.vary_values);
@@ -213,23 +285,215 @@ mod tests {
 
     #[test]
     fn garbage_and_truncation_are_errors_not_panics() {
+        let read = |v: Bytes| decode(v, &key(), MAX);
         assert_eq!(
-            decode(Bytes::from_static(b"hello world")).unwrap_err(),
+            read(Bytes::from_static(b"hello world")).unwrap_err(),
             DecodeError::Foreign
         );
         assert_eq!(
-            decode(Bytes::from_static(b"CRL\x09rest")).unwrap_err(),
+            read(Bytes::from_static(b"CRL\x09rest")).unwrap_err(),
             DecodeError::UnknownVersion(9)
         );
-        let full = encode(&entry(), 1);
+        let full = encode(&entry(), &key(), 1);
         for cut in [4, 10, 40, full.len() - 1] {
             assert!(
-                matches!(decode(full.slice(..cut)), Err(DecodeError::Corrupt(_))),
+                matches!(read(full.slice(..cut)), Err(DecodeError::Corrupt(_))),
                 "cut at {cut}"
             );
         }
         let mut extra = BytesMut::from(&full[..]);
         extra.put_u8(0);
-        assert!(decode(extra.freeze()).is_err());
+        assert!(read(extra.freeze()).is_err());
+    }
+
+    #[test]
+    fn an_entry_is_read_for_its_own_key_and_its_variants_only() {
+        let value = encode(&entry(), &key(), 1);
+        assert!(decode(value.clone(), &key().variant("accept-language:fr\n"), MAX).is_ok());
+        let other = CacheKey::from_raw("r\nh\n/q");
+        assert_eq!(
+            decode(value, &other, MAX).unwrap_err(),
+            DecodeError::OtherKey
+        );
+    }
+
+    #[test]
+    fn a_body_over_the_object_bound_is_refused() {
+        let value = encode(&entry(), &key(), 1);
+        assert_eq!(
+            decode(value, &key(), 4).unwrap_err(),
+            DecodeError::TooLarge { len: 5, max: 4 }
+        );
+    }
+
+    /// A value as anything else might write it: every field chosen by the writer.
+    #[derive(Debug, Clone)]
+    struct Crafted {
+        status: u16,
+        times: [u64; 6],
+        headers: Vec<(String, Vec<u8>)>,
+        declared_body: Option<u32>,
+        body: Vec<u8>,
+    }
+
+    impl Crafted {
+        fn bytes(&self) -> Bytes {
+            let mut out = BytesMut::new();
+            out.put_slice(b"CRL\x02");
+            out.put_u16(self.status);
+            for t in self.times {
+                out.put_u64(t);
+            }
+            out.put_u64(1);
+            put_bytes(&mut out, key().primary().as_bytes());
+            put_bytes(&mut out, b"");
+            out.put_u32(self.headers.len() as u32);
+            for (name, value) in &self.headers {
+                out.put_u16(name.len() as u16);
+                out.put_slice(name.as_bytes());
+                put_bytes(&mut out, value);
+            }
+            out.put_u32(self.declared_body.unwrap_or(self.body.len() as u32));
+            out.put_slice(&self.body);
+            out.freeze()
+        }
+    }
+
+    fn header_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("content-length".to_string()),
+            Just("transfer-encoding".to_string()),
+            Just("connection".to_string()),
+            Just("upgrade".to_string()),
+            Just("keep-alive".to_string()),
+            Just("te".to_string()),
+            Just("trailer".to_string()),
+            Just("proxy-connection".to_string()),
+            Just("set-cookie".to_string()),
+            Just("x-a".to_string()),
+            "[a-zA-Z-]{1,12}",
+            "[ -~]{0,8}",
+        ]
+    }
+
+    fn header_value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"chunked".to_vec()),
+            Just(b"close, x-a".to_vec()),
+            Just(b"0".to_vec()),
+            Just(b"18446744073709551616".to_vec()),
+            "[ -~]{0,16}".prop_map(String::into_bytes),
+            proptest::collection::vec(any::<u8>(), 0..16),
+        ]
+    }
+
+    fn crafted() -> impl Strategy<Value = Crafted> {
+        (
+            prop_oneof![Just(101u16), Just(204), Just(304), 0u16..1100],
+            any::<[u64; 6]>(),
+            proptest::collection::vec((header_name(), header_value()), 0..8),
+            proptest::option::weighted(0.1, any::<u32>()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(status, times, headers, declared_body, body)| Crafted {
+                status,
+                times,
+                headers,
+                declared_body,
+                body,
+            })
+    }
+
+    /// The head as a client parses it: its `Content-Length`, and whether it carries any
+    /// other framing or hop-by-hop field.
+    fn parsed_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+        let mut wire = head.to_vec();
+        wire.extend_from_slice(b"\r\n");
+        let mut fields = [httparse::EMPTY_HEADER; 300];
+        let mut res = httparse::Response::new(&mut fields);
+        let status = res.parse(&wire).expect("the head parses");
+        assert!(status.is_complete());
+        let fields = res
+            .headers
+            .iter()
+            .map(|h| {
+                let value = String::from_utf8_lossy(h.value).into_owned();
+                (h.name.to_ascii_lowercase(), value)
+            })
+            .collect();
+        (res.code.expect("a status"), fields)
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut with_magic = b"CRL\x02".to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode(Bytes::from(bytes), &key(), MAX);
+            let _ = decode(Bytes::from(with_magic), &key(), MAX);
+        }
+
+        #[test]
+        fn decoding_a_mutated_entry_never_panics(at in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            let mut value = encode(&entry(), &key(), 3).to_vec();
+            let i = at.index(value.len());
+            value[i] = byte;
+            value.truncate(cut.index(value.len() + 1).max(i));
+            let _ = decode(Bytes::from(value), &key(), MAX);
+        }
+
+        #[test]
+        fn any_decoded_entry_has_a_well_framed_head(c in crafted()) {
+            let Ok(entry) = decode(c.bytes(), &key(), MAX) else { return Ok(()) };
+            let (status, fields) = parsed_head(&entry.http1_head);
+            prop_assert!((200..=599).contains(&status));
+            let lengths: Vec<&str> = fields
+                .iter()
+                .filter(|(n, _)| n == "content-length")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            if status == 204 || status == 304 {
+                prop_assert!(lengths.is_empty());
+                prop_assert!(entry.body.is_empty());
+            } else {
+                let body_len = entry.body.len().to_string();
+                prop_assert_eq!(lengths, vec![body_len.as_str()]);
+            }
+            for banned in ["transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer", "proxy-connection", "set-cookie"] {
+                prop_assert!(fields.iter().all(|(n, _)| n != banned), "{} in {:?}", banned, fields);
+            }
+            let now = SystemTime::now();
+            let _ = (entry.freshness(now), entry.age(now), entry.keep_until(), entry.weight());
+        }
+
+        #[test]
+        fn encoding_then_decoding_returns_the_entry(
+            status in prop_oneof![200u16..=203, 205u16..=303, 305u16..=599],
+            headers in proptest::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,20}"), 0..6),
+            body in proptest::collection::vec(any::<u8>(), 0..256),
+            fresh_s in 0u64..10_000_000,
+        ) {
+            let mut res = Response::builder().status(status);
+            for (n, v) in &headers {
+                res = res.header(n.as_str(), v.trim());
+            }
+            let (head, ()) = res.body(()).unwrap().into_parts();
+            let lifetime = Lifetime {
+                received_at: UNIX_EPOCH + Duration::from_millis(1_800_000_000_000),
+                age: Duration::from_secs(3),
+                fresh_for: Duration::from_secs(fresh_s),
+                stale_while_revalidate: Duration::from_secs(5),
+                stale_if_error: Duration::from_secs(6),
+                keep: Duration::from_secs(7),
+            };
+            let original = CacheEntry::new(head, Bytes::from(body), lifetime, &HeaderMap::new()).unwrap();
+            let decoded = decode(encode(&original, &key(), 9), &key(), MAX).unwrap();
+            prop_assert_eq!(decoded.status, original.status);
+            prop_assert_eq!(&decoded.headers, &original.headers);
+            prop_assert_eq!(&decoded.http1_head, &original.http1_head);
+            prop_assert_eq!(&decoded.body, &original.body);
+            prop_assert_eq!(decoded.keep_until(), original.keep_until());
+            prop_assert_eq!(decoded.fence(), 9);
+        }
     }
 }

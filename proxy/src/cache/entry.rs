@@ -76,6 +76,61 @@ fn http1_head(status: StatusCode, headers: &HeaderMap) -> Bytes {
     Bytes::from(out)
 }
 
+/// Why a response cannot be a cache entry: replaying it would not be one well-framed
+/// HTTP response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unframeable {
+    #[error("status {0} is not a final status (200-599)")]
+    Status(u16),
+    #[error("a {status} response has no content, yet {len} body bytes came with it")]
+    BodyNotAllowed { status: u16, len: usize },
+}
+
+/// Framing and hop-by-hop headers, whoever set them. `Proxy-*` headers are about one
+/// hop too (RFC 9110 §11.7, §7.6.1), and stored entries are never sent to a proxy.
+fn is_per_hop(name: &HeaderName) -> bool {
+    name.as_str().starts_with("proxy-")
+}
+
+/// The one place a stored response's framing is decided, for responses from the
+/// upstream and for entries read back from Redis alike: a final status; no
+/// hop-by-hop, `Proxy-*` or framing header, wherever the headers came from; no `Age`
+/// (added per response) or `Set-Cookie` (the filling client's); and `Content-Length`
+/// computed from the body, or absent for 204 and 304, which have no content (RFC 9110
+/// §8.6, §15.3.5, §15.4.5). So `http1_head`, which the fast path writes verbatim, frames
+/// exactly the body written after it, and hyper's path sends the same.
+pub(crate) fn frame(
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    body_len: usize,
+) -> Result<(), Unframeable> {
+    let code = status.as_u16();
+    if !(200..=599).contains(&code) {
+        return Err(Unframeable::Status(code));
+    }
+    let bodiless = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if bodiless && body_len != 0 {
+        return Err(Unframeable::BodyNotAllowed {
+            status: code,
+            len: body_len,
+        });
+    }
+    strip_hop_by_hop(headers);
+    if headers.keys().any(is_per_hop) {
+        let named: Vec<HeaderName> = headers.keys().filter(|n| is_per_hop(n)).cloned().collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in [header::CONTENT_LENGTH, header::AGE, header::SET_COOKIE] {
+        headers.remove(name);
+    }
+    if !bodiless {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    Ok(())
+}
+
 /// Where an entry stands at a given instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
@@ -93,35 +148,52 @@ impl Freshness {
 
 impl CacheEntry {
     /// Builds an entry from a response's head and full body. `req_headers` are the
-    /// filling request's, for `Vary`.
+    /// filling request's, for `Vary`. Fails only for a response no cache may replay:
+    /// an interim status, or content on a 204 or 304 (see [`Unframeable`]).
     pub fn new(
         mut head: response::Parts,
         body: Bytes,
         lifetime: Lifetime,
         req_headers: &HeaderMap,
-    ) -> CacheEntry {
-        strip_hop_by_hop(&mut head.headers);
-        head.headers.remove(header::AGE);
-        // Present only when the route allows storing such responses; the cookie was the
-        // filling client's and is never handed to others.
-        head.headers.remove(header::SET_COOKIE);
-        head.headers
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    ) -> Result<CacheEntry, Unframeable> {
+        frame(head.status, &mut head.headers, body.len())?;
         let vary = vary_names(&head.headers);
         let vary_values = vary_values(&vary, req_headers);
-        CacheEntry::from_parts(
+        Ok(CacheEntry::from_parts(
             head.status,
             head.headers,
             (body, None),
             lifetime,
             vary_values,
             0,
-        )
+        ))
     }
 
-    /// An entry from its stored parts (headers already prepared), as the codec
-    /// restores it from the shared tier. A large body without its file gets one.
-    pub(crate) fn from_parts(
+    /// An entry from parts read back from the shared tier, which may have been written
+    /// by anything: framed again exactly as a response from the upstream is.
+    pub(crate) fn restored(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        lifetime: Lifetime,
+        vary_values: String,
+        fence: u64,
+    ) -> Result<CacheEntry, Unframeable> {
+        frame(status, &mut headers, body.len())?;
+        Ok(CacheEntry::from_parts(
+            status,
+            headers,
+            (body, None),
+            lifetime,
+            vary_values,
+            fence,
+        ))
+    }
+
+    /// An entry from parts whose headers went through [`frame`] (by [`CacheEntry::new`],
+    /// [`CacheEntry::restored`], or for the entry being copied). A large body without
+    /// its file gets one.
+    fn from_parts(
         status: StatusCode,
         headers: HeaderMap,
         (body, body_file): (Bytes, Option<Arc<BodyFile>>),
@@ -352,13 +424,140 @@ impl CacheEntry {
         // The crate adds the Age it computed; our own Age is added per response.
         merged.headers.remove(header::AGE);
         match policy::evaluate(route, req, &merged, received_at) {
-            Verdict::Store(lifetime) => Ok(CacheEntry::new(
-                merged,
-                self.body.clone(),
-                *lifetime,
-                &req.headers,
-            )),
+            Verdict::Store(lifetime) => {
+                CacheEntry::new(merged, self.body.clone(), *lifetime, &req.headers)
+                    .map_err(|_| None)
+            }
             Verdict::Pass(reason) => Err(Some(reason)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Response;
+
+    fn head(status: u16, headers: &[(&str, &str)]) -> response::Parts {
+        let mut res = Response::builder().status(status);
+        for (name, value) in headers {
+            res = res.header(*name, *value);
+        }
+        res.body(()).unwrap().into_parts().0
+    }
+
+    fn lifetime() -> Lifetime {
+        Lifetime {
+            received_at: SystemTime::now(),
+            age: Duration::ZERO,
+            fresh_for: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            keep: Duration::ZERO,
+        }
+    }
+
+    fn build(status: u16, headers: &[(&str, &str)], body: &'static [u8]) -> CacheEntry {
+        CacheEntry::new(
+            head(status, headers),
+            Bytes::from_static(body),
+            lifetime(),
+            &HeaderMap::new(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn upstream_framing_is_replaced_by_the_bodys_length() {
+        let entry = build(
+            200,
+            &[
+                ("transfer-encoding", "chunked"),
+                ("content-length", "999"),
+                ("content-length", "3"),
+                ("connection", "close, x-hop"),
+                ("x-hop", "1"),
+                ("keep-alive", "timeout=5"),
+                ("upgrade", "h2c"),
+                ("trailer", "x-sum"),
+                ("proxy-authenticate", "Basic"),
+                ("proxy-status", "origin; error=x"),
+                ("age", "100"),
+                ("x-kept", "yes"),
+            ],
+            b"hello",
+        );
+        let mut names: Vec<&str> = entry.headers.keys().map(|n| n.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-kept"]);
+        assert_eq!(entry.headers[header::CONTENT_LENGTH], "5");
+        let head = std::str::from_utf8(&entry.http1_head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
+    }
+
+    #[test]
+    fn interim_statuses_are_refused() {
+        for status in [100, 101, 103] {
+            let res = CacheEntry::new(
+                head(status, &[("upgrade", "websocket")]),
+                Bytes::new(),
+                lifetime(),
+                &HeaderMap::new(),
+            );
+            assert_eq!(res.unwrap_err(), Unframeable::Status(status));
+        }
+    }
+
+    #[test]
+    fn responses_without_content_carry_no_length_and_no_body() {
+        for status in [204, 304] {
+            let entry = build(status, &[("content-length", "10")], b"");
+            assert!(!entry.headers.contains_key(header::CONTENT_LENGTH));
+            let res = CacheEntry::new(
+                head(status, &[]),
+                Bytes::from_static(b"x"),
+                lifetime(),
+                &HeaderMap::new(),
+            );
+            assert!(matches!(res, Err(Unframeable::BodyNotAllowed { .. })));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever framing the upstream sent, the prebuilt head frames the body.
+        #[test]
+        fn any_upstream_head_is_framed_by_the_body(
+            status in 200u16..=599,
+            fields in proptest::collection::vec((
+                proptest::prop_oneof![
+                    proptest::strategy::Just("content-length"),
+                    proptest::strategy::Just("transfer-encoding"),
+                    proptest::strategy::Just("connection"),
+                    proptest::strategy::Just("upgrade"),
+                    proptest::strategy::Just("x-a"),
+                ],
+                "[ -~]{0,12}",
+            ), 0..6),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32),
+        ) {
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(n, v)| (*n, v.trim())).collect();
+            let bodiless = status == 204 || status == 304;
+            let body = if bodiless { Bytes::new() } else { Bytes::from(body) };
+            let entry = CacheEntry::new(head(status, &fields), body, lifetime(), &HeaderMap::new()).unwrap();
+            let mut wire = entry.http1_head.to_vec();
+            wire.extend_from_slice(b"\r\n");
+            let mut parsed = [httparse::EMPTY_HEADER; 16];
+            let mut res = httparse::Response::new(&mut parsed);
+            proptest::prop_assert!(res.parse(&wire).unwrap().is_complete());
+            let lengths: Vec<&[u8]> = res.headers.iter().filter(|h| h.name == "content-length").map(|h| h.value).collect();
+            let expected = entry.body.len().to_string();
+            if bodiless {
+                proptest::prop_assert!(lengths.is_empty());
+            } else {
+                proptest::prop_assert_eq!(lengths, vec![expected.as_bytes()]);
+            }
+            proptest::prop_assert!(res.headers.iter().all(|h| !["transfer-encoding", "connection", "upgrade"].contains(&h.name)));
         }
     }
 }

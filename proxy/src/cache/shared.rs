@@ -5,11 +5,19 @@
 //! newest lock grant for the key, so a holder that paused past its lease cannot
 //! overwrite what a newer holder stored. Entries expire in Redis when they can serve
 //! no one (the end of their stale and keep windows).
+//!
+//! What is read back is untrusted (the key prefix may be shared, Redis is another
+//! process): a value is read only if it is a string of bounded size, decoded and
+//! framed again by the codec, and anything else is a miss that a fill overwrites, as
+//! it would overwrite an expired entry (the write stays fenced). Each such miss is
+//! counted; it is logged once per key and interval.
 
-use std::sync::{Arc, LazyLock};
-use std::time::UNIX_EPOCH;
+use std::fmt;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
+use redis::Value;
 
 use super::codec;
 use super::entry::CacheEntry;
@@ -19,11 +27,18 @@ use crate::fleet::Fleet;
 /// KEYS[1]: the fence counter of the filled key; KEYS[2]: the primary's variant set;
 /// KEYS[3..]: where the entry goes. ARGV[1]: this write's fencing token; ARGV[2]: the
 /// encoded entry; ARGV[3]: expiry (Unix ms). Returns 1 when written, 0 when fenced off.
+/// A counter that is not a number fences every write off until the next grant
+/// repairs it; a variant set of another type is replaced (neither may fail the
+/// script, which would read as a Redis outage).
 static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
-        local granted = tonumber(redis.call('GET', KEYS[1]) or '0')
-        if tonumber(ARGV[1]) < granted then return 0 end
+        local kind = redis.call('TYPE', KEYS[1])['ok']
+        local granted = 0
+        if kind ~= 'none' then granted = kind == 'string' and tonumber(redis.call('GET', KEYS[1])) end
+        if not granted or tonumber(ARGV[1]) < granted then return 0 end
+        kind = redis.call('TYPE', KEYS[2])['ok']
+        if kind ~= 'none' and kind ~= 'set' then redis.call('DEL', KEYS[2]) end
         for i = 3, #KEYS do
             redis.call('SET', KEYS[i], ARGV[2], 'PXAT', ARGV[3])
             redis.call('SADD', KEYS[2], KEYS[i])
@@ -32,6 +47,24 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
         return 1",
     )
 });
+
+/// KEYS[1]: an entry key; ARGV[1]: the largest value to return. Returns the value,
+/// nil when there is none, -1 when the key holds another type, or the value's length
+/// when it is larger: a value is never read whole only to be refused.
+static GUARDED_GET: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local kind = redis.call('TYPE', KEYS[1])['ok']
+        if kind == 'none' then return false end
+        if kind ~= 'string' then return -1 end
+        local len = redis.call('STRLEN', KEYS[1])
+        if len > tonumber(ARGV[1]) then return len end
+        return redis.call('GET', KEYS[1])",
+    )
+});
+
+/// Room in a value for what is not body: key, `Vary` values, headers.
+const VALUE_HEADROOM: u64 = 1 << 20;
 
 /// KEYS[1]: the primary's variant set; KEYS[2]: the primary's entry. Deletes the entry,
 /// every entry the set lists, and the set; returns how many entries existed.
@@ -64,37 +97,62 @@ pub enum PutOutcome {
 #[derive(Clone)]
 pub struct SharedCache {
     fleet: Arc<Fleet>,
+    /// The largest body an entry read back may have: the local tier's
+    /// `max_object_bytes`, as no fill stores a larger one.
+    max_body: u64,
+    unreadable: Arc<UnreadableLog>,
 }
 
 impl SharedCache {
+    /// A shared tier that reads back bodies up to the largest `max_object_bytes`.
     pub fn new(fleet: Arc<Fleet>) -> SharedCache {
-        SharedCache { fleet }
+        SharedCache::with_max_body(fleet, u64::from(u32::MAX))
+    }
+
+    pub fn with_max_body(fleet: Arc<Fleet>, max_body: u64) -> SharedCache {
+        SharedCache {
+            fleet,
+            max_body,
+            unreadable: Arc::new(UnreadableLog::new()),
+        }
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
     }
 
-    /// The entry under `key`, if Redis has a readable one. A value that does not
-    /// decode is a miss, logged with the key.
+    /// The entry under `key`, if Redis has a readable one. Anything else found there
+    /// is a miss, counted and logged (once per key and interval).
     pub async fn get(&self, key: &CacheKey) -> Option<CacheEntry> {
         let redis_key = self.fleet.keys(key).entry;
-        let value: Option<Vec<u8>> = self
+        let limit = self.max_body.saturating_add(VALUE_HEADROOM);
+        let value: Value = self
             .fleet
             .run("get", |mut c| async move {
-                redis::cmd("GET").arg(redis_key).query_async(&mut c).await
+                GUARDED_GET
+                    .key(redis_key)
+                    .arg(limit)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await?;
-        match codec::decode(Bytes::from(value?)) {
-            Ok(entry) => {
-                self.fleet.metrics.shared_hit();
-                Some(entry)
-            }
-            Err(error) => {
-                tracing::warn!(%key, %error, "unreadable value in the shared cache; treated as a miss");
-                None
-            }
-        }
+        let (reason, detail) = match value {
+            // Lua's false: nil in RESP2, a boolean in RESP3.
+            Value::Nil | Value::Boolean(false) => return None,
+            Value::BulkString(bytes) => match codec::decode(Bytes::from(bytes), key, self.max_body)
+            {
+                Ok(entry) => {
+                    self.fleet.metrics.shared_hit();
+                    return Some(entry);
+                }
+                Err(error) => (error.reason(), Unreadable::Decode(error)),
+            },
+            Value::Int(len) if len >= 0 => ("oversized", Unreadable::Oversized { len, limit }),
+            _ => ("wrong-type", Unreadable::WrongType),
+        };
+        self.fleet.metrics.shared_unreadable(reason);
+        self.unreadable.report(key, reason, &detail);
+        None
     }
 
     /// Writes `entry`, filled under lock key `fill_key` with fencing token `fence`. An
@@ -113,7 +171,7 @@ impl SharedCache {
                 }
             }
         }
-        let value = codec::encode(entry, fence);
+        let value = codec::encode(entry, fill_key, fence);
         let expires_ms = entry
             .keep_until()
             .duration_since(UNIX_EPOCH)
@@ -264,15 +322,16 @@ impl SharedCache {
                 members.query_async(&mut c).await
             })
             .await?;
-        let mut targets: Vec<String> = Vec::new();
+        // Each value is checked against the primary it was stored for.
+        let mut targets: Vec<(String, &CacheKey)> = Vec::new();
         for (primary, set) in primaries.iter().zip(sets) {
-            targets.push(self.fleet.keys(primary).entry);
-            targets.extend(set);
+            targets.push((self.fleet.keys(primary).entry, primary));
+            targets.extend(set.into_iter().map(|member| (member, primary)));
         }
-        targets.sort();
-        targets.dedup();
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        targets.dedup_by(|a, b| a.0 == b.0);
         let mut reads = redis::pipe();
-        for target in &targets {
+        for (target, _) in &targets {
             reads.cmd("GET").arg(target);
         }
         let values: Vec<Option<Vec<u8>>> = self
@@ -284,11 +343,13 @@ impl SharedCache {
             .await?;
         let now = std::time::SystemTime::now();
         let mut writes = redis::pipe();
-        for (target, value) in targets.iter().zip(values) {
-            let Some(Ok(entry)) = value.map(|v| codec::decode(Bytes::from(v))) else {
+        for ((target, primary), value) in targets.iter().zip(values) {
+            let Some(Ok(entry)) =
+                value.map(|v| codec::decode(Bytes::from(v), primary, self.max_body))
+            else {
                 continue;
             };
-            let stale = codec::encode(&entry.soft_purged(now), entry.fence());
+            let stale = codec::encode(&entry.soft_purged(now), primary, entry.fence());
             writes
                 .cmd("SET")
                 .arg(target)
@@ -333,5 +394,100 @@ impl SharedCache {
             })
             .await
             .is_some()
+    }
+}
+
+/// What was found instead of an entry.
+enum Unreadable {
+    Decode(codec::DecodeError),
+    WrongType,
+    Oversized { len: i64, limit: u64 },
+}
+
+impl fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unreadable::Decode(error) => error.fmt(f),
+            Unreadable::WrongType => f.write_str("the key holds another Redis type"),
+            Unreadable::Oversized { len, limit } => {
+                write!(
+                    f,
+                    "value of {len} bytes is over the {limit} bytes read back"
+                )
+            }
+        }
+    }
+}
+
+/// How long a key whose value was unreadable stays quiet in the log.
+const UNREADABLE_LOG_INTERVAL: Duration = Duration::from_secs(300);
+/// The most such warnings per interval, over all keys.
+const UNREADABLE_LOG_BURST: u32 = 20;
+
+/// Warnings about unreadable values: one per key and interval, and at most a burst per
+/// interval in all, so a corrupt hot key or a Redis full of foreign values cannot flood
+/// the log (the metric counts every one).
+///
+/// Any lookup may report. moka's entry API inserts atomically, so one task logs a key
+/// per interval; the burst window is a std mutex held for a compare and an add, never
+/// across an await.
+struct UnreadableLog {
+    recent: moka::sync::Cache<CacheKey, ()>,
+    /// The current window's start and the warnings logged in it.
+    window: Mutex<(Instant, u32)>,
+}
+
+impl UnreadableLog {
+    fn new() -> UnreadableLog {
+        UnreadableLog {
+            recent: moka::sync::Cache::builder()
+                .max_capacity(4096)
+                .time_to_live(UNREADABLE_LOG_INTERVAL)
+                .build(),
+            window: Mutex::new((Instant::now(), 0)),
+        }
+    }
+
+    /// Whether a warning about `key` is due now (and, if so, counts it as given).
+    fn due(&self, key: &CacheKey) -> bool {
+        if !self.recent.entry(key.clone()).or_insert(()).is_fresh() {
+            return false;
+        }
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if window.0.elapsed() >= UNREADABLE_LOG_INTERVAL {
+            *window = (Instant::now(), 0);
+        }
+        window.1 += 1;
+        window.1 <= UNREADABLE_LOG_BURST
+    }
+
+    fn report(&self, key: &CacheKey, reason: &'static str, detail: &Unreadable) {
+        if !self.due(key) {
+            return;
+        }
+        if reason == "version" {
+            // Expected while a fleet runs two versions during an upgrade.
+            tracing::info!(%key, %detail, "shared cache entry from another corral version; treated as a miss");
+        } else {
+            tracing::warn!(%key, reason, %detail, "unreadable value in the shared cache; treated as a miss and counted in corral_shared_unreadable_total, logged once per key every 5 minutes");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_key_is_logged_once_per_interval_and_bursts_are_capped() {
+        let log = UnreadableLog::new();
+        let key = CacheKey::from_raw("r\nh\n/p");
+        assert!(log.due(&key));
+        assert!(!log.due(&key), "the same key again is quiet");
+        let mut logged = 1;
+        for i in 0..100 {
+            logged += u32::from(log.due(&CacheKey::from_raw(&format!("r\nh\n/{i}"))));
+        }
+        assert_eq!(logged, UNREADABLE_LOG_BURST);
     }
 }

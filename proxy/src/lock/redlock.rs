@@ -15,16 +15,23 @@
 //! extra upstream request, never an older entry over a newer one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::single::{EXTEND, RELEASE};
+use super::single::{EXTEND, NEXT_FENCE_LUA, RELEASE};
 use super::{Lease, LockTry};
 use crate::cache::CacheKey;
 use crate::fleet::Fleet;
+
+/// KEYS: fence. ARGV: retention ms. The next fencing token (see [`NEXT_FENCE_LUA`]).
+static FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&format!(
+        "{NEXT_FENCE_LUA}\nreturn next_fence(KEYS[1], ARGV[1])"
+    ))
+});
 
 /// One independent Redis master, connected lazily and reconnected after failures.
 struct Node {
@@ -270,16 +277,11 @@ impl Redlock {
         let key = fence_key.to_string();
         self.fleet
             .run("fence", |mut c| async move {
-                redis::pipe()
-                    .cmd("INCR")
-                    .arg(&key)
-                    .cmd("PEXPIRE")
-                    .arg(&key)
+                FENCE
+                    .key(&key)
                     .arg(super::single::FENCE_RETENTION_MS)
-                    .ignore()
-                    .query_async::<(u64,)>(&mut c)
+                    .invoke_async::<u64>(&mut c)
                     .await
-                    .map(|(fence,)| fence)
             })
             .await
     }

@@ -15,16 +15,39 @@ use crate::fleet::Fleet;
 /// could see the counter restart below its token; a day is far beyond any fill.
 pub(crate) const FENCE_RETENTION_MS: u64 = 24 * 3600 * 1000;
 
+/// Lua: `next_fence(key, retention_ms)` increments a fence counter and returns it.
+/// The counter is read from Redis and so untrusted (the key prefix may be shared): one
+/// that is not a count corral wrote (another type, not decimal digits, near overflow)
+/// would make `INCR` fail, which would read as a Redis outage. It restarts instead at
+/// the current time in ms, above any count a grant can have reached, so no older
+/// holder's token passes the fenced write.
+pub(crate) const NEXT_FENCE_LUA: &str = r"
+local function next_fence(k, retention)
+    local kind = redis.call('TYPE', k)['ok']
+    local n = kind == 'string' and redis.call('GET', k)
+    if kind ~= 'none' and not (n and #n <= 15 and string.match(n, '^%d+$')) then
+        local now = redis.call('TIME')
+        redis.call('DEL', k)
+        redis.call('SET', k, string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
+    end
+    local fence = redis.call('INCR', k)
+    redis.call('PEXPIRE', k, retention)
+    return fence
+end
+";
+
 /// KEYS: lock, fence. ARGV: token, ttl ms, fence retention ms. Returns the fencing
-/// token of the grant, or 0 when the lock is held.
+/// token of the grant, or 0 when the lock is held. Every grant expires, so a lock
+/// without an expiry was not set by corral: it is given the TTL, and ends.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
-        local fence = redis.call('INCR', KEYS[2])
-        redis.call('PEXPIRE', KEYS[2], ARGV[3])
-        return fence",
-    )
+    redis::Script::new(&format!(
+        r"{NEXT_FENCE_LUA}
+        if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+            if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+            return 0
+        end
+        return next_fence(KEYS[2], ARGV[3])"
+    ))
 });
 
 /// KEYS: lock. ARGV: token, ttl ms. 1 when extended, 0 when the lock is no longer ours.

@@ -12,4 +12,5 @@ mod deception;
 mod freshness;
 mod paths;
 mod poisoning;
+mod redis_entries;
 mod smuggling;

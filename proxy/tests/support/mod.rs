@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-#[allow(unused_imports)]
+#[allow(unused_imports)] // not every test target uses it
 pub use corral::origin::Behaviour as OriginBehaviour;
 
 /// How long any awaited condition may take before a test fails.
