@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -26,7 +27,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::io::{send_timed_out, HandedIo};
 use super::track::{self, Activity, Tracked};
@@ -65,39 +66,18 @@ pub(super) async fn serve(
     let mut idle = false;
     let mut since = Instant::now();
     loop {
-        let head = loop {
-            match parse(&mut buf) {
-                Parse::Complete(head) => break head,
-                Parse::Partial if buf.len() < MAX_HEAD_BYTES => {}
-                Parse::Partial | Parse::NotPlainHttp1 => {
-                    let prefix = buf.split().freeze();
-                    return hand_over(stream, prefix, peer, proxy, &http, stopped, since).await;
-                }
+        let wait = Wait {
+            deadline: deadline.as_mut(),
+            idle: &mut idle,
+            stopped: &mut stopped,
+        };
+        let head = match next_head(&mut stream, &mut buf, wait, &http).await {
+            Next::Head(head) => head,
+            Next::NotPlain => {
+                let prefix = buf.split().freeze();
+                return hand_over(stream, prefix, peer, proxy, &http, stopped, since).await;
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            let read = tokio::select! {
-                biased;
-                read = stream.read_buf(&mut buf) => read,
-                _ = until_stopped(&mut stopped), if buf.is_empty() => return,
-                _ = &mut deadline => {
-                    if idle {
-                        http.metrics.idle_closed();
-                    }
-                    return;
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => return,
-                Ok(_) if idle => {
-                    idle = false;
-                    deadline
-                        .as_mut()
-                        .reset(Instant::now() + limits.head_timeout);
-                }
-                Ok(_) => {}
-            }
+            Next::End => return,
         };
 
         let closing = !head.keep_alive || *stopped.borrow();
@@ -119,21 +99,7 @@ pub(super) async fn serve(
                 }
             }
             None => {
-                // The request's bytes: its head, and its body as far as it has come.
-                let in_buf = buf.len().min(head.body_len as usize);
-                let prefix = if in_buf == 0 {
-                    head.bytes
-                } else {
-                    let mut prefix = BytesMut::with_capacity(head.bytes.len() + in_buf);
-                    prefix.extend_from_slice(&head.bytes);
-                    prefix.extend_from_slice(&buf.split_to(in_buf));
-                    prefix.freeze()
-                };
-                let request = Handed {
-                    prefix,
-                    remaining: head.body_len - in_buf as u64,
-                    pipelined: !buf.is_empty(),
-                };
+                let request = Handed::split_from(head, &mut buf);
                 match serve_one(stream, request, peer, &proxy, &http).await {
                     Some(back) if !closing && !*stopped.borrow() => stream = back,
                     _ => return,
@@ -149,6 +115,70 @@ pub(super) async fn serve(
             limits.head_timeout
         };
         deadline.as_mut().reset(since + timeout);
+    }
+}
+
+/// How the wait for the next head may end besides a head: its deadline, shutdown.
+struct Wait<'a> {
+    deadline: Pin<&'a mut Sleep>,
+    /// Between two requests, before the next one's first byte; cleared by that byte,
+    /// which restarts the deadline at `head_timeout`.
+    idle: &'a mut bool,
+    stopped: &'a mut watch::Receiver<bool>,
+}
+
+/// What the wait for the next request ended with.
+// Returned once per head and matched at once, as `Parse`.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    /// Not plain HTTP/1.1, or a head too large for this path: hyper's to serve.
+    NotPlain,
+    /// The client closed, its time ran out, or shutdown found it idle.
+    End,
+}
+
+/// Reads until a whole head is at the front of `buf`, taking it out of `buf`.
+async fn next_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    wait: Wait<'_>,
+    http: &Http,
+) -> Next {
+    let Wait {
+        mut deadline,
+        idle,
+        stopped,
+    } = wait;
+    loop {
+        match parse(buf) {
+            Parse::Complete(head) => return Next::Head(head),
+            Parse::Partial if buf.len() < MAX_HEAD_BYTES => {}
+            Parse::Partial | Parse::NotPlainHttp1 => return Next::NotPlain,
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let read = tokio::select! {
+            biased;
+            read = stream.read_buf(buf) => read,
+            _ = until_stopped(stopped), if buf.is_empty() => return Next::End,
+            _ = &mut deadline => {
+                if *idle {
+                    http.metrics.idle_closed();
+                }
+                return Next::End;
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => return Next::End,
+            Ok(_) if *idle => {
+                *idle = false;
+                let head_timeout = http.limits.head_timeout;
+                deadline.as_mut().reset(Instant::now() + head_timeout);
+            }
+            Ok(_) => {}
+        }
     }
 }
 
@@ -304,8 +334,12 @@ async fn write_hit(
 async fn when_writable<T>(
     stream: &TcpStream,
     http: &Http,
-    f: impl FnMut() -> io::Result<T>,
+    mut f: impl FnMut() -> io::Result<T>,
 ) -> io::Result<T> {
+    match stream.try_io(Interest::WRITABLE, &mut f) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        done => return done,
+    }
     let timeout = http.limits.send_timeout;
     match tokio::time::timeout(timeout, stream.async_io(Interest::WRITABLE, f)).await {
         Ok(result) => result,
@@ -386,6 +420,28 @@ struct Handed {
     remaining: u64,
     /// Whether bytes past the request were already read (the next request).
     pipelined: bool,
+}
+
+impl Handed {
+    /// The request of `head`: its bytes, and its body's as far as `buf` holds them.
+    fn split_from(head: Head, buf: &mut BytesMut) -> Handed {
+        let in_buf = buf
+            .len()
+            .min(usize::try_from(head.body_len).unwrap_or(usize::MAX));
+        let prefix = if in_buf == 0 {
+            head.bytes
+        } else {
+            let mut prefix = BytesMut::with_capacity(head.bytes.len() + in_buf);
+            prefix.extend_from_slice(&head.bytes);
+            prefix.extend_from_slice(&buf.split_to(in_buf));
+            prefix.freeze()
+        };
+        Handed {
+            prefix,
+            remaining: head.body_len - in_buf as u64,
+            pipelined: !buf.is_empty(),
+        }
+    }
 }
 
 /// Lets hyper serve the one request whose bytes `io` holds. The connection comes back
