@@ -30,7 +30,7 @@ pub struct LimitsSettings {
     pub send_timeout: Duration,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
-    /// How often an HTTP/2 connection with open streams is pinged...
+    /// How often an HTTP/2 connection is pinged, to find peers that are gone...
     pub h2_keepalive_interval: Duration,
     /// ...and how long the client has to answer (or, once told to go away, to close).
     pub h2_keepalive_timeout: Duration,

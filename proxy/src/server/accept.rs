@@ -137,8 +137,10 @@ pub(crate) async fn accept_loop<S, F>(
                     if first {
                         tracing::warn!(%error, "accept failing; backing off, failures are counted until it recovers");
                     }
-                    tokio::time::sleep(delay).await;
-                    continue;
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => continue,
+                        _ = until_stopped(&mut stopped) => break,
+                    }
                 }
             },
             _ = until_stopped(&mut stopped) => break,

@@ -179,8 +179,8 @@ impl Http {
         any.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.head_timeout);
-        // hyper's HTTP/2 never times out a connection by itself: pings find dead peers
-        // while streams are open, and `serve_hyper` closes one left idle. Against rapid
+        // hyper's HTTP/2 never times out a connection by itself: pings find dead peers,
+        // and `serve_hyper` closes one left idle. Against rapid
         // reset (CVE-2023-44487), at most 20 streams reset by the client may await
         // acceptance and 1,024 reset by us per connection (hyper's and h2's defaults,
         // set here so that they stay).
