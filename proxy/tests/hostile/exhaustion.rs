@@ -116,6 +116,32 @@ async fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn slow_head_is_cut_off_by_the_head_timeout_not_the_idle_one() {
+    let origin = RecordingOrigin::start().await;
+    // The idle timeout (60 s by default) is past the deadline.
+    let corral = start("head_timeout = \"300ms\"", "", "", &origin.url()).await;
+    // From the start of a connection...
+    let mut first = RawClient::connect(corral.addr()).await;
+    first.send(b"GET /slow HTTP/1.1\r\nhost:").await;
+    assert!(
+        first.closed().await,
+        "a head not sent in time closes the connection"
+    );
+    // ...and on a kept-alive connection, once the next head's first byte came.
+    let mut client = RawClient::connect(corral.addr()).await;
+    let res = client
+        .exchange(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await;
+    assert_eq!(res.status, 200);
+    client.send(b"GET /slow HTTP/1.1\r\nhost:").await;
+    assert!(
+        client.closed().await,
+        "a head not sent in time closes the connection"
+    );
+    assert_eq!(origin.received_for("/slow").len(), 1);
+}
+
+#[tokio::test]
 async fn idle_h2c_connection_gets_goaway_and_is_closed() {
     let origin = RecordingOrigin::start().await;
     let limits = "idle_timeout = \"300ms\"\nh2_keepalive_timeout = \"300ms\"";
