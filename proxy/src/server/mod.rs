@@ -92,7 +92,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
-    let http = Arc::new(Http::new(&config.limits, &metrics.connections));
+    let limits = config.limits;
+    let http = Arc::new(Http::new(&limits, &metrics.connections));
     let max = accept::max_connections(config.limits.max_connections);
     let admission = Admission {
         permits: Arc::new(Semaphore::new(max)),
@@ -105,7 +106,9 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let admin = admin.map(|listener| {
-                let (proxy, http) = (Arc::clone(&proxy), Arc::clone(&http));
+                // The same limits, but not counted with the clients' connections.
+                let http = Arc::new(Http::new(&limits, &ConnectionMetrics::default()));
+                let proxy = Arc::clone(&proxy);
                 let serve = move |stream: TcpStream, peer, stopped| {
                     let proxy = Arc::clone(&proxy);
                     let (activity, open) = Activity::new(&http.metrics);
@@ -180,10 +183,9 @@ impl Http {
             .timer(TokioTimer::new())
             .header_read_timeout(limits.head_timeout);
         // hyper's HTTP/2 never times out a connection by itself: pings find dead peers,
-        // and `serve_hyper` closes one left idle. Against rapid
-        // reset (CVE-2023-44487), at most 20 streams reset by the client may await
-        // acceptance and 1,024 reset by us per connection (hyper's and h2's defaults,
-        // set here so that they stay).
+        // and `serve_hyper` closes one left idle. Against rapid reset (CVE-2023-44487),
+        // at most 20 streams reset by the client may await acceptance, and 1,024 reset
+        // by us per connection (hyper's and h2's defaults, set here so that they stay).
         any.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(limits.h2_max_concurrent_streams)
