@@ -26,7 +26,7 @@ use hyper::service::Service;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Sleep};
 
 use super::io::{send_timed_out, HandedIo};
@@ -449,10 +449,11 @@ impl Handed {
 ///
 /// hyper is told the request's end is not the client leaving (half-close), so while
 /// the request waits (on the upstream, or on another request's fill) this task watches
-/// the socket itself: the client closing it drops the request, so that a waiter whose
-/// client left never goes upstream. Data is not an end: a pipelined request is served
-/// after this one, as nginx does. A fill the request leads runs in its own task and
-/// carries on for the others.
+/// the socket itself, once hyper has read the request's body to its end: the client
+/// closing it drops the request, so that a waiter whose client left never goes
+/// upstream, nor a forwarded request stays there. Data is not an end: a pipelined
+/// request is served after this one, as nginx does. A fill the request leads runs in
+/// its own task and carries on for the others.
 async fn serve_one(
     stream: TcpStream,
     request: Handed,
@@ -463,22 +464,29 @@ async fn serve_one(
     let stream = Arc::new(stream);
     let (activity, _) = Activity::new(&http.metrics);
     let service = proxy_service(Arc::clone(proxy), peer, activity);
+    let body_read = (request.remaining > 0).then(|| Arc::new(Notify::new()));
     let io = HandedIo::new(
         Arc::clone(&stream),
         request.prefix,
         Some(request.remaining),
         Arc::clone(http),
-    );
+    )
+    .notifying(body_read.clone());
     let conn = http
         .one_request
         .serve_connection(TokioIo::new(io), service)
         .without_shutdown();
     // Only once hyper has all the request's bytes is whatever comes next not its body.
-    let watch = request.remaining == 0 && !request.pipelined;
+    let left = async {
+        if let Some(body_read) = &body_read {
+            body_read.notified().await;
+        }
+        client_left(&stream).await;
+    };
     let served = tokio::select! {
         biased;
         served = conn => served,
-        () = client_left(&stream), if watch => {
+        () = left, if !request.pipelined => {
             tracing::debug!(%peer, "client left before its response");
             return None;
         }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 use super::Http;
@@ -34,6 +35,8 @@ pub(super) struct HandedIo {
     /// Boxed once per connection that ever waits, not per write.
     stalled: Option<Pin<Box<Sleep>>>,
     stalling: bool,
+    /// Told once the last of `limit` has been read.
+    body_read: Option<Arc<Notify>>,
 }
 
 impl HandedIo {
@@ -50,7 +53,14 @@ impl HandedIo {
             http,
             stalled: None,
             stalling: false,
+            body_read: None,
         }
+    }
+
+    /// Notifies `body_read` once the request's body has been read to its end.
+    pub(super) fn notifying(mut self, body_read: Option<Arc<Notify>>) -> HandedIo {
+        self.body_read = body_read;
+        self
     }
 
     /// Whether hyper consumed exactly the request's bytes: the prefix and the body.
@@ -152,6 +162,12 @@ impl AsyncRead for HandedIo {
                 let n = limited.filled().len();
                 buf.advance(n);
                 this.limit = Some(limit - n as u64);
+                if this.limit == Some(0) {
+                    if let Some(body_read) = &this.body_read {
+                        // `notify_one` keeps the permit if no one waits yet.
+                        body_read.notify_one();
+                    }
+                }
                 Poll::Ready(Ok(()))
             }
         }

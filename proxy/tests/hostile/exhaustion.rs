@@ -372,3 +372,26 @@ async fn fill_led_by_a_client_that_left_still_fills_the_cache() {
     assert!(res.cache_status().contains("hit"), "{res:?}");
     assert_eq!(origin.received_for("/w").len(), 1);
 }
+
+#[tokio::test]
+async fn forwarded_request_whose_client_left_after_its_body_is_dropped() {
+    // The origin would answer long after the deadline: only the client leaving ends
+    // the request in time.
+    let origin = RecordingOrigin::answering(Answer {
+        delay: Duration::from_secs(60),
+        ..Answer::default()
+    })
+    .await;
+    let corral = start("", "", "", &origin.url()).await;
+    let mut client = RawClient::connect(corral.addr()).await;
+    // Half the body with the head, so the request is handed over before the rest.
+    client
+        .send(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\n01234")
+        .await;
+    wait_for_metric(&corral, "corral_client_connections", |n| n == 1).await;
+    client.send(b"56789").await;
+    origin.wait_for(1).await;
+    drop(client);
+    wait_for_metric(&corral, "corral_client_aborts_total", |a| a == 1).await;
+    assert_eq!(origin.received_for("/upload")[0].body, b"0123456789");
+}
