@@ -53,6 +53,10 @@ pub(crate) fn max_connections(configured: Option<NonZeroUsize>) -> usize {
 }
 
 /// How the proxy port admits connections: permits for the limit, and the counters.
+///
+/// A semaphore, taken with `try_acquire_owned` by the accept loop alone (admission
+/// never waits: past the limit is refused at once); each permit moves into its
+/// connection's task and is released when the task ends, however it ends.
 pub(crate) struct Admission {
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) max: usize,
@@ -148,8 +152,8 @@ pub(crate) async fn accept_loop<S, F>(
         if let Some(failures) = backoff.succeeded() {
             tracing::info!(failures, "accept recovered");
         }
-        let permit = match admit(admission.as_ref(), &mut refused) {
-            Ok(permit) => permit,
+        let seat = match admit(admission.as_ref(), &mut refused) {
+            Ok(seat) => seat,
             Err(()) => {
                 refuse(stream);
                 continue;
@@ -158,13 +162,9 @@ pub(crate) async fn accept_loop<S, F>(
         let _ = stream.set_nodelay(true);
         let conn = serve(stream, peer, stopped.clone());
         let open = open.clone();
-        let metrics = admission.as_ref().map(|a| a.metrics.clone());
         tokio::spawn(async move {
             conn.await;
-            drop(permit);
-            if let Some(metrics) = metrics {
-                metrics.closed();
-            }
+            drop(seat);
             drop(open);
         });
     }
@@ -181,12 +181,22 @@ pub(crate) async fn accept_loop<S, F>(
     }
 }
 
-/// A permit for one more connection, or `Err` past the limit; logs when refusals start
+/// One admitted connection's place under the limit, given back (and uncounted) when
+/// its task ends, however it ends.
+struct Seat {
+    _permit: OwnedSemaphorePermit,
+    metrics: ConnectionMetrics,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.metrics.closed();
+    }
+}
+
+/// A place for one more connection, or `Err` past the limit; logs when refusals start
 /// and when they end (`refused` counts them in between).
-fn admit(
-    admission: Option<&Admission>,
-    refused: &mut u64,
-) -> Result<Option<OwnedSemaphorePermit>, ()> {
+fn admit(admission: Option<&Admission>, refused: &mut u64) -> Result<Option<Seat>, ()> {
     let Some(a) = admission else {
         return Ok(None);
     };
@@ -199,7 +209,10 @@ fn admit(
                 );
             }
             a.metrics.opened();
-            Ok(Some(permit))
+            Ok(Some(Seat {
+                _permit: permit,
+                metrics: a.metrics.clone(),
+            }))
         }
         Err(_) => {
             a.metrics.refused();
