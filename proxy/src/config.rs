@@ -20,6 +20,9 @@ use http::{StatusCode, Uri};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod limits;
+pub use limits::LimitsSettings;
+
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -41,6 +44,8 @@ pub struct Config {
     /// Fleet mode: the shared tier and fill lock in Redis. `None`: single instance.
     pub redis: Option<RedisSettings>,
     pub lock: LockSettings,
+    /// Client connections: how many, and the timeouts that free them.
+    pub limits: LimitsSettings,
     pub routes: Vec<RouteConfig>,
 }
 
@@ -359,6 +364,8 @@ struct FileConfig {
     #[serde(default)]
     lock: FileLock,
     redis: Option<FileRedis>,
+    #[serde(default)]
+    limits: limits::FileLimits,
     #[serde(default, rename = "route")]
     routes: Vec<FileRoute>,
 }
@@ -787,6 +794,7 @@ impl FileConfig {
         let on_wait_timeout = self.lock.on_wait_timeout.unwrap_or(OnWaitTimeout::Fetch);
         let redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
         let lock = self.lock.validate(src, redis.is_some())?;
+        let limits = self.limits.validate(src)?;
 
         if self.routes.is_empty() {
             return Err(src.error(
@@ -827,6 +835,7 @@ impl FileConfig {
             },
             redis,
             lock,
+            limits,
             routes,
         })
     }

@@ -74,7 +74,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     match (cli.command, cli.config) {
         (Some(Command::Check { file }), _) => check(&file),
-        (Some(Command::Demo(args)), _) => runtime(None)?.block_on(run_demo(args)),
+        (Some(Command::Demo(args)), _) => {
+            raise_open_file_limit();
+            runtime(None)?.block_on(run_demo(args))
+        }
         (None, Some(file)) => {
             let config = Config::load(&file)?;
             raise_open_file_limit();
@@ -99,7 +102,8 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Client connections and large cached bodies (one sealed file each) both take file
-/// descriptors; the soft limit is often 1024 while the hard one is far higher.
+/// descriptors; the soft limit is often 1024 while the hard one is far higher. The
+/// default `limits.max_connections` is derived from the raised limit.
 fn raise_open_file_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let mut limit = getrlimit(Resource::Nofile);
@@ -139,13 +143,25 @@ fn check(file: &PathBuf) -> anyhow::Result<()> {
             Some(TokenSource::Environment) => "set (CORRAL_ADMIN_TOKEN, over the file)",
         }
     );
+    let l = &config.limits;
+    let d = |d: Duration| humantime::format_duration(d).to_string();
+    println!(
+        "limits: max_connections {}, head {}, idle {}, send {}, h2 streams {}, h2 ping {} (timeout {})",
+        l.max_connections
+            .map_or("auto (from the open file limit)".to_string(), |n| n.to_string()),
+        d(l.head_timeout),
+        d(l.idle_timeout),
+        d(l.send_timeout),
+        l.h2_max_concurrent_streams,
+        d(l.h2_keepalive_interval),
+        d(l.h2_keepalive_timeout),
+    );
     println!(
         "{:<16} {:<32} {:<28} {:>8} {:>8} {:>8} {:>6}",
         "route", "match", "upstream", "ttl", "swr", "sie", "cache"
     );
     for r in &config.routes {
         let matched = format!("{}{}", r.host.as_deref().unwrap_or("*"), r.path_prefix);
-        let d = |d: Duration| humantime::format_duration(d).to_string();
         println!(
             "{:<16} {:<32} {:<28} {:>8} {:>8} {:>8} {:>6}",
             r.name,

@@ -111,6 +111,80 @@ pub struct Metrics {
     fills_in_progress: Gauge<u64, AtomicU64>,
     tags_dropped: Family<RouteLabel, Counter>,
     pub fleet: FleetMetrics,
+    pub connections: ConnectionMetrics,
+}
+
+/// Client connections: how many are open, and why some were refused or cut off.
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    open: Gauge,
+    refused: Counter,
+    idle_closed: Counter,
+    send_timeouts: Counter,
+    client_aborts: Counter,
+    accept_errors: Counter,
+}
+
+impl ConnectionMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "client_connections",
+            "Client connections open on the proxy port",
+            self.open.clone(),
+        );
+        let counters = [
+            (
+                "connections_refused",
+                "Client connections refused (503) because max_connections were open",
+                &self.refused,
+            ),
+            (
+                "connections_idle_closed",
+                "Client connections closed after idle_timeout with no request in progress",
+                &self.idle_closed,
+            ),
+            (
+                "send_timeouts",
+                "Client connections reset because a write made no progress for send_timeout",
+                &self.send_timeouts,
+            ),
+            (
+                "client_aborts",
+                "Requests dropped because their client left before the response (nginx's 499)",
+                &self.client_aborts,
+            ),
+            (
+                "accept_errors",
+                "Failed accepts on the proxy port (out of file descriptors and the like)",
+                &self.accept_errors,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+    }
+
+    pub fn opened(&self) {
+        self.open.inc();
+    }
+    pub fn closed(&self) {
+        self.open.dec();
+    }
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+    pub fn idle_closed(&self) {
+        self.idle_closed.inc();
+    }
+    pub fn send_timeout(&self) {
+        self.send_timeouts.inc();
+    }
+    pub fn client_abort(&self) {
+        self.client_aborts.inc();
+    }
+    pub fn accept_error(&self) {
+        self.accept_errors.inc();
+    }
 }
 
 /// Fleet mode's counters: the distributed lock, the shared tier and Redis faults.
@@ -390,9 +464,12 @@ impl Metrics {
         );
         let fleet = FleetMetrics::new();
         fleet.register(&mut registry);
+        let connections = ConnectionMetrics::default();
+        connections.register(&mut registry);
         Metrics {
             tags_dropped,
             fleet,
+            connections,
             registry: Mutex::new(registry),
             requests,
             upstream_requests,

@@ -17,7 +17,7 @@ use bytes::Bytes;
 /// Below this a copy into the socket costs less than the extra `sendfile` call.
 pub const MIN_BYTES: usize = 16 * 1024;
 /// The kernel's default limit on mappings per process is 65,530; stay well under it.
-const MAX_FILES: usize = 32 * 1024;
+pub(crate) const MAX_FILES: usize = 32 * 1024;
 
 /// Files alive now (a file and its mapping live and die with their entry).
 static LIVE: AtomicUsize = AtomicUsize::new(0);

@@ -17,22 +17,21 @@ use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{request, HeaderMap, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::service::{service_fn, Service};
+use hyper::service::Service;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio::time::Instant;
+use tokio::sync::{watch, Notify};
+use tokio::time::{Instant, Sleep};
 
-use super::{serve_gracefully, until_stopped, Http};
-use crate::body::ProxyBody;
+use super::io::{send_timed_out, HandedIo};
+use super::track::{self, Activity, Tracked};
+use super::{serve_hyper, until_stopped, Http};
 use crate::cache::body_file::BodyFile;
 use crate::proxy::{LocalHit, Proxy};
 
@@ -41,12 +40,15 @@ const MAX_HEADERS: usize = 100;
 /// Heads larger than this are rare enough to leave to hyper, whose own limit (about
 /// 400 KiB) then applies.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// How long a client may take to send a request head, idle keep-alive time included
-/// (hyper's header read timeout): a slow or silent client cannot hold the connection.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves one accepted connection until the client closes it, a timeout or error ends
 /// it, or shutdown finds it idle.
+///
+/// Timeouts: the first request head must arrive within `head_timeout` of the accept;
+/// after a response the connection may idle for `idle_timeout`, and the next head then
+/// gets `head_timeout` from its first byte (nginx's `client_header_timeout` and
+/// `keepalive_timeout`). A hit whose write makes no progress for `send_timeout` resets
+/// the connection.
 pub(super) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -54,36 +56,28 @@ pub(super) async fn serve(
     http: Arc<Http>,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let limits = http.limits;
     let mut buf = BytesMut::with_capacity(8 * 1024);
     // The per-hit header lines, reused from one response to the next.
     let mut tail = Vec::with_capacity(256);
-    let deadline = tokio::time::sleep(HEAD_TIMEOUT);
+    let deadline = tokio::time::sleep(limits.head_timeout);
     tokio::pin!(deadline);
+    // Idle: between two requests, before the next one's first byte.
+    let mut idle = false;
+    let mut since = Instant::now();
     loop {
-        deadline.as_mut().reset(Instant::now() + HEAD_TIMEOUT);
-        let head = loop {
-            match parse(&mut buf) {
-                Parse::Complete(head) => break head,
-                Parse::Partial if buf.len() < MAX_HEAD_BYTES => {}
-                Parse::Partial | Parse::NotPlainHttp1 => {
-                    let prefix = buf.split().freeze();
-                    return hand_over(stream, prefix, peer, proxy, &http, stopped).await;
-                }
+        let wait = Wait {
+            deadline: deadline.as_mut(),
+            idle: &mut idle,
+            stopped: &mut stopped,
+        };
+        let head = match next_head(&mut stream, &mut buf, wait, &http).await {
+            Next::Head(head) => head,
+            Next::NotPlain => {
+                let prefix = buf.split().freeze();
+                return hand_over(stream, prefix, peer, proxy, &http, stopped, since).await;
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(4096);
-            }
-            let idle = buf.is_empty();
-            let read = tokio::select! {
-                biased;
-                read = stream.read_buf(&mut buf) => read,
-                _ = until_stopped(&mut stopped), if idle => return,
-                _ = &mut deadline => return,
-            };
-            match read {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
+            Next::End => return,
         };
 
         let closing = !head.keep_alive || *stopped.borrow();
@@ -95,10 +89,8 @@ pub(super) async fn serve(
         match hit {
             Some(hit) => {
                 let head_only = head.parts.method == Method::HEAD;
-                if write_hit(&mut stream, &hit, head_only, closing, &mut tail)
-                    .await
-                    .is_err()
-                {
+                let written = write_hit(&stream, &hit, head_only, closing, &mut tail, &http).await;
+                if written.is_err() {
                     return;
                 }
                 if closing {
@@ -107,26 +99,85 @@ pub(super) async fn serve(
                 }
             }
             None => {
-                // The request's bytes: its head, and its body as far as it has come.
-                let in_buf = buf.len().min(head.body_len as usize);
-                let prefix = if in_buf == 0 {
-                    head.bytes
-                } else {
-                    let mut prefix = BytesMut::with_capacity(head.bytes.len() + in_buf);
-                    prefix.extend_from_slice(&head.bytes);
-                    prefix.extend_from_slice(&buf.split_to(in_buf));
-                    prefix.freeze()
-                };
-                let io = HandedIo {
-                    stream,
-                    prefix,
-                    limit: Some(head.body_len - in_buf as u64),
-                };
-                match serve_one(io, peer, &proxy, &http).await {
+                let request = Handed::split_from(head, &mut buf);
+                match serve_one(stream, request, peer, &proxy, &http).await {
                     Some(back) if !closing && !*stopped.borrow() => stream = back,
                     _ => return,
                 }
             }
+        }
+        // Pipelined bytes already started the next head; otherwise the wait is idle.
+        since = Instant::now();
+        idle = buf.is_empty();
+        let timeout = if idle {
+            limits.idle_timeout
+        } else {
+            limits.head_timeout
+        };
+        deadline.as_mut().reset(since + timeout);
+    }
+}
+
+/// How the wait for the next head may end besides a head: its deadline, shutdown.
+struct Wait<'a> {
+    deadline: Pin<&'a mut Sleep>,
+    /// Between two requests, before the next one's first byte; cleared by that byte,
+    /// which restarts the deadline at `head_timeout`.
+    idle: &'a mut bool,
+    stopped: &'a mut watch::Receiver<bool>,
+}
+
+/// What the wait for the next request ended with.
+// Returned once per head and matched at once, as `Parse`.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    /// Not plain HTTP/1.1, or a head too large for this path: hyper's to serve.
+    NotPlain,
+    /// The client closed, its time ran out, or shutdown found it idle.
+    End,
+}
+
+/// Reads until a whole head is at the front of `buf`, taking it out of `buf`.
+async fn next_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    wait: Wait<'_>,
+    http: &Http,
+) -> Next {
+    let Wait {
+        mut deadline,
+        idle,
+        stopped,
+    } = wait;
+    loop {
+        match parse(buf) {
+            Parse::Complete(head) => return Next::Head(head),
+            Parse::Partial if buf.len() < MAX_HEAD_BYTES => {}
+            Parse::Partial | Parse::NotPlainHttp1 => return Next::NotPlain,
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        let read = tokio::select! {
+            biased;
+            read = stream.read_buf(buf) => read,
+            _ = until_stopped(stopped), if buf.is_empty() => return Next::End,
+            _ = &mut deadline => {
+                if *idle {
+                    http.metrics.idle_closed();
+                }
+                return Next::End;
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => return Next::End,
+            Ok(_) if *idle => {
+                *idle = false;
+                let head_timeout = http.limits.head_timeout;
+                deadline.as_mut().reset(Instant::now() + head_timeout);
+            }
+            Ok(_) => {}
         }
     }
 }
@@ -246,26 +297,24 @@ fn put_back(buf: &mut BytesMut, front: Bytes) {
     *buf = joined;
 }
 
-/// Writes a hit: prebuilt head, this response's own header lines, body.
+/// Writes a hit: prebuilt head, this response's own header lines, body. A write that
+/// makes no progress for the send timeout resets the connection.
 async fn write_hit(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     hit: &LocalHit,
     head_only: bool,
     closing: bool,
     tail: &mut Vec<u8>,
+    http: &Http,
 ) -> io::Result<()> {
     tail.clear();
     hit.write_lines(tail, closing);
     match &hit.entry.body_file {
         Some(file) if !head_only => {
             // The head with MSG_MORE, so it leaves in the body's first segment.
-            write_all(
-                stream,
-                &mut [IoSlice::new(&hit.entry.http1_head), IoSlice::new(tail)],
-                true,
-            )
-            .await?;
-            send_file(stream, file).await
+            let mut head = [IoSlice::new(&hit.entry.http1_head), IoSlice::new(tail)];
+            write_all(stream, &mut head, true, http).await?;
+            send_file(stream, file, http).await
         }
         _ => {
             let body: &[u8] = if head_only { &[] } else { &hit.entry.body };
@@ -274,13 +323,40 @@ async fn write_hit(
                 IoSlice::new(tail),
                 IoSlice::new(body),
             ];
-            write_all(stream, &mut slices, false).await
+            write_all(stream, &mut slices, false, http).await
+        }
+    }
+}
+
+/// Runs the non-blocking write `f` once the socket takes more; waiting longer than the
+/// send timeout for that resets the connection. The timer is only armed if the write
+/// has to wait: a socket with room costs no timer.
+async fn when_writable<T>(
+    stream: &TcpStream,
+    http: &Http,
+    mut f: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    match stream.try_io(Interest::WRITABLE, &mut f) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        done => return done,
+    }
+    let timeout = http.limits.send_timeout;
+    match tokio::time::timeout(timeout, stream.async_io(Interest::WRITABLE, f)).await {
+        Ok(result) => result,
+        Err(_) => {
+            http.metrics.send_timeout();
+            Err(send_timed_out(stream, timeout))
         }
     }
 }
 
 /// Writes all of `slices`; with `more`, tells the kernel more data follows at once.
-async fn write_all(stream: &TcpStream, slices: &mut [IoSlice<'_>], more: bool) -> io::Result<()> {
+async fn write_all(
+    stream: &TcpStream,
+    slices: &mut [IoSlice<'_>],
+    more: bool,
+    http: &Http,
+) -> io::Result<()> {
     use rustix::net::{SendAncillaryBuffer, SendFlags};
     let flags = if more {
         SendFlags::MORE | SendFlags::NOSIGNAL
@@ -289,12 +365,11 @@ async fn write_all(stream: &TcpStream, slices: &mut [IoSlice<'_>], more: bool) -
     };
     let mut slices = slices;
     while !slices.is_empty() {
-        let n = stream
-            .async_io(Interest::WRITABLE, || {
-                let mut control = SendAncillaryBuffer::default();
-                Ok(rustix::net::sendmsg(stream, slices, &mut control, flags)?)
-            })
-            .await?;
+        let n = when_writable(stream, http, || {
+            let mut control = SendAncillaryBuffer::default();
+            Ok(rustix::net::sendmsg(stream, slices, &mut control, flags)?)
+        })
+        .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -304,15 +379,14 @@ async fn write_all(stream: &TcpStream, slices: &mut [IoSlice<'_>], more: bool) -
 }
 
 /// Sends a body file with `sendfile`: the socket takes the file's pages, no copy.
-async fn send_file(stream: &TcpStream, file: &BodyFile) -> io::Result<()> {
+async fn send_file(stream: &TcpStream, file: &BodyFile, http: &Http) -> io::Result<()> {
     let mut offset = 0u64;
     while offset < file.size() {
         let left = usize::try_from(file.size() - offset).unwrap_or(usize::MAX);
-        let n = stream
-            .async_io(Interest::WRITABLE, || {
-                Ok(rustix::fs::sendfile(stream, file, Some(&mut offset), left)?)
-            })
-            .await?;
+        let n = when_writable(stream, http, || {
+            Ok(rustix::fs::sendfile(stream, file, Some(&mut offset), left)?)
+        })
+        .await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -320,39 +394,112 @@ async fn send_file(stream: &TcpStream, file: &BodyFile) -> io::Result<()> {
     Ok(())
 }
 
-/// The proxy as a hyper service for requests from `peer`.
+/// The proxy as a hyper service for requests from `peer`, in progress on `activity`.
 fn proxy_service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
+    activity: Arc<Activity>,
 ) -> impl Service<
     Request<Incoming>,
-    Response = Response<ProxyBody>,
+    Response = Response<Tracked>,
     Error = Infallible,
-    Future = impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + 'static,
+    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + 'static,
 > + Send
        + 'static {
-    service_fn(move |req| {
+    track::tracked(activity, move |req| {
         let proxy = Arc::clone(&proxy);
-        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        async move { proxy.handle(req, peer).await }
     })
+}
+
+/// A request handed to hyper on its own.
+struct Handed {
+    /// Its head, and its body as far as this path read it.
+    prefix: Bytes,
+    /// Body bytes still on the socket.
+    remaining: u64,
+    /// Whether bytes past the request were already read (the next request).
+    pipelined: bool,
+}
+
+impl Handed {
+    /// The request of `head`: its bytes, and its body's as far as `buf` holds them.
+    fn split_from(head: Head, buf: &mut BytesMut) -> Handed {
+        let in_buf = buf
+            .len()
+            .min(usize::try_from(head.body_len).unwrap_or(usize::MAX));
+        let prefix = if in_buf == 0 {
+            head.bytes
+        } else {
+            let mut prefix = BytesMut::with_capacity(head.bytes.len() + in_buf);
+            prefix.extend_from_slice(&head.bytes);
+            prefix.extend_from_slice(&buf.split_to(in_buf));
+            prefix.freeze()
+        };
+        Handed {
+            prefix,
+            remaining: head.body_len - in_buf as u64,
+            pipelined: !buf.is_empty(),
+        }
+    }
 }
 
 /// Lets hyper serve the one request whose bytes `io` holds. The connection comes back
 /// when hyper finished it cleanly and read nothing past it.
+///
+/// hyper is told the request's end is not the client leaving (half-close), so while
+/// the request waits (on the upstream, or on another request's fill) this task watches
+/// the socket itself, once hyper has read the request's body to its end: the client
+/// closing it drops the request, so that a waiter whose client left never goes
+/// upstream, nor a forwarded request stays there. Data is not an end: a pipelined
+/// request is served after this one, as nginx does. A fill the request leads runs in
+/// its own task and carries on for the others.
 async fn serve_one(
-    io: HandedIo,
+    stream: TcpStream,
+    request: Handed,
     peer: SocketAddr,
     proxy: &Arc<Proxy>,
-    http: &Http,
+    http: &Arc<Http>,
 ) -> Option<TcpStream> {
-    let service = proxy_service(Arc::clone(proxy), peer);
-    // Half-close on: the end of the request's bytes is not the client leaving.
-    let conn = http.one_request.serve_connection(TokioIo::new(io), service);
-    match conn.without_shutdown().await {
+    let stream = Arc::new(stream);
+    let (activity, _) = Activity::new(&http.metrics);
+    let service = proxy_service(Arc::clone(proxy), peer, activity);
+    let body_read = (request.remaining > 0).then(|| Arc::new(Notify::new()));
+    let io = HandedIo::new(
+        Arc::clone(&stream),
+        request.prefix,
+        Some(request.remaining),
+        Arc::clone(http),
+    )
+    .notifying(body_read.clone());
+    let conn = http
+        .one_request
+        .serve_connection(TokioIo::new(io), service)
+        .without_shutdown();
+    // Only once hyper has all the request's bytes is whatever comes next not its body.
+    let left = async {
+        if let Some(body_read) = &body_read {
+            body_read.notified().await;
+        }
+        client_left(&stream).await;
+    };
+    let served = tokio::select! {
+        biased;
+        served = conn => served,
+        () = left, if !request.pipelined => {
+            tracing::debug!(%peer, "client left before its response");
+            return None;
+        }
+    };
+    match served {
         Ok(parts) => {
-            let io = parts.io.into_inner();
-            let whole = parts.read_buf.is_empty() && io.prefix.is_empty() && io.limit == Some(0);
-            whole.then_some(io.stream)
+            let whole = parts.read_buf.is_empty() && parts.io.inner().consumed_all();
+            drop(parts);
+            if whole {
+                Arc::into_inner(stream)
+            } else {
+                None
+            }
         }
         Err(error) => {
             tracing::debug!(%peer, %error, "request closed with an error");
@@ -361,91 +508,33 @@ async fn serve_one(
     }
 }
 
-/// Gives the connection to hyper for good, with the bytes already read from it.
+/// Resolves when the client closed (or reset) its side of `stream`; never while it
+/// only sends more data.
+async fn client_left(stream: &TcpStream) {
+    let mut byte = [0u8; 1];
+    match stream.peek(&mut byte).await {
+        Ok(0) | Err(_) => {}
+        Ok(_) => std::future::pending().await,
+    }
+}
+
+/// Gives the connection to hyper for good, with the bytes already read from it. The
+/// connection's idle time counts from `since`: its accept, or its last response.
 async fn hand_over(
     stream: TcpStream,
     prefix: Bytes,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    http: &Http,
+    http: &Arc<Http>,
     stopped: watch::Receiver<bool>,
+    since: Instant,
 ) {
-    let io = HandedIo {
-        stream,
-        prefix,
-        limit: None,
-    };
-    let service = proxy_service(proxy, peer);
+    let io = HandedIo::new(Arc::new(stream), prefix, None, Arc::clone(http));
+    let (activity, open) = Activity::new(&http.metrics);
+    let service = proxy_service(proxy, peer, activity);
     let conn = http.any.serve_connection(TokioIo::new(io), service);
-    serve_gracefully(conn, peer, stopped).await;
-}
-
-/// The client connection as hyper sees it: first the bytes this path already read,
-/// then the socket, up to `limit` bytes more (after which reads see the end).
-struct HandedIo {
-    stream: TcpStream,
-    prefix: Bytes,
-    limit: Option<u64>,
-}
-
-impl AsyncRead for HandedIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        match this.limit {
-            None => Pin::new(&mut this.stream).poll_read(cx, buf),
-            Some(0) => Poll::Ready(Ok(())),
-            Some(limit) => {
-                let max = usize::try_from(limit).unwrap_or(usize::MAX);
-                let dst = buf.initialize_unfilled_to(buf.remaining().min(max));
-                let mut limited = ReadBuf::new(dst);
-                ready!(Pin::new(&mut this.stream).poll_read(cx, &mut limited))?;
-                let n = limited.filled().len();
-                buf.advance(n);
-                this.limit = Some(limit - n as u64);
-                Poll::Ready(Ok(()))
-            }
-        }
-    }
-}
-
-impl AsyncWrite for HandedIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
+    let idle = track::idle(open, since, http.limits.idle_timeout);
+    serve_hyper(conn, idle, Arc::clone(http), peer, stopped).await;
 }
 
 #[cfg(test)]

@@ -2,28 +2,33 @@
 //! request through the [`Proxy`], and drain in-flight requests on shutdown.
 //!
 //! Proxy connections start in `http1`, which answers fresh local hits itself and
-//! hands everything else to hyper; the admin port is hyper's alone.
+//! hands everything else to hyper; the admin port is hyper's alone. Every connection is
+//! held to the `[limits]`: admission under `max_connections` (`accept`), head, idle and
+//! send timeouts (`http1`, `io`, `track`).
 
+mod accept;
 mod http1;
+mod io;
+mod track;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::admin;
-use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::config::{Config, LimitsSettings};
+use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::proxy::Proxy;
+use accept::Admission;
+use track::Activity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -73,7 +78,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 
 /// Binds the listeners and starts serving in the background.
 pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
-    let proxy = Arc::new(Proxy::new(config, Arc::new(Metrics::new())));
+    let metrics = Arc::new(Metrics::new());
+    let proxy = Arc::new(Proxy::new(config, Arc::clone(&metrics)));
     let listener = bind(config.listen).await?;
     let admin = match config.admin_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -86,31 +92,47 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
+    let limits = config.limits;
+    let http = Arc::new(Http::new(&limits, &metrics.connections));
+    let max = accept::max_connections(config.limits.max_connections);
+    let admission = Admission {
+        permits: Arc::new(Semaphore::new(max)),
+        max,
+        metrics: metrics.connections.clone(),
+    };
+    tracing::debug!(max_connections = max, "connection limit");
 
     let task = {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
-            let http = Arc::new(Http::new());
             let admin = admin.map(|listener| {
-                let (proxy, http) = (Arc::clone(&proxy), Arc::clone(&http));
+                // The same limits, but not counted with the clients' connections.
+                let http = Arc::new(Http::new(&limits, &ConnectionMetrics::default()));
+                let proxy = Arc::clone(&proxy);
                 let serve = move |stream: TcpStream, peer, stopped| {
                     let proxy = Arc::clone(&proxy);
-                    let service = service_fn(move |req| {
-                        let proxy = Arc::clone(&proxy);
-                        async move { Ok::<_, Infallible>(admin::handle(req, proxy).await) }
-                    });
+                    let (activity, open) = Activity::new(&http.metrics);
+                    let service =
+                        track::tracked(activity, move |req| admin::handle(req, Arc::clone(&proxy)));
                     let conn = http
                         .any
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
-                    serve_gracefully(conn, peer, stopped)
+                    let idle = track::idle(open, Instant::now(), http.limits.idle_timeout);
+                    serve_hyper(conn, idle, Arc::clone(&http), peer, stopped)
                 };
-                tokio::spawn(accept_loop(listener, serve, stopped.clone(), grace))
+                tokio::spawn(accept::accept_loop(
+                    listener,
+                    serve,
+                    None,
+                    stopped.clone(),
+                    grace,
+                ))
             });
             let serve = move |stream, peer, stopped| {
                 http1::serve(stream, peer, Arc::clone(&proxy), Arc::clone(&http), stopped)
             };
-            accept_loop(listener, serve, stopped, grace).await;
+            accept::accept_loop(listener, serve, Some(admission), stopped, grace).await;
             if let Some(admin) = admin {
                 let _ = admin.await;
             }
@@ -143,28 +165,60 @@ pub async fn run(config: &Config, signal: impl Future<Output = ()>) -> Result<()
 
 /// hyper, configured once: `any` serves whatever a connection speaks (HTTP/1 or h2c)
 /// for as long as it lasts; `one_request` serves the single HTTP/1 request it is given.
+/// With them, the limits every client connection is held to.
 pub(crate) struct Http {
     any: auto::Builder<TokioExecutor>,
     one_request: hyper::server::conn::http1::Builder,
+    limits: LimitsSettings,
+    metrics: ConnectionMetrics,
 }
 
 impl Http {
-    fn new() -> Http {
+    fn new(limits: &LimitsSettings, metrics: &ConnectionMetrics) -> Http {
         let mut any = auto::Builder::new(TokioExecutor::new());
-        // A timer enables hyper's header read timeout (30 s), so a client that trickles
-        // its request head (slowloris) cannot hold a connection forever.
-        any.http1().timer(TokioTimer::new());
-        any.http2().timer(TokioTimer::new());
+        // The header read timeout (it needs a timer) runs from the end of one response
+        // to the end of the next request head: a client that trickles its head
+        // (slowloris) or idles cannot hold the connection.
+        any.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.head_timeout);
+        // hyper's HTTP/2 never times out a connection by itself: pings find dead peers,
+        // and `serve_hyper` closes one left idle. Against rapid reset (CVE-2023-44487),
+        // at most 20 streams reset by the client may await acceptance, and 1,024 reset
+        // by us per connection (hyper's and h2's defaults, set here so that they stay).
+        any.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .keep_alive_interval(limits.h2_keepalive_interval)
+            .keep_alive_timeout(limits.h2_keepalive_timeout)
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(1024);
         let mut one_request = hyper::server::conn::http1::Builder::new();
-        one_request.timer(TokioTimer::new()).half_close(true);
-        Http { any, one_request }
+        one_request
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.head_timeout)
+            .half_close(true);
+        Http {
+            any,
+            one_request,
+            limits: *limits,
+            metrics: metrics.clone(),
+        }
     }
 }
 
-/// Serves a hyper connection to its end; when `stopped` turns true, lets the request in
-/// flight finish and closes (idle connections at once).
-async fn serve_gracefully<C>(conn: C, peer: SocketAddr, mut stopped: watch::Receiver<bool>)
-where
+/// Serves a hyper connection to its end. When it has been `idle` (no request in
+/// progress for `idle_timeout`), it is told to go away (HTTP/2 GOAWAY; an idle HTTP/1
+/// connection closes at once) and given `h2_keepalive_timeout` to take the hint before
+/// it is dropped: a client that answers no ping cannot keep it. When `stopped` turns
+/// true, the requests in flight finish first (idle connections close at once).
+async fn serve_hyper<C>(
+    conn: C,
+    idle: impl Future<Output = ()>,
+    http: Arc<Http>,
+    peer: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) where
     C: GracefulConnection,
     C::Error: std::fmt::Display,
 {
@@ -175,58 +229,19 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+        () = idle => {
+            http.metrics.idle_closed();
+            tracing::debug!(%peer, "idle connection told to go away");
+            conn.as_mut().graceful_shutdown();
+            let grace = http.limits.h2_keepalive_timeout;
+            match tokio::time::timeout(grace, conn.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => return,
+            }
+        }
     };
     if let Err(error) = result {
         tracing::debug!(%peer, %error, "connection closed with an error");
-    }
-}
-
-/// Accepts connections until `stopped` turns true, then waits up to `grace` for open
-/// connections to finish their requests (idle ones close at once).
-async fn accept_loop<S, F>(
-    listener: TcpListener,
-    serve: S,
-    mut stopped: watch::Receiver<bool>,
-    grace: Duration,
-) where
-    S: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> F,
-    F: Future<Output = ()> + Send + 'static,
-{
-    // Every connection task holds a sender; the channel closes when the last one ends.
-    let (open, mut all_closed) = mpsc::channel::<()>(1);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of file descriptors and the like: back off, do not spin.
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let conn = serve(stream, peer, stopped.clone());
-                let open = open.clone();
-                tokio::spawn(async move {
-                    conn.await;
-                    drop(open);
-                });
-            }
-            _ = until_stopped(&mut stopped) => break,
-        }
-    }
-    drop(listener);
-    drop(open);
-    if tokio::time::timeout(grace, all_closed.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "requests still in flight at the end of the grace period were cut off"
-        );
     }
 }
 
