@@ -2,8 +2,6 @@
 //! and Redis) against a real corral in front of an origin that records exactly what it
 //! received. Each module is one class of attack from the README's Security section.
 
-// Not every helper of the shared support is used by this target.
-#[allow(unused_imports)]
 #[path = "../support/mod.rs"]
 #[allow(unused_imports)] // not every re-export is used by this suite
 mod support;
