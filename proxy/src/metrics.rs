@@ -40,7 +40,7 @@ struct ReasonLabel {
 }
 
 /// Why a value read from the shared tier was not served: the decoder's reasons
-/// ([`crate::cache::codec::DecodeError::reason`]), a key holding another Redis type,
+/// (`DecodeError::reason` in the cache codec), a key holding another Redis type,
 /// and a value too large to read.
 pub const UNREADABLE_REASONS: [&str; 8] = [
     "foreign",
