@@ -97,6 +97,18 @@ fn hit_path(c: &mut Criterion) {
     head.version = http::Version::HTTP_11;
     let (stored, _) = entry(1024);
     runtime.block_on(proxy.cache().store(&key, Arc::new(stored)));
+    c.bench_function("request host normalisation (Host header)", |b| {
+        b.iter(|| corral::request::canonical_host(head.version, &head.uri, &head.headers))
+    });
+    c.bench_function("request path normalisation (already normal)", |b| {
+        b.iter(|| corral::request::normalize_target(&head.uri))
+    });
+    c.bench_function("request header checks (rewriting, Connection-named)", |b| {
+        b.iter(|| {
+            corral::request::rewrites_request(&head.headers)
+                || corral::request::nominates_headers(&head.headers)
+        })
+    });
     c.bench_function(
         "fast path hit decision (route, key, lookup, conditionals)",
         |b| b.iter(|| proxy.local_hit(&head).expect("a hit")),

@@ -223,7 +223,8 @@ impl Proxy {
         head: &mut request::Parts,
         trusted_peer: bool,
     ) -> Result<(Option<String>, Arc<Route>), ProxyError> {
-        let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?;
+        let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?
+            .map(std::borrow::Cow::into_owned);
         if let Some(normal) = client_request::normalize_target(&head.uri)? {
             head.uri = http::Uri::from(normal);
         }

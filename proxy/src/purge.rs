@@ -206,7 +206,9 @@ fn url_key(
 
 /// `raw` as request hosts are keyed: through the same function.
 fn normalised_host(raw: &str) -> Result<String, PurgeError> {
-    crate::request::normalize_host(raw).ok_or_else(|| PurgeError::BadHost(raw.to_string()))
+    crate::request::normalize_host(raw)
+        .map(std::borrow::Cow::into_owned)
+        .ok_or_else(|| PurgeError::BadHost(raw.to_string()))
 }
 
 /// The request headers the key is made of, from `header=NAME:VALUE` parameters: each

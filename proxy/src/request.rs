@@ -70,21 +70,26 @@ const REWRITING_HEADERS: [HeaderName; 5] = [
 ];
 
 /// The request's host: lowercase, without port or trailing dot; `None` for an
-/// HTTP/1.0 request without one.
-pub fn canonical_host(
+/// HTTP/1.0 request without one. Borrowed from the request when already canonical.
+pub fn canonical_host<'a>(
     version: Version,
-    uri: &Uri,
-    headers: &HeaderMap,
-) -> Result<Option<String>, BadRequest> {
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+) -> Result<Option<Cow<'a, str>>, BadRequest> {
     let mut values = headers.get_all(header::HOST).iter();
     let host_header = values.next();
     if values.next().is_some() {
         return Err(BadRequest::DuplicateHost);
     }
-    let from_header = host_header
-        .map(|v| v.to_str().ok().and_then(normalize_host))
-        .map(|h| h.ok_or(BadRequest::InvalidHost))
-        .transpose()?;
+    let from_header = match host_header {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(normalize_host)
+                .ok_or(BadRequest::InvalidHost)?,
+        ),
+        None => None,
+    };
     let Some(authority) = uri.authority() else {
         return match from_header {
             None if version == Version::HTTP_11 => Err(BadRequest::MissingHost),
@@ -107,7 +112,7 @@ pub fn canonical_host(
 
 /// `host[:port]` as a client wrote it, in canonical form: lowercase, without port or
 /// trailing dot. `None` when it is not a host name, IPv4 or bracketed IPv6 address.
-pub fn normalize_host(raw: &str) -> Option<String> {
+pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     let (host, port) = if raw.starts_with('[') {
         let end = raw.find(']')?;
         let (literal, rest) = raw.split_at(end + 1);
@@ -131,17 +136,31 @@ pub fn normalize_host(raw: &str) -> Option<String> {
             && inner
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.');
-        return ok.then(|| host.to_ascii_lowercase());
+        return ok.then(|| lowercase(host));
     }
     let host = host.strip_suffix('.').unwrap_or(host);
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
-        && !host.starts_with('.')
-        && !host.contains("..");
-    valid.then(|| host.to_ascii_lowercase())
+    if host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    // One pass (this runs on every request): allowed bytes, no leading dot, no "..".
+    let mut previous = b'.';
+    for &b in host.as_bytes() {
+        match b {
+            b'.' if previous == b'.' => return None,
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => previous = b,
+            _ => return None,
+        }
+    }
+    Some(lowercase(host))
+}
+
+/// `s` in lower case, borrowed when it already is.
+fn lowercase(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
 }
 
 /// The request target's path and query in the form corral routes, keys and forwards;
@@ -173,8 +192,13 @@ pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadRequest> {
     if bytes.first() != Some(&b'/') {
         return Err(BadRequest::InvalidPath);
     }
-    let escapes = bytes.iter().any(|&b| b == b'%' || b == b'\\');
-    if !escapes && !path.split('/').any(is_dot_like) {
+    // One pass: a path with no escape and no segment starting with a dot is already
+    // in normal form (the common case, borrowed as it is).
+    let suspect = bytes
+        .windows(2)
+        .any(|w| w[0] == b'%' || w[0] == b'\\' || (w[0] == b'/' && w[1] == b'.'))
+        || matches!(bytes.last(), Some(b'%' | b'\\'));
+    if !suspect {
         return Ok(Cow::Borrowed(path));
     }
     let decoded = decode_unreserved(path)?;
@@ -261,7 +285,11 @@ pub fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
 /// Whether a GET or HEAD carries a header that would make its answer depend on more
 /// than the cache key (see [`REWRITING_HEADERS`]).
 pub fn rewrites_request(headers: &HeaderMap) -> bool {
-    REWRITING_HEADERS.iter().any(|h| headers.contains_key(h))
+    // One pass over the (few) fields a request has, not a hash lookup per name: this
+    // runs on every fast-path hit.
+    headers
+        .keys()
+        .any(|name| name.as_str().starts_with("x-") && REWRITING_HEADERS.contains(name))
 }
 
 /// Whether `Connection` names anything beyond `keep-alive` and `close`: such a request
@@ -330,7 +358,7 @@ mod tests {
 
     #[test]
     fn hosts_are_lowercase_without_port_or_trailing_dot() {
-        let n = |h: &str| normalize_host(h);
+        let n = |h: &str| normalize_host(h).map(Cow::into_owned);
         assert_eq!(n("Example.COM:8080").as_deref(), Some("example.com"));
         assert_eq!(n("example.com.").as_deref(), Some("example.com"));
         assert_eq!(n("example.com.:80").as_deref(), Some("example.com"));
@@ -349,7 +377,8 @@ mod tests {
         for h in hosts {
             headers.append(header::HOST, h.parse().unwrap());
         }
-        canonical_host(version, &uri.parse().unwrap(), &headers)
+        let uri = uri.parse().unwrap();
+        canonical_host(version, &uri, &headers).map(|h| h.map(Cow::into_owned))
     }
 
     #[test]
@@ -414,8 +443,8 @@ mod tests {
 
         #[test]
         fn normal_hosts_are_fixed_points(host in "[a-zA-Z0-9.:\\[\\]_-]{0,30}") {
-            if let Some(normal) = normalize_host(&host) {
-                prop_assert_eq!(normalize_host(&normal), Some(normal.clone()));
+            if let Some(normal) = normalize_host(&host).map(Cow::into_owned) {
+                prop_assert_eq!(normalize_host(&normal).map(Cow::into_owned), Some(normal.clone()));
                 prop_assert!(!normal.contains(':') || normal.starts_with('['));
             }
         }

@@ -48,21 +48,6 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
-/// KEYS[1]: an entry key; ARGV[1]: the largest value to return. Returns the value,
-/// nil when there is none, -1 when the key holds another type, or the value's length
-/// when it is larger: a value is never read whole only to be refused.
-static GUARDED_GET: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-        local kind = redis.call('TYPE', KEYS[1])['ok']
-        if kind == 'none' then return false end
-        if kind ~= 'string' then return -1 end
-        local len = redis.call('STRLEN', KEYS[1])
-        if len > tonumber(ARGV[1]) then return len end
-        return redis.call('GET', KEYS[1])",
-    )
-});
-
 /// Room in a value for what is not body: key, `Vary` values, headers.
 const VALUE_HEADROOM: u64 = 1 << 20;
 
@@ -126,19 +111,31 @@ impl SharedCache {
     pub async fn get(&self, key: &CacheKey) -> Option<CacheEntry> {
         let redis_key = self.fleet.keys(key).entry;
         let limit = self.max_body.saturating_add(VALUE_HEADROOM);
+        // GETRANGE, not GET: Redis sends at most `limit + 1` bytes of a value, so a huge
+        // value planted under the key is never transferred whole (a script checking
+        // STRLEN first costs a Lua call and a copy of the value on every shared hit).
+        // A missing key reads as an empty string; another type as WRONGTYPE.
         let value: Value = self
             .fleet
             .run("get", |mut c| async move {
-                GUARDED_GET
-                    .key(redis_key)
+                let read = redis::cmd("GETRANGE")
+                    .arg(redis_key)
+                    .arg(0)
                     .arg(limit)
-                    .invoke_async(&mut c)
-                    .await
+                    .query_async(&mut c)
+                    .await;
+                match read {
+                    Err(error) if error.code() == Some("WRONGTYPE") => Ok(Value::Int(-1)),
+                    read => read,
+                }
             })
             .await?;
         let (reason, detail) = match value {
-            // Lua's false: nil in RESP2, a boolean in RESP3.
-            Value::Nil | Value::Boolean(false) => return None,
+            Value::Nil => return None,
+            Value::BulkString(bytes) if bytes.is_empty() => return None,
+            Value::BulkString(bytes) if bytes.len() as u64 > limit => {
+                ("oversized", Unreadable::Oversized { limit })
+            }
             Value::BulkString(bytes) => match codec::decode(Bytes::from(bytes), key, self.max_body)
             {
                 Ok(entry) => {
@@ -147,7 +144,6 @@ impl SharedCache {
                 }
                 Err(error) => (error.reason(), Unreadable::Decode(error)),
             },
-            Value::Int(len) if len >= 0 => ("oversized", Unreadable::Oversized { len, limit }),
             _ => ("wrong-type", Unreadable::WrongType),
         };
         self.fleet.metrics.shared_unreadable(reason);
@@ -401,7 +397,10 @@ impl SharedCache {
 enum Unreadable {
     Decode(codec::DecodeError),
     WrongType,
-    Oversized { len: i64, limit: u64 },
+    /// Larger than `limit`: only `limit + 1` bytes of it were read.
+    Oversized {
+        limit: u64,
+    },
 }
 
 impl fmt::Display for Unreadable {
@@ -409,11 +408,8 @@ impl fmt::Display for Unreadable {
         match self {
             Unreadable::Decode(error) => error.fmt(f),
             Unreadable::WrongType => f.write_str("the key holds another Redis type"),
-            Unreadable::Oversized { len, limit } => {
-                write!(
-                    f,
-                    "value of {len} bytes is over the {limit} bytes read back"
-                )
+            Unreadable::Oversized { limit } => {
+                write!(f, "value is over the {limit} bytes read back")
             }
         }
     }
