@@ -241,7 +241,9 @@ impl SharedCache {
         soft: bool,
     ) -> (Vec<CacheKey>, Option<usize>) {
         let tag_key = self.fleet.tag_key(tag);
-        let members: Option<Vec<String>> = self
+        // Members as bytes: one that is not text (planted by anything sharing the
+        // prefix) is skipped, not a reply error that would read as a Redis outage.
+        let members: Option<Vec<Vec<u8>>> = self
             .fleet
             .run("tag members", |mut c| async move {
                 let mut pipe = redis::pipe();
@@ -249,14 +251,16 @@ impl SharedCache {
                 if !soft {
                     pipe.cmd("DEL").arg(&tag_key).ignore();
                 }
-                let (members,): (Vec<String>,) = pipe.query_async(&mut c).await?;
+                let (members,): (Vec<Vec<u8>>,) = pipe.query_async(&mut c).await?;
                 Ok(members)
             })
             .await;
         let Some(members) = members else {
             return (Vec::new(), None);
         };
-        let tagged: Vec<CacheKey> = members.iter().map(|k| CacheKey::from_raw(k)).collect();
+        let tagged: Vec<CacheKey> = text_members(members)
+            .map(|k| CacheKey::from_raw(&k))
+            .collect();
         let mut all: Vec<CacheKey> = tagged.iter().chain(also).cloned().collect();
         all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         all.dedup();
@@ -312,7 +316,7 @@ impl SharedCache {
                 .cmd("SMEMBERS")
                 .arg(self.fleet.keys(primary).variants);
         }
-        let sets: Vec<Vec<String>> = self
+        let sets: Vec<Vec<Vec<u8>>> = self
             .fleet
             .run("purge members", |mut c| async move {
                 members.query_async(&mut c).await
@@ -322,7 +326,7 @@ impl SharedCache {
         let mut targets: Vec<(String, &CacheKey)> = Vec::new();
         for (primary, set) in primaries.iter().zip(sets) {
             targets.push((self.fleet.keys(primary).entry, primary));
-            targets.extend(set.into_iter().map(|member| (member, primary)));
+            targets.extend(text_members(set).map(|member| (member, primary)));
         }
         targets.sort_by(|a, b| a.0.cmp(&b.0));
         targets.dedup_by(|a, b| a.0 == b.0);
@@ -391,6 +395,13 @@ impl SharedCache {
             .await
             .is_some()
     }
+}
+
+/// The members of a Redis set that are text; corral writes no others.
+fn text_members(members: Vec<Vec<u8>>) -> impl Iterator<Item = String> {
+    members
+        .into_iter()
+        .filter_map(|m| String::from_utf8(m).ok())
 }
 
 /// What was found instead of an entry.

@@ -498,6 +498,18 @@ async fn fleet_tag_purge_counts_redis_and_reaches_every_instance() {
         })
         .await;
     }
+    // A member that is no key corral wrote (not even text) is skipped, not an outage.
+    let mut planter = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SADD")
+        .arg("corral:tag:product-7")
+        .arg(&b"\xff\xfe"[..])
+        .query_async::<()>(&mut planter)
+        .await
+        .unwrap();
     let res = purge(&b, "tag=product-7", "").await;
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.text(), "purged tag=product-7 local=3 shared=3\n");
