@@ -419,3 +419,65 @@ async fn review_one_h2_connection_cannot_hold_a_hundred_upstream_connections() {
         conns.len()
     );
 }
+
+/// README: a credentialed response "is never stored ... for revalidation only". With
+/// `max-age=0` and an `ETag` it is stored for `keep` (600 s by default), and its
+/// validators are then sent upstream on behalf of the next, anonymous, request.
+#[tokio::test]
+async fn review_credentialed_max_age_0_is_not_kept_for_revalidation() {
+    let answer = Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=0".into()),
+            ("etag".into(), "\"victim-v1\"".into()),
+        ],
+        ..Answer::default()
+    };
+    let (origin, corral) = front(answer, "").await;
+    let victim = exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    exchange(corral.addr(), &get("/account/x.css", "")).await;
+    let anonymous = &origin.received_for("/account/x.css")[1];
+    assert_eq!(
+        anonymous.header("if-none-match"),
+        None,
+        "the victim's validator was sent for an anonymous request; victim: {victim:?}"
+    );
+}
+
+/// ... and when the origin's validator does not depend on the session (a version ETag),
+/// its 304 to that anonymous revalidation hands the victim's stored body to the
+/// anonymous client.
+#[tokio::test]
+async fn review_credentialed_body_is_not_served_after_an_anonymous_304() {
+    let answer = Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=0".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        body: Some(b"victim's account page".to_vec()),
+        ..Answer::default()
+    };
+    let (origin, corral) = front(answer, "").await;
+    exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    origin.set_answer(Answer {
+        status: 304,
+        headers: vec![
+            ("cache-control".into(), "max-age=0".into()),
+            ("etag".into(), "\"v1\"".into()),
+        ],
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let anonymous = exchange(corral.addr(), &get("/account/x.css", "")).await;
+    assert!(
+        !anonymous.text().contains("victim"),
+        "the anonymous client got the victim's page: {anonymous:?}"
+    );
+}
