@@ -15,3 +15,4 @@ mod paths;
 mod poisoning;
 mod redis_entries;
 mod smuggling;
+mod review;
