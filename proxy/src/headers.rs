@@ -27,33 +27,65 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
 ];
 
-/// Headers through which proxies tell an upstream who the client was and what it
-/// asked for. Frameworks build links, redirects and access decisions from them, and
-/// the cache key does not see them: only corral (or a trusted proxy) may set them.
-const FORWARDING: [HeaderName; 12] = [
-    header::FORWARDED,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-host"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-port"),
-    HeaderName::from_static("x-forwarded-prefix"),
-    HeaderName::from_static("x-forwarded-scheme"),
-    HeaderName::from_static("x-forwarded-server"),
-    HeaderName::from_static("x-forwarded-ssl"),
-    HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-host"),
-    HeaderName::from_static("x-original-host"),
+/// Headers through which proxies tell an upstream who the client was, what it asked
+/// for, or which URL to serve instead (`X-Original-URL`: IIS, Symfony). Frameworks build
+/// links, redirects, access decisions and even the path served from them, and the cache
+/// key does not see them: only corral (or a trusted proxy) may set them.
+const FORWARDING: [&str; 25] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-original-uri",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-real-ip",
+    "x-host",
+    "x-original-host",
+    "x-url-scheme",
+    "front-end-https",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
 ];
 
 /// Whether `name` is a forwarding header (see [`FORWARDING`]).
 pub fn is_forwarding(name: &HeaderName) -> bool {
-    FORWARDING.contains(name)
+    FORWARDING.contains(&name.as_str())
 }
 
 /// Removes every forwarding header a client sent.
 pub fn strip_forwarding(headers: &mut HeaderMap) {
-    for name in &FORWARDING {
+    for name in FORWARDING {
         headers.remove(name);
+    }
+}
+
+/// Joins several `Cookie` fields into one, as RFC 9113 §8.2.3 requires before a request
+/// goes to an HTTP/1.1 upstream (HTTP/2 clients send cookies as separate crumbs); the
+/// key and the upstream then see the same single field.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (fields.next(), fields.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 
@@ -86,10 +118,15 @@ pub fn forward_request(
     original_host: Option<&HeaderValue>,
 ) {
     let client = client.to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client}"),
-        None => client,
-    };
+    // Every line a trusted proxy sent (HAProxy adds its own), in order, then the peer.
+    let mut xff = String::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(earlier) = earlier.to_str() {
+            xff.push_str(earlier);
+            xff.push_str(", ");
+        }
+    }
+    xff.push_str(&client);
     if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }

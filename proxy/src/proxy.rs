@@ -28,6 +28,7 @@ use tracing::{field, Instrument, Span};
 
 use crate::body::ProxyBody;
 use crate::cache::entry::CacheEntry;
+use crate::cache::key::vary_values;
 use crate::cache::policy::{self, PassReason, Verdict};
 use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, Freshness, LookupOutcome, TagRules};
@@ -248,6 +249,8 @@ impl Proxy {
 
     /// Whether `peer` is a configured trusted proxy, whose forwarding headers are kept.
     fn trusts(&self, peer: IpAddr) -> bool {
+        // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
+        let peer = peer.to_canonical();
         self.trusted_proxies.iter().any(|net| net.contains(&peer))
     }
 
@@ -263,8 +266,7 @@ impl Proxy {
     pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
         if !(req.method == Method::GET || req.method == Method::HEAD)
             || req.headers.contains_key(header::RANGE)
-            || client_request::rewrites_request(&req.headers)
-            || client_request::nominates_headers(&req.headers)
+            || !client_request::already_sanitized(&req.headers)
         {
             return None;
         }
@@ -627,8 +629,13 @@ struct Fill {
     stale: Option<Arc<CacheEntry>>,
     fwd: Fwd,
     reason: UpstreamReason,
-    /// The request as the cache policy sees it (the client's URI, forwarded headers).
+    /// The request as the upstream and the cache policy see it: the target as keyed
+    /// (query sorted or dropped as the route keys it), forwarded headers.
     policy_req: request::Parts,
+    /// The client's headers after clean-up: what lookups match `Vary` against, so
+    /// what the entry's `Vary` values are taken from (not the forwarded set, which has
+    /// corral's own `X-Forwarded-*`, `Via` and validators).
+    client_headers: http::HeaderMap,
     original_host: Option<HeaderValue>,
 }
 
@@ -649,7 +656,8 @@ impl Fill {
         if let Some(stale) = &stale {
             stale.add_validators(&mut headers);
         }
-        let (mut policy_req, ()) = Request::get(req.head.uri.clone())
+        let target = crate::cache::key::keyed_target(&route.config, &req.head.uri);
+        let (mut policy_req, ()) = Request::get(target)
             .body(())
             .expect("a valid URI")
             .into_parts();
@@ -663,6 +671,7 @@ impl Fill {
             fwd,
             reason,
             policy_req,
+            client_headers: req.head.headers.clone(),
             original_host: req.original_host.clone(),
         }
     }
@@ -813,6 +822,7 @@ impl Fill {
             fwd,
             reason,
             policy_req,
+            client_headers,
             original_host,
             ..
         } = self;
@@ -854,7 +864,8 @@ impl Fill {
 
         if let (StatusCode::NOT_MODIFIED, Some(stale)) = (head.status, stale) {
             match stale.renewed(&route.config, policy_req, &head, received_at) {
-                Ok(renewed) => {
+                Ok(mut renewed) => {
+                    renewed.vary_values = vary_values(&renewed.vary, client_headers);
                     let entry = Arc::new(renewed);
                     proxy.cache.store(key, Arc::clone(&entry)).await;
                     return (
@@ -903,11 +914,10 @@ impl Fill {
                 return match proxy.read_body(route, body).await {
                     Ok(BodyRead::Complete(bytes)) => {
                         let lifetime = policy::Lifetime::none(policy_req, &head, received_at);
-                        let entry =
-                            match CacheEntry::new(head, bytes, lifetime, &policy_req.headers) {
-                                Ok(entry) => Arc::new(entry),
-                                Err(err) => return unframeable(route, err, fwd),
-                            };
+                        let entry = match CacheEntry::new(head, bytes, lifetime, client_headers) {
+                            Ok(entry) => Arc::new(entry),
+                            Err(err) => return unframeable(route, err, fwd),
+                        };
                         let status = CacheStatus::fetched(fwd, status_code, false);
                         (
                             FillOutcome::Shared(Arc::clone(&entry)),
@@ -952,7 +962,7 @@ impl Fill {
 
         match proxy.read_body(route, body).await {
             Ok(BodyRead::Complete(bytes)) => {
-                let entry = match CacheEntry::new(head, bytes, *lifetime, &policy_req.headers) {
+                let entry = match CacheEntry::new(head, bytes, *lifetime, client_headers) {
                     Ok(entry) => Arc::new(entry),
                     Err(err) => return unframeable(route, err, fwd),
                 };

@@ -18,9 +18,8 @@
 //!   upstream sees only the ones corral sets itself.
 
 use std::borrow::Cow;
-use std::fmt::Write as _;
 
-use http::header::{self, HeaderName};
+use http::header;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Uri, Version};
 
@@ -61,12 +60,14 @@ impl BadRequest {
 /// key sees: frameworks that honour them serve another method or another path than
 /// the request names. Such requests are forwarded, never served from or stored in the
 /// cache.
-const REWRITING_HEADERS: [HeaderName; 5] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-    HeaderName::from_static("x-original-url"),
-    HeaderName::from_static("x-rewrite-url"),
+/// (`X-Original-URL` and `X-Rewrite-URL` are also forwarding headers: from a peer that
+/// is not a trusted proxy they are removed, not forwarded.)
+const REWRITING_HEADERS: [&str; 5] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
 ];
 
 /// The request's host: lowercase, without port or trailing dot; `None` for an
@@ -235,10 +236,11 @@ fn is_dot_like(segment: &str) -> bool {
 }
 
 /// Decodes escapes of unreserved characters, writes the others in upper case, and
-/// refuses malformed escapes, `%00` and backslashes.
+/// refuses malformed escapes, `%00` and backslashes. Other bytes (UTF-8 included) are
+/// kept as they are.
 fn decode_unreserved(path: &str) -> Result<String, BadRequest> {
     let bytes = path.as_bytes();
-    let mut out = String::with_capacity(path.len());
+    let mut out: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -251,20 +253,20 @@ fn decode_unreserved(path: &str) -> Result<String, BadRequest> {
                     return Err(BadRequest::InvalidPath);
                 }
                 if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-                    out.push(char::from(byte));
+                    out.push(byte);
                 } else {
-                    // Writing to a String cannot fail.
-                    let _ = write!(out, "%{byte:02X}");
+                    out.extend_from_slice(format!("%{byte:02X}").as_bytes());
                 }
                 i += 3;
             }
             b => {
-                out.push(char::from(b));
+                out.push(b);
                 i += 1;
             }
         }
     }
-    Ok(out)
+    // Only ASCII was decoded, and the rest copied byte for byte from a `str`.
+    String::from_utf8(out).map_err(|_| BadRequest::InvalidPath)
 }
 
 /// Whether a normalised path carries an encoded slash or backslash.
@@ -280,38 +282,59 @@ pub fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
     if !trusted_peer {
         headers::strip_forwarding(headers);
     }
+    headers::join_cookies(headers);
 }
 
 /// Whether a GET or HEAD carries a header that would make its answer depend on more
 /// than the cache key (see [`REWRITING_HEADERS`]).
 pub fn rewrites_request(headers: &HeaderMap) -> bool {
-    // One pass over the (few) fields a request has, not a hash lookup per name: this
-    // runs on every fast-path hit.
     headers
         .keys()
-        .any(|name| name.as_str().starts_with("x-") && REWRITING_HEADERS.contains(name))
+        .any(|name| REWRITING_HEADERS.contains(&name.as_str()))
 }
 
-/// Whether `Connection` names anything beyond `keep-alive` and `close`: such a request
-/// loses headers before it is keyed, which only the full request path does.
-pub fn nominates_headers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| match v.to_str() {
-            Ok(v) => v.split(',').any(|t| {
-                let t = t.trim();
-                !(t.is_empty()
-                    || t.eq_ignore_ascii_case("keep-alive")
-                    || t.eq_ignore_ascii_case("close"))
+/// Whether [`sanitize_headers`] would leave these headers as they are, whoever the peer:
+/// no hop-by-hop header beyond `Connection: keep-alive`/`close`, no forwarding or
+/// rewriting header, at most one `Cookie` field. Only then may the fast path key and
+/// match `Vary` on the headers as sent; anything else takes the full path. One pass
+/// over the fields (this runs on every fast-path hit).
+pub fn already_sanitized(headers: &HeaderMap) -> bool {
+    let mut cookies = 0;
+    for (name, value) in headers {
+        let clean = match name.as_str() {
+            "connection" => value.to_str().is_ok_and(|v| {
+                v.split(',').all(|t| {
+                    let t = t.trim();
+                    t.is_empty()
+                        || t.eq_ignore_ascii_case("keep-alive")
+                        || t.eq_ignore_ascii_case("close")
+                })
             }),
-            Err(_) => true,
-        })
+            "cookie" => {
+                cookies += 1;
+                cookies == 1
+            }
+            "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade" => false,
+            other => !(headers::is_forwarding(name) || REWRITING_HEADERS.contains(&other)),
+        };
+        if !clean {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::HeaderName;
     use proptest::prelude::*;
 
     fn norm(path: &str) -> Result<String, BadRequest> {
@@ -419,12 +442,32 @@ mod tests {
     }
 
     #[test]
-    fn connection_tokens_beyond_keep_alive_and_close_are_seen() {
+    fn headers_the_full_path_would_change_are_seen() {
         let mut h = HeaderMap::new();
+        h.insert(header::HOST, "a".parse().unwrap());
         h.insert(header::CONNECTION, "keep-alive, Close".parse().unwrap());
-        assert!(!nominates_headers(&h));
-        h.insert(header::CONNECTION, "keep-alive, x-tenant".parse().unwrap());
-        assert!(nominates_headers(&h));
+        h.insert(header::COOKIE, "a=1".parse().unwrap());
+        assert!(already_sanitized(&h));
+        for (name, value) in [
+            ("connection", "keep-alive, x-tenant"),
+            ("cookie", "b=2"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-original-url", "/x"),
+            ("x-http-method-override", "DELETE"),
+            ("te", "trailers"),
+        ] {
+            let mut h = h.clone();
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            assert!(!already_sanitized(&h), "{name}");
+        }
+    }
+
+    #[test]
+    fn utf8_paths_keep_their_bytes() {
+        assert_eq!(norm("/caf\u{e9}/%41").unwrap(), "/caf\u{e9}/A");
     }
 
     proptest! {

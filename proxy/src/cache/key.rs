@@ -5,6 +5,7 @@
 //! names (`key.cookies`). A response with `Vary` is
 //! stored under a *variant* key: the primary key plus the values of the varying headers.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -16,6 +17,9 @@ use crate::config::{QueryMode, RouteConfig};
 /// The identity of a cached object. Cheap to clone (shared string).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(Arc<str>);
+
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 // Fields are separated by a newline, which cannot occur in a URI or header value.
 const SEP: char = '\n';
@@ -36,18 +40,9 @@ impl CacheKey {
         key.push_str(host.unwrap_or(""));
         key.push(SEP);
         key.push_str(uri.path());
-        match (route.key_query, uri.query()) {
-            (QueryMode::Keep, Some(q)) => {
-                key.push('?');
-                key.push_str(q);
-            }
-            (QueryMode::Sort, Some(q)) => {
-                let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
-                params.sort_unstable();
-                key.push('?');
-                key.push_str(&params.join("&"));
-            }
-            (QueryMode::Ignore, _) | (_, None) => {}
+        if let Some(query) = keyed_query(route.key_query, uri.query()) {
+            key.push('?');
+            key.push_str(&query);
         }
         for name in &route.key_headers {
             key.push(SEP);
@@ -61,6 +56,17 @@ impl CacheKey {
             key.push_str(name);
             key.push('=');
             push_cookie_values(&mut key, headers, name);
+        }
+        // Present only when a trusted proxy sent them (from anyone else they were
+        // removed): the origin builds redirects and links from them, so an answer made
+        // for `http` must not be served to `https` (nginx keys `$scheme` for this).
+        for name in [&X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
+            if headers.contains_key(name) {
+                key.push(SEP);
+                key.push_str(name.as_str());
+                key.push(':');
+                push_header_values(&mut key, headers, name);
+            }
         }
         CacheKey(key.into())
     }
@@ -95,6 +101,35 @@ impl CacheKey {
     pub fn from_raw(key: &str) -> CacheKey {
         CacheKey(key.into())
     }
+}
+
+/// The query string as `mode` keys it: as sent, parameters sorted, or none.
+fn keyed_query(mode: QueryMode, query: Option<&str>) -> Option<Cow<'_, str>> {
+    match (mode, query) {
+        (QueryMode::Keep, Some(q)) => Some(Cow::Borrowed(q)),
+        (QueryMode::Sort, Some(q)) => {
+            let mut params: Vec<&str> = q.split('&').filter(|p| !p.is_empty()).collect();
+            params.sort_unstable();
+            Some(Cow::Owned(params.join("&")))
+        }
+        (QueryMode::Ignore, _) | (_, None) => None,
+    }
+}
+
+/// The request target a fill sends upstream: the path, and the query exactly as the
+/// route keys it (sorted, or dropped), so that what is stored under a key is the answer
+/// to what the key holds: `?lang=evil` cannot be stored for a route that ignores the
+/// query.
+pub fn keyed_target(route: &RouteConfig, uri: &Uri) -> Uri {
+    if route.key_query == QueryMode::Keep || uri.query().is_none() {
+        return uri.clone();
+    }
+    let mut target = uri.path().to_string();
+    if let Some(query) = keyed_query(route.key_query, uri.query()) {
+        target.push('?');
+        target.push_str(&query);
+    }
+    target.parse().unwrap_or_else(|_| uri.clone())
 }
 
 /// The request's values of the headers a response varies on, in one comparable string.

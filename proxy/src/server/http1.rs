@@ -243,7 +243,10 @@ fn parse(buf: &mut BytesMut) -> Parse {
         if name == header::CONTENT_LENGTH {
             match std::str::from_utf8(h.value)
                 .ok()
-                .and_then(|v| v.trim().parse().ok())
+                .map(str::trim)
+                // Digits only, as hyper reads it (`u64::from_str` would take `+0`).
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse().ok())
             {
                 Some(len) if body_len.is_none() => body_len = Some(len),
                 _ => return Parse::NotPlainHttp1,

@@ -79,3 +79,18 @@ async fn encoded_slashes_are_forwarded_encoded_where_the_route_allows() {
     let res = exchange(corral.addr(), &get("/pub/group%2Fproject")).await;
     assert!(res.cache_status().starts_with("corral; hit"), "{res:?}");
 }
+
+/// A raw UTF-8 path whose escapes are decoded keeps its other bytes as they came.
+#[tokio::test]
+async fn utf8_paths_keep_their_bytes_when_escapes_are_decoded() {
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let res = exchange(
+        corral.addr(),
+        "GET /caf\u{e9}/%41 HTTP/1.1\r\nhost: a\r\n\r\n".as_bytes(),
+    )
+    .await;
+    assert_eq!(res.status, 200, "{res:?}");
+    let got = &origin.wait_for(1).await[0];
+    assert_eq!(got.target, "/caf\u{e9}/A", "raw: {:?}", got.raw);
+}

@@ -129,14 +129,12 @@ async fn missing_duplicate_and_invalid_hosts_are_refused() {
 }
 
 #[tokio::test]
-async fn method_override_and_url_rewriting_headers_bypass_the_cache() {
+async fn method_override_headers_bypass_the_cache() {
     let (origin, corral) = start(Setup::default()).await;
     for header in [
         "x-http-method-override: DELETE",
         "x-http-method: DELETE",
         "x-method-override: DELETE",
-        "x-original-url: /admin",
-        "x-rewrite-url: /admin",
     ] {
         let res = exchange(
             corral.addr(),
@@ -161,6 +159,32 @@ async fn method_override_and_url_rewriting_headers_bypass_the_cache() {
             .as_deref(),
         Some("DELETE")
     );
+}
+
+/// `X-Original-URL` / `X-Rewrite-URL` make IIS- and Symfony-style origins serve the path
+/// they name: from a client they would reach any path of the upstream through any route.
+#[tokio::test]
+async fn url_rewriting_headers_never_reach_the_origin() {
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default()
+        .route("path_prefix = \"/pub\"")
+        .start_in_front_of(&origin.url())
+        .await;
+    for header in [
+        "x-original-url: /internal/admin",
+        "x-rewrite-url: /internal/admin",
+    ] {
+        let res = exchange(
+            corral.addr(),
+            &get("/pub/x", &format!("host: a\r\n{header}\r\n")),
+        )
+        .await;
+        assert_eq!(res.status, 200, "{res:?}");
+    }
+    for got in origin.wait_for(1).await {
+        assert_eq!(got.header("x-original-url"), None, "{got:?}");
+        assert_eq!(got.header("x-rewrite-url"), None, "{got:?}");
+    }
 }
 
 #[tokio::test]

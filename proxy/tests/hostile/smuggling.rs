@@ -153,6 +153,26 @@ async fn h2c_get_body_is_forwarded_with_its_bytes() {
     assert_framed(&origin);
 }
 
+/// The fast path reads `Content-Length` as hyper does (digits only): a `+0` is refused
+/// whether the URL is cached or not.
+#[tokio::test]
+async fn fast_path_refuses_a_signed_content_length_as_hyper_does() {
+    let (_origin, corral) = start().await;
+    exchange(corral.addr(), b"GET /cl HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let uncached = exchange(
+        corral.addr(),
+        b"GET /other HTTP/1.1\r\nhost: a\r\ncontent-length: +0\r\n\r\n",
+    )
+    .await;
+    let cached = exchange(
+        corral.addr(),
+        b"GET /cl HTTP/1.1\r\nhost: a\r\ncontent-length: +0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(uncached.status, 400, "{uncached:?}");
+    assert_eq!(cached.status, uncached.status, "{cached:?}");
+}
+
 /// One request as a hostile client might frame it.
 #[derive(Debug, Clone)]
 enum Framing {
