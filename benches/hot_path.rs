@@ -103,9 +103,10 @@ fn hit_path(c: &mut Criterion) {
     c.bench_function("request path normalisation (already normal)", |b| {
         b.iter(|| corral::request::normalize_target(&head.uri))
     });
-    c.bench_function("request header check (nothing the full path would change)", |b| {
-        b.iter(|| corral::request::already_sanitized(&head.headers))
-    });
+    c.bench_function(
+        "request header check (nothing the full path would change)",
+        |b| b.iter(|| corral::request::already_sanitized(&head.headers)),
+    );
     c.bench_function(
         "fast path hit decision (route, key, lookup, conditionals)",
         |b| b.iter(|| proxy.local_hit(&head).expect("a hit")),

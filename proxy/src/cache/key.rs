@@ -149,13 +149,26 @@ fn push_header_values(out: &mut String, headers: &HeaderMap, name: &HeaderName) 
         if i > 0 {
             out.push(',');
         }
-        // Non-UTF-8 values still separate variants, byte for byte.
-        match value.to_str() {
-            Ok(s) => out.push_str(s.trim()),
-            Err(_) => out.push_str(&String::from_utf8_lossy(value.as_bytes())),
+        push_escaped(out, value.as_bytes().trim_ascii());
+    }
+}
+
+/// `bytes` into a key, unambiguously: visible ASCII as it is, `%` and every other byte
+/// as `%XX`. (A lossy conversion would give two different non-UTF-8 values one key, so
+/// one client's variant could be served to another.)
+fn push_escaped(out: &mut String, bytes: &[u8]) {
+    for &b in bytes {
+        if (b' '..=b'~').contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
         }
     }
 }
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// The values of cookie `name` in the request's `Cookie` headers, in order.
 fn push_cookie_values(out: &mut String, headers: &HeaderMap, name: &str) {
@@ -229,6 +242,19 @@ mod tests {
         assert_ne!(key(&sort, "/p?a=1", &[]), key(&sort, "/p?a=2", &[]));
         let ignore = route("key = { query = \"ignore\" }");
         assert_eq!(key(&ignore, "/p?a=1", &[]), key(&ignore, "/p", &[]));
+    }
+
+    #[test]
+    fn header_values_that_are_not_text_keep_distinct_keys() {
+        let r = route("key = { headers = [\"x-tenant\"] }");
+        let raw = |bytes: &[u8]| {
+            let mut map = HeaderMap::new();
+            map.insert("x-tenant", http::HeaderValue::from_bytes(bytes).unwrap());
+            CacheKey::for_request(&r, Some("h"), &"/p".parse().unwrap(), &map)
+        };
+        assert_ne!(raw(b"\xff"), raw(b"\xfe"));
+        assert_ne!(raw(b"\xff"), raw(b"%FF"));
+        assert_eq!(raw(b"a b"), raw(b"a b"));
     }
 
     #[test]
