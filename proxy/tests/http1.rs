@@ -6,108 +6,15 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Harness, OriginBehaviour, Setup, DEADLINE};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use support::raw::RawClient;
+use support::{Harness, OriginBehaviour, Setup};
 
-/// A response read off the wire.
-#[derive(Debug)]
-struct Wire {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Wire {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One client connection that reads responses one by one, pipelined or not.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
+/// Opens client connections that read responses one by one, pipelined or not.
+struct Conn;
 
 impl Conn {
-    async fn open(h: &Harness) -> Conn {
-        Conn {
-            stream: TcpStream::connect(h.addr()).await.expect("connects"),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, raw: &[u8]) {
-        self.stream.write_all(raw).await.expect("request written");
-    }
-
-    /// Reads more bytes; false at the end of the stream.
-    async fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk))
-            .await
-            .expect("the server answers in time")
-            .unwrap_or(0);
-        self.buf.extend_from_slice(&chunk[..n]);
-        n > 0
-    }
-
-    /// The next response; `head_only` for the answer to a HEAD.
-    async fn response(&mut self, head_only: bool) -> Wire {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut res = httparse::Response::new(&mut headers);
-            if let httparse::Status::Complete(len) = res.parse(&self.buf).expect("valid head") {
-                let status = res.code.expect("status");
-                let headers: Vec<(String, String)> = res
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        let value = String::from_utf8_lossy(h.value).into_owned();
-                        (h.name.to_ascii_lowercase(), value)
-                    })
-                    .collect();
-                let body_len = if head_only || status == 304 {
-                    0
-                } else {
-                    headers
-                        .iter()
-                        .find(|(n, _)| n == "content-length")
-                        .map(|(_, v)| v.parse::<usize>().expect("numeric length"))
-                        .expect("a length-delimited body")
-                };
-                while self.buf.len() < len + body_len {
-                    assert!(self.fill().await, "connection closed mid-body");
-                }
-                let body = self.buf[len..len + body_len].to_vec();
-                self.buf.drain(..len + body_len);
-                return Wire {
-                    status,
-                    headers,
-                    body,
-                };
-            }
-            assert!(self.fill().await, "connection closed before a response");
-        }
-    }
-
-    async fn get(&mut self, path: &str) -> Wire {
-        self.send(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes())
-            .await;
-        self.response(false).await
-    }
-
-    /// Whether the server closed the connection (after any bytes still buffered).
-    async fn closed(&mut self) -> bool {
-        self.buf.is_empty() && !self.fill().await
+    async fn open(h: &Harness) -> RawClient {
+        RawClient::connect(h.addr()).await
     }
 }
 

@@ -93,6 +93,12 @@ impl RawClient {
         self.response(raw.starts_with(b"HEAD ")).await
     }
 
+    /// A GET of `path` (host 127.0.0.1), and its response.
+    pub async fn get(&mut self, path: &str) -> Wire {
+        self.exchange(format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").as_bytes())
+            .await
+    }
+
     /// Whether the server closed the connection (after any bytes still buffered).
     pub async fn closed(&mut self) -> bool {
         self.buf.is_empty() && !self.fill().await
