@@ -275,6 +275,30 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Crumbs key as the joined header does (the fast path sees crumbs, the full
+        /// path may see them joined), and a keyed cookie's value is keyed as written.
+        #[test]
+        fn cookie_keys_depend_on_pairs_not_on_header_lines(
+            pairs in proptest::collection::vec(("lang|lang |a| lang", "[ -:<-~]{0,8}"), 1..5)
+        ) {
+            let r = route("key = { cookies = [\"lang\"] }");
+            let written: Vec<String> = pairs.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            let joined = written.join("; ");
+            let crumbs: Vec<(&str, &str)> = written.iter().map(|p| ("cookie", p.as_str())).collect();
+            let one = key(&r, "/p", &[("cookie", &joined)]);
+            proptest::prop_assert_eq!(&one, &key(&r, "/p", &crumbs));
+            // A value with trailing spaces ends where the next `;` starts.
+            let values: Vec<&str> = pairs
+                .iter()
+                .filter(|(n, _)| n.trim_start() == "lang")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let want = format!("r\nh\n/p\ncookie:lang={}", values.join(","));
+            proptest::prop_assert_eq!(one.as_str(), want.as_str());
+        }
+    }
+
     #[test]
     fn variants_differ_by_vary_values() {
         let names = [HeaderName::from_static("accept-language")];
