@@ -860,6 +860,10 @@ impl Fill {
         let received_at = SystemTime::now();
         note_upstream_status(route, res.status());
         let (mut head, body) = res.into_parts();
+        // Judged as stored: without the hop-by-hop headers (and those `Connection`
+        // names), which the entry will not have. A `Vary` named there would be lost.
+        let vary_hidden = policy::connection_names_vary(&head.headers);
+        headers::strip_hop_by_hop(&mut head.headers);
         let status_code = head.status.as_u16();
 
         if let (StatusCode::NOT_MODIFIED, Some(stale)) = (head.status, stale) {
@@ -901,7 +905,11 @@ impl Fill {
             }
         }
 
-        let verdict = policy::evaluate(&route.config, policy_req, &head, received_at);
+        let verdict = if vary_hidden {
+            Verdict::Pass(PassReason::VaryStar)
+        } else {
+            policy::evaluate(&route.config, policy_req, &head, received_at)
+        };
         let too_large =
             content_length(&head.headers).is_some_and(|len| len > proxy.max_object_bytes);
         let lifetime = match verdict {

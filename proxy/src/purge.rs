@@ -3,9 +3,9 @@
 //!
 //! A purge never reports success for a key that no request could have: the route must
 //! be the one that serves the host and path, the host is normalised as request hosts
-//! are, and a route that keys on request headers needs their values.
+//! are, and a route that keys on request headers or cookies needs their values.
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, COOKIE};
 use http::{HeaderMap, Uri};
 
 use crate::cache::tags::MAX_TAG_LEN;
@@ -29,6 +29,8 @@ pub enum PurgeTarget {
         path: String,
         /// `header=NAME:VALUE` parameters, for routes with `key.headers`.
         headers: Vec<(String, String)>,
+        /// `cookie=NAME:VALUE` parameters, for routes with `key.cookies`.
+        cookies: Vec<(String, String)>,
     },
     /// Every entry tagged `tag`.
     Tag(String),
@@ -39,7 +41,7 @@ pub enum PurgeTarget {
 pub enum PurgeError {
     #[error("no route named {0:?}")]
     UnknownRoute(String),
-    #[error("give either tag=T, or route=NAME and path=/p (with host=H when the route has no host, and header=NAME:VALUE for each header the route keys on); add soft=true to mark stale instead")]
+    #[error("give either tag=T, or route=NAME and path=/p (with host=H when the route has no host, header=NAME:VALUE for each header and cookie=NAME:VALUE for each cookie the route keys on); add soft=true to mark stale instead")]
     Usage,
     #[error("unknown parameter {0:?}")]
     UnknownParameter(String),
@@ -72,6 +74,16 @@ pub enum PurgeError {
     },
     #[error("bad header parameter {0:?}: write header=NAME:VALUE")]
     BadHeader(String),
+    #[error("route {route:?} keys on the cookies {needed}: give each as cookie=NAME:VALUE, the value as requests send it (cookie=NAME: for requests without it)")]
+    CookiesRequired { route: String, needed: String },
+    #[error("route {route:?} does not key on cookie {name:?} (it keys on: {keyed})")]
+    UnkeyedCookie {
+        route: String,
+        name: String,
+        keyed: String,
+    },
+    #[error("bad cookie parameter {0:?}: write cookie=NAME:VALUE, the value without ';'")]
+    BadCookie(String),
 }
 
 impl PurgeError {
@@ -95,12 +107,21 @@ impl PurgeRequest {
             ("soft", None),
         ];
         let mut headers = Vec::new();
+        let mut cookies = Vec::new();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             if name == "header" {
                 let (n, v) = value
                     .split_once(':')
                     .ok_or_else(|| PurgeError::BadHeader(value.to_string()))?;
                 headers.push((n.trim().to_string(), v.trim().to_string()));
+                continue;
+            }
+            if name == "cookie" {
+                // Cookie values are keyed exactly as sent: not trimmed.
+                let (n, v) = value
+                    .split_once(':')
+                    .ok_or_else(|| PurgeError::BadCookie(value.to_string()))?;
+                cookies.push((n.to_string(), v.to_string()));
                 continue;
             }
             let slot = one
@@ -118,7 +139,9 @@ impl PurgeRequest {
             Some(other) => return Err(PurgeError::BadSoft(other.to_string())),
         };
         let target = match (tag, route, path) {
-            (Some(tag), None, None) if host.is_none() && headers.is_empty() => {
+            (Some(tag), None, None)
+                if host.is_none() && headers.is_empty() && cookies.is_empty() =>
+            {
                 if tag.is_empty() || tag.len() > MAX_TAG_LEN || tag.contains([' ', ',']) {
                     return Err(PurgeError::BadTag(tag));
                 }
@@ -129,6 +152,7 @@ impl PurgeRequest {
                 host,
                 path,
                 headers,
+                cookies,
             },
             _ => return Err(PurgeError::Usage),
         };
@@ -145,8 +169,9 @@ pub async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, PurgeErr
             host,
             path,
             headers,
+            cookies,
         } => {
-            let key = url_key(proxy, route, host.as_deref(), path, headers)?;
+            let key = url_key(proxy, route, host.as_deref(), path, headers, cookies)?;
             let purged = proxy.cache().purge(&key, req.soft).await;
             tracing::info!(%key, soft = req.soft, local = purged.local, shared = ?purged.shared, "purge");
             return Ok(purged);
@@ -164,6 +189,7 @@ fn url_key(
     host: Option<&str>,
     path_and_query: &str,
     params: &[(String, String)],
+    cookie_params: &[(String, String)],
 ) -> Result<CacheKey, PurgeError> {
     let routes = proxy.routes();
     let route = routes
@@ -195,7 +221,10 @@ fn url_key(
             }),
         });
     }
-    let headers = keyed_headers(route_name, &route.config.key_headers, params)?;
+    let mut headers = keyed_headers(route_name, &route.config.key_headers, params)?;
+    if let Some(cookie) = keyed_cookies(route_name, &route.config.key_cookies, cookie_params)? {
+        headers.append(COOKIE, cookie);
+    }
     Ok(CacheKey::for_request(
         &route.config,
         host.as_deref(),
@@ -255,6 +284,50 @@ fn keyed_headers(
     Ok(headers)
 }
 
+/// The `Cookie` header the key is made of, from `cookie=NAME:VALUE` parameters: each
+/// cookie the route keys on must be given (`cookie=NAME:` stands for requests without
+/// it, keyed as empty), and no other. `None` when no value is given.
+fn keyed_cookies(
+    route: &str,
+    keyed: &[String],
+    params: &[(String, String)],
+) -> Result<Option<HeaderValue>, PurgeError> {
+    let names = || keyed.join(", ");
+    let mut pairs = Vec::new();
+    for (name, value) in params {
+        if !keyed.contains(name) {
+            return Err(PurgeError::UnkeyedCookie {
+                route: route.to_string(),
+                name: name.clone(),
+                keyed: if keyed.is_empty() {
+                    "none".to_string()
+                } else {
+                    names()
+                },
+            });
+        }
+        // A `;` would be read as the start of another cookie.
+        if value.contains(';') {
+            return Err(PurgeError::BadCookie(format!("{name}:{value}")));
+        }
+        if !value.is_empty() {
+            pairs.push(format!("{name}={value}"));
+        }
+    }
+    if keyed.iter().any(|k| !params.iter().any(|(n, _)| n == k)) {
+        return Err(PurgeError::CookiesRequired {
+            route: route.to_string(),
+            needed: names(),
+        });
+    }
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    HeaderValue::from_str(&pairs.join("; "))
+        .map(Some)
+        .map_err(|_| PurgeError::BadCookie(pairs.join("; ")))
+}
+
 fn params_name(params: &[(String, String)], name: &HeaderName) -> bool {
     params
         .iter()
@@ -279,12 +352,35 @@ mod tests {
                 host: Some("A.example:8080".into()),
                 path: "/p?q=1".into(),
                 headers: vec![("x-tenant".into(), "a".into())],
+                cookies: vec![],
             }
         );
         assert_eq!(
             PurgeRequest::parse("tag=product-7").unwrap().target,
             PurgeTarget::Tag("product-7".into())
         );
+    }
+
+    #[test]
+    fn cookie_parameters_make_the_keyed_cookie_header() {
+        let req = PurgeRequest::parse("route=t&path=/p&cookie=lang:fr&cookie=cur:").unwrap();
+        let PurgeTarget::Url { cookies, .. } = req.target else {
+            panic!("a URL purge");
+        };
+        assert_eq!(
+            cookies,
+            [("lang".into(), "fr".into()), ("cur".into(), "".into())]
+        );
+        let keyed = ["lang".to_string(), "cur".to_string()];
+        let cookie = keyed_cookies("t", &keyed, &cookies).unwrap();
+        assert_eq!(cookie, Some(HeaderValue::from_static("lang=fr")));
+        let missing = keyed_cookies("t", &keyed, &cookies[..1]).unwrap_err();
+        assert!(missing.to_string().contains("lang, cur"), "{missing}");
+        let other = [("sid".to_string(), "1".to_string())];
+        let unkeyed = keyed_cookies("t", &keyed, &other).unwrap_err();
+        assert!(unkeyed.to_string().contains("\"sid\""), "{unkeyed}");
+        let split = [("lang".to_string(), "fr; sid=1".to_string())];
+        assert!(keyed_cookies("t", &keyed, &split).is_err());
     }
 
     #[test]
@@ -298,6 +394,8 @@ mod tests {
             ("tag=a%20b", "bad tag"),
             ("tag=a&soft=maybe", "bad soft"),
             ("route=t&path=/p&header=x-tenant", "bad header"),
+            ("route=t&path=/p&cookie=lang", "bad cookie"),
+            ("tag=a&cookie=lang:en", "give either"),
         ] {
             let e = PurgeRequest::parse(query).expect_err(query);
             assert!(e.to_string().contains(want), "{query}: {e}");

@@ -70,7 +70,7 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
             |r| r.text().starts_with("/swr v2"),
         )
         .await;
-    assert!(refreshed.cache_status().contains("hit"));
+    assert!(refreshed.cache_status().starts_with("corral; hit"));
     assert_eq!(
         h.origin.requests_for("/swr"),
         2,
@@ -174,8 +174,12 @@ async fn vary_splits_entries() {
     );
     let en_again = h.get_with("/v", &[("accept-language", "en")]).await;
     let fr_again = h.get_with("/v", &[("accept-language", "fr")]).await;
-    assert!(en_again.cache_status().contains("hit") && en_again.text().contains("lang=en"));
-    assert!(fr_again.cache_status().contains("hit") && fr_again.text().contains("lang=fr"));
+    assert!(
+        en_again.cache_status().starts_with("corral; hit") && en_again.text().contains("lang=en")
+    );
+    assert!(
+        fr_again.cache_status().starts_with("corral; hit") && fr_again.text().contains("lang=fr")
+    );
     assert_eq!(h.origin.requests_for("/v"), 2);
 }
 
@@ -218,7 +222,7 @@ async fn set_cookie_route_stores_without_the_cookie() {
         .await;
     h.get("/c").await;
     let hit = h.get("/c").await;
-    assert!(hit.cache_status().contains("hit"));
+    assert!(hit.cache_status().starts_with("corral; hit"));
     assert!(
         !hit.headers.contains_key("set-cookie"),
         "one client's cookie is never served to another"
@@ -251,12 +255,12 @@ async fn head_is_served_from_the_cached_get() {
     assert_eq!(head.headers["content-length"], "1000");
     let get = h.get("/h").await;
     assert!(
-        get.cache_status().contains("hit"),
+        get.cache_status().starts_with("corral; hit"),
         "the HEAD miss filled the entry with the full body"
     );
     assert_eq!(get.body.len(), 1000);
     let head_hit = h.request(Method::HEAD, "/h", b"").await;
-    assert!(head_hit.cache_status().contains("hit") && head_hit.body.is_empty());
+    assert!(head_hit.cache_status().starts_with("corral; hit") && head_hit.body.is_empty());
     assert_eq!(h.origin.requests_for("/h"), 1);
 }
 
@@ -335,7 +339,7 @@ async fn upstream_304_renews_the_entry_without_the_body() {
     let sent = h.origin.last_request_headers("/r").unwrap();
     assert_eq!(sent["if-none-match"], "\"v1\"");
     assert!(
-        h.get("/r").await.cache_status().contains("hit"),
+        h.get("/r").await.cache_status().starts_with("corral; hit"),
         "fresh again after renewal"
     );
 }
@@ -406,7 +410,7 @@ async fn query_sort_mode_shares_entries() {
         .await;
     h.get("/q?a=1&b=2").await;
     let hit = h.get("/q?b=2&a=1").await;
-    assert!(hit.cache_status().contains("hit"));
+    assert!(hit.cache_status().starts_with("corral; hit"));
 }
 
 #[tokio::test]

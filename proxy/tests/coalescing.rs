@@ -36,7 +36,7 @@ async fn concurrent_cold_requests_fetch_upstream_once() {
         .count();
     let hits = replies
         .iter()
-        .filter(|r| r.cache_status().contains("; hit"))
+        .filter(|r| r.cache_status().starts_with("corral; hit"))
         .count();
     assert_eq!(
         collapsed + hits,
@@ -148,7 +148,10 @@ async fn cancelled_leader_does_not_strand_waiters() {
         "the fetch finished for the waiters; nobody refetched"
     );
     assert!(
-        h.get("/leader").await.cache_status().contains("hit"),
+        h.get("/leader")
+            .await
+            .cache_status()
+            .starts_with("corral; hit"),
         "and the entry was stored"
     );
 }
@@ -252,7 +255,10 @@ async fn coalesce_off_lets_the_herd_through_as_a_baseline() {
         "every concurrent miss went upstream"
     );
     assert!(
-        h.get("/naive").await.cache_status().contains("hit"),
+        h.get("/naive")
+            .await
+            .cache_status()
+            .starts_with("corral; hit"),
         "but responses are still cached"
     );
 }

@@ -170,25 +170,44 @@ fn push_escaped(out: &mut String, bytes: &[u8]) {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// The values of cookie `name` in the request's `Cookie` headers, in order.
+/// The values of cookie `name` in the request's `Cookie` headers, in order, as the
+/// origin receives them (see [`cookie_pairs`]).
 fn push_cookie_values(out: &mut String, headers: &HeaderMap, name: &str) {
-    let pairs = headers
+    let values = headers
         .get_all(http::header::COOKIE)
         .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()))
-        .flat_map(|v| {
-            v.split(';')
-                .filter_map(|pair| pair.split_once('='))
-                .filter(|(n, _)| n.trim() == name)
-                .map(|(_, value)| value.trim().to_string())
-                .collect::<Vec<_>>()
-        });
-    for (i, value) in pairs.enumerate() {
+        .flat_map(|v| cookie_pairs(v.as_bytes()))
+        .filter(|(n, _)| *n == name.as_bytes())
+        .filter_map(|(_, value)| value);
+    for (i, value) in values.enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&value);
+        out.push_str(&String::from_utf8_lossy(value));
     }
+}
+
+/// The pairs of one `Cookie` header value, written exactly as the origin receives them:
+/// split on `;`, skipping only the optional whitespace after each separator (RFC 6265
+/// §4.2.1 writes `"; "`) and empty pairs. A pair is `(name, Some(value))` when written
+/// `name=value`, `(pair, None)` without `=`. Nothing else is trimmed: `lang =fr` is a
+/// cookie named `lang ` (with a space), which some origins read as `lang`, others as
+/// `lang_` or not at all, so it must never be taken for the keyed `lang`.
+pub(crate) fn cookie_pairs(value: &[u8]) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+    value
+        .split(|b| *b == b';')
+        .map(|pair| {
+            let start = pair
+                .iter()
+                .position(|b| *b != b' ' && *b != b'\t')
+                .unwrap_or(pair.len());
+            &pair[start..]
+        })
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.iter().position(|b| *b == b'=') {
+            Some(eq) => (&pair[..eq], Some(&pair[eq + 1..])),
+            None => (pair, None),
+        })
 }
 
 impl fmt::Display for CacheKey {
@@ -287,6 +306,58 @@ mod tests {
             key(&plain, "/p", &[("cookie", "lang=en")]),
             key(&plain, "/p", &[])
         );
+    }
+
+    #[test]
+    fn cookies_are_keyed_as_written_not_trimmed() {
+        let r = route("key = { cookies = [\"lang\"] }");
+        let fr = key(&r, "/p", &[("cookie", "lang=fr")]);
+        let none = key(&r, "/p", &[]);
+        // Only the whitespace after a separator is skipped.
+        assert_eq!(fr, key(&r, "/p", &[("cookie", "a=1;lang=fr")]));
+        assert_eq!(fr, key(&r, "/p", &[("cookie", "a=1; \tlang=fr;")]));
+        // A name or value written with spaces is another cookie, or another value.
+        assert_eq!(none, key(&r, "/p", &[("cookie", "lang =fr")]));
+        assert_ne!(fr, key(&r, "/p", &[("cookie", "lang= fr")]));
+        assert_ne!(fr, key(&r, "/p", &[("cookie", "lang=fr ; a=1")]));
+        assert_eq!(none, key(&r, "/p", &[("cookie", "lang")]));
+        // Crumbs (one pair per header line) key as the joined header does.
+        assert_eq!(
+            key(&r, "/p", &[("cookie", "a=1; lang=fr; lang=en")]),
+            key(
+                &r,
+                "/p",
+                &[
+                    ("cookie", "a=1"),
+                    ("cookie", "lang=fr"),
+                    ("cookie", "lang=en")
+                ]
+            )
+        );
+    }
+
+    proptest::proptest! {
+        /// Crumbs key as the joined header does (the fast path sees crumbs, the full
+        /// path may see them joined), and a keyed cookie's value is keyed as written.
+        #[test]
+        fn cookie_keys_depend_on_pairs_not_on_header_lines(
+            pairs in proptest::collection::vec(("lang|lang |a| lang", "[ -:<-~]{0,8}"), 1..5)
+        ) {
+            let r = route("key = { cookies = [\"lang\"] }");
+            let written: Vec<String> = pairs.iter().map(|(n, v)| format!("{n}={v}")).collect();
+            let joined = written.join("; ");
+            let crumbs: Vec<(&str, &str)> = written.iter().map(|p| ("cookie", p.as_str())).collect();
+            let one = key(&r, "/p", &[("cookie", &joined)]);
+            proptest::prop_assert_eq!(&one, &key(&r, "/p", &crumbs));
+            // A value with trailing spaces ends where the next `;` starts.
+            let values: Vec<&str> = pairs
+                .iter()
+                .filter(|(n, _)| n.trim_start() == "lang")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let want = format!("r\nh\n/p\ncookie:lang={}", values.join(","));
+            proptest::prop_assert_eq!(one.as_str(), want.as_str());
+        }
     }
 
     #[test]

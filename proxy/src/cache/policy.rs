@@ -5,23 +5,29 @@
 //! shared cache); the route's overrides (`allow_*`, `ttl`, `override_ttl`) and the
 //! RFC 5861 stale windows, which that crate does not cover, are applied here.
 //!
-//! Two rules guard against what a hostile client or origin can send. Delta-seconds
+//! Three rules guard against what a hostile client or origin can send. Delta-seconds
 //! (`max-age`, `s-maxage`, the stale windows, `Age`) are clamped to 2^31 seconds
-//! (RFC 9111 §1.2.2) before any arithmetic, so no value overflows a time. And a
-//! request carrying credentials (a `Cookie` the route neither keys nor ignores, or an
-//! `Authorization` the route does not allow) is never stored on heuristic freshness:
-//! only the origin's explicit shared freshness (`s-maxage`, `max-age`, `Expires`,
-//! `public`) stores it. Its passes are request-specific: they mark no hit-for-pass.
+//! (RFC 9111 §1.2.2) before any arithmetic, so no value overflows a time. A request's
+//! own `Cache-Control` and `Pragma` play no part in what is stored (as in nginx and
+//! Varnish): one client's `no-store` must not keep a response from everyone else. And
+//! a request carrying credentials (a `Cookie` the route neither keys nor ignores, or
+//! an `Authorization` the route does not allow) is stored only on the origin's word:
+//! positive explicit shared freshness (`s-maxage`, `max-age`, `Expires`) or `public`,
+//! with no route `ttl` override, no route stale windows and no keeping for
+//! revalidation. Its passes are request-specific: they mark no hit-for-pass; so are
+//! passes for a 4xx status outside `cacheable_statuses`, which unkeyed request input
+//! (`Expect`, a huge header, a method override) can cause.
 
 use std::time::{Duration, SystemTime};
 
 use http::header::{
-    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, COOKIE, ETAG, EXPIRES,
-    LAST_MODIFIED, SET_COOKIE, VARY,
+    HeaderName, HeaderValue, AGE, AUTHORIZATION, CACHE_CONTROL, CONNECTION, COOKIE, ETAG, EXPIRES,
+    LAST_MODIFIED, PRAGMA, SET_COOKIE, VARY,
 };
 use http::{request, response, HeaderMap, Method, Request, Response};
 use http_cache_semantics::{CacheOptions, CachePolicy};
 
+use super::key::cookie_pairs;
 use crate::config::RouteConfig;
 
 /// The greatest delta-seconds value corral computes with (RFC 9111 §1.2.2): larger
@@ -80,14 +86,18 @@ pub enum PassReason {
     /// The fill failed inside corral (a bug): requests go upstream for a while.
     Internal,
     /// The request carried a cookie the route neither keys nor ignores, and the
-    /// response had no explicit shared freshness.
+    /// response had no positive explicit shared freshness.
     Credentials,
+    /// A 4xx status outside `cacheable_statuses`: unkeyed parts of this request
+    /// (`Expect`, a huge header, a method override) may have caused it.
+    ClientErrorStatus,
 }
 
 impl PassReason {
     pub fn as_str(self) -> &'static str {
         match self {
             PassReason::Status => "uncacheable-status",
+            PassReason::ClientErrorStatus => "uncacheable-client-error",
             PassReason::NoStore => "no-store",
             PassReason::Private => "private",
             PassReason::Authorization => "authorization",
@@ -101,11 +111,15 @@ impl PassReason {
         }
     }
 
-    /// Whether the pass was caused by this request (its credentials) rather than by
-    /// the response: then the next request for the key may well be storable, so the
-    /// key is not marked hit-for-pass and waiters compete for the fill again.
+    /// Whether the pass may have been caused by this request (its credentials, or
+    /// unkeyed input answered with a client error) rather than by the resource: then
+    /// the next request for the key may well be storable, so the key is not marked
+    /// hit-for-pass and waiters compete for the fill again.
     pub fn is_request_specific(self) -> bool {
-        matches!(self, PassReason::Credentials | PassReason::Authorization)
+        matches!(
+            self,
+            PassReason::Credentials | PassReason::Authorization | PassReason::ClientErrorStatus
+        )
     }
 }
 
@@ -120,24 +134,25 @@ fn credential_authorization(route: &RouteConfig, headers: &HeaderMap) -> bool {
 }
 
 /// Whether the request sends a cookie that is not in `key.cookies` or `ignore_cookies`
-/// (none does when the route keys on the whole `Cookie` header).
+/// (none does when the route keys on the whole `Cookie` header). Names are compared as
+/// written ([`cookie_pairs`]): `lang =fr` is not the keyed `lang`, and a pair without `=`
+/// names nothing corral knows, so both are credentials.
 fn credential_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
     if route.key_headers.contains(&COOKIE) {
         return false;
     }
+    let known = |name: &[u8]| {
+        route
+            .key_cookies
+            .iter()
+            .chain(&route.ignore_cookies)
+            .any(|c| c.as_bytes() == name)
+    };
     headers.get_all(COOKIE).iter().any(|value| {
-        // A value that is not text cannot be matched to a name: a credential.
-        let Ok(value) = value.to_str() else {
-            return true;
-        };
-        value
-            .split(';')
-            .map(|pair| pair.split_once('=').map_or(pair, |(name, _)| name).trim())
-            .filter(|name| !name.is_empty())
-            .any(|name| {
-                !route.key_cookies.iter().any(|c| c == name)
-                    && !route.ignore_cookies.iter().any(|c| c == name)
-            })
+        // A value that is not text is keyed lossily (two values could share a
+        // key): a credential.
+        value.to_str().is_err()
+            || cookie_pairs(value.as_bytes()).any(|(name, v)| v.is_none() || !known(name))
     })
 }
 
@@ -206,6 +221,18 @@ fn varies_on(headers: &HeaderMap, name: &HeaderName) -> bool {
         .any(|n| n.trim().eq_ignore_ascii_case(name.as_str()))
 }
 
+/// Whether `Connection` names `Vary`: the proxy must drop that `Vary` (RFC 9110
+/// §7.6.1), after which the variants cannot be told apart, so the response is not
+/// stored (as with `Vary: *`).
+pub(crate) fn connection_names_vary(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case(VARY.as_str()))
+}
+
 /// Whether `Vary` names `*` or anything that is not a header name: a response whose
 /// variants corral cannot tell apart, so it is not stored.
 fn varies_unknowably(headers: &HeaderMap) -> bool {
@@ -232,9 +259,7 @@ pub fn evaluate(
     received_at: SystemTime,
 ) -> Verdict {
     match evaluate_response(route, req, res, received_at) {
-        Verdict::Pass(reason)
-            if !reason.is_request_specific() && has_credentials(route, &req.headers) =>
-        {
+        Verdict::Pass(_) if has_credentials(route, &req.headers) => {
             Verdict::Pass(credentials_reason(route, &req.headers))
         }
         verdict => verdict,
@@ -271,7 +296,13 @@ fn storable(
     received_at: SystemTime,
 ) -> Result<CachePolicy, PassReason> {
     if !route.cacheable_statuses.contains(&res.status) {
-        return Err(PassReason::Status);
+        // A 5xx is the upstream's state, the same for everyone; a 4xx may answer
+        // something of this request the key does not see.
+        return Err(if res.status.is_client_error() {
+            PassReason::ClientErrorStatus
+        } else {
+            PassReason::Status
+        });
     }
     if varies_unknowably(&res.headers) {
         return Err(PassReason::VaryStar);
@@ -282,13 +313,18 @@ fn storable(
 
     // The crate sees the exchange as the route allows it to be stored: without the
     // Authorization or Set-Cookie the route accepts, and as a private cache when the
-    // route accepts `private` responses.
+    // route accepts `private` responses. The request's `Cache-Control` and `Pragma`
+    // are left out: they ask for this client's answer (RFC 9111 §5.2.1), and a
+    // shared cache that let `no-store` there decide would let any client turn
+    // caching off for a key (nginx and Varnish ignore them for storage too).
     let mut req_view = Request::builder()
         .method(Method::GET)
         .uri(req.uri.clone())
         .body(())
         .expect("valid parts");
     *req_view.headers_mut() = req.headers.clone();
+    req_view.headers_mut().remove(CACHE_CONTROL);
+    req_view.headers_mut().remove(PRAGMA);
     if route.allow_authorization {
         req_view.headers_mut().remove(AUTHORIZATION);
     }
@@ -335,39 +371,44 @@ fn lifetime(
     let explicit = directive(h, "max-age").is_some()
         || directive(h, "s-maxage").is_some()
         || h.contains_key(EXPIRES);
+    // `Expires` far in the future is not delta-seconds: clamp it the same way.
+    let explicit_ttl = explicit.then(|| policy.time_to_live(received_at).min(MAX_DELTA));
     // Web cache deception: `/account/x.css` with the victim's cookie, answered without
-    // Cache-Control, must not be stored for everyone on the route's ttl. (A response
-    // that varies on `Cookie` is stored for that exact `Cookie` only: no risk.)
+    // Cache-Control (or with `max-age=0`), must not be stored for everyone on the
+    // route's ttl, stale windows or revalidation keep. (A response that varies on
+    // `Cookie` is stored for that exact `Cookie` only: no risk.)
     let credentials = credential_authorization(route, req_headers)
         || (credential_cookie(route, req_headers) && !varies_on(h, &COOKIE));
-    if credentials && !explicit && directive(h, "public").is_none() {
+    if credentials && !origin_shares(h, explicit_ttl) {
         return Verdict::Pass(credentials_reason(route, req_headers));
     }
+    // What the route adds to the origin's word; nothing for a credentialed request.
+    let override_ttl = route.override_ttl && !credentials;
+    let route_window = |default: Duration| if credentials { Duration::ZERO } else { default };
     let age = policy.age(received_at).min(MAX_DELTA);
-    let fresh_for = if route.override_ttl {
+    let fresh_for = if override_ttl {
         route.ttl
     } else if directive(h, "no-cache").is_some() {
         Duration::ZERO
-    } else if explicit {
-        // `Expires` far in the future is not delta-seconds: clamp it the same way.
-        policy.time_to_live(received_at).min(MAX_DELTA)
+    } else if let Some(ttl) = explicit_ttl {
+        ttl
     } else {
         route.ttl.saturating_sub(age)
     };
     let window = |name: &str, default: Duration| {
-        if must_revalidate && !route.override_ttl {
+        if must_revalidate && !override_ttl {
             return Duration::ZERO;
         }
         directive(h, name)
             .flatten()
             .and_then(delta_seconds)
-            .unwrap_or(default)
+            .unwrap_or(route_window(default))
     };
     let stale_while_revalidate = window("stale-while-revalidate", route.stale_while_revalidate);
     let stale_if_error = window("stale-if-error", route.stale_if_error);
     // Without a validator, an entry past its windows can serve no one: keep nothing.
     let keep = if has_validator(h) {
-        route.keep
+        route_window(route.keep)
     } else {
         Duration::ZERO
     };
@@ -386,6 +427,18 @@ fn lifetime(
         stale_if_error,
         keep,
     }))
+}
+
+/// Whether the origin said a response may be shared with others although the request
+/// carried credentials: positive explicit shared freshness (`explicit_ttl`, from
+/// `s-maxage`, `max-age` or `Expires`), or, without any, `public` (which allows
+/// heuristic freshness, RFC 9111 §4.2.2) without `no-cache`. `max-age=0` or an
+/// `Expires` in the past says the opposite: revalidate every time.
+fn origin_shares(h: &HeaderMap, explicit_ttl: Option<Duration>) -> bool {
+    match explicit_ttl {
+        Some(ttl) => !ttl.is_zero(),
+        None => directive(h, "public").is_some() && directive(h, "no-cache").is_none(),
+    }
 }
 
 /// Whether the response carries a validator for revalidating it later.

@@ -65,7 +65,7 @@ async fn cached(server: &RunningServer, path: &str, lines: &str) -> bool {
     get(server, path, lines)
         .await
         .cache_status()
-        .contains("hit")
+        .starts_with("corral; hit")
 }
 
 #[tokio::test]
@@ -260,7 +260,10 @@ async fn purge_host_is_normalised_as_request_hosts_are() {
         async move { exchange(addr, raw.as_bytes()).await }
     };
     fetch("Shop.Example:8080").await;
-    assert!(fetch("shop.example").await.cache_status().contains("hit"));
+    assert!(fetch("shop.example")
+        .await
+        .cache_status()
+        .starts_with("corral; hit"));
     let res = purge(&server, "route=shop&host=SHOP.example.:8080&path=/p", "").await;
     assert_eq!(res.text(), "purged route=shop path=/p local=1\n");
     assert!(!fetch("shop.example").await.cache_status().contains("hit"));
@@ -307,6 +310,44 @@ async fn purge_on_a_route_keyed_by_headers_needs_their_values() {
     let res = purge(&server, &format!("{base}&header=x-tenant:"), "").await;
     assert_eq!(res.text(), "purged route=t path=/p local=1\n");
     assert!(cached(&server, "/p", "x-tenant: b\r\n").await);
+}
+
+/// A route with `key.cookies` keys each variant on those cookies' values: a purge
+/// without them would remove nothing while saying "purged".
+#[tokio::test]
+async fn purge_on_a_route_keyed_by_cookies_needs_their_values() {
+    let origin = RecordingOrigin::start().await;
+    let routes = format!("{ONE_ROUTE}key = {{ cookies = [\"lang\"] }}\n");
+    let server = corral("", &routes, &origin).await;
+    for lang in ["cookie: lang=en\r\n", "cookie: lang=fr\r\n", ""] {
+        get(&server, "/p", lang).await;
+        assert!(cached(&server, "/p", lang).await, "{lang:?}");
+    }
+    let base = "route=t&host=127.0.0.1&path=/p";
+    let res = purge(&server, base, "").await;
+    assert_eq!(
+        res.status, 400,
+        "never 'purged' for a key that cannot match"
+    );
+    assert!(
+        res.text().contains("cookie=NAME:VALUE") && res.text().contains("lang"),
+        "{res:?}"
+    );
+    let res = purge(&server, &format!("{base}&cookie=session:1"), "").await;
+    assert_eq!(res.status, 400, "{res:?}");
+    assert!(cached(&server, "/p", "cookie: lang=en\r\n").await);
+
+    let res = purge(&server, &format!("{base}&cookie=lang:en"), "").await;
+    assert_eq!(res.text(), "purged route=t path=/p local=1\n");
+    assert!(!cached(&server, "/p", "cookie: lang=en\r\n").await);
+    assert!(
+        cached(&server, "/p", "cookie: lang=fr\r\n").await,
+        "other languages stay"
+    );
+    // An empty value is the key of requests without the cookie.
+    let res = purge(&server, &format!("{base}&cookie=lang:"), "").await;
+    assert_eq!(res.text(), "purged route=t path=/p local=1\n");
+    assert!(cached(&server, "/p", "cookie: lang=fr\r\n").await);
 }
 
 #[tokio::test]

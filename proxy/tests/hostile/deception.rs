@@ -42,7 +42,7 @@ async fn cookie_request_answered_without_cache_control_is_not_served_to_others()
     assert!(!attacker.cache_status().contains("hit"), "{attacker:?}");
     // The anonymous answer is stored as usual: no hit-for-pass was left behind.
     let next = exchange(corral.addr(), &get("/account/x.css", "")).await;
-    assert!(next.cache_status().contains("hit"), "{next:?}");
+    assert!(next.cache_status().starts_with("corral; hit"), "{next:?}");
     assert_eq!(origin.received_for("/account/x.css").len(), 2);
 }
 
@@ -59,7 +59,7 @@ async fn explicit_shared_freshness_still_stores_a_credentialed_response() {
         assert_eq!(first.status, 200, "{cache_control}: {first:?}");
         let second = exchange(corral.addr(), &get("/logo.png", "")).await;
         assert!(
-            second.cache_status().contains("hit"),
+            second.cache_status().starts_with("corral; hit"),
             "{cache_control}: {second:?}"
         );
         assert_eq!(origin.received().len(), 1, "{cache_control}");
@@ -92,7 +92,7 @@ async fn keyed_and_ignored_cookies_opt_a_route_in_and_split_its_keys() {
         &get("/home", "cookie: _ga=GA1.2; lang=en\r\n"),
     )
     .await;
-    assert!(again.cache_status().contains("hit"), "{again:?}");
+    assert!(again.cache_status().starts_with("corral; hit"), "{again:?}");
     let fr = exchange(corral.addr(), &get("/home", "cookie: lang=fr\r\n")).await;
     assert!(!fr.cache_status().contains("hit"), "{fr:?}");
     let none = exchange(corral.addr(), &get("/home", "")).await;
@@ -140,7 +140,7 @@ async fn credentialed_leader_does_not_release_the_herd(credential: (&str, &str))
     // The attacker's fetch, then one fill for the whole herd.
     assert_eq!(h.origin.requests_for(path), 2);
     let next = h.get(path).await;
-    assert!(next.cache_status().contains("hit"), "{next:?}");
+    assert!(next.cache_status().starts_with("corral; hit"), "{next:?}");
     assert_eq!(h.origin.requests_for(path), 2);
 }
 
@@ -245,7 +245,7 @@ async fn a_credentialed_fill_elsewhere_in_the_fleet_does_not_release_the_herd() 
     assert_eq!(h.origin.requests_for(path), 2);
     assert!(took < Duration::from_secs(3), "the herd waited {took:?}");
     let next = Harness::get_from(&h.server, path).await;
-    assert!(next.cache_status().contains("hit"), "{next:?}");
+    assert!(next.cache_status().starts_with("corral; hit"), "{next:?}");
 }
 
 #[tokio::test]
@@ -305,4 +305,231 @@ async fn revalidation_made_unstorable_by_the_304_still_gets_the_body() {
     assert_eq!(res.status, 200, "{res:?}");
     assert_eq!(res.text(), "answer to GET /doc");
     assert!(res.cache_status().contains("no-store"), "{res:?}");
+}
+
+/// A client's own `Cache-Control: no-store` (or `Pragma: no-cache`) asks nothing of what
+/// a shared cache stores (nginx and Varnish ignore it there too): it must not make the
+/// key hit-for-pass for everyone.
+#[tokio::test]
+async fn a_request_no_store_does_not_turn_caching_off_for_others() {
+    for directive in ["cache-control: no-store\r\n", "pragma: no-cache\r\n"] {
+        let origin = RecordingOrigin::answering(Answer::default()).await;
+        let corral = Setup::default().start_in_front_of(&origin.url()).await;
+        let attacker = exchange(corral.addr(), &get("/hot", directive)).await;
+        assert_eq!(attacker.status, 200, "{attacker:?}");
+        let next = exchange(corral.addr(), &get("/hot", "")).await;
+        assert!(
+            next.cache_status().starts_with("corral; hit"),
+            "{directive:?} turned caching off: {attacker:?} / {next:?}"
+        );
+        assert_eq!(origin.received_for("/hot").len(), 1);
+    }
+}
+
+/// A 4xx outside `cacheable_statuses` may answer something of the request the key does
+/// not see (`Expect`, an oversized header, a method override): it passes for that
+/// request only, and the next request fills and stores as usual.
+#[tokio::test]
+async fn a_client_error_caused_by_unkeyed_input_does_not_turn_caching_off_for_others() {
+    for status in [400, 403, 417, 431] {
+        let origin = RecordingOrigin::answering(Answer {
+            status,
+            ..Answer::default()
+        })
+        .await;
+        let corral = Setup::default().start_in_front_of(&origin.url()).await;
+        let attacker = exchange(corral.addr(), &get("/hot", "expect: x\r\n")).await;
+        assert_eq!(attacker.status, status, "{attacker:?}");
+        origin.set_answer(Answer::default());
+        let filled = exchange(corral.addr(), &get("/hot", "")).await;
+        assert_eq!(filled.status, 200, "{status}: {filled:?}");
+        let next = exchange(corral.addr(), &get("/hot", "")).await;
+        assert!(
+            next.cache_status().starts_with("corral; hit"),
+            "{status} turned caching off: {filled:?} / {next:?}"
+        );
+        assert_eq!(origin.received_for("/hot").len(), 2, "{status}");
+    }
+}
+
+/// What the origin answers a request without the victim's session.
+fn anonymous_page() -> Answer {
+    Answer {
+        body: Some(b"sign in".to_vec()),
+        ..Answer::default()
+    }
+}
+
+/// `max-age=0` is explicit freshness, but zero: for a credentialed request it must not
+/// let the route's `override_ttl` store the victim's page for everyone.
+#[tokio::test]
+async fn credentialed_max_age_0_is_not_stored_on_the_route_override_ttl() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![("cache-control".into(), "max-age=0".into())],
+        body: Some(b"victim's account page".to_vec()),
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default()
+        .route("ttl = \"60s\"\noverride_ttl = true")
+        .start_in_front_of(&origin.url())
+        .await;
+    let victim = exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    assert!(victim.cache_status().contains("credentials"), "{victim:?}");
+    origin.set_answer(anonymous_page());
+    let attacker = exchange(corral.addr(), &get("/account/x.css", "")).await;
+    assert!(
+        !attacker.text().contains("victim"),
+        "the victim's page was served from the cache: {attacker:?}"
+    );
+    assert_eq!(origin.received_for("/account/x.css").len(), 2);
+}
+
+/// An already expired credentialed answer is not stored for the route's default
+/// stale windows either.
+#[tokio::test]
+async fn credentialed_expired_answer_is_not_served_stale_to_others() {
+    for expired in [("expires", "0"), ("cache-control", "max-age=0")] {
+        let origin = RecordingOrigin::answering(Answer {
+            headers: vec![(expired.0.into(), expired.1.into())],
+            body: Some(b"victim's account page".to_vec()),
+            ..Answer::default()
+        })
+        .await;
+        let corral = Setup::default()
+            .route("stale_while_revalidate = \"60s\"\nstale_if_error = \"60s\"")
+            .start_in_front_of(&origin.url())
+            .await;
+        exchange(
+            corral.addr(),
+            &get("/account/x.css", "cookie: session=victim\r\n"),
+        )
+        .await;
+        origin.set_answer(anonymous_page());
+        let attacker = exchange(corral.addr(), &get("/account/x.css", "")).await;
+        assert!(
+            !attacker.text().contains("victim"),
+            "{expired:?}: the victim's page was served stale: {attacker:?}"
+        );
+        assert_eq!(
+            origin.received_for("/account/x.css").len(),
+            2,
+            "{expired:?}"
+        );
+    }
+}
+
+/// Nor is it kept for revalidation (`keep`): its validator would be sent upstream for
+/// the next, anonymous, request.
+#[tokio::test]
+async fn credentialed_max_age_0_is_not_kept_for_revalidation() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=0".into()),
+            ("etag".into(), "\"victim-v1\"".into()),
+        ],
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let victim = exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    assert!(victim.cache_status().contains("credentials"), "{victim:?}");
+    exchange(corral.addr(), &get("/account/x.css", "")).await;
+    let anonymous = &origin.received_for("/account/x.css")[1];
+    assert_eq!(
+        anonymous.header("if-none-match"),
+        None,
+        "the victim's validator was sent for an anonymous request: {anonymous:?}"
+    );
+}
+
+/// ... so an origin whose validator does not depend on the session (a version ETag)
+/// cannot, by answering 304 to an anonymous request, hand it the victim's body.
+#[tokio::test]
+async fn credentialed_body_is_not_served_after_an_anonymous_304() {
+    let versioned = vec![
+        ("cache-control".to_string(), "max-age=0".to_string()),
+        ("etag".to_string(), "\"v1\"".to_string()),
+    ];
+    let origin = RecordingOrigin::answering(Answer {
+        headers: versioned.clone(),
+        body: Some(b"victim's account page".to_vec()),
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    exchange(
+        corral.addr(),
+        &get("/account/x.css", "cookie: session=victim\r\n"),
+    )
+    .await;
+    origin.set_answer(Answer {
+        status: 304,
+        headers: versioned,
+        body: Some(Vec::new()),
+        ..Answer::default()
+    });
+    let anonymous = exchange(corral.addr(), &get("/account/x.css", "")).await;
+    assert!(
+        !anonymous.text().contains("victim"),
+        "the anonymous client got the victim's page: {anonymous:?}"
+    );
+}
+
+/// `key.cookies` keys a cookie only as written `name=value`: `lang =fr` reaches the
+/// origin as a cookie named `lang ` (Go drops it, PHP reads `lang_`), so its answer
+/// must not be stored under the key of `lang=fr`. Being an unknown cookie, it is a
+/// credential.
+#[tokio::test]
+async fn keyed_cookie_written_with_spaces_is_not_keyed_as_that_cookie() {
+    let origin = RecordingOrigin::answering(heuristic()).await;
+    let corral = Setup::default()
+        .route("key = { cookies = [\"lang\"] }")
+        .start_in_front_of(&origin.url())
+        .await;
+    let spaced = exchange(corral.addr(), &get("/home", "cookie: lang =fr\r\n")).await;
+    assert!(spaced.cache_status().contains("credentials"), "{spaced:?}");
+    let victim = exchange(corral.addr(), &get("/home", "cookie: lang=fr\r\n")).await;
+    assert!(
+        !victim.cache_status().starts_with("corral; hit"),
+        "the answer to `lang =fr` is served for lang=fr: {victim:?}"
+    );
+    // A value written with a space is another value.
+    exchange(corral.addr(), &get("/home", "cookie: lang= fr\r\n")).await;
+    let again = exchange(corral.addr(), &get("/home", "cookie: lang=fr\r\n")).await;
+    assert!(again.cache_status().starts_with("corral; hit"), "{again:?}");
+    assert_eq!(origin.received_for("/home").len(), 3);
+}
+
+/// An origin that names `Vary` in `Connection` has corral drop that `Vary` (RFC 9110
+/// §7.6.1): the variants could no longer be told apart, so the answer is not stored
+/// (judged on the head as it would be stored, not on the raw one).
+#[tokio::test]
+async fn vary_named_in_connection_is_not_stored_without_its_vary() {
+    let origin = RecordingOrigin::answering(Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=60".into()),
+            ("vary".into(), "accept-language".into()),
+            ("connection".into(), "vary".into()),
+        ],
+        ..Answer::default()
+    })
+    .await;
+    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let en = exchange(corral.addr(), &get("/v", "accept-language: en\r\n")).await;
+    assert!(en.cache_status().contains("vary-star"), "{en:?}");
+    let fr = exchange(corral.addr(), &get("/v", "accept-language: fr\r\n")).await;
+    assert!(
+        !fr.cache_status().starts_with("corral; hit"),
+        "the English answer was served for fr: {fr:?}"
+    );
+    assert_eq!(origin.received_for("/v").len(), 2);
 }

@@ -343,14 +343,123 @@ fn unparsable_vary_is_treated_as_star() {
 #[test]
 fn method_errors_are_not_stored_by_default() {
     let r = route("");
-    for status in [405, 501, 206] {
+    for status in [501, 206] {
         assert_eq!(
             reason(eval(&r, &[], status, &[])),
             "uncacheable-status",
             "{status}"
         );
     }
+    assert_eq!(reason(eval(&r, &[], 405, &[])), "uncacheable-client-error");
     assert_eq!(reason(eval(&r, &[], 404, &[])), "stored");
+}
+
+#[test]
+fn client_errors_outside_the_list_are_request_specific_server_errors_are_not() {
+    let r = route("");
+    for status in [400, 403, 405, 406, 417, 431] {
+        match eval(&r, &[], status, &[("cache-control", "max-age=60")]) {
+            Verdict::Pass(reason) => assert!(reason.is_request_specific(), "{status}"),
+            Verdict::Store(_) => panic!("{status} stored"),
+        }
+    }
+    for status in [500, 502, 503] {
+        match eval(&r, &[], status, &[]) {
+            Verdict::Pass(reason) => assert!(!reason.is_request_specific(), "{status}"),
+            Verdict::Store(_) => panic!("{status} stored"),
+        }
+    }
+}
+
+#[test]
+fn request_cache_directives_do_not_decide_storage() {
+    let r = route("");
+    for (name, value) in [
+        ("cache-control", "no-store"),
+        ("cache-control", "no-cache, max-age=0"),
+        ("pragma", "no-cache"),
+    ] {
+        assert_eq!(
+            reason(eval(&r, &[(name, value)], 200, &[])),
+            "stored",
+            "{value}"
+        );
+    }
+}
+
+#[test]
+fn credentialed_responses_are_stored_only_on_the_origin_word() {
+    let cookie = [("cookie", "session=abc")];
+    let lenient = route(
+        "override_ttl = true
+keep = \"10m\"",
+    );
+    // Zero or past explicit freshness: revalidate every time, so not shared, whatever
+    // the route's override, stale windows or keep would add.
+    for headers in [
+        &[("cache-control", "max-age=0")][..],
+        &[("cache-control", "public, max-age=0")],
+        &[("cache-control", "s-maxage=0, max-age=60")],
+        &[("cache-control", "max-age=60"), ("age", "60")],
+        &[("expires", "0")],
+        &[("cache-control", "max-age=0"), ("etag", "\"v1\"")],
+        &[("cache-control", "public, no-cache"), ("etag", "\"v1\"")],
+    ] {
+        assert_eq!(
+            reason(eval(&lenient, &cookie, 200, headers)),
+            "credentials",
+            "{headers:?}"
+        );
+    }
+    // Positive freshness is stored with the origin's windows only: no override, no
+    // route windows, no keep.
+    let l = lifetime(eval(
+        &lenient,
+        &cookie,
+        200,
+        &[
+            ("cache-control", "max-age=5, stale-if-error=7"),
+            ("etag", "\"v1\""),
+        ],
+    ));
+    assert_eq!(l.fresh_for, Duration::from_secs(5));
+    assert_eq!(l.stale_while_revalidate, Duration::ZERO);
+    assert_eq!(l.stale_if_error, Duration::from_secs(7));
+    assert_eq!(l.keep, Duration::ZERO);
+    // `public` alone allows heuristic freshness: the route's ttl, nothing more.
+    let l = lifetime(eval(&lenient, &cookie, 200, &[("cache-control", "public")]));
+    assert_eq!(l.fresh_for, Duration::from_secs(60));
+    assert_eq!(
+        (l.stale_while_revalidate, l.keep),
+        (Duration::ZERO, Duration::ZERO)
+    );
+    // Without credentials the route's rules apply as before.
+    let l = lifetime(eval(
+        &lenient,
+        &[],
+        200,
+        &[("cache-control", "max-age=0"), ("etag", "\"v1\"")],
+    ));
+    assert_eq!(l.fresh_for, Duration::from_secs(60));
+}
+
+#[test]
+fn cookie_names_are_compared_as_written() {
+    let r = route("key = { cookies = [\"lang\"] }\nignore_cookies = [\"_ga\"]");
+    for cookie in ["lang=fr", "lang=fr;_ga=1", "_ga=1; \tlang=fr;", "lang= fr"] {
+        assert_eq!(
+            reason(eval(&r, &[("cookie", cookie)], 200, &[])),
+            "stored",
+            "{cookie}"
+        );
+    }
+    for cookie in ["lang =fr", "lang", "=fr", "lang=fr; _ga =1", "Lang=fr"] {
+        assert_eq!(
+            reason(eval(&r, &[("cookie", cookie)], 200, &[])),
+            "credentials",
+            "{cookie}"
+        );
+    }
 }
 
 #[test]
