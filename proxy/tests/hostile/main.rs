@@ -14,5 +14,5 @@ mod freshness;
 mod paths;
 mod poisoning;
 mod redis_entries;
-mod smuggling;
 mod review;
+mod smuggling;
