@@ -2,28 +2,48 @@
 //! bytes in memory (cached bodies, error messages) or a stream passed through from the
 //! other side, possibly after a prefix already read. One enum, so no boxing per response.
 //!
-//! A client's request body streamed upstream remembers whether the *client's* stream
-//! failed (a malformed chunk, a connection cut mid-body): the upstream client reports
-//! that as its own error, and only this flag tells the client's fault from the
-//! upstream's.
+//! A client's request body streamed upstream is timed and watched: a client that sends
+//! nothing for `body_timeout` while corral waits on it is cut off (nginx's
+//! `client_body_timeout`), and the body records what the *client's* stream did (failed,
+//! stalled, completed, last moved). The upstream client reports any of these as its
+//! own error; only this record tells the client's fault from the upstream's.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+/// Why a body stream ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The stream itself broke (a malformed chunk, a connection cut mid-body).
+    #[error(transparent)]
+    Stream(#[from] hyper::Error),
+    /// The client sent nothing for `body_timeout` while corral waited on its body.
+    #[error("the client sent no request body bytes for {0:?}")]
+    ClientStalled(Duration),
+}
 
 pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Full { data: Option<Bytes> },
         Streaming { prefix: Option<Bytes>, #[pin] rest: Incoming },
-        /// A client's request body; `failed` is set when reading it fails.
-        FromClient { #[pin] rest: Incoming, failed: Arc<AtomicBool> },
+        /// A client's request body, watched by `state`; `timer` is armed while the body
+        /// waits on the client (boxed: only client bodies pay for it).
+        FromClient {
+            #[pin] rest: Incoming,
+            state: Arc<ClientBodyState>,
+            timer: Option<Pin<Box<Sleep>>>,
+        },
     }
 }
 
@@ -43,19 +63,22 @@ impl ProxyBody {
         ProxyBody::Streaming { prefix: None, rest }
     }
 
-    /// A client's request body, to forward upstream.
-    pub fn from_client(rest: Incoming) -> ProxyBody {
+    /// A client's request body, to forward upstream; the client may wait at most
+    /// `timeout` between two reads of it.
+    pub fn from_client(rest: Incoming, timeout: Duration) -> ProxyBody {
+        let state = ClientBodyState::new(timeout, rest.is_end_stream());
         ProxyBody::FromClient {
             rest,
-            failed: Arc::default(),
+            state: Arc::new(state),
+            timer: None,
         }
     }
 
-    /// For a client's body, the flag its stream sets when it fails; read it after the
+    /// For a client's body, the record of what its stream did; read it after the
     /// upstream exchange to tell whose fault an error was.
     pub fn client_fault(&self) -> Option<ClientFault> {
         match self {
-            ProxyBody::FromClient { failed, .. } => Some(ClientFault(Arc::clone(failed))),
+            ProxyBody::FromClient { state, .. } => Some(ClientFault(Arc::clone(state))),
             _ => None,
         }
     }
@@ -71,25 +94,19 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.project() {
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             ProxyBodyProj::Streaming { prefix, rest } => match prefix.take() {
                 Some(p) => Poll::Ready(Some(Ok(Frame::data(p)))),
-                None => rest.poll_frame(cx),
+                None => rest.poll_frame(cx).map_err(BodyError::Stream),
             },
-            ProxyBodyProj::FromClient { rest, failed } => {
-                let frame = rest.poll_frame(cx);
-                if let Poll::Ready(Some(Err(_))) = &frame {
-                    failed.store(true, Ordering::Release);
-                }
-                frame
-            }
+            ProxyBodyProj::FromClient { rest, state, timer } => poll_client(rest, state, timer, cx),
         }
     }
 
@@ -121,12 +138,126 @@ impl Body for ProxyBody {
     }
 }
 
-/// Whether a client's request body failed while it was read (see [`ProxyBody::client_fault`]).
+/// Reads a client's body, timing the waits on the client: the timer starts when a read
+/// finds nothing and stops when bytes come. It never runs while the upstream side does
+/// not ask for more (an upstream that reads slowly is not the client's doing).
+fn poll_client(
+    mut rest: Pin<&mut Incoming>,
+    state: &ClientBodyState,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    let frame = match rest.as_mut().poll_frame(cx) {
+        Poll::Pending => {
+            let deadline = Instant::now() + state.timeout;
+            let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if !state.waiting.swap(true, Ordering::AcqRel) {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            state.timed_out.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(BodyError::ClientStalled(state.timeout))));
+        }
+        Poll::Ready(frame) => frame,
+    };
+    state.waiting.store(false, Ordering::Release);
+    match &frame {
+        Some(Err(_)) => state.failed.store(true, Ordering::Release),
+        // hyper stops reading a body of known length at its last byte, without a
+        // final `None`: `is_end_stream` says it is complete.
+        None => state.finished(),
+        Some(Ok(_)) if rest.is_end_stream() => state.finished(),
+        Some(Ok(_)) => state.moved(),
+    }
+    Poll::Ready(frame.map(|f| f.map_err(BodyError::Stream)))
+}
+
+/// What a client's request body did, shared by the body (the only writer, from the
+/// upstream client's task) and the request that forwards it (which reads it once the
+/// exchange is over or its timeout fires). Plain atomics: each field is a fact on its
+/// own, and a reader that sees a stale one only delays an attribution by one timer.
+#[derive(Debug)]
+struct ClientBodyState {
+    timeout: Duration,
+    /// Clock origin for `moved_at`.
+    start: Instant,
+    /// When the body last moved (a frame, or its end), in nanoseconds after `start`,
+    /// plus one: 0 is "never".
+    moved_at: AtomicU64,
+    /// The last read found nothing: the body waits on the client.
+    waiting: AtomicBool,
+    complete: AtomicBool,
+    failed: AtomicBool,
+    timed_out: AtomicBool,
+}
+
+impl ClientBodyState {
+    fn new(timeout: Duration, complete: bool) -> ClientBodyState {
+        ClientBodyState {
+            timeout,
+            start: Instant::now(),
+            moved_at: AtomicU64::new(0),
+            waiting: AtomicBool::new(false),
+            complete: AtomicBool::new(complete),
+            failed: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+        }
+    }
+
+    fn moved(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX - 1);
+        self.moved_at.store(nanos + 1, Ordering::Release);
+    }
+
+    fn finished(&self) {
+        self.moved();
+        self.complete.store(true, Ordering::Release);
+    }
+}
+
+/// What the client did to a request that failed upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBlame {
+    /// Its body was malformed or cut off (`400`).
+    Malformed,
+    /// It stopped sending its body (`408`).
+    Stalled,
+}
+
+/// The record of a client's request body (see [`ProxyBody::client_fault`]).
 #[derive(Debug, Clone)]
-pub struct ClientFault(Arc<AtomicBool>);
+pub struct ClientFault(Arc<ClientBodyState>);
 
 impl ClientFault {
-    pub fn happened(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    /// Whether the client sent its whole body.
+    pub fn complete(&self) -> bool {
+        self.0.complete.load(Ordering::Acquire)
+    }
+
+    /// When the body last moved (a frame passed upstream, or its end), if it has.
+    pub fn moved_at(&self) -> Option<Instant> {
+        match self.0.moved_at.load(Ordering::Acquire) {
+            0 => None,
+            nanos => Some(self.0.start + Duration::from_nanos(nanos - 1)),
+        }
+    }
+
+    /// Whose fault an upstream exchange that ended without a response was, if the
+    /// client's: its body failed or hit `body_timeout`, or (`timed_out`: the exchange
+    /// ran out of time) the body was still incomplete and waiting on the client. A body
+    /// the upstream side had stopped asking for is not the client's doing.
+    pub fn blame(&self, timed_out: bool) -> Option<ClientBlame> {
+        let s = &self.0;
+        if s.timed_out.load(Ordering::Acquire) {
+            Some(ClientBlame::Stalled)
+        } else if s.failed.load(Ordering::Acquire) {
+            Some(ClientBlame::Malformed)
+        } else if timed_out && !self.complete() && s.waiting.load(Ordering::Acquire) {
+            Some(ClientBlame::Stalled)
+        } else {
+            None
+        }
     }
 }

@@ -134,6 +134,8 @@ pub struct RouteConfig {
     pub path_prefix: String,
     pub upstream: Uri,
     pub connect_timeout: Duration,
+    /// How long the upstream may take to answer (head, or a body to cache), counted
+    /// from the request's send or, while a client's body is forwarded, its last move.
     pub response_timeout: Duration,
     /// Freshness when the upstream gives none (or always, with `override_ttl`).
     pub ttl: Duration,

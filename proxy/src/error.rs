@@ -5,13 +5,14 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::body::ProxyBody;
+use crate::body::{ClientBlame, ProxyBody};
 use crate::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
 /// Why corral could not produce the upstream's response. Each variant records whose
-/// fault it was: the client's (`BadRequest`, `NoRoute`, `MethodNotAllowed`, `ClientBody`),
-/// the upstream's (`Upstream`, `SharedFailure`), or the wait bound's (`WaitTimedOut`).
+/// fault it was: the client's (`BadRequest`, `NoRoute`, `MethodNotAllowed`, `ClientBody`,
+/// `ClientBodyTimeout`), the upstream's (`Upstream`, `SharedFailure`), the wait bound's
+/// (`WaitTimedOut`), or corral's own capacity (`Overloaded`).
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("bad request: {0}")]
@@ -21,6 +22,12 @@ pub enum ProxyError {
     /// The client's request body broke off or was malformed while it was forwarded.
     #[error("the client's request body was malformed or cut off")]
     ClientBody,
+    /// The client stopped sending its request body while corral waited on it.
+    #[error("the client stopped sending its request body")]
+    ClientBodyTimeout,
+    /// `max_requests` requests were already in progress.
+    #[error("too many requests in progress")]
+    Overloaded,
     #[error("method not allowed through a reverse proxy")]
     MethodNotAllowed,
     #[error(transparent)]
@@ -29,6 +36,15 @@ pub enum ProxyError {
     SharedFailure(FailureKind),
     #[error("waited {0:?} for another request's fetch")]
     WaitTimedOut(Duration),
+}
+
+impl From<ClientBlame> for ProxyError {
+    fn from(blame: ClientBlame) -> ProxyError {
+        match blame {
+            ClientBlame::Malformed => ProxyError::ClientBody,
+            ClientBlame::Stalled => ProxyError::ClientBodyTimeout,
+        }
+    }
 }
 
 impl ProxyError {
@@ -43,6 +59,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::ClientBody => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::Upstream(e) => by_kind(e.kind()),
             ProxyError::SharedFailure(kind) => by_kind(*kind),
@@ -56,6 +74,8 @@ impl ProxyError {
             ProxyError::BadRequest(bad) => bad.detail(),
             ProxyError::NoRoute => "no-route",
             ProxyError::ClientBody => "client-body",
+            ProxyError::ClientBodyTimeout => "client-body-timeout",
+            ProxyError::Overloaded => "overloaded",
             ProxyError::MethodNotAllowed => "method",
             ProxyError::Upstream(e) => failure_detail(e.kind()),
             ProxyError::SharedFailure(kind) => failure_detail(*kind),
@@ -80,6 +100,8 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
         ProxyError::BadRequest(_) => "bad request\n",
         ProxyError::NoRoute => "no route for this host and path\n",
         ProxyError::ClientBody => "malformed request body\n",
+        ProxyError::ClientBodyTimeout => "request body timed out\n",
+        ProxyError::Overloaded => "too many requests in progress; retry shortly\n",
         ProxyError::MethodNotAllowed => "method not allowed\n",
         _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
         _ => "upstream unavailable\n",
@@ -95,6 +117,11 @@ pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
             header::ALLOW,
             HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         );
+    }
+    if let ProxyError::Overloaded = err {
+        // The requests in progress are short-lived (each is bounded by its timeouts).
+        res.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     res
 }

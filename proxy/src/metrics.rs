@@ -114,11 +114,13 @@ pub struct Metrics {
     pub connections: ConnectionMetrics,
 }
 
-/// Client connections: how many are open, and why some were refused or cut off.
+/// Client connections: how many are open, and why some (or their requests) were refused
+/// or cut off.
 #[derive(Clone, Default)]
 pub struct ConnectionMetrics {
     open: Gauge,
     refused: Counter,
+    requests_refused: Counter,
     idle_closed: Counter,
     send_timeouts: Counter,
     client_aborts: Counter,
@@ -133,6 +135,11 @@ impl ConnectionMetrics {
             self.open.clone(),
         );
         let counters = [
+            (
+                "requests_refused",
+                "Client requests refused (503) because max_requests were in progress",
+                &self.requests_refused,
+            ),
             (
                 "connections_refused",
                 "Client connections refused (503) because max_connections were open",
@@ -172,6 +179,9 @@ impl ConnectionMetrics {
     }
     pub fn refused(&self) {
         self.refused.inc();
+    }
+    pub fn request_refused(&self) {
+        self.requests_refused.inc();
     }
     pub fn idle_closed(&self) {
         self.idle_closed.inc();

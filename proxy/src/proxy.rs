@@ -92,6 +92,8 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     /// What `POST /purge` requires (admin.rs); here so the admin listener has it.
     admin_token: Option<AdminToken>,
+    /// `[limits] body_timeout`: how long a forwarded body may wait on its client.
+    body_timeout: std::time::Duration,
 }
 
 /// A request as the cache path needs it: the client's head, prepared for forwarding.
@@ -143,6 +145,7 @@ impl Proxy {
             trusted_proxies: config.trusted_proxies.clone(),
             metrics,
             admin_token: config.admin_token.clone(),
+            body_timeout: config.limits.body_timeout,
         }
     }
 
@@ -311,7 +314,12 @@ impl Proxy {
             // Streamed as it came, with its own framing; never stored, never served
             // from the cache (the key does not see the body or the rewriting header).
             return self
-                .pass(route, &req, ProxyBody::from_client(body), status)
+                .pass(
+                    route,
+                    &req,
+                    ProxyBody::from_client(body, self.body_timeout),
+                    status,
+                )
                 .await;
         }
         let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);
@@ -568,8 +576,14 @@ impl Proxy {
             route.config.preserve_host,
             body,
         );
-        match route.upstream.send(upstream_req).await {
-            Ok(res) => {
+        let sent = route.upstream.send(upstream_req).await;
+        // Whether a failure was the client's: its body failed or stalled.
+        let blame = match &sent {
+            Err(err) => client_fault.and_then(|f| f.blame(err.kind() == FailureKind::Timeout)),
+            Ok(_) => None,
+        };
+        match (sent, blame) {
+            (Ok(res), _) => {
                 note_upstream_status(route, res.status());
                 let (mut head, body) = res.into_parts();
                 headers::forward_response(&mut head.headers);
@@ -580,14 +594,14 @@ impl Proxy {
                 };
                 (Response::from_parts(head, body), status)
             }
-            // The client's body failed: its fault, not the upstream's (no fault log, no
-            // upstream error counted), whatever error the upstream client reported.
-            Err(_) if client_fault.is_some_and(|f| f.happened()) => {
-                tracing::debug!("client request body failed while forwarded");
-                let err = ProxyError::ClientBody;
+            // The client's body failed or stalled: its fault, not the upstream's (no
+            // fault log, no upstream error counted), whatever the upstream client said.
+            (Err(_), Some(blame)) => {
+                let err = ProxyError::from(blame);
+                tracing::debug!(error = %err, "client request body failed while forwarded");
                 (error_response(&err), CacheStatus::error(None, err.detail()))
             }
-            Err(err) => {
+            (Err(err), None) => {
                 note_upstream_error(route, &err);
                 let err = ProxyError::from(err);
                 (

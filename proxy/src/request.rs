@@ -140,7 +140,7 @@ pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
         return ok.then(|| lowercase(host));
     }
     let host = host.strip_suffix('.').unwrap_or(host);
-    if host.is_empty() || host.len() > 253 {
+    if host.is_empty() || host.len() > 253 || host.ends_with('.') {
         return None;
     }
     // One pass (this runs on every request): allowed bytes, no leading dot, no "..".
@@ -389,7 +389,8 @@ mod tests {
         assert_eq!(n("[::1]").as_deref(), Some("[::1]"));
         assert_eq!(n("127.0.0.1:1").as_deref(), Some("127.0.0.1"));
         for bad in [
-            "", ".", "a..b", ".a", "a b", "a/b", "a:x", "a:123456", "[::1", "[zz]", "a\\b", "a:1:2",
+            "", ".", "a..b", "a..", "-..", ".a", "a b", "a/b", "a:x", "a:123456", "[::1", "[zz]",
+            "a\\b", "a:1:2",
         ] {
             assert_eq!(n(bad), None, "{bad:?}");
         }

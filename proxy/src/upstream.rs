@@ -3,7 +3,9 @@
 //! once when they start and once when they end.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,8 +19,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{ClientFault, ProxyBody};
 use crate::config::RouteConfig;
 
 /// What kind of upstream failure a fill ended with; what waiters are told.
@@ -164,19 +167,24 @@ impl Upstream {
         req
     }
 
-    /// Sends `req`, waiting at most the response timeout for the response head.
+    /// Sends `req`, waiting at most the response timeout for the response head. While
+    /// a client's body is forwarded, the timeout counts from its last move, so an
+    /// upload that keeps moving is never cut for its length (the body's own timer
+    /// bounds a client that stops; see [`ProxyBody::from_client`]).
     pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
+        let client_body = req.body().client_fault();
+        let exchange = self.client.request(req);
+        match within(self.response_timeout, exchange, client_body.as_ref()).await {
+            Some(Ok(res)) => Ok(res),
+            Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
                 upstream: self.display.clone(),
                 source,
             }),
-            Ok(Err(source)) => Err(UpstreamError::Request {
+            Some(Err(source)) => Err(UpstreamError::Request {
                 upstream: self.display.clone(),
                 source,
             }),
-            Err(_) => Err(UpstreamError::Timeout {
+            None => Err(UpstreamError::Timeout {
                 upstream: self.display.clone(),
                 timeout: self.response_timeout,
             }),
@@ -192,6 +200,27 @@ impl Upstream {
 
     pub fn display(&self) -> &str {
         &self.display
+    }
+}
+
+/// Runs `exchange` until it has made no progress for `timeout` (`None`): progress is
+/// the client's body moving, if one is sent.
+async fn within<F: Future>(
+    timeout: Duration,
+    exchange: F,
+    client_body: Option<&ClientFault>,
+) -> Option<F::Output> {
+    tokio::pin!(exchange);
+    let mut deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(out) = tokio::time::timeout_at(deadline, exchange.as_mut()).await {
+            return Some(out);
+        }
+        let moved = client_body.and_then(ClientFault::moved_at)?;
+        if moved + timeout <= Instant::now() {
+            return None;
+        }
+        deadline = moved + timeout;
     }
 }
 
@@ -257,30 +286,117 @@ async fn read_bounded(
 /// An upstream outage, logged when it starts and when it ends, counted in between, so
 /// a dead upstream under load writes two log lines, not one per request.
 ///
-/// Any request task may report; `failing` flips exactly once per transition (swap), so
-/// exactly one task logs each edge.
+/// An outage ends only after [`FaultLog::QUIET`] without a failure: an upstream that
+/// fails some requests and answers others (one broken URL among working ones, which a
+/// client can alternate) stays in one outage, so the lines come at most one pair per
+/// `QUIET`, the end line with the failures and successes in between.
+///
+/// Any request task may report. `failing` is the lock-free fast path of a success with
+/// no outage (every upstream response passes here); the episode itself is a std mutex,
+/// held for a few field updates and never across an `.await`, so exactly one task
+/// logs each edge.
 #[derive(Default)]
 pub struct FaultLog {
     failing: AtomicBool,
-    failures: AtomicU64,
+    episode: Mutex<Episode>,
+}
+
+#[derive(Default)]
+struct Episode {
+    /// The last failure of the outage in progress; `None`: no outage.
+    last_failure: Option<Instant>,
+    failures: u64,
+    successes: u64,
+}
+
+/// A line [`FaultLog`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultLine {
+    Failing,
+    Recovered { failures: u64, successes: u64 },
 }
 
 impl FaultLog {
-    pub fn failure(&self, route: &str, upstream: &str, error: &dyn fmt::Display) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        if !self.failing.swap(true, Ordering::AcqRel) {
-            tracing::warn!(route, upstream, %error, "upstream failing; further failures are counted until it recovers");
+    /// How long an upstream must go without a failure for its outage to end.
+    pub const QUIET: Duration = Duration::from_secs(10);
+
+    pub fn failure(
+        &self,
+        route: &str,
+        upstream: &str,
+        error: &dyn fmt::Display,
+    ) -> Option<FaultLine> {
+        let mut episode = self.episode.lock().unwrap_or_else(|e| e.into_inner());
+        episode.failures += 1;
+        let started = episode.last_failure.replace(Instant::now()).is_none();
+        if !started {
+            return None;
         }
+        self.failing.store(true, Ordering::Release);
+        tracing::warn!(route, upstream, %error, "upstream failing; further failures are counted until it recovers");
+        Some(FaultLine::Failing)
     }
 
-    pub fn success(&self, route: &str, upstream: &str) {
-        if self.failing.load(Ordering::Relaxed) && self.failing.swap(false, Ordering::AcqRel) {
-            let failures = self.failures.swap(0, Ordering::Relaxed);
-            tracing::info!(route, upstream, failures, "upstream recovered");
+    pub fn success(&self, route: &str, upstream: &str) -> Option<FaultLine> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
         }
+        let mut episode = self.episode.lock().unwrap_or_else(|e| e.into_inner());
+        let last = episode.last_failure?;
+        if last.elapsed() < Self::QUIET {
+            episode.successes += 1;
+            return None;
+        }
+        let Episode {
+            failures,
+            successes,
+            ..
+        } = std::mem::take(&mut *episode);
+        self.failing.store(false, Ordering::Release);
+        tracing::info!(route, upstream, failures, successes, "upstream recovered");
+        Some(FaultLine::Recovered {
+            failures,
+            successes,
+        })
     }
 
     pub fn is_failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_that_alternates_failing_and_working_logs_one_pair_per_quiet_period() {
+        let log = FaultLog::default();
+        let fail = || log.failure("r", "u", &"boom");
+        let step = Duration::from_millis(100);
+        assert_eq!(fail(), Some(FaultLine::Failing));
+        let mut lines = Vec::new();
+        // A minute of a failing URL and a working one, alternated.
+        for _ in 0..300 {
+            tokio::time::advance(step).await;
+            lines.extend(log.success("r", "u"));
+            tokio::time::advance(step).await;
+            lines.extend(fail());
+        }
+        assert_eq!(lines, [], "one outage while failures keep coming");
+        assert!(log.is_failing());
+        tokio::time::advance(FaultLog::QUIET - step).await;
+        assert_eq!(log.success("r", "u"), None, "not yet quiet");
+        tokio::time::advance(step).await;
+        assert_eq!(
+            log.success("r", "u"),
+            Some(FaultLine::Recovered {
+                failures: 301,
+                successes: 301
+            })
+        );
+        assert!(!log.is_failing());
+        assert_eq!(log.success("r", "u"), None);
+        assert_eq!(fail(), Some(FaultLine::Failing), "a new outage");
     }
 }

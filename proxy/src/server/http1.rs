@@ -465,7 +465,7 @@ async fn serve_one(
     http: &Arc<Http>,
 ) -> Option<TcpStream> {
     let stream = Arc::new(stream);
-    let (activity, _) = Activity::new(&http.metrics);
+    let (activity, _) = Activity::new(&http.metrics, http.requests.as_ref());
     let service = proxy_service(Arc::clone(proxy), peer, activity);
     let body_read = (request.remaining > 0).then(|| Arc::new(Notify::new()));
     let io = HandedIo::new(
@@ -533,7 +533,7 @@ async fn hand_over(
     since: Instant,
 ) {
     let io = HandedIo::new(Arc::new(stream), prefix, None, Arc::clone(http));
-    let (activity, open) = Activity::new(&http.metrics);
+    let (activity, open) = Activity::new(&http.metrics, http.requests.as_ref());
     let service = proxy_service(proxy, peer, activity);
     let conn = http.any.serve_connection(TokioIo::new(io), service);
     let idle = track::idle(open, since, http.limits.idle_timeout);

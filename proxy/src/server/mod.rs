@@ -3,8 +3,8 @@
 //!
 //! Proxy connections start in `http1`, which answers fresh local hits itself and
 //! hands everything else to hyper; the admin port is hyper's alone. Every connection is
-//! held to the `[limits]`: admission under `max_connections` (`accept`), head, idle and
-//! send timeouts (`http1`, `io`, `track`).
+//! held to the `[limits]`: admission under `max_connections` (`accept`), requests under
+//! `max_requests`, head, idle and send timeouts (`http1`, `io`, `track`).
 
 mod accept;
 mod http1;
@@ -13,6 +13,7 @@ mod track;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -28,7 +29,7 @@ use crate::config::{Config, LimitsSettings};
 use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::proxy::Proxy;
 use accept::Admission;
-use track::Activity;
+use track::{Activity, RequestLimit};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -93,25 +94,35 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
     let limits = config.limits;
-    let http = Arc::new(Http::new(&limits, &metrics.connections));
     let max = accept::max_connections(config.limits.max_connections);
+    // By default as many requests as connections: the connection limit's descriptor
+    // budget gives each client connection one upstream socket, and this keeps to it
+    // however many streams the connections multiplex.
+    let max_requests = config.limits.max_requests.map_or(max, NonZeroUsize::get);
+    let requests = RequestLimit::new(max_requests, &metrics.connections);
+    let http = Arc::new(Http::new(&limits, &metrics.connections, Some(requests)));
     let admission = Admission {
         permits: Arc::new(Semaphore::new(max)),
         max,
         metrics: metrics.connections.clone(),
     };
-    tracing::debug!(max_connections = max, "connection limit");
+    tracing::debug!(
+        max_connections = max,
+        max_requests,
+        "connection and request limits"
+    );
 
     let task = {
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let admin = admin.map(|listener| {
-                // The same limits, but not counted with the clients' connections.
-                let http = Arc::new(Http::new(&limits, &ConnectionMetrics::default()));
+                // The same timeouts, but not counted with the clients' connections and
+                // requests, nor refused past their limits.
+                let http = Arc::new(Http::new(&limits, &ConnectionMetrics::default(), None));
                 let proxy = Arc::clone(&proxy);
                 let serve = move |stream: TcpStream, peer, stopped| {
                     let proxy = Arc::clone(&proxy);
-                    let (activity, open) = Activity::new(&http.metrics);
+                    let (activity, open) = Activity::new(&http.metrics, None);
                     let service =
                         track::tracked(activity, move |req| admin::handle(req, Arc::clone(&proxy)));
                     let conn = http
@@ -165,16 +176,22 @@ pub async fn run(config: &Config, signal: impl Future<Output = ()>) -> Result<()
 
 /// hyper, configured once: `any` serves whatever a connection speaks (HTTP/1 or h2c)
 /// for as long as it lasts; `one_request` serves the single HTTP/1 request it is given.
-/// With them, the limits every client connection is held to.
+/// With them, the limits every client connection is held to, and (proxy port only) the
+/// process-wide request limit.
 pub(crate) struct Http {
     any: auto::Builder<TokioExecutor>,
     one_request: hyper::server::conn::http1::Builder,
     limits: LimitsSettings,
     metrics: ConnectionMetrics,
+    requests: Option<Arc<RequestLimit>>,
 }
 
 impl Http {
-    fn new(limits: &LimitsSettings, metrics: &ConnectionMetrics) -> Http {
+    fn new(
+        limits: &LimitsSettings,
+        metrics: &ConnectionMetrics,
+        requests: Option<Arc<RequestLimit>>,
+    ) -> Http {
         let mut any = auto::Builder::new(TokioExecutor::new());
         // The header read timeout (it needs a timer) runs from the end of one response
         // to the end of the next request head: a client that trickles its head
@@ -203,6 +220,7 @@ impl Http {
             one_request,
             limits: *limits,
             metrics: metrics.clone(),
+            requests,
         }
     }
 }

@@ -5,10 +5,16 @@
 //!
 //! A request is in progress from the service call until its response body is done or
 //! dropped: a stream sending a long body is not idle.
+//!
+//! Requests in progress on the proxy port are also counted process-wide against
+//! `max_requests` ([`RequestLimit`]): one HTTP/2 connection carries up to
+//! `h2_max_concurrent_streams` requests, each of which may hold an upstream connection,
+//! so the connection limit alone does not bound what clients make corral hold.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -22,8 +28,71 @@ use pin_project_lite::pin_project;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::ProxyBody;
+use crate::body::{BodyError, ProxyBody};
+use crate::error::{error_response, ProxyError};
 use crate::metrics::ConnectionMetrics;
+
+/// The process-wide bound on requests in progress on the proxy port.
+///
+/// `open` is taken with a compare-and-swap by whichever connection task begins a
+/// request, never waiting (past the limit a request is refused at once), and given back
+/// by the request's [`RequestSeat`] when its response ends, however it ends. An atomic,
+/// not a semaphore: nothing ever waits for a seat. `refused` counts the refusals of the
+/// episode in progress: the first logs its start, the next admission its end.
+pub(crate) struct RequestLimit {
+    max: usize,
+    open: AtomicUsize,
+    refused: AtomicU64,
+    metrics: ConnectionMetrics,
+}
+
+impl RequestLimit {
+    pub(crate) fn new(max: usize, metrics: &ConnectionMetrics) -> Arc<RequestLimit> {
+        Arc::new(RequestLimit {
+            max,
+            open: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            metrics: metrics.clone(),
+        })
+    }
+
+    /// A seat for one more request, or `None` past the limit (counted, and logged when
+    /// refusals start and when they end).
+    fn seat(self: &Arc<Self>) -> Option<RequestSeat> {
+        let below = |n: usize| (n < self.max).then_some(n + 1);
+        if self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, below)
+            .is_err()
+        {
+            self.metrics.request_refused();
+            if self.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(
+                    max_requests = self.max,
+                    "request limit reached; answering new requests 503 until some finish"
+                );
+            }
+            return None;
+        }
+        // A load first: the common case (no episode) writes nothing shared.
+        if self.refused.load(Ordering::Relaxed) > 0 {
+            let refused = self.refused.swap(0, Ordering::Relaxed);
+            if refused > 0 {
+                tracing::info!(refused, "below max_requests again");
+            }
+        }
+        Some(RequestSeat(Arc::clone(self)))
+    }
+}
+
+/// One request's place under [`RequestLimit`], given back when dropped.
+struct RequestSeat(Arc<RequestLimit>);
+
+impl Drop for RequestSeat {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// One connection's requests in progress.
 ///
@@ -32,23 +101,32 @@ use crate::metrics::ConnectionMetrics;
 pub(super) struct Activity {
     open: watch::Sender<usize>,
     metrics: ConnectionMetrics,
+    /// The process-wide limit its requests count against (none on the admin port).
+    limit: Option<Arc<RequestLimit>>,
 }
 
 impl Activity {
-    pub(super) fn new(metrics: &ConnectionMetrics) -> (Arc<Activity>, watch::Receiver<usize>) {
+    pub(super) fn new(
+        metrics: &ConnectionMetrics,
+        limit: Option<&Arc<RequestLimit>>,
+    ) -> (Arc<Activity>, watch::Receiver<usize>) {
         let (open, watching) = watch::channel(0);
         let activity = Activity {
             open,
             metrics: metrics.clone(),
+            limit: limit.cloned(),
         };
         (Arc::new(activity), watching)
     }
 
     fn begin(self: &Arc<Self>) -> InProgress {
         self.open.send_modify(|n| *n += 1);
+        let seat = self.limit.as_ref().map(RequestLimit::seat);
         InProgress {
             activity: Arc::clone(self),
             answered: false,
+            admitted: !matches!(seat, Some(None)),
+            seat: seat.flatten(),
         }
     }
 }
@@ -57,10 +135,16 @@ impl Activity {
 pub(super) struct InProgress {
     activity: Arc<Activity>,
     answered: bool,
+    /// Under the request limit; a request past it is only answered `503`.
+    admitted: bool,
+    seat: Option<RequestSeat>,
 }
 
 impl Drop for InProgress {
     fn drop(&mut self) {
+        // Its place under the request limit first, so that whoever sees it counted
+        // below as ended or aborted finds the place free.
+        drop(self.seat.take());
         if !self.answered {
             // The request future was dropped before it produced a response: hyper
             // does that when the client resets its stream or closes the connection.
@@ -81,12 +165,12 @@ pin_project! {
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.project().body.poll_frame(cx)
     }
 
@@ -99,7 +183,8 @@ impl Body for Tracked {
     }
 }
 
-/// `handle` as a hyper service whose requests count as in progress on `activity`.
+/// `handle` as a hyper service whose requests count as in progress on `activity`. A
+/// request past the request limit is answered `503` at once: `handle` never sees it.
 pub(super) fn tracked<F, Fut>(
     activity: Arc<Activity>,
     handle: F,
@@ -116,9 +201,12 @@ where
 {
     service_fn(move |req| {
         let mut request = activity.begin();
-        let response = handle(req);
+        let response = request.admitted.then(|| handle(req));
         async move {
-            let response = response.await;
+            let response = match response {
+                Some(response) => response.await,
+                None => error_response(&ProxyError::Overloaded),
+            };
             request.answered = true;
             Ok(response.map(|body| Tracked { body, request }))
         }
@@ -154,7 +242,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_only_with_no_request_in_progress() {
-        let (activity, open) = Activity::new(&ConnectionMetrics::default());
+        let (activity, open) = Activity::new(&ConnectionMetrics::default(), None);
         let start = Instant::now();
         let timer = tokio::spawn(idle(open, start, Duration::from_secs(10)));
         let request = activity.begin();
@@ -168,9 +256,36 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_never_sends_a_request_is_idle_from_its_start() {
-        let (_activity, open) = Activity::new(&ConnectionMetrics::default());
+        let (_activity, open) = Activity::new(&ConnectionMetrics::default(), None);
         let start = Instant::now();
         idle(open, start, Duration::from_secs(10)).await;
         assert_eq!(Instant::now() - start, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn requests_past_the_limit_are_refused_until_one_ends() {
+        let limit = RequestLimit::new(2, &ConnectionMetrics::default());
+        let (one, _) = Activity::new(&ConnectionMetrics::default(), Some(&limit));
+        let (other, _) = Activity::new(&ConnectionMetrics::default(), Some(&limit));
+        let first = one.begin();
+        let second = other.begin();
+        let third = one.begin();
+        assert!(first.admitted && second.admitted);
+        assert!(
+            !third.admitted,
+            "the limit is process-wide, not per connection"
+        );
+        assert_eq!(limit.refused.load(Ordering::Relaxed), 1);
+        drop(third);
+        assert!(!other.begin().admitted, "a refused request holds no seat");
+        drop(first);
+        assert!(one.begin().admitted, "an ended request frees its seat");
+        assert_eq!(
+            limit.refused.load(Ordering::Relaxed),
+            0,
+            "the episode ended"
+        );
+        drop(second);
+        assert_eq!(limit.open.load(Ordering::Relaxed), 0);
     }
 }

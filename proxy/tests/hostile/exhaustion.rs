@@ -1,6 +1,6 @@
 //! Resource exhaustion: idle and silent connections are closed, a client that stops
-//! reading is cut off, connections past the limit are refused, and requests whose
-//! clients left never reach the origin.
+//! reading is cut off, connections and requests past their limits are refused, and
+//! requests whose clients left never reach the origin.
 //!
 //! Timeouts are set short in these configs; every wait is on a condition (a closed
 //! socket, a metric) with the suite's deadline, never a measured duration.
@@ -394,4 +394,58 @@ async fn forwarded_request_whose_client_left_after_its_body_is_dropped() {
     drop(client);
     wait_for_metric(&corral, "corral_client_aborts_total", |a| a == 1).await;
     assert_eq!(origin.received_for("/upload")[0].body, b"0123456789");
+}
+
+/// One h2c connection multiplexes up to 100 streams, each of which may hold an upstream
+/// connection, so the connection limit alone does not bound the upstream sockets a
+/// client makes corral hold. Requests in progress are bounded process-wide by
+/// `max_requests` (by default the connection limit): a stream or HTTP/1 request past it
+/// is answered `503` with `Retry-After` at once, counted, and never forwarded.
+#[tokio::test]
+async fn streams_of_one_h2_connection_are_held_to_the_request_limit() {
+    // The admitted requests stay in progress at the origin for the whole test.
+    let origin = RecordingOrigin::answering(Answer {
+        delay: Duration::from_secs(60),
+        ..Answer::default()
+    })
+    .await;
+    let corral = start("max_connections = 2", "", "", &origin.url()).await;
+    let (send, _conn, socket) = h2c(corral.addr()).await;
+    let mut streams = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut send = send.clone();
+        streams.spawn(async move { send.send_request(get(&format!("/slow/{i}"))).await });
+    }
+    let mut refused = 0;
+    while refused < 98 {
+        let res = tokio::time::timeout(DEADLINE, streams.join_next())
+            .await
+            .expect("the streams past the limit are answered at once")
+            .expect("a stream is left")
+            .expect("stream task")
+            .expect("a response");
+        assert_eq!(res.status(), 503, "{res:?}");
+        assert!(res.headers().contains_key("retry-after"), "{res:?}");
+        refused += 1;
+    }
+    let got = origin.wait_for(2).await;
+    let mut conns: Vec<usize> = got.iter().map(|r| r.conn).collect();
+    conns.dedup();
+    assert_eq!(got.len(), 2, "only the admitted requests reach the origin");
+    assert_eq!(conns.len(), 2, "{got:?}");
+    assert_eq!(metric(&corral, "corral_requests_refused_total").await, 98);
+    // The limit is process-wide: an HTTP/1 request on another connection is refused too.
+    let res = exchange(corral.addr(), b"GET /other HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(res.status, 503, "{res:?}");
+    assert_eq!(res.header("retry-after"), Some("1"));
+    assert_eq!(origin.received().len(), 2, "{:?}", origin.received());
+    assert_eq!(metric(&corral, "corral_requests_refused_total").await, 99);
+    // Requests that end (here, their client left) free their places.
+    origin.set_answer(Answer::default());
+    socket
+        .shutdown(std::net::Shutdown::Both)
+        .expect("the client closes its connection");
+    wait_for_metric(&corral, "corral_client_aborts_total", |n| n == 2).await;
+    let res = exchange(corral.addr(), b"GET /other HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(res.status, 200, "{res:?}");
 }

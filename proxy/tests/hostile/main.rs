@@ -15,5 +15,4 @@ mod keying;
 mod paths;
 mod poisoning;
 mod redis_entries;
-mod review;
 mod smuggling;
