@@ -20,10 +20,12 @@
 //! - [`proxy`]: the request path, top to bottom, in one place.
 //! - [`status`]: the `Cache-Status` header and the outcome classes counted in metrics.
 //! - [`error`]: request-path errors and the one function that turns them into responses.
-//! - [`headers`]: hop-by-hop removal, `Via`, `X-Forwarded-*`.
+//! - [`headers`]: hop-by-hop removal, `Via`, forwarding headers (corral's own unless
+//!   the peer is a trusted proxy), `Cookie` fields joined.
 //! - [`body`]: the one body type for responses and forwarded requests.
-//! - [`server`]: listeners, graceful shutdown, and each connection's HTTP/1.1 fast path
-//!   for fresh local hits (everything else goes to hyper).
+//! - [`server`]: listeners, connection and request limits, client timeouts, graceful
+//!   shutdown, and each connection's HTTP/1.1 fast path for fresh local hits
+//!   (everything else goes to hyper).
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, and `POST /purge` behind its guard.
 //! - [`purge`]: a purge request resolved to cache keys as requests are keyed.
 //! - [`metrics`]: the Prometheus registry and per-route counters.
