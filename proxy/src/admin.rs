@@ -8,7 +8,7 @@
 //! `T` by its route's `tag_header`. In fleet mode both reach Redis and every instance.
 //! The answer counts the entries removed, here and in Redis.
 //!
-//! Only purges change anything, so only purges are guarded ([`guard`]): by the admin
+//! Only purges change anything, so only purges are guarded (`guard`): by the admin
 //! token when one is set, and always against browsers, so that no web page a
 //! operator visits can purge through their machine. Health, readiness and metrics
 //! stay open for probes and scrapers.

@@ -59,7 +59,7 @@ const FORWARDING: [&str; 25] = [
     "x-cluster-client-ip",
 ];
 
-/// Whether `name` is a forwarding header (see [`FORWARDING`]).
+/// Whether `name` is a forwarding header (see `FORWARDING`).
 pub fn is_forwarding(name: &HeaderName) -> bool {
     FORWARDING.contains(&name.as_str())
 }

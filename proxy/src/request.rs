@@ -286,7 +286,7 @@ pub fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
 }
 
 /// Whether a GET or HEAD carries a header that would make its answer depend on more
-/// than the cache key (see [`REWRITING_HEADERS`]).
+/// than the cache key (see `REWRITING_HEADERS`).
 pub fn rewrites_request(headers: &HeaderMap) -> bool {
     headers
         .keys()

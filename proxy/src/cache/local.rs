@@ -95,7 +95,7 @@ const RECORD_WEIGHT: u32 = 64;
 ///
 /// moka does its own locking (sharded, lock-free reads), so concurrent requests on
 /// both cores read without contending; writes are made visible to reads at once.
-/// Beside it, [`KeyIndex`] files every entry under its tags and (for a variant) its
+/// Beside it, `KeyIndex` files every entry under its tags and (for a variant) its
 /// primary key, so purges find their entries without a scan.
 #[derive(Clone)]
 pub struct LocalCache {
