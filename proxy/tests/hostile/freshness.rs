@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use http_body_util::StreamBody;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::support::raw::{exchange, Answer, RawClient, RecordingOrigin};
 use crate::support::{eventually, Front, Setup, DEADLINE};
@@ -182,12 +181,7 @@ async fn client_body_slower_than_the_body_timeout_is_cut_with_408() {
         .send(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 10\r\n\r\nx")
         .await;
     // Over h2c too, where the body is a stream's DATA frames.
-    let stream = tokio::net::TcpStream::connect(corral.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut send = crate::support::raw::h2c(corral.addr()).await;
     // One byte, then nothing.
     let first = Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(b"x")));
     let stalled = futures_util::stream::iter([first]).chain(futures_util::stream::pending());

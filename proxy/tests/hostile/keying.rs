@@ -121,15 +121,9 @@ async fn cookie_fields_reach_the_origin_as_one() {
 async fn h2_cookie_crumbs_reach_the_origin_as_one_field() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let (origin, corral) = front(Answer::default(), "ignore_cookies = [\"a\", \"b\"]").await;
-    let stream = tokio::net::TcpStream::connect(corral.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut send = crate::support::raw::h2c(corral.addr()).await;
     let req = http::Request::get(format!("http://{}/crumbs", corral.addr()))
         .header("cookie", "a=1")
         .header("cookie", "b=2")

@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use crate::support::raw::{exchange, RawClient, Received, RecordingOrigin};
 use crate::support::{Front, Setup};
@@ -132,12 +131,7 @@ async fn post_bodies_keep_their_framing() {
 #[tokio::test]
 async fn h2c_get_body_is_forwarded_with_its_bytes() {
     let (origin, corral) = start().await;
-    let stream = tokio::net::TcpStream::connect(corral.addr()).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut send = crate::support::raw::h2c(corral.addr()).await;
     let req = http::Request::get(format!("http://{}/h2", corral.addr()))
         .header("content-length", SMUGGLED.len())
         .body(Full::new(Bytes::from_static(SMUGGLED)))

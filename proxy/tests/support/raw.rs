@@ -105,6 +105,24 @@ impl RawClient {
     }
 }
 
+/// An h2c (HTTP/2 with prior knowledge) client connection to `addr`, driven in the
+/// background.
+pub async fn h2c<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await.expect("connects");
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .expect("h2c handshake");
+    tokio::spawn(conn);
+    send
+}
+
 /// Sends `raw` on a fresh connection and reads one response.
 pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Wire {
     RawClient::connect(addr).await.exchange(raw).await
