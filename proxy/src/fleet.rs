@@ -617,7 +617,7 @@ impl Coordinator {
                 }
                 PutOutcome::Unavailable => return,
             },
-            FillOutcome::Uncacheable(r) if r.is_request_specific() => FillEvent::Retry,
+            FillOutcome::Uncacheable(r) if r.waiters_retry() => FillEvent::Retry,
             FillOutcome::Uncacheable(_) => FillEvent::Uncacheable,
             FillOutcome::Shared(_) | FillOutcome::Failed(_) => FillEvent::Failed,
             FillOutcome::HolderFailed => return,

@@ -59,6 +59,26 @@ const FORWARDING: [&str; 25] = [
     "x-cluster-client-ip",
 ];
 
+/// The forwarding headers whose value corral derives from the peer's address (or, in
+/// `Forwarded`, may): the origin sees corral's value, lookups cannot, so a response
+/// that varies on one cannot be matched to its requests.
+const CLIENT_ADDRESS: [&str; 9] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-cluster-client-ip",
+];
+
+/// Whether `name` carries the client's address as corral (or a trusted proxy) sets it.
+pub fn is_client_address(name: &HeaderName) -> bool {
+    CLIENT_ADDRESS.contains(&name.as_str())
+}
+
 /// Whether `name` is a forwarding header (see `FORWARDING`).
 pub fn is_forwarding(name: &HeaderName) -> bool {
     FORWARDING.contains(&name.as_str())
@@ -117,7 +137,8 @@ pub fn forward_request(
     client: IpAddr,
     original_host: Option<&HeaderValue>,
 ) {
-    let client = client.to_string();
+    // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
+    let client = client.to_canonical().to_string();
     // Every line a trusted proxy sent (HAProxy adds its own), in order, then the peer.
     let mut xff = String::new();
     for earlier in headers.get_all(&X_FORWARDED_FOR) {

@@ -420,7 +420,7 @@ impl Proxy {
                 // The holder's own credentials kept its response out of the cache: a
                 // request without them competes for the fill again.
                 Ok(FillOutcome::Uncacheable(reason))
-                    if reason.is_request_specific()
+                    if reason.waiters_retry()
                         && !policy::has_credentials(&route.config, &req.head.headers) =>
                 {
                     continue
@@ -774,7 +774,7 @@ impl Fill {
             let mut lease = lease;
             // A pass this request caused: free the lock before telling the fleet to
             // retry, so the instances that retry find it free.
-            if matches!(&outcome, FillOutcome::Uncacheable(r) if r.is_request_specific()) {
+            if matches!(&outcome, FillOutcome::Uncacheable(r) if r.waiters_retry()) {
                 if let Some(lease) = lease.take() {
                     fleet.release(lease).await;
                 }

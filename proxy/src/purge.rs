@@ -259,7 +259,9 @@ fn keyed_headers(
     for (name, value) in params {
         let bad = || PurgeError::BadHeader(format!("{name}:{value}"));
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| bad())?;
-        if !keyed.contains(&name) {
+        // A trusted proxy's URL-shaping forwarding headers are part of the keys of what
+        // it sent: a purge may name them like keyed headers (none when absent).
+        if !keyed.contains(&name) && !crate::cache::key::is_url_shaping(&name) {
             return Err(PurgeError::UnkeyedHeader {
                 route: route.to_string(),
                 name: name.to_string(),

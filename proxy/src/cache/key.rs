@@ -18,8 +18,25 @@ use crate::config::{QueryMode, RouteConfig};
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey(Arc<str>);
 
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// The forwarding headers an origin builds URLs and redirects from (the client-address
+/// ones are left out: keyed, they would give every client its own entry).
+const URL_SHAPING: [&str; 15] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-server",
+    "x-forwarded-uri",
+    "x-forwarded-path",
+    "x-original-uri",
+    "x-url-scheme",
+    "front-end-https",
+    "x-host",
+    "x-original-host",
+];
 
 // Fields are separated by a newline, which cannot occur in a URI or header value.
 const SEP: char = '\n';
@@ -58,15 +75,25 @@ impl CacheKey {
             push_cookie_values(&mut key, headers, name);
         }
         // Present only when a trusted proxy sent them (from anyone else they were
-        // removed): the origin builds redirects and links from them, so an answer made
-        // for `http` must not be served to `https` (nginx keys `$scheme` for this).
-        for name in [&X_FORWARDED_PROTO, &X_FORWARDED_HOST] {
-            if headers.contains_key(name) {
-                key.push(SEP);
-                key.push_str(name.as_str());
-                key.push(':');
-                push_header_values(&mut key, headers, name);
-            }
+        // removed): the origin builds redirects and links from these, so an answer made
+        // for `http`, another host, port or prefix must not be served to the others
+        // (nginx keys `$scheme` for this reason). In a fixed order, whatever the
+        // order of the fields.
+        let mut shaping: Vec<(usize, &HeaderName)> = headers
+            .keys()
+            .filter_map(|n| {
+                URL_SHAPING
+                    .iter()
+                    .position(|s| *s == n.as_str())
+                    .map(|i| (i, n))
+            })
+            .collect();
+        shaping.sort_unstable_by_key(|(i, _)| *i);
+        for (_, name) in shaping {
+            key.push(SEP);
+            key.push_str(name.as_str());
+            key.push(':');
+            push_header_values(&mut key, headers, name);
         }
         CacheKey(key.into())
     }
@@ -101,6 +128,11 @@ impl CacheKey {
     pub fn from_raw(key: &str) -> CacheKey {
         CacheKey(key.into())
     }
+}
+
+/// Whether `name` is one of the forwarding headers keyed when a trusted proxy sends it.
+pub(crate) fn is_url_shaping(name: &HeaderName) -> bool {
+    URL_SHAPING.contains(&name.as_str())
 }
 
 /// The query string as `mode` keys it: as sent, parameters sorted, or none.
@@ -183,7 +215,7 @@ fn push_cookie_values(out: &mut String, headers: &HeaderMap, name: &str) {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&String::from_utf8_lossy(value));
+        push_escaped(out, value);
     }
 }
 
@@ -350,11 +382,12 @@ mod tests {
             let one = key(&r, "/p", &[("cookie", &joined)]);
             proptest::prop_assert_eq!(&one, &key(&r, "/p", &crumbs));
             // A value with trailing spaces ends where the next `;` starts.
-            let values: Vec<&str> = pairs
+            let values: Vec<String> = pairs
                 .iter()
                 .filter(|(n, _)| n.trim_start() == "lang")
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| v.replace('%', "%25"))
                 .collect();
+            // Keyed unambiguously: `%` escaped like any byte that is not plain text.
             let want = format!("r\nh\n/p\ncookie:lang={}", values.join(","));
             proptest::prop_assert_eq!(one.as_str(), want.as_str());
         }

@@ -121,6 +121,15 @@ impl PassReason {
             PassReason::Credentials | PassReason::Authorization | PassReason::ClientErrorStatus
         )
     }
+
+    /// Whether the requests that waited on such a fill compete for it again, rather
+    /// than all going upstream at once: only when the filler's credentials made the
+    /// difference, which a request without them does not share. A client error for
+    /// everyone (an API behind auth answering 401) would otherwise hold each herd for a
+    /// fill per round.
+    pub fn waiters_retry(self) -> bool {
+        matches!(self, PassReason::Credentials | PassReason::Authorization)
+    }
 }
 
 /// Whether a request with `headers` carries credentials on `route`: an `Authorization`
@@ -153,6 +162,49 @@ fn credential_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
         // key): a credential.
         value.to_str().is_err()
             || cookie_pairs(value.as_bytes()).any(|(name, v)| v.is_none() || !known(name))
+    })
+}
+
+/// Whether the request sends a cookie whose name is not a keyed or ignored name as
+/// written, but is one as some origin reads it: trimmed (Django, Express), in another
+/// case (ASP.NET), percent-decoded or with `.`/space read as `_` (PHP). Such a request
+/// is keyed as if it lacked the cookie while the origin may answer as if it had it, so
+/// its answer is never stored, whatever the origin says.
+pub(crate) fn near_miss_cookie(route: &RouteConfig, headers: &HeaderMap) -> bool {
+    if route.key_cookies.is_empty() && route.ignore_cookies.is_empty() {
+        return false;
+    }
+    let loose = |name: &[u8]| -> Vec<u8> {
+        let mut out = Vec::with_capacity(name.len());
+        let mut i = 0;
+        let name = name.trim_ascii();
+        while i < name.len() {
+            let decoded = (name[i] == b'%')
+                .then(|| name.get(i + 1..i + 3))
+                .flatten()
+                .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+            let (b, used) = decoded.map_or((name[i], 1), |b| (b, 3));
+            out.push(match b.to_ascii_lowercase() {
+                b'.' | b' ' => b'_',
+                b => b,
+            });
+            i += used;
+        }
+        out
+    };
+    let names: Vec<(&[u8], Vec<u8>)> = route
+        .key_cookies
+        .iter()
+        .chain(&route.ignore_cookies)
+        .map(|c| (c.as_bytes(), loose(c.as_bytes())))
+        .collect();
+    headers.get_all(COOKIE).iter().any(|value| {
+        cookie_pairs(value.as_bytes()).any(|(name, _)| {
+            let folded = loose(name);
+            names
+                .iter()
+                .any(|(exact, loose)| *loose == folded && *exact != name)
+        })
     })
 }
 
@@ -242,7 +294,18 @@ fn varies_unknowably(headers: &HeaderMap) -> bool {
             .split(',')
             .map(str::trim)
             .filter(|n| !n.is_empty())
-            .any(|n| n == "*" || HeaderName::from_bytes(n.as_bytes()).is_err()),
+            .any(|n| match HeaderName::from_bytes(n.as_bytes()) {
+                Err(_) => true,
+                // A header whose value corral derives from the peer (`Via`,
+                // `X-Forwarded-For`, ...): the origin saw corral's value, lookups cannot,
+                // so the variants could not be told apart. (`X-Forwarded-Proto`/`-Host`
+                // follow from the key, so varying on them is fine.)
+                Ok(name) => {
+                    n == "*"
+                        || name == http::header::VIA
+                        || crate::headers::is_client_address(&name)
+                }
+            }),
     })
 }
 
@@ -258,6 +321,9 @@ pub fn evaluate(
     res: &response::Parts,
     received_at: SystemTime,
 ) -> Verdict {
+    if near_miss_cookie(route, &req.headers) {
+        return Verdict::Pass(PassReason::Credentials);
+    }
     match evaluate_response(route, req, res, received_at) {
         Verdict::Pass(_) if has_credentials(route, &req.headers) => {
             Verdict::Pass(credentials_reason(route, &req.headers))

@@ -185,3 +185,136 @@ async fn trusted_forwarded_for_keeps_every_line() {
         got.headers
     );
 }
+
+/// A cookie named like a keyed one but written otherwise (`lang =x`, `LANG=x`,
+/// `la%6Eg=x`) is keyed as if the request had no `lang`, while Express, ASP.NET and PHP
+/// read it as `lang`: its answer is never stored, whatever the origin says.
+#[tokio::test]
+async fn near_miss_keyed_cookie_names_are_never_stored_for_others() {
+    for attack in ["lang =evil", "LANG=evil", "la%6Eg=evil"] {
+        let answer = Answer {
+            headers: vec![("cache-control".into(), "public, max-age=60".into())],
+            ..Answer::default()
+        };
+        let (origin, corral) = front(answer, "key = { cookies = [\"lang\"] }").await;
+        let first = exchange(
+            corral.addr(),
+            &get("/home", &format!("cookie: {attack}\r\n")),
+        )
+        .await;
+        assert_eq!(first.status, 200, "{attack}: {first:?}");
+        let victim = exchange(corral.addr(), &get("/home", "")).await;
+        assert!(
+            victim.cache_status().contains("fwd=miss"),
+            "{attack}: {victim:?}"
+        );
+        assert_eq!(origin.received_for("/home").len(), 2, "{attack}");
+    }
+}
+
+/// From a trusted proxy, every forwarding header an origin builds URLs from is part of
+/// the key, not only `X-Forwarded-Proto`/`-Host` (Spring and Rack read the prefix, port,
+/// scheme, `Forwarded`, ...).
+#[tokio::test]
+async fn trusted_url_shaping_headers_are_part_of_the_key() {
+    for header in [
+        "x-forwarded-prefix: //evil.example",
+        "x-forwarded-port: 6666",
+        "x-forwarded-scheme: https",
+        "x-forwarded-ssl: on",
+        "forwarded: host=evil.example;proto=https",
+    ] {
+        let origin = RecordingOrigin::start().await;
+        let corral = Setup::default()
+            .top("trusted_proxies = [\"127.0.0.0/8\"]")
+            .start_in_front_of(&origin.url())
+            .await;
+        exchange(corral.addr(), &get("/login", &format!("{header}\r\n"))).await;
+        let victim = exchange(corral.addr(), &get("/login", "")).await;
+        assert!(
+            victim.cache_status().contains("fwd=miss"),
+            "{header}: {victim:?}"
+        );
+        assert_eq!(origin.received_for("/login").len(), 2, "{header}");
+    }
+}
+
+/// An answer that varies on the client's address as corral forwarded it
+/// (`Vary: X-Forwarded-For`) cannot be matched to later requests: it is not stored, so
+/// another client never gets the page made for the first.
+#[tokio::test]
+async fn vary_on_the_client_address_is_not_stored() {
+    let answer = Answer {
+        headers: vec![
+            ("cache-control".into(), "max-age=60".into()),
+            ("vary".into(), "x-forwarded-for".into()),
+        ],
+        ..Answer::default()
+    };
+    let (origin, corral) = front(answer, "").await;
+    let first = exchange(corral.addr(), &get("/geo", "")).await;
+    assert!(
+        first.cache_status().contains("detail=vary-star"),
+        "{first:?}"
+    );
+    let second = exchange(corral.addr(), &get("/geo", "")).await;
+    assert!(
+        !second.cache_status().starts_with("corral; hit"),
+        "{second:?}"
+    );
+    assert_eq!(origin.received_for("/geo").len(), 2);
+}
+
+/// A URL that answers 401 to everyone (an API behind auth) is not serialised: the
+/// requests that waited on the fill go upstream at once, not one fill per round.
+#[tokio::test]
+async fn a_herd_on_a_url_that_answers_401_to_everyone_goes_upstream_at_once() {
+    let answer = Answer {
+        status: 401,
+        headers: vec![],
+        delay: Duration::from_millis(300),
+        ..Answer::default()
+    };
+    let (origin, corral) = front(answer, "").await;
+    let addr = corral.addr();
+    let herd: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { exchange(addr, &get("/api/me", "")).await }))
+        .collect();
+    let mut collapsed = 0;
+    for reply in herd {
+        let reply = reply.await.unwrap();
+        assert_eq!(reply.status, 401);
+        assert!(
+            !reply.cache_status().contains("retries-exhausted"),
+            "{reply:?}"
+        );
+        collapsed += usize::from(reply.cache_status().contains("collapsed"));
+    }
+    // Every request but the leader waited once, then went upstream itself.
+    assert!(collapsed >= 1, "no request waited on the fill");
+    assert_eq!(origin.received_for("/api/me").len(), 8);
+}
+
+/// Entries filled through a trusted proxy are keyed with its `X-Forwarded-Proto`; a URL
+/// purge names it like a keyed header and reaches them.
+#[tokio::test]
+async fn url_purge_reaches_entries_keyed_by_a_trusted_forwarded_proto() {
+    let origin = RecordingOrigin::start().await;
+    let corral = Setup::default()
+        .top("trusted_proxies = [\"127.0.0.0/8\"]")
+        .start_in_front_of(&origin.url())
+        .await;
+    let https = "x-forwarded-proto: https\r\n";
+    exchange(corral.addr(), &get("/page", https)).await;
+    let hit = exchange(corral.addr(), &get("/page", https)).await;
+    assert!(hit.cache_status().starts_with("corral; hit"), "{hit:?}");
+    let purged = exchange(
+        corral.admin_addr(),
+        b"POST /purge?route=t&host=a&path=/page&header=x-forwarded-proto:https HTTP/1.1\r\nhost: x\r\n\r\n",
+    )
+    .await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    assert!(purged.text().contains("local=1"), "{}", purged.text());
+    let after = exchange(corral.addr(), &get("/page", https)).await;
+    assert!(after.cache_status().contains("fwd=miss"), "{after:?}");
+}
