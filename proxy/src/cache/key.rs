@@ -81,6 +81,8 @@ impl CacheKey {
         // order of the fields.
         let mut shaping: Vec<(usize, &HeaderName)> = headers
             .keys()
+            // Every such name starts with `x-` or `f`: most fields are passed at once.
+            .filter(|n| n.as_str().starts_with("x-") || n.as_str().starts_with('f'))
             .filter_map(|n| {
                 URL_SHAPING
                     .iter()
