@@ -49,12 +49,12 @@ async fn cookie_request_answered_without_cache_control_is_not_served_to_others()
 #[tokio::test]
 async fn explicit_shared_freshness_still_stores_a_credentialed_response() {
     for cache_control in ["max-age=60", "s-maxage=60", "public"] {
-        let origin = RecordingOrigin::answering(Answer {
-            headers: vec![("cache-control".into(), cache_control.into())],
-            ..Answer::default()
-        })
-        .await;
-        let corral = Setup::default().start_in_front_of(&origin.url()).await;
+        let (origin, corral) = Setup::default()
+            .in_front_of(Answer {
+                headers: vec![("cache-control".into(), cache_control.into())],
+                ..Answer::default()
+            })
+            .await;
         let first = exchange(corral.addr(), &get("/logo.png", "cookie: session=1\r\n")).await;
         assert_eq!(first.status, 200, "{cache_control}: {first:?}");
         let second = exchange(corral.addr(), &get("/logo.png", "")).await;
@@ -164,12 +164,12 @@ async fn a_cookie_request_does_not_turn_caching_off_for_the_herd() {
 
 #[tokio::test]
 async fn method_override_405_is_not_stored_for_the_url() {
-    let origin = RecordingOrigin::answering(Answer {
-        status: 405,
-        ..heuristic()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            status: 405,
+            ..heuristic()
+        })
+        .await;
     let poisoned = exchange(
         corral.addr(),
         &get("/items/1", "x-http-method-override: DELETE\r\n"),
@@ -184,15 +184,15 @@ async fn method_override_405_is_not_stored_for_the_url() {
 
 #[tokio::test]
 async fn unparsable_vary_is_not_stored_as_if_it_did_not_vary() {
-    let origin = RecordingOrigin::answering(Answer {
-        headers: vec![
-            ("cache-control".into(), "max-age=60".into()),
-            ("vary".into(), "accept-language, x(user)".into()),
-        ],
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: vec![
+                ("cache-control".into(), "max-age=60".into()),
+                ("vary".into(), "accept-language, x(user)".into()),
+            ],
+            ..Answer::default()
+        })
+        .await;
     let first = exchange(corral.addr(), &get("/v", "")).await;
     assert!(first.cache_status().contains("vary-star"), "{first:?}");
     exchange(corral.addr(), &get("/v", "")).await;
@@ -255,12 +255,12 @@ async fn credentialed_revalidation_gets_the_stored_body_not_a_bare_304() {
         ("cache-control".to_string(), "no-cache".to_string()),
         ("etag".to_string(), "\"v1\"".to_string()),
     ];
-    let origin = RecordingOrigin::answering(Answer {
-        headers: revalidate_only.clone(),
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: revalidate_only.clone(),
+            ..Answer::default()
+        })
+        .await;
     let first = exchange(corral.addr(), &get("/doc", "")).await;
     assert_eq!(first.text(), "answer to GET /doc");
 
@@ -282,15 +282,15 @@ async fn credentialed_revalidation_gets_the_stored_body_not_a_bare_304() {
 
 #[tokio::test]
 async fn revalidation_made_unstorable_by_the_304_still_gets_the_body() {
-    let origin = RecordingOrigin::answering(Answer {
-        headers: vec![
-            ("cache-control".into(), "no-cache".into()),
-            ("etag".into(), "\"v1\"".into()),
-        ],
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: vec![
+                ("cache-control".into(), "no-cache".into()),
+                ("etag".into(), "\"v1\"".into()),
+            ],
+            ..Answer::default()
+        })
+        .await;
     exchange(corral.addr(), &get("/doc", "")).await;
     origin.set_answer(Answer {
         status: 304,
@@ -332,12 +332,12 @@ async fn a_request_no_store_does_not_turn_caching_off_for_others() {
 #[tokio::test]
 async fn a_client_error_caused_by_unkeyed_input_does_not_turn_caching_off_for_others() {
     for status in [400, 403, 417, 431] {
-        let origin = RecordingOrigin::answering(Answer {
-            status,
-            ..Answer::default()
-        })
-        .await;
-        let corral = Setup::default().start_in_front_of(&origin.url()).await;
+        let (origin, corral) = Setup::default()
+            .in_front_of(Answer {
+                status,
+                ..Answer::default()
+            })
+            .await;
         let attacker = exchange(corral.addr(), &get("/hot", "expect: x\r\n")).await;
         assert_eq!(attacker.status, status, "{attacker:?}");
         origin.set_answer(Answer::default());
@@ -364,15 +364,13 @@ fn anonymous_page() -> Answer {
 /// let the route's `override_ttl` store the victim's page for everyone.
 #[tokio::test]
 async fn credentialed_max_age_0_is_not_stored_on_the_route_override_ttl() {
-    let origin = RecordingOrigin::answering(Answer {
-        headers: vec![("cache-control".into(), "max-age=0".into())],
-        body: Some(b"victim's account page".to_vec()),
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default()
+    let (origin, corral) = Setup::default()
         .route("ttl = \"60s\"\noverride_ttl = true")
-        .start_in_front_of(&origin.url())
+        .in_front_of(Answer {
+            headers: vec![("cache-control".into(), "max-age=0".into())],
+            body: Some(b"victim's account page".to_vec()),
+            ..Answer::default()
+        })
         .await;
     let victim = exchange(
         corral.addr(),
@@ -394,15 +392,13 @@ async fn credentialed_max_age_0_is_not_stored_on_the_route_override_ttl() {
 #[tokio::test]
 async fn credentialed_expired_answer_is_not_served_stale_to_others() {
     for expired in [("expires", "0"), ("cache-control", "max-age=0")] {
-        let origin = RecordingOrigin::answering(Answer {
-            headers: vec![(expired.0.into(), expired.1.into())],
-            body: Some(b"victim's account page".to_vec()),
-            ..Answer::default()
-        })
-        .await;
-        let corral = Setup::default()
+        let (origin, corral) = Setup::default()
             .route("stale_while_revalidate = \"60s\"\nstale_if_error = \"60s\"")
-            .start_in_front_of(&origin.url())
+            .in_front_of(Answer {
+                headers: vec![(expired.0.into(), expired.1.into())],
+                body: Some(b"victim's account page".to_vec()),
+                ..Answer::default()
+            })
             .await;
         exchange(
             corral.addr(),
@@ -427,15 +423,15 @@ async fn credentialed_expired_answer_is_not_served_stale_to_others() {
 /// the next, anonymous, request.
 #[tokio::test]
 async fn credentialed_max_age_0_is_not_kept_for_revalidation() {
-    let origin = RecordingOrigin::answering(Answer {
-        headers: vec![
-            ("cache-control".into(), "max-age=0".into()),
-            ("etag".into(), "\"victim-v1\"".into()),
-        ],
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: vec![
+                ("cache-control".into(), "max-age=0".into()),
+                ("etag".into(), "\"victim-v1\"".into()),
+            ],
+            ..Answer::default()
+        })
+        .await;
     let victim = exchange(
         corral.addr(),
         &get("/account/x.css", "cookie: session=victim\r\n"),
@@ -459,13 +455,13 @@ async fn credentialed_body_is_not_served_after_an_anonymous_304() {
         ("cache-control".to_string(), "max-age=0".to_string()),
         ("etag".to_string(), "\"v1\"".to_string()),
     ];
-    let origin = RecordingOrigin::answering(Answer {
-        headers: versioned.clone(),
-        body: Some(b"victim's account page".to_vec()),
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: versioned.clone(),
+            body: Some(b"victim's account page".to_vec()),
+            ..Answer::default()
+        })
+        .await;
     exchange(
         corral.addr(),
         &get("/account/x.css", "cookie: session=victim\r\n"),
@@ -514,16 +510,16 @@ async fn keyed_cookie_written_with_spaces_is_not_keyed_as_that_cookie() {
 /// (judged on the head as it would be stored, not on the raw one).
 #[tokio::test]
 async fn vary_named_in_connection_is_not_stored_without_its_vary() {
-    let origin = RecordingOrigin::answering(Answer {
-        headers: vec![
-            ("cache-control".into(), "max-age=60".into()),
-            ("vary".into(), "accept-language".into()),
-            ("connection".into(), "vary".into()),
-        ],
-        ..Answer::default()
-    })
-    .await;
-    let corral = Setup::default().start_in_front_of(&origin.url()).await;
+    let (origin, corral) = Setup::default()
+        .in_front_of(Answer {
+            headers: vec![
+                ("cache-control".into(), "max-age=60".into()),
+                ("vary".into(), "accept-language".into()),
+                ("connection".into(), "vary".into()),
+            ],
+            ..Answer::default()
+        })
+        .await;
     let en = exchange(corral.addr(), &get("/v", "accept-language: en\r\n")).await;
     assert!(en.cache_status().contains("vary-star"), "{en:?}");
     let fr = exchange(corral.addr(), &get("/v", "accept-language: fr\r\n")).await;

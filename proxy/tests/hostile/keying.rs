@@ -12,12 +12,7 @@ fn get(path: &str, extra: &str) -> Vec<u8> {
 }
 
 async fn front(answer: Answer, route: &str) -> (RecordingOrigin, Front) {
-    let origin = RecordingOrigin::answering(answer).await;
-    let corral = Setup::default()
-        .route(route)
-        .start_in_front_of(&origin.url())
-        .await;
-    (origin, corral)
+    Setup::default().route(route).in_front_of(answer).await
 }
 
 /// An entry's `Vary` values come from the headers lookups match against (the client's,

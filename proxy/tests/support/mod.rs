@@ -153,6 +153,13 @@ impl Setup {
         Front { server, config }
     }
 
+    /// corral in front of a fresh [`raw::RecordingOrigin`] that answers with `answer`.
+    pub async fn in_front_of(self, answer: raw::Answer) -> (raw::RecordingOrigin, Front) {
+        let origin = raw::RecordingOrigin::answering(answer).await;
+        let front = self.start_in_front_of(&origin.url()).await;
+        (origin, front)
+    }
+
     /// `n` instances in front of one origin (sharing Redis, with `.redis(..)`).
     pub async fn start_fleet(self, n: usize) -> (Harness, Vec<RunningServer>) {
         let h = self.start().await;
