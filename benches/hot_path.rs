@@ -13,11 +13,11 @@ use bytes::Bytes;
 use corral::cache::codec;
 use corral::cache::entry::CacheEntry;
 use corral::cache::policy::{evaluate, Verdict};
-use corral::cache::{Cache, CacheKey};
+use corral::cache::{Cache, CacheKey, LocalCache};
 use corral::config::Config;
+use corral::http::cache_status::CacheStatus;
 use corral::metrics::Metrics;
 use corral::proxy::Proxy;
-use corral::status::CacheStatus;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, Request, Response};
 
@@ -72,10 +72,10 @@ fn hit_path(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let cache = Cache::new(64 << 20, None);
+    let cache = Cache::new(LocalCache::new(64 << 20, None), None);
     let key = CacheKey::for_request(route, Some("api.example.com"), &uri, &headers);
     let (stored, req) = entry(1024);
-    runtime.block_on(cache.store(&key, Arc::new(stored)));
+    cache.store(&key, Arc::new(stored));
     c.bench_function(
         "local lookup through the async tiers (fresh 1 KiB entry)",
         |b| b.iter(|| runtime.block_on(cache.lookup(&key, &headers, SystemTime::now()))),
@@ -96,16 +96,16 @@ fn hit_path(c: &mut Criterion) {
         .into_parts();
     head.version = http::Version::HTTP_11;
     let (stored, _) = entry(1024);
-    runtime.block_on(proxy.cache().store(&key, Arc::new(stored)));
+    proxy.cache().store(&key, Arc::new(stored));
     c.bench_function("request host normalisation (Host header)", |b| {
-        b.iter(|| corral::request::canonical_host(head.version, &head.uri, &head.headers))
+        b.iter(|| corral::http::request::canonical_host(head.version, &head.uri, &head.headers))
     });
     c.bench_function("request path normalisation (already normal)", |b| {
-        b.iter(|| corral::request::normalize_target(&head.uri))
+        b.iter(|| corral::http::request::normalize_target(&head.uri))
     });
     c.bench_function(
         "request header check (nothing the full path would change)",
-        |b| b.iter(|| corral::request::already_sanitized(&head.headers)),
+        |b| b.iter(|| corral::http::request::already_sanitized(&head.headers)),
     );
     c.bench_function(
         "fast path hit decision (route, key, lookup, conditionals)",
@@ -116,7 +116,7 @@ fn hit_path(c: &mut Criterion) {
     c.bench_function("fast path per-hit header lines (Age, Cache-Status)", |b| {
         b.iter(|| {
             lines.clear();
-            hit.write_lines(&mut lines, false);
+            corral::server::write_hit_lines(&hit, &mut lines, false);
         })
     });
 
@@ -165,16 +165,11 @@ fn fleet_lock(c: &mut Criterion) {
     let text = format!("listen = \"127.0.0.1:1\"\n[redis]\nurl = \"{}\"\n[[route]]\nname = \"bench\"\nupstream = \"http://u\"\n", redis.url());
     let config = Config::parse(&text, "bench").unwrap();
     let lock = runtime.block_on(async {
-        let fleet = corral::fleet::Fleet::start(
-            config.redis.clone().unwrap(),
-            config.lock.clone(),
-            corral::cache::LocalCache::new(1 << 20, None),
-            corral::metrics::Metrics::new().fleet.clone(),
-        );
-        while !fleet.ready() {
+        let redis = corral::redis::Redis::client(config.redis.clone().unwrap());
+        while !redis.ready() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        corral::lock::single::RedisLock::new(fleet)
+        corral::fill::lock::single::RedisLock::new(redis, config.lock.ttl)
     });
     let key = CacheKey::for_request(
         &config.routes[0],
@@ -187,7 +182,9 @@ fn fleet_lock(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 runtime.block_on(async {
-                    if let corral::lock::LockTry::Acquired(lease) = lock.try_acquire(&key).await {
+                    if let corral::fill::lock::LockTry::Acquired(lease) =
+                        lock.try_acquire(&key).await
+                    {
                         lock.release(lease).await;
                     }
                 })

@@ -9,14 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use corral::cache::{CacheKey, LocalCache};
+use corral::cache::CacheKey;
 use corral::config::Config;
-use corral::fleet::Fleet;
-use corral::lock::redlock::Redlock;
-use corral::lock::single::RedisLock;
-use corral::lock::{FleetLock, LockTry};
-use corral::metrics::Metrics;
+use corral::fill::lock::{FleetLock, LockTry};
 use corral::origin::{Behaviour, Origin};
+use corral::redis::Redis as RedisClient;
 use hdrhistogram::Histogram;
 
 const CONTENDERS: usize = 8;
@@ -47,19 +44,11 @@ fn config(cache: &Redis, nodes: &[Redis], mode: &str, upstream: &str) -> Config 
 }
 
 async fn lock_for(config: &Config) -> Arc<FleetLock> {
-    let fleet = Fleet::start(
-        config.redis.clone().unwrap(),
-        config.lock.clone(),
-        LocalCache::new(1 << 20, None),
-        Metrics::new().fleet.clone(),
-    );
-    while !fleet.ready() {
+    let redis = RedisClient::client(config.redis.clone().unwrap());
+    while !redis.ready() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let lock = match config.lock.nodes.is_empty() {
-        true => FleetLock::Single(RedisLock::new(fleet)),
-        false => FleetLock::Redlock(Redlock::new(fleet)),
-    };
+    let lock = FleetLock::new(redis, &config.lock);
     // Let lazily connected nodes come up.
     let warm = key("/warm");
     for _ in 0..100 {
@@ -165,7 +154,7 @@ async fn main() {
     let mut servers = Vec::new();
     for _ in 0..3 {
         let server = corral::start(&config).await.unwrap();
-        while !server.proxy().fleet().unwrap().fleet().ready() {
+        while !server.proxy().redis().unwrap().ready() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         servers.push(server);

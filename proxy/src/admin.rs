@@ -19,11 +19,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
 use crate::cache::{Purged, SharedPurged};
 use crate::config::AdminToken;
+use crate::http::body::ProxyBody;
+use crate::proxy::purge::{self, PurgeRequest, PurgeTarget};
 use crate::proxy::Proxy;
-use crate::purge::{self, PurgeRequest, PurgeTarget};
 
 const TEXT: &str = "text/plain; charset=utf-8";
 
@@ -196,7 +196,7 @@ pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Proxy
         (&Method::GET | &Method::HEAD, "/healthz") => Answer::text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
             let local = proxy.cache().local();
-            local.sync().await;
+            local.sync();
             let text = proxy.metrics().encode(
                 local.weighted_size(),
                 local.entry_count(),
@@ -207,8 +207,8 @@ pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Proxy
                 ..Answer::text(StatusCode::OK, text)
             }
         }
-        (&Method::GET, "/readyz") => match proxy.fleet() {
-            Some(fleet) if !fleet.fleet().ready() => Answer::text(
+        (&Method::GET, "/readyz") => match proxy.redis() {
+            Some(redis) if !redis.ready() => Answer::text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "not ready: connecting to redis (serving single-instance meanwhile)\n",
             ),

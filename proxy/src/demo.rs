@@ -105,7 +105,7 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
     // Fleet members join once connected to Redis; wait for that (bounded).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for s in std::iter::once(&server).chain(&others) {
-        while s.proxy().fleet().is_some_and(|f| !f.fleet().ready())
+        while s.proxy().redis().is_some_and(|r| !r.ready())
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(10)).await;

@@ -7,9 +7,11 @@
 
 use std::sync::Arc;
 
+use http::StatusCode;
+
 use crate::config::RouteConfig;
 use crate::metrics::RouteMetrics;
-use crate::upstream::Upstream;
+use crate::upstream::{FailureKind, Upstream, UpstreamError};
 
 /// A route with what serving it needs at run time.
 pub struct Route {
@@ -25,9 +27,31 @@ impl Route {
     pub fn new(config: RouteConfig, metrics: RouteMetrics) -> Route {
         Route {
             upstream: Upstream::new(&config),
-            keys_forwarding_headers: config.key_headers.iter().any(crate::headers::is_forwarding),
+            keys_forwarding_headers: config
+                .key_headers
+                .iter()
+                .any(crate::http::headers::is_forwarding),
             config,
             metrics,
+        }
+    }
+
+    /// Counts an upstream failure and logs it (once per outage).
+    pub(crate) fn note_upstream_error(&self, err: &UpstreamError) {
+        self.metrics.upstream_error(err.kind());
+        self.upstream
+            .faults
+            .failure(&self.config.name, self.upstream.display(), err);
+    }
+
+    /// Counts a 5xx as an upstream failure; any other status ends an outage.
+    pub(crate) fn note_upstream_status(&self, status: StatusCode) {
+        let (name, upstream) = (&self.config.name, self.upstream.display());
+        if status.is_server_error() {
+            self.metrics.upstream_error(FailureKind::Status);
+            self.upstream.faults.failure(name, upstream, &status);
+        } else {
+            self.upstream.faults.success(name, upstream);
         }
     }
 }

@@ -21,8 +21,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
-use crate::body::{ClientFault, ProxyBody};
 use crate::config::RouteConfig;
+use crate::http::body::{ClientFault, ProxyBody};
 
 /// What kind of upstream failure a fill ended with; what waiters are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +44,16 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Protocol => "protocol",
             FailureKind::Status => "status",
+        }
+    }
+
+    /// The `Cache-Status` detail (and log token) of a request that failed this way.
+    pub fn detail(self) -> &'static str {
+        match self {
+            FailureKind::Connect => "upstream-connect",
+            FailureKind::Timeout => "upstream-timeout",
+            FailureKind::Protocol => "upstream-protocol",
+            FailureKind::Status => "upstream-status",
         }
     }
 }

@@ -392,7 +392,7 @@ async fn local_cache_stays_within_its_byte_bound() {
         assert_eq!(h.get(&format!("/o{i}")).await.status, StatusCode::OK);
     }
     let local = h.server.proxy().cache().local();
-    local.sync().await;
+    local.sync();
     assert!(
         local.weighted_size() <= 1024 * 1024,
         "weighted size {}",

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::CacheKey;
-use corral::fleet::Fleet;
-use corral::lock::single::RedisLock;
-use corral::lock::LockTry;
+use corral::fill::lock::single::RedisLock;
+use corral::fill::lock::LockTry;
+use corral::redis::Redis;
 use corral::RunningServer;
 use http::StatusCode;
 use support::redis::RedisServer;
@@ -35,12 +35,12 @@ fn all<'a>(h: &'a Harness, others: &'a [RunningServer]) -> Vec<&'a RunningServer
 }
 
 /// A client of the same Redis, outside any instance: a fake holder or a paused one.
-async fn outsider(h: &Harness) -> (Arc<Fleet>, RedisLock, SharedCache) {
+async fn outsider(h: &Harness) -> (Arc<Redis>, RedisLock, SharedCache) {
     let fleet = support::fleet_client(&h.config).await;
     (
         Arc::clone(&fleet),
-        RedisLock::new(Arc::clone(&fleet)),
-        SharedCache::new(fleet),
+        RedisLock::new(Arc::clone(&fleet), h.config.lock.ttl),
+        SharedCache::new(fleet, u64::from(u32::MAX)),
     )
 }
 
@@ -232,7 +232,17 @@ async fn garbage_in_redis_is_a_miss() {
     let redis = RedisServer::start().await;
     let h = Setup::default().redis(&redis.url()).start().await;
     let (_fleet, _, shared) = outsider(&h).await;
-    assert!(shared.put_raw(&key_of(&h, "/g"), b"\x00not an entry").await);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg(shared.keys(&key_of(&h, "/g")).entry)
+        .arg(&b"\x00not an entry"[..])
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("planted");
     let reply = h.get("/g").await;
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.text().starts_with("/g v1"));

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::CacheKey;
 use corral::config::Config;
-use corral::lock::redlock::Redlock;
-use corral::lock::LockTry;
+use corral::fill::lock::redlock::Redlock;
+use corral::fill::lock::LockTry;
 use http::StatusCode;
 use support::redis::RedisServer;
 use support::{eventually, herd_over, Harness, OriginBehaviour, Setup, DEADLINE};
@@ -52,7 +52,7 @@ impl Cluster {
     async fn client(&self, ttl: &str) -> (Redlock, SharedCache) {
         let config = self.config(ttl);
         let fleet = support::fleet_client(&config).await;
-        let lock = Redlock::new(Arc::clone(&fleet));
+        let lock = Redlock::new(Arc::clone(&fleet), &config.lock);
         // Nodes connect lazily; the first attempts may find them still connecting.
         let probe = key("/warmup");
         eventually("lock nodes connected", || async {
@@ -65,7 +65,7 @@ impl Cluster {
             }
         })
         .await;
-        (lock, SharedCache::new(fleet))
+        (lock, SharedCache::new(fleet, u64::from(u32::MAX)))
     }
 }
 

@@ -13,7 +13,7 @@ use super::body_file::BodyFile;
 use super::key::vary_values;
 use super::policy::{self, Lifetime, PassReason, Verdict};
 use crate::config::RouteConfig;
-use crate::headers::strip_hop_by_hop;
+use crate::http::headers::strip_hop_by_hop;
 
 /// A stored response. Immutable once built; a refresh builds a new one.
 #[derive(Debug)]
@@ -71,7 +71,7 @@ fn http1_head(status: StatusCode, headers: &HeaderMap) -> Bytes {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"via: ");
-    out.extend_from_slice(crate::headers::VIA.as_bytes());
+    out.extend_from_slice(crate::http::headers::VIA.as_bytes());
     out.extend_from_slice(b"\r\n");
     Bytes::from(out)
 }

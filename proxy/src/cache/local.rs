@@ -14,6 +14,7 @@ use super::index::{KeyIndex, Label};
 use super::key::CacheKey;
 use super::policy::PassReason;
 use super::tags::TagRules;
+use crate::redis::{EventListener, FillEvent};
 
 /// What the local tier holds under a key.
 #[derive(Clone)]
@@ -168,7 +169,7 @@ impl LocalCache {
         (object.until() > SystemTime::now()).then_some(object)
     }
 
-    pub async fn insert(&self, key: CacheKey, object: LocalObject) {
+    pub fn insert(&self, key: CacheKey, object: LocalObject) {
         if let LocalObject::Entry(e) = &object {
             let labels = labels(&self.rules, &key, e, true);
             if !labels.is_empty() {
@@ -183,10 +184,6 @@ impl LocalCache {
             }
         }
         self.objects.insert(key, object);
-    }
-
-    pub async fn remove(&self, key: &CacheKey) {
-        self.objects.invalidate(key);
     }
 
     /// Drops `primary` and all its variants (hard purge); returns how many entries
@@ -204,13 +201,12 @@ impl LocalCache {
 
     /// Turns `primary` and all its variants stale in place (soft purge); returns how
     /// many entries it touched.
-    pub async fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
+    pub fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
         let variants = self.index.keys(&Label::Variants(primary.clone()));
         let mut count = 0;
         for key in std::iter::once(primary.clone()).chain(variants) {
             if let Some(LocalObject::Entry(e)) = self.get(&key) {
-                self.insert(key, LocalObject::Entry(Arc::new(e.soft_purged(at))))
-                    .await;
+                self.insert(key, LocalObject::Entry(Arc::new(e.soft_purged(at))));
                 count += 1;
             }
         }
@@ -242,8 +238,26 @@ impl LocalCache {
         self.index.records()
     }
 
+    /// What this tier does when another instance replaced or purged an entry: drop the
+    /// local copy, so the next request reads the new one from Redis.
+    pub(crate) fn fleet_listener(&self) -> EventListener {
+        let local = self.clone();
+        Box::new(move |event, key| {
+            let key = CacheKey::from_raw(key);
+            match event {
+                FillEvent::Filled(_) => local.remove_with_primary(&key),
+                FillEvent::Purged => {
+                    local.remove_all_of(&key);
+                }
+                // Nothing stored changed.
+                FillEvent::Uncacheable | FillEvent::Retry | FillEvent::Failed | FillEvent::Lost => {
+                }
+            }
+        })
+    }
+
     /// Removes `key` and, for a variant key, its primary's `Vary` index too.
-    pub async fn remove_with_primary(&self, key: &CacheKey) {
+    fn remove_with_primary(&self, key: &CacheKey) {
         self.objects.invalidate(key);
         if key.primary() != key.as_str() {
             self.objects.invalidate(&CacheKey::from_raw(key.primary()));
@@ -260,7 +274,7 @@ impl LocalCache {
     }
 
     /// Applies pending evictions so the sizes above are current (for metrics and tests).
-    pub async fn sync(&self) {
+    pub fn sync(&self) {
         self.objects.run_pending_tasks();
     }
 }

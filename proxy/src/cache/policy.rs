@@ -303,7 +303,7 @@ fn varies_unknowably(headers: &HeaderMap) -> bool {
                 Ok(name) => {
                     n == "*"
                         || name == http::header::VIA
-                        || crate::headers::is_client_address(&name)
+                        || crate::http::headers::is_client_address(&name)
                 }
             }),
     })

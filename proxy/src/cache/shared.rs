@@ -22,7 +22,7 @@ use redis::Value;
 use super::codec;
 use super::entry::CacheEntry;
 use super::key::CacheKey;
-use crate::fleet::Fleet;
+use crate::redis::{FillEvent, Redis, RedisKeys};
 
 /// KEYS[1]: the fence counter of the filled key; KEYS[2]: the primary's variant set;
 /// KEYS[3..]: where the entry goes. ARGV[1]: this write's fencing token; ARGV[2]: the
@@ -81,7 +81,7 @@ pub enum PutOutcome {
 
 #[derive(Clone)]
 pub struct SharedCache {
-    fleet: Arc<Fleet>,
+    redis: Arc<Redis>,
     /// The largest body an entry read back may have: the local tier's
     /// `max_object_bytes`, as no fill stores a larger one.
     max_body: u64,
@@ -89,34 +89,32 @@ pub struct SharedCache {
 }
 
 impl SharedCache {
-    /// A shared tier that reads back bodies up to the largest `max_object_bytes`.
-    pub fn new(fleet: Arc<Fleet>) -> SharedCache {
-        SharedCache::with_max_body(fleet, u64::from(u32::MAX))
-    }
-
-    pub fn with_max_body(fleet: Arc<Fleet>, max_body: u64) -> SharedCache {
+    /// A shared tier on `redis` that reads back bodies up to `max_body` bytes (the
+    /// local tier's `max_object_bytes`).
+    pub fn new(redis: Arc<Redis>, max_body: u64) -> SharedCache {
         SharedCache {
-            fleet,
+            redis,
             max_body,
             unreadable: Arc::new(UnreadableLog::new()),
         }
     }
 
-    pub fn fleet(&self) -> &Arc<Fleet> {
-        &self.fleet
+    /// The Redis keys of `key`.
+    pub fn keys(&self, key: &CacheKey) -> RedisKeys {
+        self.redis.keys(key.primary(), key.as_str())
     }
 
     /// The entry under `key`, if Redis has a readable one. Anything else found there
     /// is a miss, counted and logged (once per key and interval).
     pub async fn get(&self, key: &CacheKey) -> Option<CacheEntry> {
-        let redis_key = self.fleet.keys(key).entry;
+        let redis_key = self.keys(key).entry;
         let limit = self.max_body.saturating_add(VALUE_HEADROOM);
         // GETRANGE, not GET: Redis sends at most `limit + 1` bytes of a value, so a huge
         // value planted under the key is never transferred whole (a script checking
         // STRLEN first costs a Lua call and a copy of the value on every shared hit).
         // A missing key reads as an empty string; another type as WRONGTYPE.
         let value: Value = self
-            .fleet
+            .redis
             .run("get", |mut c| async move {
                 let read = redis::cmd("GETRANGE")
                     .arg(redis_key)
@@ -139,14 +137,14 @@ impl SharedCache {
             Value::BulkString(bytes) => match codec::decode(Bytes::from(bytes), key, self.max_body)
             {
                 Ok(entry) => {
-                    self.fleet.metrics.shared_hit();
+                    self.redis.metrics.shared_hit();
                     return Some(entry);
                 }
                 Err(error) => (error.reason(), Unreadable::Decode(error)),
             },
             _ => ("wrong-type", Unreadable::WrongType),
         };
-        self.fleet.metrics.shared_unreadable(reason);
+        self.redis.metrics.shared_unreadable(reason);
         self.unreadable.report(key, reason, &detail);
         None
     }
@@ -155,13 +153,13 @@ impl SharedCache {
     /// entry that varies is written under its variant key and its primary key (where
     /// other instances, not yet knowing it varies, look first).
     pub async fn put(&self, fill_key: &CacheKey, entry: &CacheEntry, fence: u64) -> PutOutcome {
-        let fence_key = self.fleet.keys(fill_key).fence;
-        let variants_key = self.fleet.keys(fill_key).variants;
-        let mut targets = vec![self.fleet.keys(fill_key).entry];
+        let fence_key = self.keys(fill_key).fence;
+        let variants_key = self.keys(fill_key).variants;
+        let mut targets = vec![self.keys(fill_key).entry];
         if !entry.vary.is_empty() {
             let primary = CacheKey::from_raw(fill_key.primary());
             for key in [primary.clone(), primary.variant(&entry.vary_values)] {
-                let target = self.fleet.keys(&key).entry;
+                let target = self.keys(&key).entry;
                 if !targets.contains(&target) {
                     targets.push(target);
                 }
@@ -174,7 +172,7 @@ impl SharedCache {
             .unwrap_or_default()
             .as_millis() as u64;
         let written = self
-            .fleet
+            .redis
             .run("fenced write", |mut c| async move {
                 let mut call = FENCED_WRITE.key(fence_key);
                 call.key(variants_key);
@@ -188,7 +186,7 @@ impl SharedCache {
         match written {
             Some(1) => PutOutcome::Stored,
             Some(_) => {
-                self.fleet.metrics.fenced_write();
+                self.redis.metrics.fenced_write();
                 PutOutcome::Fenced
             }
             None => PutOutcome::Unavailable,
@@ -211,7 +209,7 @@ impl SharedCache {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for tag in tags {
-            let tag_key = self.fleet.tag_key(tag);
+            let tag_key = self.redis.tag_key(tag);
             // NX sets the first expiry (GT alone never sets one on a key without
             // any: it counts as infinite), GT extends it for longer-lived entries.
             pipe.cmd("SADD").arg(&tag_key).arg(primary).ignore();
@@ -223,7 +221,7 @@ impl SharedCache {
                     .ignore();
             }
         }
-        self.fleet
+        self.redis
             .run("tag", |mut c| async move {
                 pipe.query_async::<()>(&mut c).await
             })
@@ -240,11 +238,11 @@ impl SharedCache {
         also: &[CacheKey],
         soft: bool,
     ) -> (Vec<CacheKey>, Option<usize>) {
-        let tag_key = self.fleet.tag_key(tag);
+        let tag_key = self.redis.tag_key(tag);
         // Members as bytes: one that is not text (planted by anything sharing the
         // prefix) is skipped, not a reply error that would read as a Redis outage.
         let members: Option<Vec<Vec<u8>>> = self
-            .fleet
+            .redis
             .run("tag members", |mut c| async move {
                 let mut pipe = redis::pipe();
                 pipe.cmd("SMEMBERS").arg(&tag_key);
@@ -293,12 +291,12 @@ impl SharedCache {
         // Pipelined scripts are not loaded on demand: load it first, in the same trip.
         pipe.load_script(&HARD_PURGE).ignore();
         for primary in primaries {
-            let keys = self.fleet.keys(primary);
+            let keys = self.keys(primary);
             pipe.invoke_script(HARD_PURGE.key(keys.variants).key(keys.entry));
         }
         self.add_purge_events(&mut pipe, primaries);
         let removed: Vec<i64> = self
-            .fleet
+            .redis
             .run(
                 "purge",
                 |mut c| async move { pipe.query_async(&mut c).await },
@@ -312,12 +310,10 @@ impl SharedCache {
     async fn soft_purge_batch(&self, primaries: &[CacheKey]) -> Option<usize> {
         let mut members = redis::pipe();
         for primary in primaries {
-            members
-                .cmd("SMEMBERS")
-                .arg(self.fleet.keys(primary).variants);
+            members.cmd("SMEMBERS").arg(self.keys(primary).variants);
         }
         let sets: Vec<Vec<Vec<u8>>> = self
-            .fleet
+            .redis
             .run("purge members", |mut c| async move {
                 members.query_async(&mut c).await
             })
@@ -325,7 +321,7 @@ impl SharedCache {
         // Each value is checked against the primary it was stored for.
         let mut targets: Vec<(String, &CacheKey)> = Vec::new();
         for (primary, set) in primaries.iter().zip(sets) {
-            targets.push((self.fleet.keys(primary).entry, primary));
+            targets.push((self.keys(primary).entry, primary));
             targets.extend(text_members(set).map(|member| (member, primary)));
         }
         targets.sort_by(|a, b| a.0.cmp(&b.0));
@@ -335,7 +331,7 @@ impl SharedCache {
             reads.cmd("GET").arg(target);
         }
         let values: Vec<Option<Vec<u8>>> = self
-            .fleet
+            .redis
             .run(
                 "get",
                 |mut c| async move { reads.query_async(&mut c).await },
@@ -359,7 +355,7 @@ impl SharedCache {
         }
         self.add_purge_events(&mut writes, primaries);
         let written: Vec<Option<String>> = self
-            .fleet
+            .redis
             .run("soft purge", |mut c| async move {
                 writes.query_async(&mut c).await
             })
@@ -371,29 +367,13 @@ impl SharedCache {
     fn add_purge_events(&self, pipe: &mut redis::Pipeline, primaries: &[CacheKey]) {
         for primary in primaries {
             pipe.cmd("PUBLISH")
-                .arg(self.fleet.channel())
+                .arg(self.redis.channel())
                 .arg(
-                    self.fleet
-                        .event_message(primary, crate::fleet::FillEvent::Purged),
+                    self.redis
+                        .event_message(primary.as_str(), FillEvent::Purged),
                 )
                 .ignore();
         }
-    }
-
-    /// Plants raw bytes under `key`'s entry (for tests of corrupt values).
-    #[doc(hidden)]
-    pub async fn put_raw(&self, key: &CacheKey, value: &'static [u8]) -> bool {
-        let redis_key = self.fleet.keys(key).entry;
-        self.fleet
-            .run("set", |mut c| async move {
-                redis::cmd("SET")
-                    .arg(redis_key)
-                    .arg(value)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
-            .await
-            .is_some()
     }
 }
 

@@ -311,7 +311,7 @@ async fn write_hit(
     http: &Http,
 ) -> io::Result<()> {
     tail.clear();
-    hit.write_lines(tail, closing);
+    write_hit_lines(hit, tail, closing);
     match &hit.entry.body_file {
         Some(file) if !head_only => {
             // The head with MSG_MORE, so it leaves in the body's first segment.
@@ -538,6 +538,24 @@ async fn hand_over(
     let conn = http.any.serve_connection(TokioIo::new(io), service);
     let idle = track::idle(open, since, http.limits.idle_timeout);
     serve_hyper(conn, idle, Arc::clone(http), peer, stopped).await;
+}
+
+/// The header lines a hit adds to its entry's prebuilt head, through the blank line:
+/// `Age`, `Cache-Status`, `Date` when the origin sent none, and `Connection: close`
+/// when the connection ends after it.
+pub fn write_hit_lines(hit: &LocalHit, out: &mut Vec<u8>, closing: bool) {
+    use std::io::Write as _;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "age: {}\r\ncache-status: {}\r\n", hit.age, hit.status);
+    if !hit.entry.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if closing {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ mod http1;
 mod io;
 mod track;
 
+pub use http1::write_hit_lines;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;

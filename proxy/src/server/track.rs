@@ -28,9 +28,9 @@ use pin_project_lite::pin_project;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::body::{BodyError, ProxyBody};
-use crate::error::{error_response, ProxyError};
+use crate::http::body::{BodyError, ProxyBody};
 use crate::metrics::ConnectionMetrics;
+use crate::proxy::error::{error_response, ProxyError};
 
 /// The process-wide bound on requests in progress on the proxy port.
 ///

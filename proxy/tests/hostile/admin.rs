@@ -25,8 +25,8 @@ async fn corral(top: &str, routes: &str, origin: &RecordingOrigin) -> RunningSer
     );
     let config = Config::parse(&text, "admin-test.toml").expect("test config is valid");
     let server = corral::start(&config).await.expect("corral starts");
-    if let Some(fleet) = server.proxy().fleet() {
-        let fleet = Arc::clone(fleet.fleet());
+    if let Some(fleet) = server.proxy().redis() {
+        let fleet = Arc::clone(fleet);
         eventually("the instance joins the fleet", || {
             let ready = fleet.ready();
             async move { ready.then_some(()) }
@@ -433,7 +433,7 @@ async fn tag_index_forgets_evicted_entries() {
     for i in 0..1000 {
         get(&server, &format!("/p{i}"), "").await;
     }
-    local.sync().await;
+    local.sync();
     let entries = local.entry_count() as usize;
     assert!(entries < 500, "{entries} entries stayed");
     assert_eq!(

@@ -32,8 +32,7 @@ impl Planting {
             .redis(&server.url())
             .start_in_front_of(&origin.url())
             .await;
-        let fleet =
-            std::sync::Arc::clone(front.server.proxy().fleet().expect("fleet mode").fleet());
+        let fleet = std::sync::Arc::clone(front.server.proxy().redis().expect("fleet mode"));
         eventually("corral joins the fleet", || {
             let ready = fleet.ready();
             async move { ready.then_some(()) }
@@ -76,7 +75,7 @@ impl Planting {
 
     fn entry_key(&self, path: &str) -> String {
         let proxy = self.front.server.proxy();
-        proxy.fleet().unwrap().fleet().keys(&self.key(path)).entry
+        proxy.cache().shared().unwrap().keys(&self.key(path)).entry
     }
 
     /// A metric's value, from the admin listener.
@@ -375,7 +374,7 @@ async fn malformed_fleet_events_are_ignored_and_counted() {
 async fn a_corrupt_fence_counter_is_repaired_not_taken_for_an_outage() {
     let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
     let proxy = p.front.server.proxy();
-    let keys = proxy.fleet().unwrap().fleet().keys(&p.key("/fenced"));
+    let keys = proxy.cache().shared().unwrap().keys(&p.key("/fenced"));
     let entry_key = keys.entry.clone();
     redis::cmd("SET")
         .arg(&keys.fence)
@@ -405,7 +404,7 @@ async fn a_lock_planted_without_expiry_ends_within_one_lock_ttl() {
         .lock("ttl = \"300ms\"\nwait_timeout = \"8s\"");
     let mut p = Planting::start(setup).await;
     let proxy = p.front.server.proxy();
-    let lock_key = proxy.fleet().unwrap().fleet().keys(&p.key("/locked")).lock;
+    let lock_key = proxy.cache().shared().unwrap().keys(&p.key("/locked")).lock;
     redis::cmd("SET")
         .arg(&lock_key)
         .arg("held forever")
@@ -428,7 +427,7 @@ async fn a_lock_planted_without_expiry_ends_within_one_lock_ttl() {
 async fn a_command_refused_for_one_keys_value_does_not_switch_the_fleet_off() {
     let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
     let proxy = p.front.server.proxy();
-    let fleet = std::sync::Arc::clone(proxy.fleet().unwrap().fleet());
+    let fleet = std::sync::Arc::clone(proxy.redis().unwrap());
     // A tag set that is not a set.
     let tag_key = fleet.tag_key("planted");
     redis::cmd("SET")

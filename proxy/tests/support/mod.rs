@@ -198,8 +198,8 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 impl Harness {
     /// In fleet mode, waits until `server` is connected to Redis and subscribed.
     pub async fn wait_for_fleet(&self, server: &RunningServer) {
-        if let Some(fleet) = server.proxy().fleet() {
-            let fleet = std::sync::Arc::clone(fleet.fleet());
+        if let Some(fleet) = server.proxy().redis() {
+            let fleet = std::sync::Arc::clone(fleet);
             eventually("the instance joins the fleet", || {
                 let ready = fleet.ready();
                 async move { ready.then_some(()) }
@@ -351,13 +351,8 @@ pub async fn herd_over(servers: &[&RunningServer], path: &str, n: usize) -> Vec<
 
 /// A connection to a config's Redis from outside any instance (a fake holder, a paused
 /// one, or a Redlock client of its own), once it is connected.
-pub async fn fleet_client(config: &Config) -> std::sync::Arc<corral::fleet::Fleet> {
-    let fleet = corral::fleet::Fleet::start(
-        config.redis.clone().expect("a fleet config"),
-        config.lock.clone(),
-        corral::cache::LocalCache::new(1 << 20, None),
-        corral::metrics::Metrics::new().fleet.clone(),
-    );
+pub async fn fleet_client(config: &Config) -> std::sync::Arc<corral::redis::Redis> {
+    let fleet = corral::redis::Redis::client(config.redis.clone().expect("a fleet config"));
     let ready = std::sync::Arc::clone(&fleet);
     eventually("the client connects to Redis", || {
         let ok = ready.ready();

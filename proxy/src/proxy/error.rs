@@ -5,8 +5,8 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use crate::body::{ClientBlame, ProxyBody};
-use crate::request::BadRequest;
+use crate::http::body::{ClientBlame, ProxyBody};
+use crate::http::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
 /// Why corral could not produce the upstream's response. Each variant records whose
@@ -77,19 +77,10 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout => "client-body-timeout",
             ProxyError::Overloaded => "overloaded",
             ProxyError::MethodNotAllowed => "method",
-            ProxyError::Upstream(e) => failure_detail(e.kind()),
-            ProxyError::SharedFailure(kind) => failure_detail(*kind),
+            ProxyError::Upstream(e) => e.kind().detail(),
+            ProxyError::SharedFailure(kind) => kind.detail(),
             ProxyError::WaitTimedOut(_) => "wait-timeout",
         }
-    }
-}
-
-fn failure_detail(kind: FailureKind) -> &'static str {
-    match kind {
-        FailureKind::Connect => "upstream-connect",
-        FailureKind::Timeout => "upstream-timeout",
-        FailureKind::Protocol => "upstream-protocol",
-        FailureKind::Status => "upstream-status",
     }
 }
 

@@ -23,7 +23,7 @@ use http::header;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Uri, Version};
 
-use crate::headers;
+use crate::http::headers;
 
 /// Why a request was refused before routing: the client's fault, answered with `400`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -24,7 +24,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::single::{EXTEND, NEXT_FENCE_LUA, RELEASE};
 use super::{Lease, LockTry};
 use crate::cache::CacheKey;
-use crate::fleet::Fleet;
+use crate::config::LockSettings;
+use crate::redis::Redis;
 
 /// KEYS: fence. ARGV: retention ms. The next fencing token (see [`NEXT_FENCE_LUA`]).
 static FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -129,9 +130,10 @@ impl Node {
     }
 }
 
+/// The fleet lock by Redlock over `[lock] nodes`; fences come from the cache's Redis.
 #[derive(Clone)]
 pub struct Redlock {
-    fleet: Arc<Fleet>,
+    redis: Arc<Redis>,
     nodes: Arc<[Arc<Node>]>,
     ttl: Duration,
     retries: u32,
@@ -141,8 +143,9 @@ pub struct Redlock {
 }
 
 impl Redlock {
-    pub fn new(fleet: Arc<Fleet>) -> Redlock {
-        let settings = fleet.lock.clone();
+    /// A lock over `settings.nodes` whose fencing tokens come from `redis`, where the
+    /// fenced write runs.
+    pub fn new(redis: Arc<Redis>, settings: &LockSettings) -> Redlock {
         let nodes: Vec<Arc<Node>> = settings
             .nodes
             .iter()
@@ -158,7 +161,7 @@ impl Redlock {
             })
             .collect();
         Redlock {
-            fleet,
+            redis,
             nodes: nodes.into(),
             ttl: settings.ttl,
             retries: settings.retries,
@@ -187,8 +190,8 @@ impl Redlock {
     }
 
     pub async fn try_acquire(&self, key: &CacheKey) -> LockTry {
-        let keys = self.fleet.keys(key);
-        let token = format!("{}:{:016x}", self.fleet.instance, rand::random::<u64>());
+        let keys = self.redis.keys(key.primary(), key.as_str());
+        let token = format!("{}:{:016x}", self.redis.instance, rand::random::<u64>());
         let ttl_ms = self.ttl.as_millis() as u64;
         let mut answered = 0;
         for attempt in 0..=self.retries {
@@ -208,7 +211,7 @@ impl Redlock {
                         return LockTry::Unavailable;
                     };
                     self.quorum_back();
-                    self.fleet.metrics.lock_acquired();
+                    self.redis.metrics.lock_acquired();
                     return LockTry::Acquired(Lease {
                         lock_key: keys.lock,
                         token,
@@ -231,10 +234,10 @@ impl Redlock {
             if !self.no_quorum.swap(true, Ordering::AcqRel) {
                 tracing::warn!(reachable = answered, needed = self.quorum(), "redlock: no quorum of lock nodes; fills go unlocked across the fleet (still coalesced per instance)");
             }
-            self.fleet.metrics.lock_no_quorum();
+            self.redis.metrics.lock_no_quorum();
             return LockTry::Unavailable;
         }
-        self.fleet.metrics.lock_contended();
+        self.redis.metrics.lock_contended();
         LockTry::Held
     }
 
@@ -253,11 +256,11 @@ impl Redlock {
         match self.validity(started) {
             Some(validity) if extended >= self.quorum() && Instant::now() < lease.deadline => {
                 lease.deadline = started + validity;
-                self.fleet.metrics.lock_extended();
+                self.redis.metrics.lock_extended();
                 true
             }
             _ => {
-                self.fleet.metrics.lock_lost();
+                self.redis.metrics.lock_lost();
                 false
             }
         }
@@ -275,7 +278,7 @@ impl Redlock {
     /// The grant's fencing token, from the cache's Redis, where the fenced write runs.
     async fn fence(&self, fence_key: &str) -> Option<u64> {
         let key = fence_key.to_string();
-        self.fleet
+        self.redis
             .run("fence", |mut c| async move {
                 FENCE
                     .key(&key)

@@ -202,7 +202,7 @@ fn url_key(
         return Err(bad_path());
     }
     // Keyed as a request for it would be: in normal form.
-    if let Some(normal) = crate::request::normalize_target(&uri).map_err(|_| bad_path())? {
+    if let Some(normal) = crate::http::request::normalize_target(&uri).map_err(|_| bad_path())? {
         uri = Uri::from(normal);
     }
     let host = match (host, &route.config.host) {
@@ -235,7 +235,7 @@ fn url_key(
 
 /// `raw` as request hosts are keyed: through the same function.
 fn normalised_host(raw: &str) -> Result<String, PurgeError> {
-    crate::request::normalize_host(raw)
+    crate::http::request::normalize_host(raw)
         .map(std::borrow::Cow::into_owned)
         .ok_or_else(|| PurgeError::BadHost(raw.to_string()))
 }

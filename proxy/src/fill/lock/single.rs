@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{Lease, LockTry};
 use crate::cache::CacheKey;
-use crate::fleet::Fleet;
+use crate::redis::Redis;
 
 /// How long a fence counter outlives its last grant. A holder paused longer than this
 /// could see the counter restart below its token; a day is far beyond any fill.
@@ -68,16 +68,17 @@ pub(crate) static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// The fleet lock on the cache's own Redis.
 #[derive(Clone)]
 pub struct RedisLock {
-    fleet: Arc<Fleet>,
+    redis: Arc<Redis>,
     ttl: Duration,
 }
 
 impl RedisLock {
-    pub fn new(fleet: Arc<Fleet>) -> RedisLock {
-        let ttl = fleet.lock.ttl;
-        RedisLock { fleet, ttl }
+    /// A lock on `redis` whose grants last `ttl` unless extended.
+    pub fn new(redis: Arc<Redis>, ttl: Duration) -> RedisLock {
+        RedisLock { redis, ttl }
     }
 
     pub fn ttl(&self) -> Duration {
@@ -85,13 +86,13 @@ impl RedisLock {
     }
 
     pub async fn try_acquire(&self, key: &CacheKey) -> LockTry {
-        let keys = self.fleet.keys(key);
-        let token = format!("{}:{:016x}", self.fleet.instance, rand::random::<u64>());
+        let keys = self.redis.keys(key.primary(), key.as_str());
+        let token = format!("{}:{:016x}", self.redis.instance, rand::random::<u64>());
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (lock_key, fence_key, t) = (keys.lock.clone(), keys.fence, token.clone());
         let fence = self
-            .fleet
+            .redis
             .run("lock acquire", |mut c| async move {
                 ACQUIRE
                     .key(lock_key)
@@ -106,11 +107,11 @@ impl RedisLock {
         match fence {
             None => LockTry::Unavailable,
             Some(0) => {
-                self.fleet.metrics.lock_contended();
+                self.redis.metrics.lock_contended();
                 LockTry::Held
             }
             Some(fence) => {
-                self.fleet.metrics.lock_acquired();
+                self.redis.metrics.lock_acquired();
                 LockTry::Acquired(Lease {
                     lock_key: keys.lock,
                     token,
@@ -128,7 +129,7 @@ impl RedisLock {
         let ttl_ms = self.ttl.as_millis() as u64;
         let (key, token) = (lease.lock_key.clone(), lease.token.clone());
         let extended = self
-            .fleet
+            .redis
             .run("lock extend", |mut c| async move {
                 EXTEND
                     .key(key)
@@ -140,10 +141,10 @@ impl RedisLock {
             .await;
         if extended == Some(1) {
             lease.deadline = started + self.ttl;
-            self.fleet.metrics.lock_extended();
+            self.redis.metrics.lock_extended();
             true
         } else {
-            self.fleet.metrics.lock_lost();
+            self.redis.metrics.lock_lost();
             false
         }
     }
@@ -152,7 +153,7 @@ impl RedisLock {
         let Lease {
             lock_key, token, ..
         } = lease;
-        self.fleet
+        self.redis
             .run("lock release", |mut c| async move {
                 RELEASE
                     .key(lock_key)

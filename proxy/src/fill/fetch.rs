@@ -1,0 +1,257 @@
+//! One fetch from the upstream and what it comes to: stored, shared with the waiters
+//! but not stored (an error response), passed to the leader alone (not storable), or
+//! failed (served stale within `stale-if-error` where there is a stale copy).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{response, Method, Response, StatusCode};
+use hyper::body::Incoming;
+
+use super::task::{FillEnd, FillJob, Filler};
+use super::{stale_if_error, FillOutcome, LeaderReply};
+use crate::cache::entry::Unframeable;
+use crate::cache::key::vary_values;
+use crate::cache::policy::{self, Lifetime, PassReason, Verdict};
+use crate::cache::{CacheEntry, CacheKey};
+use crate::http::body::ProxyBody;
+use crate::http::cache_status::CacheStatus;
+use crate::http::headers;
+use crate::upstream::{BodyRead, FailureKind, UpstreamError};
+
+impl Filler {
+    /// Fetches `job` from its upstream, decides, and stores locally (under the primary
+    /// key; a hit-for-pass mark under `fill_key`).
+    pub(super) async fn fetch(&self, job: &FillJob, fill_key: &CacheKey) -> FillEnd {
+        let route = &job.route;
+        route.metrics.upstream_request(job.kind.upstream_reason());
+        let upstream_req = route.upstream.request(
+            Method::GET,
+            job.upstream.uri.path_and_query(),
+            job.upstream.headers.clone(),
+            job.original_host.as_ref(),
+            route.config.preserve_host,
+            ProxyBody::empty(),
+        );
+        let res = match route.upstream.send(upstream_req).await {
+            Ok(res) => res,
+            Err(err) => {
+                route.note_upstream_error(&err);
+                let kind = err.kind();
+                let reply = LeaderReply::stale_or_failed(job.stale.as_ref(), kind, job.fwd, None);
+                return FillEnd::new(FillOutcome::Failed(kind), reply);
+            }
+        };
+        let received_at = SystemTime::now();
+        route.note_upstream_status(res.status());
+        let (mut head, body) = res.into_parts();
+        // Judged as stored: without the hop-by-hop headers (and those `Connection`
+        // names), which the entry will not have. A `Vary` named there would be lost.
+        let vary_hidden = policy::connection_names_vary(&head.headers);
+        headers::strip_hop_by_hop(&mut head.headers);
+
+        if head.status == StatusCode::NOT_MODIFIED {
+            if let Some(end) = self.revalidated(job, fill_key, &head, received_at) {
+                return end;
+            }
+        }
+        if head.status.is_server_error() {
+            if let Some(stale) = stale_if_error(job.stale.as_ref(), received_at) {
+                let status = CacheStatus::stale_if_error(Some(head.status.as_u16()));
+                let reply = LeaderReply::Entry(stale, status);
+                return FillEnd::new(FillOutcome::Failed(FailureKind::Status), reply);
+            }
+        }
+        let verdict = if vary_hidden {
+            Verdict::Pass(PassReason::VaryStar)
+        } else {
+            policy::evaluate(&route.config, &job.upstream, &head, received_at)
+        };
+        let too_large =
+            content_length(&head.headers).is_some_and(|len| len > self.max_object_bytes);
+        match verdict {
+            Verdict::Store(lifetime) if !too_large => {
+                self.store(job, fill_key, head, body, *lifetime).await
+            }
+            Verdict::Pass(reason)
+                if head.status.is_server_error() && !too_large && !reason.is_request_specific() =>
+            {
+                self.share_error(job, head, body, received_at).await
+            }
+            Verdict::Pass(reason) => self.pass_on(job, fill_key, head, body, reason),
+            Verdict::Store(_) => self.pass_on(job, fill_key, head, body, PassReason::TooLarge),
+        }
+    }
+
+    /// A `304` for the stale entry: the entry renewed and stored, or (when it may not
+    /// be stored again, for this request's credentials or for what the 304 said)
+    /// served once to the leader, since its client asked for no 304. `None`: the 304
+    /// renews nothing; it is judged like any response.
+    fn revalidated(
+        &self,
+        job: &FillJob,
+        fill_key: &CacheKey,
+        head: &response::Parts,
+        received_at: SystemTime,
+    ) -> Option<FillEnd> {
+        let stale = job.stale.as_ref()?;
+        match stale.renewed(&job.route.config, &job.upstream, head, received_at) {
+            Ok(mut renewed) => {
+                renewed.vary_values = vary_values(&renewed.vary, &job.client_headers);
+                let entry = Arc::new(renewed);
+                self.cache.store(&job.key, Arc::clone(&entry));
+                let reply = LeaderReply::Entry(Arc::clone(&entry), CacheStatus::revalidated());
+                Some(FillEnd::new(FillOutcome::Filled(entry), reply))
+            }
+            Err(Some(reason)) => {
+                self.mark_pass(job, fill_key, reason);
+                let status = CacheStatus::pass(job.fwd, reason.as_str())
+                    .with_fwd_status(head.status.as_u16());
+                let reply = LeaderReply::Entry(Arc::clone(stale), status);
+                Some(FillEnd::new(FillOutcome::Uncacheable(reason), reply))
+            }
+            Err(None) => None,
+        }
+    }
+
+    /// A storable response: read whole, stored, served to all.
+    async fn store(
+        &self,
+        job: &FillJob,
+        fill_key: &CacheKey,
+        head: response::Parts,
+        body: Incoming,
+        lifetime: Lifetime,
+    ) -> FillEnd {
+        let code = head.status.as_u16();
+        match job
+            .route
+            .upstream
+            .read_body(body, self.max_object_bytes)
+            .await
+        {
+            Ok(BodyRead::Complete(bytes)) => {
+                let entry = match CacheEntry::new(head, bytes, lifetime, &job.client_headers) {
+                    Ok(entry) => Arc::new(entry),
+                    Err(err) => return unframeable(job, err),
+                };
+                self.cache.store(&job.key, Arc::clone(&entry));
+                tracing::debug!(status = code, bytes = entry.body.len(), "stored");
+                let status = CacheStatus::fetched(job.fwd, code, true);
+                let reply = LeaderReply::Entry(Arc::clone(&entry), status);
+                FillEnd::new(FillOutcome::Filled(entry), reply)
+            }
+            Ok(BodyRead::TooLarge(prefix, rest)) => {
+                let reason = PassReason::TooLarge;
+                self.cache
+                    .mark_pass(fill_key, reason, job.route.config.hit_for_pass);
+                let status = CacheStatus::pass(job.fwd, reason.as_str()).with_fwd_status(code);
+                let res = forwarded(head, ProxyBody::resumed(prefix, rest));
+                FillEnd::new(
+                    FillOutcome::Uncacheable(reason),
+                    LeaderReply::Response(res, status),
+                )
+            }
+            Err(err) => body_failed(job, err),
+        }
+    }
+
+    /// An error response is the same for everyone who asked now: share it, so a failing
+    /// upstream is not hit once per waiter, but do not store it.
+    async fn share_error(
+        &self,
+        job: &FillJob,
+        head: response::Parts,
+        body: Incoming,
+        received_at: SystemTime,
+    ) -> FillEnd {
+        let code = head.status.as_u16();
+        let status = CacheStatus::fetched(job.fwd, code, false);
+        match job
+            .route
+            .upstream
+            .read_body(body, self.max_object_bytes)
+            .await
+        {
+            Ok(BodyRead::Complete(bytes)) => {
+                let lifetime = Lifetime::none(&job.upstream, &head, received_at);
+                let entry = match CacheEntry::new(head, bytes, lifetime, &job.client_headers) {
+                    Ok(entry) => Arc::new(entry),
+                    Err(err) => return unframeable(job, err),
+                };
+                let reply = LeaderReply::Entry(Arc::clone(&entry), status);
+                FillEnd::new(FillOutcome::Shared(entry), reply)
+            }
+            Ok(BodyRead::TooLarge(prefix, rest)) => {
+                let res = forwarded(head, ProxyBody::resumed(prefix, rest));
+                let outcome = FillOutcome::Uncacheable(PassReason::TooLarge);
+                FillEnd::new(outcome, LeaderReply::Response(res, status))
+            }
+            Err(err) => body_failed(job, err),
+        }
+    }
+
+    /// A response that may not be stored: streamed to the leader alone; the waiters go
+    /// upstream themselves (or compete again).
+    fn pass_on(
+        &self,
+        job: &FillJob,
+        fill_key: &CacheKey,
+        head: response::Parts,
+        body: Incoming,
+        reason: PassReason,
+    ) -> FillEnd {
+        self.mark_pass(job, fill_key, reason);
+        let status =
+            CacheStatus::pass(job.fwd, reason.as_str()).with_fwd_status(head.status.as_u16());
+        let res = forwarded(head, ProxyBody::streaming(body));
+        FillEnd::new(
+            FillOutcome::Uncacheable(reason),
+            LeaderReply::Response(res, status),
+        )
+    }
+
+    /// Hit-for-pass under the fill key: later requests skip the lock. Not for a pass
+    /// this request caused (its credentials): one client must not turn caching off for
+    /// everyone.
+    fn mark_pass(&self, job: &FillJob, fill_key: &CacheKey, reason: PassReason) {
+        if !reason.is_request_specific() {
+            self.cache
+                .mark_pass(fill_key, reason, job.route.config.hit_for_pass);
+        }
+    }
+}
+
+/// The upstream's response as the client gets it when it is not stored.
+fn forwarded(mut head: response::Parts, body: ProxyBody) -> Response<ProxyBody> {
+    headers::forward_response(&mut head.headers);
+    Response::from_parts(head, body)
+}
+
+/// A fill whose response body broke off: waiters and leader learn it failed.
+fn body_failed(job: &FillJob, err: UpstreamError) -> FillEnd {
+    job.route.note_upstream_error(&err);
+    let kind = err.kind();
+    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind.detail()));
+    FillEnd::new(FillOutcome::Failed(kind), reply)
+}
+
+/// A response no cache may replay (an interim status, or content on a 204 or 304).
+/// The policy stores no such status and hyper reads no such content, so this is an
+/// upstream breaking HTTP: its waiters and leader get a 502, never its bytes.
+fn unframeable(job: &FillJob, err: Unframeable) -> FillEnd {
+    tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
+    job.route.metrics.upstream_error(FailureKind::Protocol);
+    let kind = FailureKind::Protocol;
+    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind.detail()));
+    FillEnd::new(FillOutcome::Failed(kind), reply)
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,319 @@
+//! The request path, top to bottom: admit (normalise and route), bypass or key, then
+//! the cache path (`cacheable`), and the response with its `Cache-Status`.
+//!
+//! route → key → lookup (local tier, then shared) → fresh: serve | stale within SWR:
+//! serve and refresh once in the background | hit-for-pass: forward | miss or stale:
+//! fill lock → (leader) the fill task fetches, stores, wakes waiters → respond |
+//! (waiter) wait for the leader's outcome → respond. See `fill` for the protocol.
+//!
+//! A pass caused by the request itself (its credentials, see `cache::policy`) marks
+//! no hit-for-pass, and the waiters without credentials compete for the fill again.
+
+mod answer;
+mod cacheable;
+pub mod error;
+mod pass;
+pub mod purge;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{self, HeaderValue};
+use http::{request, Method, Request, Response};
+use hyper::body::Incoming;
+use tracing::{field, Instrument, Span};
+
+use crate::cache::entry::CacheEntry;
+use crate::cache::local::LocalCache;
+use crate::cache::shared::SharedCache;
+use crate::cache::{Cache, CacheKey, TagRules};
+use crate::config::{AdminToken, Config, EncodedSlashes};
+use crate::fill::coordinator::Coordinator;
+use crate::fill::{Filler, LocalFillLock};
+use crate::http::body::ProxyBody;
+use crate::http::cache_status::{CacheStatus, Fwd};
+use crate::http::headers;
+use crate::http::request::{self as client_request, BadRequest};
+use crate::metrics::Metrics;
+use crate::redis::Redis;
+use crate::route::{Route, RouteTable};
+pub use answer::respond;
+use answer::{finish, ttl_secs};
+use error::{error_response, ProxyError};
+
+/// A fresh entry in the local cache for a request, found without waiting on anything:
+/// what the HTTP/1 fast path answers with.
+pub struct LocalHit {
+    pub entry: Arc<CacheEntry>,
+    pub status: CacheStatus,
+    /// The `Age` to send, in seconds.
+    pub age: u64,
+}
+
+/// The proxy: routes, cache tiers and fill locks, shared by all connections.
+pub struct Proxy {
+    routes: RouteTable,
+    /// The cache tiers, the fleet's coordinator, and what else a fill needs.
+    filler: Arc<Filler>,
+    fills: Arc<LocalFillLock>,
+    trusted_proxies: Vec<ipnet::IpNet>,
+    metrics: Arc<Metrics>,
+    /// What `POST /purge` requires (server/admin.rs); here so the admin listener has it.
+    admin_token: Option<AdminToken>,
+    /// `[limits] body_timeout`: how long a forwarded body may wait on its client.
+    body_timeout: std::time::Duration,
+}
+
+/// A request as the cache path needs it: the client's head, prepared for forwarding.
+struct ClientRequest {
+    head: request::Parts,
+    original_host: Option<HeaderValue>,
+    client: std::net::IpAddr,
+}
+
+impl ClientRequest {
+    /// The client's headers as the upstream gets them. Built only when a request goes
+    /// upstream: a hit never pays for it.
+    fn forwarded_headers(&self) -> http::HeaderMap {
+        let mut headers = self.head.headers.clone();
+        headers::forward_request(&mut headers, self.client, self.original_host.as_ref());
+        headers
+    }
+}
+
+impl Proxy {
+    /// Builds the tiers bottom up: the local tier, Redis (told to drop local copies on
+    /// other instances' events), the shared tier on it, the coordinator on both.
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Proxy {
+        let routes = config
+            .routes
+            .iter()
+            .map(|rc| Route::new(rc.clone(), metrics.for_route(&rc.name)))
+            .collect();
+        let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
+        let tags = TagRules::from_routes(&config.routes, &metrics);
+        let local = LocalCache::tagged(config.cache.max_bytes, local_ttl, tags);
+        let redis = config
+            .redis
+            .clone()
+            .map(|settings| Redis::start(settings, metrics.fleet.clone(), local.fleet_listener()));
+        let max_object_bytes = config.cache.max_object_bytes;
+        let shared = redis
+            .as_ref()
+            .map(|redis| SharedCache::new(Arc::clone(redis), max_object_bytes));
+        let cache = Cache::new(local, shared);
+        let coordinator = redis
+            .and_then(|redis| Coordinator::new(redis, &config.lock, cache.clone()))
+            .map(Arc::new);
+        Proxy {
+            routes: RouteTable::new(routes),
+            filler: Arc::new(Filler::new(cache, coordinator, max_object_bytes)),
+            fills: LocalFillLock::new(),
+            trusted_proxies: config.trusted_proxies.clone(),
+            metrics,
+            admin_token: config.admin_token.clone(),
+            body_timeout: config.limits.body_timeout,
+        }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        self.filler.cache()
+    }
+
+    /// Fleet mode's connection to Redis, when configured.
+    pub fn redis(&self) -> Option<&Arc<Redis>> {
+        self.filler.coordinator().map(|c| c.redis())
+    }
+
+    pub fn fills(&self) -> &LocalFillLock {
+        &self.fills
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    pub fn admin_token(&self) -> Option<&AdminToken> {
+        self.admin_token.as_ref()
+    }
+
+    /// Serves one client request. Never fails: every error becomes a response.
+    pub async fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        if req.method() == Method::CONNECT {
+            // A reverse proxy opens no tunnels.
+            return error_response(&ProxyError::MethodNotAllowed);
+        }
+        let (mut head, body) = req.into_parts();
+        let trusted = self.trusts(client.ip());
+        let (host, route) = match self.admit(&mut head, trusted) {
+            Ok(admitted) => admitted,
+            Err(err) => {
+                tracing::debug!(path = head.uri.path(), error = %err, "refused");
+                return error_response(&err);
+            }
+        };
+        // Debug level: a span per request costs on every hit; RUST_LOG=corral=debug shows it.
+        let span = tracing::debug_span!(
+            "request",
+            route = %route.config.name,
+            method = %head.method,
+            path = head.uri.path(),
+            key = field::Empty,
+            cache = field::Empty,
+        );
+        let this = Arc::clone(self);
+        async move {
+            let req = ClientRequest {
+                original_host: host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()),
+                head,
+                client: client.ip(),
+            };
+            let (res, status) = this.serve(&route, req, body, host.as_deref()).await;
+            route.metrics.served(status.served);
+            Span::current().record("cache", status.served.as_str());
+            tracing::debug!(status = res.status().as_u16(), "served");
+            finish(res, &status)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Normalises a request in place (host, path, headers: see `request`) and finds its
+    /// route. Everything after this sees the request only as normalised, so what is
+    /// routed, what is keyed and what is forwarded cannot differ.
+    fn admit(
+        &self,
+        head: &mut request::Parts,
+        trusted_peer: bool,
+    ) -> Result<(Option<String>, Arc<Route>), ProxyError> {
+        let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?
+            .map(std::borrow::Cow::into_owned);
+        if let Some(normal) = client_request::normalize_target(&head.uri)? {
+            head.uri = http::Uri::from(normal);
+        }
+        let route = self.routes.find(host.as_deref(), head.uri.path()).cloned();
+        let Some(route) = route else {
+            tracing::debug!(
+                host = host.as_deref().unwrap_or(""),
+                path = head.uri.path(),
+                "no route"
+            );
+            return Err(ProxyError::NoRoute);
+        };
+        if route.config.encoded_slashes == EncodedSlashes::Reject
+            && client_request::encoded_slash(head.uri.path())
+        {
+            return Err(BadRequest::EncodedSlash.into());
+        }
+        client_request::sanitize_headers(&mut head.headers, trusted_peer);
+        Ok((host, route))
+    }
+
+    /// Whether `peer` is a configured trusted proxy, whose forwarding headers are kept.
+    fn trusts(&self, peer: IpAddr) -> bool {
+        // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+
+    /// The fast path's whole request path: a `GET` or `HEAD` whose route caches, with a
+    /// fresh entry in the local cache that the client's conditionals do not turn into a
+    /// `304`. Counted as a hit. `None`: the request takes [`Proxy::handle`], which
+    /// decides everything else (and may still find a hit, in the shared tier).
+    ///
+    /// It keys the request exactly as [`Proxy::handle`] would: same host and path
+    /// normalisation; requests whose headers `handle` would change before keying
+    /// (`Connection`-named headers, forwarding headers a route keys on) or that would
+    /// bypass the cache are left to it.
+    pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
+        if !client_request::already_sanitized(&req.headers) {
+            return None;
+        }
+        let host = client_request::canonical_host(req.version, &req.uri, &req.headers).ok()?;
+        let normal = client_request::normalize_target(&req.uri).ok()?;
+        let uri = match normal {
+            Some(pq) => &http::Uri::from(pq),
+            None => &req.uri,
+        };
+        let route = self.routes.find(host.as_deref(), uri.path())?;
+        if cache_applies(route, &req.method, &req.headers).is_err() || route.keys_forwarding_headers
+        {
+            return None;
+        }
+        if route.config.encoded_slashes == EncodedSlashes::Reject
+            && client_request::encoded_slash(uri.path())
+        {
+            return None;
+        }
+        let key = CacheKey::for_request(&route.config, host.as_deref(), uri, &req.headers);
+        let now = SystemTime::now();
+        let entry = self.cache().local_fresh(&key, &req.headers, now)?;
+        if entry.satisfies_conditional(&req.headers) {
+            return None;
+        }
+        let status = CacheStatus::hit(ttl_secs(&entry, now));
+        route.metrics.served(status.served);
+        Some(LocalHit {
+            age: entry.age(now),
+            entry,
+            status,
+        })
+    }
+
+    async fn serve(
+        self: &Arc<Self>,
+        route: &Arc<Route>,
+        req: ClientRequest,
+        body: Incoming,
+        host: Option<&str>,
+    ) -> (Response<ProxyBody>, CacheStatus) {
+        if let Some(status) = bypass(route, &req.head, &body) {
+            // Streamed as it came, with its own framing; never stored, never served
+            // from the cache (the key does not see the body or the rewriting header).
+            let body = ProxyBody::from_client(body, self.body_timeout);
+            return self.pass(route, &req, body, status).await;
+        }
+        let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);
+        Span::current().record("key", field::display(&key));
+        self.serve_cacheable(route, &req, key).await
+    }
+}
+
+/// Why a request is not one for the cache at all, if it is not: a method other than
+/// GET and HEAD, a route without caching, a `Range`, a body (RFC 9110 §9.3.1 gives a
+/// GET body no meaning, but an origin may read it: the key does not), or a header that
+/// rewrites the request at the origin.
+fn bypass(route: &Route, head: &request::Parts, body: &Incoming) -> Option<CacheStatus> {
+    if let Err(fwd) = cache_applies(route, &head.method, &head.headers) {
+        return Some(CacheStatus::bypass(fwd));
+    }
+    let status = CacheStatus::bypass(Fwd::Bypass);
+    if !http_body::Body::is_end_stream(body) {
+        Some(status.with_detail("request-body"))
+    } else if client_request::rewrites_request(&head.headers) {
+        Some(status.with_detail("rewriting-header"))
+    } else {
+        None
+    }
+}
+
+/// Whether the cache applies to a request at all, from its route, method and `Range`
+/// (the fast path and `bypass` both ask); `Err` says how it is forwarded instead.
+fn cache_applies(route: &Route, method: &Method, headers: &http::HeaderMap) -> Result<(), Fwd> {
+    if !(method == Method::GET || method == Method::HEAD) {
+        Err(Fwd::Method)
+    } else if !route.config.cache || headers.contains_key(header::RANGE) {
+        Err(Fwd::Bypass)
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,40 @@
+//! The names corral gives things in Redis: per cache key its entry, lock, fence counter
+//! and variant set; per tag its set; the event channel. Every name starts with the
+//! configured prefix, so fleets can share one Redis.
+
+use xxhash_rust::xxh3::xxh3_128;
+
+/// The Redis keys of one cache key. All share the hash tag of the *primary* key, so
+/// the scripts that touch several of them also run on Redis Cluster.
+pub struct RedisKeys {
+    pub entry: String,
+    pub lock: String,
+    pub fence: String,
+    /// The set of entry keys holding variants of the primary key (for purges).
+    pub variants: String,
+}
+
+impl RedisKeys {
+    /// The keys of the cache key `key`, whose primary key is `primary` (the same for
+    /// a key without variants).
+    pub(super) fn new(prefix: &str, primary: &str, key: &str) -> RedisKeys {
+        let tag = xxh3_128(primary.as_bytes());
+        let id = xxh3_128(key.as_bytes());
+        RedisKeys {
+            entry: format!("{prefix}{{{tag:032x}}}:e:{id:032x}"),
+            lock: format!("{prefix}{{{tag:032x}}}:l:{id:032x}"),
+            fence: format!("{prefix}{{{tag:032x}}}:f:{id:032x}"),
+            variants: format!("{prefix}{{{tag:032x}}}:v"),
+        }
+    }
+}
+
+/// The set of primary keys whose responses carried `tag`.
+pub(super) fn tag_key(prefix: &str, tag: &str) -> String {
+    format!("{prefix}tag:{tag}")
+}
+
+/// The channel fill and purge events go out on.
+pub(super) fn channel(prefix: &str) -> String {
+    format!("{prefix}events")
+}

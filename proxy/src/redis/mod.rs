@@ -1,0 +1,204 @@
+//! Fleet mode's connection to Redis: commands under a timeout behind an outage breaker,
+//! the names of corral's keys, and the event channel that tells instances about each
+//! other's fills and purges.
+//!
+//! Redis faults never fail a request. Every command runs under the configured timeout;
+//! a failure opens a breaker for `retry_after`, during which corral behaves as a single
+//! instance (local cache, local coalescing) without touching Redis, then tries again.
+//! The outage is logged when it starts and when it ends, and counted in between.
+//!
+//! This layer knows keys only as strings: it sits below the cache, which hands it an
+//! [`EventListener`] for the events that concern cached copies.
+
+mod connection;
+mod events;
+mod health;
+mod keys;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use redis::aio::ConnectionManager;
+
+use crate::config::RedisSettings;
+use crate::metrics::FleetMetrics;
+use connection::about_one_value;
+use events::{parse_event, Waiters};
+use health::RedisHealth;
+
+pub use events::{EventListener, EventWait, FillEvent};
+pub use keys::RedisKeys;
+
+/// The fleet's connection to Redis.
+pub struct Redis {
+    settings: RedisSettings,
+    /// Set once the first connection succeeds; the manager reconnects by itself after.
+    conn: RwLock<Option<ConnectionManager>>,
+    health: RedisHealth,
+    waiters: Arc<Waiters>,
+    /// Told about every event another instance sends.
+    listener: EventListener,
+    /// This instance's id in event messages and lock tokens: 16 hex digits.
+    pub instance: String,
+    pub metrics: FleetMetrics,
+    /// The event subscription is up (fill events from other instances arrive).
+    subscribed: AtomicBool,
+    /// Notified when a command finds the connection broken, to open a new one.
+    broken: Arc<tokio::sync::Notify>,
+}
+
+impl Redis {
+    /// Starts connecting in the background; until connected, corral runs single-instance.
+    /// `listener` hears every event other instances send.
+    pub fn start(
+        settings: RedisSettings,
+        metrics: FleetMetrics,
+        listener: EventListener,
+    ) -> Arc<Redis> {
+        let retry_after = settings.retry_after;
+        let redis = Arc::new(Redis {
+            settings,
+            conn: RwLock::new(None),
+            health: RedisHealth::new(retry_after),
+            waiters: Arc::default(),
+            listener,
+            instance: format!("{:016x}", rand::random::<u64>()),
+            metrics,
+            subscribed: AtomicBool::new(false),
+            broken: Arc::new(tokio::sync::Notify::new()),
+        });
+        tokio::spawn(connection::connect(Arc::downgrade(&redis)));
+        redis
+    }
+
+    /// A connection for a process that is no instance (a test's fake holder, a
+    /// benchmark's lock client): events from the fleet reach no cache.
+    pub fn client(settings: RedisSettings) -> Arc<Redis> {
+        let metrics = crate::metrics::Metrics::new().fleet.clone();
+        Redis::start(settings, metrics, Box::new(|_, _| {}))
+    }
+
+    /// The Redis keys of the cache key `key` whose primary key is `primary`.
+    pub fn keys(&self, primary: &str, key: &str) -> RedisKeys {
+        RedisKeys::new(&self.settings.key_prefix, primary, key)
+    }
+
+    /// The set of primary keys whose responses carried `tag`.
+    pub fn tag_key(&self, tag: &str) -> String {
+        keys::tag_key(&self.settings.key_prefix, tag)
+    }
+
+    /// The channel fill and purge events go out on.
+    pub(crate) fn channel(&self) -> String {
+        keys::channel(&self.settings.key_prefix)
+    }
+
+    /// The message that tells the fleet `event` happened to the cache key `key`.
+    pub(crate) fn event_message(&self, key: &str, event: FillEvent) -> String {
+        events::message(event, &self.instance, key)
+    }
+
+    /// Connected for commands and subscribed to events.
+    pub fn ready(&self) -> bool {
+        self.available() && self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Whether Redis is usable now (connected, breaker closed).
+    pub fn available(&self) -> bool {
+        !self.health.is_open()
+            && self
+                .conn
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+    }
+
+    /// Runs one Redis operation under the command timeout. `None` when Redis is
+    /// unavailable or the operation failed (which opens the breaker).
+    pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.health.is_open() {
+            return None;
+        }
+        let conn = self
+            .conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        match tokio::time::timeout(self.settings.command_timeout, f(conn)).await {
+            Ok(Ok(value)) => {
+                self.health.success(&self.metrics);
+                Some(value)
+            }
+            Ok(Err(error)) if about_one_value(&error) => {
+                // One key's value (planted by anything sharing the prefix), not Redis:
+                // it must not switch the whole fleet off. Counted, and the caller
+                // treats it as nothing found.
+                self.metrics.redis_error();
+                tracing::debug!(op, %error, "redis refused a command on one key's value");
+                None
+            }
+            Ok(Err(error)) => {
+                self.health.failure(op, &error, &self.metrics);
+                if error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_timeout()
+                {
+                    self.drop_connection();
+                }
+                None
+            }
+            Err(_) => {
+                let error = format!("no reply within {:?}", self.settings.command_timeout);
+                self.health.failure(op, &error, &self.metrics);
+                self.drop_connection();
+                None
+            }
+        }
+    }
+
+    /// Forgets a broken connection; the connect task opens a new one.
+    fn drop_connection(&self) {
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.broken.notify_one();
+    }
+
+    /// Tells the fleet `event` happened to the cache key `key`.
+    pub async fn publish(&self, key: &str, event: FillEvent) {
+        let message = self.event_message(key, event);
+        let channel = self.channel();
+        self.run("publish", |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await;
+    }
+
+    /// Registers interest in `key`'s fill events. Register *before* re-checking Redis,
+    /// so that an event sent between the check and the wait is not missed.
+    pub fn watch(&self, key: &str) -> EventWait {
+        self.waiters.watch(key)
+    }
+
+    /// Acts on one message from the event channel; a malformed one is counted and
+    /// ignored. Another instance's events go to the listener (its cached copies), and
+    /// every event to this instance's waiter on the key.
+    fn dispatch(&self, payload: &[u8]) {
+        let Some((event, from, key)) = parse_event(payload) else {
+            self.metrics.event_ignored();
+            return;
+        };
+        if from != self.instance {
+            (self.listener)(event, key);
+        }
+        self.waiters.notify(key, event);
+    }
+}
