@@ -26,13 +26,13 @@
 //! - [`server`]: listeners, connection and request limits, client timeouts, graceful
 //!   shutdown, and each connection's HTTP/1.1 fast path for fresh local hits
 //!   (everything else goes to hyper).
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, and `POST /purge` behind its guard.
+//!   Its `admin` listener: `/healthz`, `/readyz`, `/metrics`, and `POST /purge` behind
+//!   its guard.
 //! - [`purge`]: a purge request resolved to cache keys as requests are keyed.
 //! - [`metrics`]: the Prometheus registry and per-route counters.
 //! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.
 //! - [`demo`]: `corral demo`, a herd against corral in front of that upstream.
 
-pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
