@@ -359,15 +359,15 @@ impl FaultLog {
             successes,
         })
     }
-
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_failing(log: &FaultLog) -> bool {
+        log.failing.load(Ordering::Relaxed)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_upstream_that_alternates_failing_and_working_logs_one_pair_per_quiet_period() {
@@ -384,7 +384,7 @@ mod tests {
             lines.extend(fail());
         }
         assert_eq!(lines, [], "one outage while failures keep coming");
-        assert!(log.is_failing());
+        assert!(is_failing(&log));
         tokio::time::advance(FaultLog::QUIET - step).await;
         assert_eq!(log.success("r", "u"), None, "not yet quiet");
         tokio::time::advance(step).await;
@@ -395,7 +395,7 @@ mod tests {
                 successes: 301
             })
         );
-        assert!(!log.is_failing());
+        assert!(!is_failing(&log));
         assert_eq!(log.success("r", "u"), None);
         assert_eq!(fail(), Some(FaultLine::Failing), "a new outage");
     }
