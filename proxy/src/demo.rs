@@ -50,8 +50,7 @@ pub struct Demo {
     pub origin: Origin,
     pub server: RunningServer,
     /// The other instances of a fleet demo.
-    pub others: Vec<RunningServer>,
-    pub config: Config,
+    others: Vec<RunningServer>,
 }
 
 impl Demo {
@@ -116,28 +115,27 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
         origin,
         server,
         others,
-        config,
     })
 }
 
 /// What one herd saw.
 #[derive(Debug)]
 pub struct HerdReport {
-    pub clients: usize,
+    clients: usize,
     pub upstream_requests: u64,
-    pub ok: usize,
-    pub failed: usize,
+    ok: usize,
+    failed: usize,
     /// Every 200 response carried the same body.
-    pub identical_bodies: bool,
-    pub p50: Duration,
-    pub p99: Duration,
-    pub max: Duration,
+    identical_bodies: bool,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
     /// Responses by `Cache-Status` (without its `ttl`).
-    pub cache_status: BTreeMap<String, usize>,
+    cache_status: BTreeMap<String, usize>,
     /// How much later than the leader's response the waiters' responses completed
     /// (p50, p99): those on the leader's instance, and those on other instances.
-    pub added_same_instance: Option<(Duration, Duration)>,
-    pub added_other_instances: Option<(Duration, Duration)>,
+    added_same_instance: Option<(Duration, Duration)>,
+    added_other_instances: Option<(Duration, Duration)>,
 }
 
 impl fmt::Display for HerdReport {
