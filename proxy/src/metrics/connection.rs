@@ -8,7 +8,7 @@ use prometheus_client::registry::Registry;
 /// Client connections: how many are open, and why some (or their requests) were refused
 /// or cut off.
 #[derive(Clone, Default)]
-pub struct ConnectionMetrics {
+pub(crate) struct ConnectionMetrics {
     open: Gauge,
     refused: Counter,
     requests_refused: Counter,
@@ -62,28 +62,28 @@ impl ConnectionMetrics {
         }
     }
 
-    pub fn opened(&self) {
+    pub(crate) fn opened(&self) {
         self.open.inc();
     }
-    pub fn closed(&self) {
+    pub(crate) fn closed(&self) {
         self.open.dec();
     }
-    pub fn refused(&self) {
+    pub(crate) fn refused(&self) {
         self.refused.inc();
     }
-    pub fn request_refused(&self) {
+    pub(crate) fn request_refused(&self) {
         self.requests_refused.inc();
     }
-    pub fn idle_closed(&self) {
+    pub(crate) fn idle_closed(&self) {
         self.idle_closed.inc();
     }
-    pub fn send_timeout(&self) {
+    pub(crate) fn send_timeout(&self) {
         self.send_timeouts.inc();
     }
-    pub fn client_abort(&self) {
+    pub(crate) fn client_abort(&self) {
         self.client_aborts.inc();
     }
-    pub fn accept_error(&self) {
+    pub(crate) fn accept_error(&self) {
         self.accept_errors.inc();
     }
 }

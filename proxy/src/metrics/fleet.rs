@@ -15,7 +15,7 @@ struct ReasonLabel {
 /// Why a value read from the shared tier was not served: the decoder's reasons
 /// (`DecodeError::reason` in the cache codec), a key holding another Redis type,
 /// and a value too large to read.
-pub const UNREADABLE_REASONS: [&str; 8] = [
+const UNREADABLE_REASONS: [&str; 8] = [
     "foreign",
     "version",
     "corrupt",
@@ -147,47 +147,47 @@ impl FleetMetrics {
         );
     }
 
-    pub fn lock_acquired(&self) {
+    pub(crate) fn lock_acquired(&self) {
         self.lock_acquired.inc();
     }
-    pub fn lock_contended(&self) {
+    pub(crate) fn lock_contended(&self) {
         self.lock_contended.inc();
     }
-    pub fn lock_extended(&self) {
+    pub(crate) fn lock_extended(&self) {
         self.lock_extended.inc();
     }
-    pub fn lock_lost(&self) {
+    pub(crate) fn lock_lost(&self) {
         self.lock_lost.inc();
     }
-    pub fn lock_takeover(&self) {
+    pub(crate) fn lock_takeover(&self) {
         self.lock_takeovers.inc();
     }
-    pub fn lock_no_quorum(&self) {
+    pub(crate) fn lock_no_quorum(&self) {
         self.lock_no_quorum.inc();
     }
-    pub fn shared_hit(&self) {
+    pub(crate) fn shared_hit(&self) {
         self.shared_hits.inc();
     }
-    pub fn fenced_write(&self) {
+    pub(crate) fn fenced_write(&self) {
         self.fenced_writes.inc();
     }
-    pub fn redis_error(&self) {
+    pub(crate) fn redis_error(&self) {
         self.redis_errors.inc();
     }
     /// A value under an entry key was not served; `reason` is one of
     /// [`UNREADABLE_REASONS`].
-    pub fn shared_unreadable(&self, reason: &'static str) {
+    pub(crate) fn shared_unreadable(&self, reason: &'static str) {
         self.shared_unreadable
             .get_or_create(&ReasonLabel { reason })
             .inc();
     }
-    pub fn event_ignored(&self) {
+    pub(crate) fn event_ignored(&self) {
         self.events_ignored.inc();
     }
-    pub fn set_fallback(&self, on: bool) {
+    pub(crate) fn set_fallback(&self, on: bool) {
         self.fallback.set(i64::from(on));
     }
-    pub fn wake_latency(&self, seconds: f64) {
+    pub(crate) fn wake_latency(&self, seconds: f64) {
         self.wake_latency.observe(seconds);
     }
 }

@@ -18,10 +18,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-pub use connection::ConnectionMetrics;
-pub use fleet::{FleetMetrics, UNREADABLE_REASONS};
+pub(crate) use connection::ConnectionMetrics;
+pub use fleet::FleetMetrics;
 use route::{RouteFamilies, RouteLabel};
-pub use route::{RouteMetrics, UpstreamReason};
+pub(crate) use route::{RouteMetrics, UpstreamReason};
 
 /// The registry and the metric families.
 pub struct Metrics {
@@ -30,7 +30,7 @@ pub struct Metrics {
     cache: CacheGauges,
     tags_dropped: Family<RouteLabel, Counter>,
     pub fleet: FleetMetrics,
-    pub connections: ConnectionMetrics,
+    pub(crate) connections: ConnectionMetrics,
 }
 
 /// The local cache's size and the fills in progress, set when the metrics are read.
@@ -96,20 +96,25 @@ impl Metrics {
     }
 
     /// The counter of purge tags dropped from `route`'s stored responses.
-    pub fn tags_dropped(&self, route: &str) -> Counter {
+    pub(crate) fn tags_dropped(&self, route: &str) -> Counter {
         let label = RouteLabel {
             route: route.to_string(),
         };
         self.tags_dropped.get_or_create(&label).clone()
     }
 
-    pub fn for_route(&self, route: &str) -> RouteMetrics {
+    pub(crate) fn for_route(&self, route: &str) -> RouteMetrics {
         self.routes.for_route(route)
     }
 
     /// The metrics in the Prometheus/OpenMetrics text format, with the cache gauges
     /// set to the given current values first.
-    pub fn encode(&self, cache_bytes: u64, cache_entries: u64, fills_in_progress: u64) -> String {
+    pub(crate) fn encode(
+        &self,
+        cache_bytes: u64,
+        cache_entries: u64,
+        fills_in_progress: u64,
+    ) -> String {
         self.cache.bytes.set(cache_bytes);
         self.cache.entries.set(cache_entries);
         self.cache.fills_in_progress.set(fills_in_progress);

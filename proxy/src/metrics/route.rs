@@ -34,7 +34,7 @@ struct ErrorLabels {
 
 /// Why a request went to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamReason {
+pub(crate) enum UpstreamReason {
     /// A miss, fetched to fill the cache.
     Fill,
     /// A stale entry, revalidated or refetched while clients wait.
@@ -175,7 +175,7 @@ impl RouteFamilies {
 
 /// One route's counters, ready to increment.
 #[derive(Clone)]
-pub struct RouteMetrics {
+pub(crate) struct RouteMetrics {
     served: Vec<Counter>,
     upstream: Vec<Counter>,
     errors: Vec<Counter>,
@@ -186,7 +186,7 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    pub fn served(&self, served: Served) {
+    pub(crate) fn served(&self, served: Served) {
         self.served[served as usize].inc();
         if served == Served::StaleWhileRevalidate {
             self.stale_swr.inc();
@@ -195,20 +195,20 @@ impl RouteMetrics {
         }
     }
 
-    pub fn wait_timeout(&self) {
+    pub(crate) fn wait_timeout(&self) {
         self.wait_timeouts.inc();
     }
 
-    pub fn upstream_request(&self, reason: UpstreamReason) {
+    pub(crate) fn upstream_request(&self, reason: UpstreamReason) {
         self.upstream[reason as usize].inc();
     }
 
-    pub fn upstream_error(&self, kind: FailureKind) {
+    pub(crate) fn upstream_error(&self, kind: FailureKind) {
         let i = FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
         self.errors[i].inc();
     }
 
-    pub fn coalesced_waiter(&self) {
+    pub(crate) fn coalesced_waiter(&self) {
         self.waiters.inc();
     }
 }
