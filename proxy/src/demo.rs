@@ -13,6 +13,7 @@ use futures_util::future::join_all;
 use hdrhistogram::Histogram;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
@@ -49,8 +50,7 @@ pub struct Demo {
     pub origin: Origin,
     pub server: RunningServer,
     /// The other instances of a fleet demo.
-    pub others: Vec<RunningServer>,
-    pub config: Config,
+    others: Vec<RunningServer>,
 }
 
 impl Demo {
@@ -115,28 +115,27 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
         origin,
         server,
         others,
-        config,
     })
 }
 
 /// What one herd saw.
 #[derive(Debug)]
 pub struct HerdReport {
-    pub clients: usize,
+    clients: usize,
     pub upstream_requests: u64,
-    pub ok: usize,
-    pub failed: usize,
+    ok: usize,
+    failed: usize,
     /// Every 200 response carried the same body.
-    pub identical_bodies: bool,
-    pub p50: Duration,
-    pub p99: Duration,
-    pub max: Duration,
+    identical_bodies: bool,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
     /// Responses by `Cache-Status` (without its `ttl`).
-    pub cache_status: BTreeMap<String, usize>,
+    cache_status: BTreeMap<String, usize>,
     /// How much later than the leader's response the waiters' responses completed
     /// (p50, p99): those on the leader's instance, and those on other instances.
-    pub added_same_instance: Option<(Duration, Duration)>,
-    pub added_other_instances: Option<(Duration, Duration)>,
+    added_same_instance: Option<(Duration, Duration)>,
+    added_other_instances: Option<(Duration, Duration)>,
 }
 
 impl fmt::Display for HerdReport {
@@ -186,47 +185,18 @@ fn ms(d: Duration) -> f64 {
 /// balancer would, each on its own connection, and reports what they got.
 /// `upstream_requests` is filled by the caller.
 pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> HerdReport {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(clients)
         .build_http();
     let requests = (0..clients).map(|i| {
         let instance = i % addrs.len();
-        let client = client.clone();
         let uri: http::Uri = format!("http://{}{path}", addrs[i % addrs.len()])
             .parse()
             .expect("valid URI");
-        async move {
-            let started = Instant::now();
-            let req = Request::get(uri).body(Empty::new()).expect("valid request");
-            let res = client.request(req).await.ok()?;
-            let status = res.status();
-            let cache_status = res
-                .headers()
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                // Without the ttl, which differs by the second.
-                .map(|v| {
-                    v.split(';')
-                        .map(str::trim)
-                        .filter(|p| !p.starts_with("ttl="))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-                .unwrap_or_default();
-            let body = res.into_body().collect().await.ok()?.to_bytes();
-            Some((
-                started.elapsed(),
-                status,
-                cache_status,
-                body,
-                Instant::now(),
-                instance,
-            ))
-        }
+        get(client.clone(), uri, instance)
     });
-    let results = join_all(requests).await;
+    let replies = join_all(requests).await;
 
-    let mut latencies = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
     let mut report = HerdReport {
         clients,
         upstream_requests: 0,
@@ -240,55 +210,125 @@ pub async fn fire_herd(addrs: &[SocketAddr], path: &str, clients: usize) -> Herd
         added_same_instance: None,
         added_other_instances: None,
     };
-    let leader = results
+    let leader = replies
         .iter()
         .flatten()
-        .find(|r| r.2.contains("fwd=miss") && !r.2.contains("collapsed"))
-        .map(|r| (r.4, r.5));
-    if let Some((leader_done, leader_instance)) = leader {
-        let quantiles = |same: bool| {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
-            for r in results
-                .iter()
-                .flatten()
-                .filter(|r| r.2.contains("collapsed") && (r.5 == leader_instance) == same)
-            {
-                let _ = h.record(
-                    r.4.saturating_duration_since(leader_done)
-                        .as_micros()
-                        .max(1) as u64,
-                );
-            }
-            (!h.is_empty()).then(|| {
-                (
-                    Duration::from_micros(h.value_at_quantile(0.5)),
-                    Duration::from_micros(h.value_at_quantile(0.99)),
-                )
-            })
-        };
-        report.added_same_instance = quantiles(true);
-        report.added_other_instances = quantiles(false);
+        .find(|r| r.cache_status.contains("fwd=miss") && !r.cache_status.contains("collapsed"));
+    if let Some(leader) = leader {
+        report.added_same_instance = added_after(&replies, leader, true);
+        report.added_other_instances = added_after(&replies, leader, false);
     }
-    let mut first_body: Option<Bytes> = None;
-    for result in results {
-        match result {
-            Some((latency, StatusCode::OK, cache_status, body, _, _)) => {
-                report.ok += 1;
-                let _ = latencies.record(latency.as_micros().max(1) as u64);
-                *report.cache_status.entry(cache_status).or_default() += 1;
-                match &first_body {
-                    Some(first) if *first != body => report.identical_bodies = false,
-                    Some(_) => {}
-                    None => first_body = Some(body),
+    report.count(replies);
+    report
+}
+
+/// What one client of the herd got.
+struct Reply {
+    latency: Duration,
+    status: StatusCode,
+    /// The `Cache-Status` header without its ttl, which differs by the second.
+    cache_status: String,
+    body: Bytes,
+    /// When the whole body had arrived.
+    done: Instant,
+    /// Which of the addresses it was sent to.
+    instance: usize,
+}
+
+/// One client's GET, timed from its start to the end of the body; `None` if it failed.
+async fn get(
+    client: Client<HttpConnector, Empty<Bytes>>,
+    uri: http::Uri,
+    instance: usize,
+) -> Option<Reply> {
+    let started = Instant::now();
+    let req = Request::get(uri).body(Empty::new()).expect("valid request");
+    let res = client.request(req).await.ok()?;
+    let status = res.status();
+    let cache_status = res
+        .headers()
+        .get("cache-status")
+        .and_then(|v| v.to_str().ok())
+        // Without the ttl, which differs by the second.
+        .map(|v| {
+            v.split(';')
+                .map(str::trim)
+                .filter(|p| !p.starts_with("ttl="))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default();
+    let body = res.into_body().collect().await.ok()?.to_bytes();
+    Some(Reply {
+        latency: started.elapsed(),
+        status,
+        cache_status,
+        body,
+        done: Instant::now(),
+        instance,
+    })
+}
+
+/// How much later than the `leader`'s the collapsed waiters' responses completed
+/// (p50, p99): those on the leader's instance (`same`), or those on the others.
+fn added_after(
+    replies: &[Option<Reply>],
+    leader: &Reply,
+    same: bool,
+) -> Option<(Duration, Duration)> {
+    let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+    for r in replies
+        .iter()
+        .flatten()
+        .filter(|r| r.cache_status.contains("collapsed") && (r.instance == leader.instance) == same)
+    {
+        let _ = h.record(
+            r.done
+                .saturating_duration_since(leader.done)
+                .as_micros()
+                .max(1) as u64,
+        );
+    }
+    (!h.is_empty()).then(|| {
+        (
+            Duration::from_micros(h.value_at_quantile(0.5)),
+            Duration::from_micros(h.value_at_quantile(0.99)),
+        )
+    })
+}
+
+impl HerdReport {
+    /// Counts the replies: the 200s (their latencies, `Cache-Status` values and
+    /// whether their bodies agree), and every other outcome as failed.
+    fn count(&mut self, replies: Vec<Option<Reply>>) {
+        let mut latencies =
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("valid bounds");
+        let mut first_body: Option<Bytes> = None;
+        for reply in replies {
+            match reply {
+                Some(Reply {
+                    latency,
+                    status: StatusCode::OK,
+                    cache_status,
+                    body,
+                    ..
+                }) => {
+                    self.ok += 1;
+                    let _ = latencies.record(latency.as_micros().max(1) as u64);
+                    *self.cache_status.entry(cache_status).or_default() += 1;
+                    match &first_body {
+                        Some(first) if *first != body => self.identical_bodies = false,
+                        Some(_) => {}
+                        None => first_body = Some(body),
+                    }
                 }
+                _ => self.failed += 1,
             }
-            _ => report.failed += 1,
+        }
+        if self.ok > 0 {
+            self.p50 = Duration::from_micros(latencies.value_at_quantile(0.50));
+            self.p99 = Duration::from_micros(latencies.value_at_quantile(0.99));
+            self.max = Duration::from_micros(latencies.max());
         }
     }
-    if report.ok > 0 {
-        report.p50 = Duration::from_micros(latencies.value_at_quantile(0.50));
-        report.p99 = Duration::from_micros(latencies.value_at_quantile(0.99));
-        report.max = Duration::from_micros(latencies.max());
-    }
-    report
 }

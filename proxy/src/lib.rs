@@ -33,7 +33,6 @@
 //! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.
 //! - [`demo`]: `corral demo`, a herd against corral in front of that upstream.
 
-pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod demo;

@@ -332,30 +332,7 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<OriginBody> 
     if req.uri().path().starts_with("/__origin/") {
         return control(state, req).await;
     }
-    let arrived_ms = state.started.elapsed().as_millis() as u64;
-    state
-        .arrivals
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(arrived_ms);
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    *state
-        .per_path
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(path.clone())
-        .or_default() += 1;
-    state
-        .last_headers
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(path.clone(), req.headers().clone());
-    state.total.fetch_add(1, Ordering::SeqCst);
-    state.arrived.notify_waiters();
+    let path = state.record(&req);
     let b = state
         .behaviour
         .lock()
@@ -396,13 +373,49 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<OriginBody> 
         .get(header::ACCEPT_LANGUAGE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mut text = format!("{path} v{} lang={lang} received={received}\n", b.version).into_bytes();
+    let text = format!("{path} v{} lang={lang} received={received}\n", b.version);
+    res = res.header(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    res.body(text_body(text, &b)).expect("valid response")
+}
+
+impl State {
+    /// Counts a request that arrived (when, for which path, with which headers) and
+    /// wakes whoever waits for a count; returns its path with its query string.
+    fn record(&self, req: &Request<Incoming>) -> String {
+        let arrived_ms = self.started.elapsed().as_millis() as u64;
+        self.arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(arrived_ms);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *self
+            .per_path
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(path.clone())
+            .or_default() += 1;
+        self.last_headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.clone(), req.headers().clone());
+        self.total.fetch_add(1, Ordering::SeqCst);
+        self.arrived.notify_waiters();
+        path
+    }
+}
+
+/// The response body: `text` padded with '.' to the body size, whole or in chunks.
+fn text_body(text: String, b: &Behaviour) -> OriginBody {
+    let mut text = text.into_bytes();
     if text.len() < b.body_size {
         text.resize(b.body_size, b'.');
     }
     let body = Bytes::from(text);
-    res = res.header(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    let body = if b.chunked {
+    if b.chunked {
         let chunks: Vec<Result<Frame<Bytes>, Infallible>> = body
             .chunks(16 * 1024)
             .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
@@ -410,6 +423,5 @@ async fn respond(state: &State, req: Request<Incoming>) -> Response<OriginBody> 
         StreamBody::new(futures_util::stream::iter(chunks)).boxed()
     } else {
         Full::new(body).boxed()
-    };
-    res.body(body).expect("valid response")
+    }
 }

@@ -15,16 +15,16 @@ use crate::upstream::{FailureKind, Upstream, UpstreamError};
 
 /// A route with what serving it needs at run time.
 pub struct Route {
-    pub config: RouteConfig,
-    pub upstream: Upstream,
-    pub metrics: RouteMetrics,
+    pub(crate) config: RouteConfig,
+    pub(crate) upstream: Upstream,
+    pub(crate) metrics: RouteMetrics,
     /// The key names a forwarding header, which corral rewrites before keying: the
     /// fast path, which keys the client's headers as sent, leaves such routes alone.
-    pub keys_forwarding_headers: bool,
+    pub(crate) keys_forwarding_headers: bool,
 }
 
 impl Route {
-    pub fn new(config: RouteConfig, metrics: RouteMetrics) -> Route {
+    pub(crate) fn new(config: RouteConfig, metrics: RouteMetrics) -> Route {
         Route {
             upstream: Upstream::new(&config),
             keys_forwarding_headers: config
@@ -62,7 +62,7 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
-    pub fn new(mut routes: Vec<Route>) -> RouteTable {
+    pub(crate) fn new(mut routes: Vec<Route>) -> RouteTable {
         routes.sort_by(|a, b| {
             let specificity = |r: &Route| (r.config.host.is_some(), r.config.path_prefix.len());
             specificity(b).cmp(&specificity(a))
@@ -73,7 +73,7 @@ impl RouteTable {
     }
 
     /// The route for `host` (lowercase, without port) and `path`, if any.
-    pub fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+    pub(crate) fn find(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
         self.routes.iter().find(|r| {
             let host_ok = match (&r.config.host, host) {
                 (None, _) => true,
@@ -84,7 +84,7 @@ impl RouteTable {
         })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.routes.iter()
     }
 }

@@ -38,7 +38,7 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FailureKind::Connect => "connect",
             FailureKind::Timeout => "timeout",
@@ -84,7 +84,7 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    pub fn kind(&self) -> FailureKind {
+    pub(crate) fn kind(&self) -> FailureKind {
         match self {
             UpstreamError::Connect { .. } => FailureKind::Connect,
             UpstreamError::Timeout { .. } => FailureKind::Timeout,
@@ -94,14 +94,14 @@ impl UpstreamError {
 }
 
 /// A body read into memory, or found too large to be.
-pub enum BodyRead {
+pub(crate) enum BodyRead {
     Complete(Bytes),
     /// Over the limit: what was read so far, and the rest still to stream.
     TooLarge(Bytes, Incoming),
 }
 
 /// One route's upstream.
-pub struct Upstream {
+pub(crate) struct Upstream {
     client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
     scheme: Scheme,
     authority: Authority,
@@ -109,11 +109,11 @@ pub struct Upstream {
     host: HeaderValue,
     response_timeout: Duration,
     display: String,
-    pub faults: FaultLog,
+    pub(crate) faults: FaultLog,
 }
 
 impl Upstream {
-    pub fn new(route: &RouteConfig) -> Upstream {
+    pub(crate) fn new(route: &RouteConfig) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -148,7 +148,7 @@ impl Upstream {
     /// The upstream request for a client's `path_and_query`, with `headers` already
     /// prepared for forwarding. `original_host` is kept as `Host` when the route
     /// preserves it; otherwise `Host` names the upstream.
-    pub fn request(
+    pub(crate) fn request(
         &self,
         method: Method,
         path_and_query: Option<&PathAndQuery>,
@@ -181,7 +181,10 @@ impl Upstream {
     /// a client's body is forwarded, the timeout counts from its last move, so an
     /// upload that keeps moving is never cut for its length (the body's own timer
     /// bounds a client that stops; see [`ProxyBody::from_client`]).
-    pub async fn send(&self, req: Request<ProxyBody>) -> Result<Response<Incoming>, UpstreamError> {
+    pub(crate) async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let client_body = req.body().client_fault();
         let exchange = self.client.request(req);
         match within(self.response_timeout, exchange, client_body.as_ref()).await {
@@ -204,11 +207,15 @@ impl Upstream {
     /// Reads `body` into memory up to `limit` bytes, within the response timeout; past
     /// the limit the prefix and the unread rest come back, so the response can still
     /// be streamed.
-    pub async fn read_body(&self, body: Incoming, limit: u64) -> Result<BodyRead, UpstreamError> {
+    pub(crate) async fn read_body(
+        &self,
+        body: Incoming,
+        limit: u64,
+    ) -> Result<BodyRead, UpstreamError> {
         read_bounded(body, limit, self.response_timeout, &self.display).await
     }
 
-    pub fn display(&self) -> &str {
+    pub(crate) fn display(&self) -> &str {
         &self.display
     }
 }
@@ -306,7 +313,7 @@ async fn read_bounded(
 /// held for a few field updates and never across an `.await`, so exactly one task
 /// logs each edge.
 #[derive(Default)]
-pub struct FaultLog {
+pub(crate) struct FaultLog {
     failing: AtomicBool,
     episode: Mutex<Episode>,
 }
@@ -321,16 +328,16 @@ struct Episode {
 
 /// A line [`FaultLog`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultLine {
+pub(crate) enum FaultLine {
     Failing,
     Recovered { failures: u64, successes: u64 },
 }
 
 impl FaultLog {
     /// How long an upstream must go without a failure for its outage to end.
-    pub const QUIET: Duration = Duration::from_secs(10);
+    const QUIET: Duration = Duration::from_secs(10);
 
-    pub fn failure(
+    pub(crate) fn failure(
         &self,
         route: &str,
         upstream: &str,
@@ -347,7 +354,7 @@ impl FaultLog {
         Some(FaultLine::Failing)
     }
 
-    pub fn success(&self, route: &str, upstream: &str) -> Option<FaultLine> {
+    pub(crate) fn success(&self, route: &str, upstream: &str) -> Option<FaultLine> {
         if !self.failing.load(Ordering::Acquire) {
             return None;
         }
@@ -369,15 +376,15 @@ impl FaultLog {
             successes,
         })
     }
-
-    pub fn is_failing(&self) -> bool {
-        self.failing.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_failing(log: &FaultLog) -> bool {
+        log.failing.load(Ordering::Relaxed)
+    }
 
     #[tokio::test(start_paused = true)]
     async fn an_upstream_that_alternates_failing_and_working_logs_one_pair_per_quiet_period() {
@@ -394,7 +401,7 @@ mod tests {
             lines.extend(fail());
         }
         assert_eq!(lines, [], "one outage while failures keep coming");
-        assert!(log.is_failing());
+        assert!(is_failing(&log));
         tokio::time::advance(FaultLog::QUIET - step).await;
         assert_eq!(log.success("r", "u"), None, "not yet quiet");
         tokio::time::advance(step).await;
@@ -405,7 +412,7 @@ mod tests {
                 successes: 301
             })
         );
-        assert!(!log.is_failing());
+        assert!(!is_failing(&log));
         assert_eq!(log.success("r", "u"), None);
         assert_eq!(fail(), Some(FaultLine::Failing), "a new outage");
     }

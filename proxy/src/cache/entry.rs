@@ -386,10 +386,6 @@ impl CacheEntry {
         }
     }
 
-    pub fn has_validator(&self) -> bool {
-        policy::has_validator(&self.headers)
-    }
-
     /// The entry renewed by a `304 Not Modified` from the upstream: the stored body under
     /// the updated headers and a new lifetime. `Err(None)` when the 304 does not match
     /// this entry's validators, `Err(Some(reason))` when the updated response may not

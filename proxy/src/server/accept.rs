@@ -30,7 +30,7 @@ connection: close\r\nretry-after: 1\r\n\r\n";
 /// half of what is left after the cached-body files (up to half the descriptors, see
 /// `cache::body_file`) and a reserve, since each client connection may hold an
 /// upstream connection too. HAProxy derives its `maxconn` the same way.
-pub(crate) fn default_max_connections(nofile: Option<u64>) -> usize {
+fn default_max_connections(nofile: Option<u64>) -> usize {
     let Some(nofile) = nofile else {
         return 1 << 20;
     };
@@ -67,16 +67,16 @@ pub(crate) struct Admission {
 /// [`AcceptBackoff::MAX`], reset by the next success. Out of descriptors, the pending
 /// connection stays queued and `accept` fails at once: without a wait it would spin.
 #[derive(Debug)]
-pub(crate) struct AcceptBackoff {
+struct AcceptBackoff {
     failures: u64,
     delay: Duration,
 }
 
 impl AcceptBackoff {
-    pub(crate) const FIRST: Duration = Duration::from_millis(5);
-    pub(crate) const MAX: Duration = Duration::from_secs(1);
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
 
-    pub(crate) fn new() -> AcceptBackoff {
+    fn new() -> AcceptBackoff {
         AcceptBackoff {
             failures: 0,
             delay: Duration::ZERO,
@@ -85,14 +85,14 @@ impl AcceptBackoff {
 
     /// A failed accept: how long to wait before the next, and whether this failure
     /// starts an episode (the one to log).
-    pub(crate) fn failed(&mut self) -> (Duration, bool) {
+    fn failed(&mut self) -> (Duration, bool) {
         self.failures += 1;
         self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
         (self.delay, self.failures == 1)
     }
 
     /// A successful accept: how many failures the episode it ends had, if one did.
-    pub(crate) fn succeeded(&mut self) -> Option<u64> {
+    fn succeeded(&mut self) -> Option<u64> {
         self.delay = Duration::ZERO;
         (self.failures > 0).then(|| std::mem::take(&mut self.failures))
     }

@@ -15,6 +15,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -213,15 +214,9 @@ fn parse(buf: &mut BytesMut) -> Parse {
         Ok(httparse::Status::Partial) => return Parse::Partial,
         Err(_) => return Parse::NotPlainHttp1,
     };
-    if req.version != Some(1) {
-        return Parse::NotPlainHttp1;
-    }
-    let Ok(method) = Method::from_bytes(req.method.unwrap_or("").as_bytes()) else {
+    let Some(method) = plain_method(&req) else {
         return Parse::NotPlainHttp1;
     };
-    if method == Method::CONNECT {
-        return Parse::NotPlainHttp1;
-    }
     // Where each piece sits in the head, so the values can share its bytes.
     let base = buf.as_ptr() as usize;
     let range = |s: &[u8]| {
@@ -229,67 +224,109 @@ fn parse(buf: &mut BytesMut) -> Parse {
         start..start + s.len()
     };
     let path = range(req.path.unwrap_or("").as_bytes());
-    let mut fields = Vec::with_capacity(req.headers.len());
-    let mut body_len = None;
-    let mut keep_alive = true;
-    let mut expects = false;
-    for h in req.headers.iter() {
-        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
-            return Parse::NotPlainHttp1;
-        };
-        if name == header::TRANSFER_ENCODING || name == header::UPGRADE {
-            return Parse::NotPlainHttp1;
-        }
-        if name == header::CONTENT_LENGTH {
-            match std::str::from_utf8(h.value)
-                .ok()
-                .map(str::trim)
-                // Digits only, as hyper reads it (`u64::from_str` would take `+0`).
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse().ok())
-            {
-                Some(len) if body_len.is_none() => body_len = Some(len),
-                _ => return Parse::NotPlainHttp1,
-            }
-        }
-        if name == header::CONNECTION {
-            let value = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-            if value.split(',').any(|t| t.trim() == "close") {
-                keep_alive = false;
-            }
-            if value.split(',').any(|t| t.trim() == "upgrade") {
-                return Parse::NotPlainHttp1;
-            }
-        }
-        expects |= name == header::EXPECT;
-        fields.push((name, range(h.value)));
-    }
+    let Some(fields) = Fields::read(req.headers, range) else {
+        return Parse::NotPlainHttp1;
+    };
     let bytes = buf.split_to(len).freeze();
-    let Ok(uri) = Uri::from_maybe_shared(bytes.slice(path)) else {
+    let Some(parts) = request_parts(method, &bytes, path, fields.values) else {
         put_back(buf, bytes);
         return Parse::NotPlainHttp1;
     };
-    let mut map = HeaderMap::with_capacity(fields.len());
-    for (name, value) in fields {
-        let Ok(value) = HeaderValue::from_maybe_shared(bytes.slice(value)) else {
-            put_back(buf, bytes);
-            return Parse::NotPlainHttp1;
+    Parse::Complete(Head {
+        parts,
+        bytes,
+        body_len: fields.body_len.unwrap_or(0),
+        keep_alive: fields.keep_alive,
+        expects: fields.expects,
+    })
+}
+
+/// The method of an HTTP/1.1 request this path may take, or `None` for hyper's.
+fn plain_method(req: &httparse::Request<'_, '_>) -> Option<Method> {
+    if req.version != Some(1) {
+        return None;
+    }
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).ok()?;
+    (method != Method::CONNECT).then_some(method)
+}
+
+/// A head's header fields, checked for what this path cannot serve, with where each
+/// value sits in the head and what the fields say about the request.
+struct Fields {
+    values: Vec<(HeaderName, Range<usize>)>,
+    body_len: Option<u64>,
+    keep_alive: bool,
+    expects: bool,
+}
+
+impl Fields {
+    /// `None` when a field makes the request hyper's: a name that is not one, a
+    /// transfer coding, an upgrade, or a `Content-Length` that is not one number.
+    fn read(
+        headers: &[httparse::Header<'_>],
+        range: impl Fn(&[u8]) -> Range<usize>,
+    ) -> Option<Fields> {
+        let mut fields = Fields {
+            values: Vec::with_capacity(headers.len()),
+            body_len: None,
+            keep_alive: true,
+            expects: false,
         };
-        map.append(name, value);
+        for h in headers {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+            if name == header::TRANSFER_ENCODING || name == header::UPGRADE {
+                return None;
+            }
+            if name == header::CONTENT_LENGTH {
+                match std::str::from_utf8(h.value)
+                    .ok()
+                    .map(str::trim)
+                    // Digits only, as hyper reads it (`u64::from_str` would take `+0`).
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse().ok())
+                {
+                    Some(len) if fields.body_len.is_none() => fields.body_len = Some(len),
+                    _ => return None,
+                }
+            }
+            if name == header::CONNECTION {
+                let value = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+                if value.split(',').any(|t| t.trim() == "close") {
+                    fields.keep_alive = false;
+                }
+                if value.split(',').any(|t| t.trim() == "upgrade") {
+                    return None;
+                }
+            }
+            fields.expects |= name == header::EXPECT;
+            fields.values.push((name, range(h.value)));
+        }
+        Some(fields)
+    }
+}
+
+/// The request's parts, their URI and header values sharing the head's `bytes`;
+/// `None` when one of them is not valid as such.
+fn request_parts(
+    method: Method,
+    bytes: &Bytes,
+    path: Range<usize>,
+    values: Vec<(HeaderName, Range<usize>)>,
+) -> Option<request::Parts> {
+    let uri = Uri::from_maybe_shared(bytes.slice(path)).ok()?;
+    let mut map = HeaderMap::with_capacity(values.len());
+    for (name, value) in values {
+        map.append(
+            name,
+            HeaderValue::from_maybe_shared(bytes.slice(value)).ok()?,
+        );
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = Version::HTTP_11;
     *request.headers_mut() = map;
-    let (parts, ()) = request.into_parts();
-    Parse::Complete(Head {
-        parts,
-        bytes,
-        body_len: body_len.unwrap_or(0),
-        keep_alive,
-        expects,
-    })
+    Some(request.into_parts().0)
 }
 
 /// Puts bytes split off the front of `buf` back in front of it.

@@ -2,11 +2,12 @@
 //! request through the [`Proxy`], and drain in-flight requests on shutdown.
 //!
 //! Proxy connections start in `http1`, which answers fresh local hits itself and
-//! hands everything else to hyper; the admin port is hyper's alone. Every connection is
-//! held to the `[limits]`: admission under `max_connections` (`accept`), requests under
-//! `max_requests`, head, idle and send timeouts (`http1`, `io`, `track`).
+//! hands everything else to hyper; the admin port (`admin`) is hyper's alone. Every
+//! connection is held to the `[limits]`: admission under `max_connections` (`accept`),
+//! requests under `max_requests`, head, idle and send timeouts (`http1`, `io`, `track`).
 
 mod accept;
+mod admin;
 mod http1;
 mod io;
 mod track;
@@ -26,7 +27,6 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::admin;
 use crate::config::{Config, LimitsSettings};
 use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::proxy::Proxy;

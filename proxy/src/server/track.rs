@@ -132,7 +132,7 @@ impl Activity {
 }
 
 /// A request in progress; dropped when its response body is done (or never came).
-pub(super) struct InProgress {
+struct InProgress {
     activity: Arc<Activity>,
     answered: bool,
     /// Under the request limit; a request past it is only answered `503`.

@@ -191,7 +191,7 @@ fn purged_answer(req: &PurgeRequest, purged: Purged) -> Answer {
     Answer::text(status, line)
 }
 
-pub async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<ProxyBody> {
+pub(super) async fn handle(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<ProxyBody> {
     let answer = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => Answer::text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {

@@ -1,0 +1,214 @@
+//! Per-route metrics: the families labelled by route, and the counters each route is
+//! handed once when it is built.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::http::cache_status::Served;
+use crate::upstream::FailureKind;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    cache_status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct RouteLabel {
+    pub(super) route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    route: String,
+    kind: &'static str,
+}
+
+/// Why a request went to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamReason {
+    /// A miss, fetched to fill the cache.
+    Fill,
+    /// A stale entry, revalidated or refetched while clients wait.
+    Revalidate,
+    /// A stale entry refreshed in the background (stale-while-revalidate).
+    Refresh,
+    /// Not cacheable: forwarded as is.
+    Pass,
+}
+
+impl UpstreamReason {
+    const ALL: [UpstreamReason; 4] = [
+        UpstreamReason::Fill,
+        UpstreamReason::Revalidate,
+        UpstreamReason::Refresh,
+        UpstreamReason::Pass,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            UpstreamReason::Fill => "fill",
+            UpstreamReason::Revalidate => "revalidate",
+            UpstreamReason::Refresh => "refresh",
+            UpstreamReason::Pass => "pass",
+        }
+    }
+}
+
+const FAILURE_KINDS: [FailureKind; 4] = [
+    FailureKind::Connect,
+    FailureKind::Timeout,
+    FailureKind::Protocol,
+    FailureKind::Status,
+];
+
+/// The families labelled by route, registered once; each route takes its counters
+/// from them ([`RouteFamilies::for_route`]).
+#[derive(Default)]
+pub(super) struct RouteFamilies {
+    requests: Family<RequestLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    coalesced_waiters: Family<RouteLabel, Counter>,
+    wait_timeouts: Family<RouteLabel, Counter>,
+    stale_served: Family<UpstreamLabels, Counter>,
+    upstream_errors: Family<ErrorLabels, Counter>,
+}
+
+impl RouteFamilies {
+    pub(super) fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "requests",
+            "Client requests by route and cache status",
+            self.requests.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests sent to the upstream, by route and reason",
+            self.upstream_requests.clone(),
+        );
+        registry.register(
+            "coalesced_waiters",
+            "Requests that waited on another request's fetch instead of going upstream",
+            self.coalesced_waiters.clone(),
+        );
+        registry.register(
+            "wait_timeouts",
+            "Waiters that gave up on another request's fetch after the route's wait_timeout",
+            self.wait_timeouts.clone(),
+        );
+        registry.register(
+            "stale_served",
+            "Responses served from a stale entry, by route and reason",
+            self.stale_served.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by route and kind",
+            self.upstream_errors.clone(),
+        );
+    }
+
+    pub(super) fn for_route(&self, route: &str) -> RouteMetrics {
+        // One statement per counter: `get_or_create` returns a read guard on the family,
+        // and a second call on the same family while it lives would deadlock on insert.
+        fn counter<
+            L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+        >(
+            family: &Family<L, Counter>,
+            labels: L,
+        ) -> Counter {
+            family.get_or_create(&labels).clone()
+        }
+        let route = route.to_string();
+        let label = || RouteLabel {
+            route: route.clone(),
+        };
+        let by_reason = |reason| UpstreamLabels {
+            route: route.clone(),
+            reason,
+        };
+        RouteMetrics {
+            served: Served::ALL
+                .iter()
+                .map(|s| {
+                    let labels = RequestLabels {
+                        route: route.clone(),
+                        cache_status: s.as_str(),
+                    };
+                    counter(&self.requests, labels)
+                })
+                .collect(),
+            upstream: UpstreamReason::ALL
+                .iter()
+                .map(|r| counter(&self.upstream_requests, by_reason(r.as_str())))
+                .collect(),
+            errors: FAILURE_KINDS
+                .iter()
+                .map(|k| {
+                    counter(
+                        &self.upstream_errors,
+                        ErrorLabels {
+                            route: route.clone(),
+                            kind: k.as_str(),
+                        },
+                    )
+                })
+                .collect(),
+            waiters: counter(&self.coalesced_waiters, label()),
+            wait_timeouts: counter(&self.wait_timeouts, label()),
+            stale_swr: counter(
+                &self.stale_served,
+                by_reason(Served::StaleWhileRevalidate.as_str()),
+            ),
+            stale_sie: counter(&self.stale_served, by_reason(Served::StaleIfError.as_str())),
+        }
+    }
+}
+
+/// One route's counters, ready to increment.
+#[derive(Clone)]
+pub(crate) struct RouteMetrics {
+    served: Vec<Counter>,
+    upstream: Vec<Counter>,
+    errors: Vec<Counter>,
+    waiters: Counter,
+    wait_timeouts: Counter,
+    stale_swr: Counter,
+    stale_sie: Counter,
+}
+
+impl RouteMetrics {
+    pub(crate) fn served(&self, served: Served) {
+        self.served[served as usize].inc();
+        if served == Served::StaleWhileRevalidate {
+            self.stale_swr.inc();
+        } else if served == Served::StaleIfError {
+            self.stale_sie.inc();
+        }
+    }
+
+    pub(crate) fn wait_timeout(&self) {
+        self.wait_timeouts.inc();
+    }
+
+    pub(crate) fn upstream_request(&self, reason: UpstreamReason) {
+        self.upstream[reason as usize].inc();
+    }
+
+    pub(crate) fn upstream_error(&self, kind: FailureKind) {
+        let i = FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        self.errors[i].inc();
+    }
+
+    pub(crate) fn coalesced_waiter(&self) {
+        self.waiters.inc();
+    }
+}
