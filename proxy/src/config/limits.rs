@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{optional, positive_duration, ConfigError, Source, Text};
+use super::file::Text;
+use super::source::{ConfigError, Source};
+use super::values::{optional, positive_duration};
 
 /// Client connection limits and timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

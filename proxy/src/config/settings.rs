@@ -1,0 +1,204 @@
+//! The validated settings: what the rest of corral reads, typed and checked.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::header::HeaderName;
+use http::{StatusCode, Uri};
+use serde::Deserialize;
+
+/// Where the fleet's shared cache and fill lock live.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// Prefixed to every key and channel, so fleets can share one Redis.
+    pub key_prefix: String,
+    pub connect_timeout: Duration,
+    /// A Redis command that takes longer counts as a Redis fault.
+    pub command_timeout: Duration,
+    /// After a Redis fault, how long corral runs single-instance before trying again.
+    pub retry_after: Duration,
+    /// The longest an instance serves an entry from its local tier before reading
+    /// Redis again: the bound on version skew when an invalidation message is lost.
+    pub local_ttl: Duration,
+}
+
+/// Which fill lock protects a fill across the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    /// One Redis: the cache's own.
+    Single,
+    /// The Redlock algorithm over `nodes`, N independent Redis masters (N odd, >= 3):
+    /// the lock survives the loss of a minority of them.
+    Redlock,
+}
+
+/// The fleet-wide fill lock.
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    pub mode: LockMode,
+    /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
+    /// bounds how long a dead holder blocks the key.
+    pub ttl: Duration,
+    /// Redlock: the independent Redis masters.
+    pub nodes: Vec<String>,
+    /// Redlock: how long one node may take to answer one command.
+    pub node_timeout: Duration,
+    /// Redlock: attempts after a failed acquisition (no quorum), each after a random
+    /// delay up to `retry_delay`.
+    pub retries: u32,
+    pub retry_delay: Duration,
+}
+
+/// Bounds of the local (in-process) cache tier.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// Total weight of the local cache: bodies, headers and keys.
+    pub max_bytes: u64,
+    /// A response body larger than this is streamed through and never stored.
+    pub max_object_bytes: u64,
+}
+
+/// How the query string takes part in the cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueryMode {
+    /// The query string as the client sent it.
+    Keep,
+    /// Parameters sorted, so `?b=1&a=2` and `?a=2&b=1` share an entry.
+    Sort,
+    /// The query string plays no part.
+    Ignore,
+}
+
+/// What a request that waited on another's fill for too long does then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnWaitTimeout {
+    /// Go to the upstream itself, without coalescing (the default).
+    Fetch,
+    /// Answer `504 Gateway Timeout`, protecting the upstream at the client's expense.
+    Error,
+}
+
+/// One validated route: what it matches, where it goes and how it caches.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Lowercase host name without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub upstream: Uri,
+    pub connect_timeout: Duration,
+    /// How long the upstream may take to answer (head, or a body to cache), counted
+    /// from the request's send or, while a client's body is forwarded, its last move.
+    pub response_timeout: Duration,
+    /// Freshness when the upstream gives none (or always, with `override_ttl`).
+    pub ttl: Duration,
+    pub override_ttl: bool,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    /// How long past its stale windows an entry with a validator is kept, so that a
+    /// refresh can revalidate it (a 304 without a body) instead of refetching it.
+    pub keep: Duration,
+    pub key_query: QueryMode,
+    pub key_headers: Vec<HeaderName>,
+    /// Cookies whose values are part of the key (`key.cookies`). A request whose
+    /// cookies are all keyed or ignored counts as carrying no credentials.
+    pub key_cookies: Vec<String>,
+    /// Cookies that are not credentials (`ignore_cookies`, e.g. analytics): forwarded
+    /// unchanged, not keyed, and no obstacle to storing a response.
+    pub ignore_cookies: Vec<String>,
+    pub cacheable_statuses: Vec<StatusCode>,
+    /// `false` turns caching (and coalescing) off for the route: a plain reverse proxy.
+    pub cache: bool,
+    /// `false` keeps caching but turns coalescing and the fill lock off: every miss
+    /// goes upstream. Only useful as a baseline to measure the herd corral absorbs.
+    pub coalesce: bool,
+    pub allow_authorization: bool,
+    pub allow_set_cookie: bool,
+    pub allow_private: bool,
+    /// How long a key whose response was uncacheable is passed straight upstream.
+    pub hit_for_pass: Duration,
+    pub preserve_host: bool,
+    /// The response header listing an entry's tags for purging (e.g. `Surrogate-Key`).
+    pub tag_header: Option<HeaderName>,
+    /// At most this many tags of one response are kept (the first ones); the rest are
+    /// dropped, so that a response cannot make corral do unbounded work per fill.
+    pub max_tags: usize,
+    pub wait_timeout: Duration,
+    pub on_wait_timeout: OnWaitTimeout,
+    /// Whether paths may carry encoded slashes (`%2F`, `%5C`), forwarded as they are;
+    /// refused with `400` otherwise.
+    pub encoded_slashes: EncodedSlashes,
+}
+
+/// What a route does with a path that has an encoded slash or backslash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncodedSlashes {
+    /// Refuse the request (`400`): origins disagree on whether `%2F` separates segments,
+    /// so `/pub/..%2Finternal` could reach a path the route does not expose.
+    Reject,
+    /// Forward the path with the slash still encoded, for APIs that put identifiers
+    /// such as `group%2Fproject` in one segment.
+    Keep,
+}
+
+/// The admin token: a secret that is never logged, printed or formatted (`Debug`
+/// shows where it came from, not what it is).
+#[derive(Clone)]
+pub struct AdminToken {
+    secret: String,
+    pub source: TokenSource,
+}
+
+/// Where the admin token was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    File,
+    /// [`ADMIN_TOKEN_ENV`], which wins over the file.
+    Environment,
+}
+
+/// The environment variable that sets the admin token, over `admin_token` in the file
+/// (so the secret can stay out of a file that is checked in or widely readable).
+pub const ADMIN_TOKEN_ENV: &str = "CORRAL_ADMIN_TOKEN";
+
+/// Shortest admin token accepted: a guessable token on a public port is no token.
+const MIN_TOKEN_LEN: usize = 16;
+const MAX_TOKEN_LEN: usize = 4096;
+
+impl AdminToken {
+    /// Whether `presented` is the token, in time that does not depend on where they
+    /// differ (only on the length, which is not secret enough to matter).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use subtle::ConstantTimeEq as _;
+        bool::from(self.secret.as_bytes().ct_eq(presented))
+    }
+
+    /// Checks a token's form; the error says what is wrong, never the token.
+    pub(super) fn new(secret: &str, source: TokenSource) -> Result<AdminToken, String> {
+        if secret.len() < MIN_TOKEN_LEN || secret.len() > MAX_TOKEN_LEN {
+            return Err(format!(
+                "must be {MIN_TOKEN_LEN} to {MAX_TOKEN_LEN} characters long (e.g. `openssl rand -hex 32`), not {}",
+                secret.len()
+            ));
+        }
+        if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be printable ASCII without spaces (it is sent as `Authorization: Bearer <token>`)".to_string());
+        }
+        Ok(AdminToken {
+            secret: secret.to_string(),
+            source,
+        })
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminToken(*** from {:?})", self.source)
+    }
+}
