@@ -1,4 +1,5 @@
 //! The file as written: serde types that keep each value's span and refuse unknown keys.
+//! A key left out is `None` here; its default lives with the validated settings.
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -69,8 +70,7 @@ pub(super) struct FileRoute {
     pub(super) connect_timeout: Option<Text>,
     pub(super) response_timeout: Option<Text>,
     pub(super) ttl: Option<Text>,
-    #[serde(default)]
-    pub(super) override_ttl: bool,
+    pub(super) override_ttl: Option<bool>,
     pub(super) stale_while_revalidate: Option<Text>,
     pub(super) stale_if_error: Option<Text>,
     pub(super) keep: Option<Text>,
@@ -79,19 +79,13 @@ pub(super) struct FileRoute {
     #[serde(default)]
     pub(super) ignore_cookies: Vec<Text>,
     pub(super) cacheable_statuses: Option<Spanned<Vec<u16>>>,
-    #[serde(default = "yes")]
-    pub(super) cache: bool,
-    #[serde(default = "yes")]
-    pub(super) coalesce: bool,
-    #[serde(default)]
-    pub(super) allow_authorization: bool,
-    #[serde(default)]
-    pub(super) allow_set_cookie: bool,
-    #[serde(default)]
-    pub(super) allow_private: bool,
+    pub(super) cache: Option<bool>,
+    pub(super) coalesce: Option<bool>,
+    pub(super) allow_authorization: Option<bool>,
+    pub(super) allow_set_cookie: Option<bool>,
+    pub(super) allow_private: Option<bool>,
     pub(super) hit_for_pass: Option<Text>,
-    #[serde(default)]
-    pub(super) preserve_host: bool,
+    pub(super) preserve_host: Option<bool>,
     pub(super) tag_header: Option<Text>,
     pub(super) max_tags: Option<Spanned<u32>>,
     pub(super) wait_timeout: Option<Text>,
@@ -99,31 +93,12 @@ pub(super) struct FileRoute {
     pub(super) encoded_slashes: Option<EncodedSlashes>,
 }
 
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileKey {
-    #[serde(default = "keep")]
-    pub(super) query: QueryMode,
+    pub(super) query: Option<QueryMode>,
     #[serde(default)]
     pub(super) headers: Vec<Text>,
     #[serde(default)]
     pub(super) cookies: Vec<Text>,
-}
-
-fn keep() -> QueryMode {
-    QueryMode::Keep
-}
-
-impl Default for FileKey {
-    fn default() -> Self {
-        FileKey {
-            query: QueryMode::Keep,
-            headers: Vec::new(),
-            cookies: Vec::new(),
-        }
-    }
 }

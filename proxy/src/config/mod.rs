@@ -38,6 +38,7 @@ use source::Source;
 
 /// A fully validated configuration.
 #[derive(Debug, Clone)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct Config {
     /// Where the proxy accepts client connections.
     pub listen: SocketAddr,
@@ -81,6 +82,24 @@ impl Environment {
 }
 
 impl Config {
+    /// A config listening on `listen` for `routes`, with every other setting at its
+    /// default: single instance, no admin listener.
+    pub fn new(listen: SocketAddr, routes: Vec<RouteConfig>) -> Config {
+        Config {
+            listen,
+            admin_listen: None,
+            admin_token: None,
+            shutdown_grace: Duration::from_secs(30),
+            workers: None,
+            trusted_proxies: Vec::new(),
+            cache: CacheSettings::default(),
+            redis: None,
+            lock: LockSettings::default(),
+            limits: LimitsSettings::default(),
+            routes,
+        }
+    }
+
     /// Reads and validates the file at `path`, with this process's environment (what
     /// the `corral` command does).
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
@@ -108,6 +127,13 @@ impl Config {
         let file: FileConfig = toml::from_str(text).map_err(|e| source.toml_error(&e))?;
         file.validate(&source, env)
     }
+}
+
+/// The route unit tests key requests by: `r`, to `http://u`, every other setting at its
+/// default (tests change the fields they are about).
+#[cfg(test)]
+pub(crate) fn test_route() -> RouteConfig {
+    RouteConfig::new("r", http::Uri::from_static("http://u"))
 }
 
 #[cfg(test)]

@@ -1,4 +1,7 @@
-//! The validated settings: what the rest of corral reads, typed and checked.
+//! The validated settings: what the rest of corral reads, typed and checked, and their
+//! defaults. Each default is written here once: validation starts from these values
+//! and replaces only what the file sets, and code that needs a config without a file
+//! (the demo, unit tests) builds one from them.
 
 use std::fmt;
 use std::time::Duration;
@@ -9,6 +12,7 @@ use serde::Deserialize;
 
 /// Where the fleet's shared cache and fill lock live.
 #[derive(Debug, Clone)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
     pub url: String,
@@ -24,11 +28,26 @@ pub struct RedisSettings {
     pub local_ttl: Duration,
 }
 
+impl RedisSettings {
+    /// The Redis at `url` (not checked here), with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> RedisSettings {
+        RedisSettings {
+            url: url.into(),
+            key_prefix: "corral:".to_string(),
+            connect_timeout: Duration::from_secs(1),
+            command_timeout: Duration::from_millis(250),
+            retry_after: Duration::from_secs(1),
+            local_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Which fill lock protects a fill across the fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LockMode {
     /// One Redis: the cache's own.
+    #[default]
     Single,
     /// The Redlock algorithm over `nodes`, N independent Redis masters (N odd, >= 3):
     /// the lock survives the loss of a minority of them.
@@ -37,6 +56,7 @@ pub enum LockMode {
 
 /// The fleet-wide fill lock.
 #[derive(Debug, Clone)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct LockSettings {
     pub mode: LockMode,
     /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
@@ -52,8 +72,22 @@ pub struct LockSettings {
     pub retry_delay: Duration,
 }
 
+impl Default for LockSettings {
+    fn default() -> LockSettings {
+        LockSettings {
+            mode: LockMode::Single,
+            ttl: Duration::from_secs(10),
+            nodes: Vec::new(),
+            node_timeout: Duration::from_millis(50),
+            retries: 3,
+            retry_delay: Duration::from_millis(50),
+        }
+    }
+}
+
 /// Bounds of the local (in-process) cache tier.
 #[derive(Debug, Clone, Copy)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct CacheSettings {
     /// Total weight of the local cache: bodies, headers and keys.
     pub max_bytes: u64,
@@ -61,11 +95,23 @@ pub struct CacheSettings {
     pub max_object_bytes: u64,
 }
 
+impl Default for CacheSettings {
+    /// 256MiB in all, objects up to 8MiB. (Validation lowers the object bound to
+    /// `max_bytes` when only that is set below 8MiB.)
+    fn default() -> CacheSettings {
+        CacheSettings {
+            max_bytes: 256 * 1024 * 1024,
+            max_object_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
 /// How the query string takes part in the cache key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueryMode {
     /// The query string as the client sent it.
+    #[default]
     Keep,
     /// Parameters sorted, so `?b=1&a=2` and `?a=2&b=1` share an entry.
     Sort,
@@ -74,10 +120,11 @@ pub enum QueryMode {
 }
 
 /// What a request that waited on another's fill for too long does then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnWaitTimeout {
     /// Go to the upstream itself, without coalescing (the default).
+    #[default]
     Fetch,
     /// Answer `504 Gateway Timeout`, protecting the upstream at the client's expense.
     Error,
@@ -85,6 +132,7 @@ pub enum OnWaitTimeout {
 
 /// One validated route: what it matches, where it goes and how it caches.
 #[derive(Debug, Clone)]
+#[cfg_attr(test, derive(PartialEq))]
 pub struct RouteConfig {
     pub name: String,
     /// Lowercase host name without port; `None` matches any host.
@@ -135,12 +183,72 @@ pub struct RouteConfig {
     pub encoded_slashes: EncodedSlashes,
 }
 
+/// How long a request waits on another's fill, unless its route or `[lock]` says.
+pub(super) const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Tags kept per response by default: more than any real page needs (Fastly's
+/// pages carry a handful), few enough that a fill's tag writes stay one small batch.
+const DEFAULT_MAX_TAGS: usize = 64;
+
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable, but for 405 and 501:
+/// those answer the method (or an `X-HTTP-Method-Override` the key does not see),
+/// not the resource, so storing them lets one client turn a URL off for everyone.
+const DEFAULT_CACHEABLE_STATUSES: [StatusCode; 9] = [
+    StatusCode::OK,
+    StatusCode::NON_AUTHORITATIVE_INFORMATION,
+    StatusCode::NO_CONTENT,
+    StatusCode::MULTIPLE_CHOICES,
+    StatusCode::MOVED_PERMANENTLY,
+    StatusCode::PERMANENT_REDIRECT,
+    StatusCode::NOT_FOUND,
+    StatusCode::GONE,
+    StatusCode::URI_TOO_LONG,
+];
+
+impl RouteConfig {
+    /// A route named `name` to `upstream` for every host and path, with every other
+    /// setting at its default.
+    pub fn new(name: impl Into<String>, upstream: Uri) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            host: None,
+            path_prefix: "/".to_string(),
+            upstream,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
+            ttl: Duration::from_secs(60),
+            override_ttl: false,
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            keep: Duration::from_secs(600),
+            key_query: QueryMode::default(),
+            key_headers: Vec::new(),
+            key_cookies: Vec::new(),
+            ignore_cookies: Vec::new(),
+            cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
+            cache: true,
+            coalesce: true,
+            allow_authorization: false,
+            allow_set_cookie: false,
+            allow_private: false,
+            hit_for_pass: Duration::from_secs(30),
+            preserve_host: false,
+            tag_header: None,
+            max_tags: DEFAULT_MAX_TAGS,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            on_wait_timeout: OnWaitTimeout::default(),
+            encoded_slashes: EncodedSlashes::default(),
+        }
+    }
+}
+
 /// What a route does with a path that has an encoded slash or backslash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EncodedSlashes {
     /// Refuse the request (`400`): origins disagree on whether `%2F` separates segments,
     /// so `/pub/..%2Finternal` could reach a path the route does not expose.
+    #[default]
     Reject,
     /// Forward the path with the slash still encoded, for APIs that put identifiers
     /// such as `group%2Fproject` in one segment.
@@ -194,6 +302,14 @@ impl AdminToken {
             secret: secret.to_string(),
             source,
         })
+    }
+}
+
+/// Tests compare whole configs; the comparison takes constant time like [`AdminToken::matches`].
+#[cfg(test)]
+impl PartialEq for AdminToken {
+    fn eq(&self, other: &AdminToken) -> bool {
+        self.source == other.source && self.matches(other.secret.as_bytes())
     }
 }
 

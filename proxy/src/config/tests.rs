@@ -21,6 +21,56 @@ fn minimal_config_gets_defaults() {
     assert_eq!(r.on_wait_timeout, OnWaitTimeout::Fetch);
 }
 
+// Each settings type's defaults are what validation gives a file that leaves them out.
+
+#[test]
+fn a_minimal_file_is_config_new() {
+    let route = RouteConfig::new("api", http::Uri::from_static("http://127.0.0.1:9000"));
+    let expected = Config::new("127.0.0.1:8080".parse().unwrap(), vec![route]);
+    assert_eq!(Config::parse(MINIMAL, "test.toml").unwrap(), expected);
+}
+
+#[test]
+fn a_route_without_settings_is_route_config_new() {
+    let text = "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\n";
+    let c = Config::parse(text, "t").unwrap();
+    assert_eq!(
+        c.routes[0],
+        RouteConfig::new("r", http::Uri::from_static("http://u"))
+    );
+    assert_eq!(c.routes[0], test_route());
+}
+
+#[test]
+fn no_cache_section_is_cache_settings_default() {
+    let c = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(c.cache, CacheSettings::default());
+}
+
+#[test]
+fn no_lock_section_is_lock_settings_default() {
+    let c = Config::parse(MINIMAL, "t").unwrap();
+    assert_eq!(c.lock, LockSettings::default());
+    let with_redis = MINIMAL.replacen('\n', "\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n", 1);
+    let c = Config::parse(&with_redis, "t").unwrap();
+    assert_eq!(c.lock, LockSettings::default());
+}
+
+#[test]
+fn a_redis_section_with_only_a_url_is_redis_settings_new() {
+    let url = "redis://127.0.0.1:6379";
+    let text = MINIMAL.replacen('\n', &format!("\n[redis]\nurl = \"{url}\"\n"), 1);
+    let c = Config::parse(&text, "t").unwrap();
+    assert_eq!(c.redis, Some(RedisSettings::new(url)));
+    assert_eq!(c.redis, RedisSettings::from_url(url).ok());
+}
+
+#[test]
+fn the_demo_redis_url_is_checked_like_the_file() {
+    let message = RedisSettings::from_url("http://nope").unwrap_err();
+    assert!(message.starts_with("invalid Redis URL ("), "{message}");
+}
+
 #[test]
 fn workers_default_to_the_cores_and_must_be_sensible() {
     assert_eq!(Config::parse(MINIMAL, "test.toml").unwrap().workers, None);

@@ -1,13 +1,17 @@
 //! Validation of the document as a whole: listeners, admin token, `[cache]`, and the
-//! routes together (names and matches unique).
+//! routes together (names and matches unique). The config starts as [`Config::new`]
+//! (every default) and takes what the file sets.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::file::{FileConfig, Text};
+use toml::Spanned;
+
+use super::file::{FileCache, FileConfig, FileRoute, Text};
 use super::settings::{
     AdminToken, CacheSettings, OnWaitTimeout, RouteConfig, TokenSource, ADMIN_TOKEN_ENV,
+    DEFAULT_WAIT_TIMEOUT,
 };
 use super::source::{validated_span, ConfigError, Source};
 use super::values::{
@@ -70,68 +74,40 @@ fn admin_listen(
 
 impl FileConfig {
     pub(super) fn validate(self, src: &Source, env: &Environment) -> Result<Config, ConfigError> {
+        // Checked in the order the file's keys have always been, so that a file with
+        // several mistakes reports the same one first.
         let listen = socket_addr(src, "listen", &self.listen)?;
-        let admin_token = admin_token(src, self.admin_token.as_ref(), env)?;
-        let admin_listen = admin_listen(
+        let mut config = Config::new(listen, Vec::new());
+        config.admin_token = admin_token(src, self.admin_token.as_ref(), env)?;
+        config.admin_listen = admin_listen(
             src,
             self.admin_listen.as_ref(),
             listen,
-            admin_token.as_ref(),
+            config.admin_token.as_ref(),
         )?;
-        let shutdown_grace = optional(
+        config.shutdown_grace = optional(
             src,
             "shutdown_grace",
             &self.shutdown_grace,
-            Duration::from_secs(30),
+            config.shutdown_grace,
             duration,
         )?;
-
-        let workers = match &self.workers {
-            Some(n) if !(1..=1024).contains(n.get_ref()) => {
-                return Err(src.error(n.span(), "workers", "must be between 1 and 1024"));
-            }
-            Some(n) => Some(*n.get_ref() as usize),
-            None => None,
-        };
-
-        let trusted_proxies = match &self.trusted_proxies {
-            Some(list) => trusted_proxies(src, list)?,
-            None => Vec::new(),
-        };
-
-        let max_bytes = match &self.cache.max_bytes {
-            Some(v) => byte_size(src, "cache.max_bytes", v)?,
-            None => 256 * 1024 * 1024,
-        };
-        let max_object_bytes = match &self.cache.max_object_bytes {
-            Some(v) => byte_size(src, "cache.max_object_bytes", v)?,
-            None => (8 * 1024 * 1024).min(max_bytes),
-        };
-        if max_object_bytes > max_bytes || max_object_bytes > u64::from(u32::MAX) {
-            let span = self
-                .cache
-                .max_object_bytes
-                .as_ref()
-                .map_or(0..0, |v| v.span());
-            return Err(src.error(
-                span,
-                "cache.max_object_bytes",
-                "must be at most cache.max_bytes (and at most 4GiB)",
-            ));
+        config.workers = workers(src, self.workers.as_ref())?;
+        if let Some(list) = &self.trusted_proxies {
+            config.trusted_proxies = trusted_proxies(src, list)?;
         }
-
+        config.cache = self.cache.validate(src)?;
         let wait_timeout = optional(
             src,
             "lock.wait_timeout",
             &self.lock.wait_timeout,
-            Duration::from_secs(10),
+            DEFAULT_WAIT_TIMEOUT,
             positive_duration,
         )?;
-        let on_wait_timeout = self.lock.on_wait_timeout.unwrap_or(OnWaitTimeout::Fetch);
-        let redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
-        let lock = self.lock.validate(src, redis.is_some())?;
-        let limits = self.limits.validate(src)?;
-
+        let on_wait_timeout = self.lock.on_wait_timeout.unwrap_or_default();
+        config.redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
+        config.lock = self.lock.validate(src, config.redis.is_some())?;
+        config.limits = self.limits.validate(src)?;
         if self.routes.is_empty() {
             return Err(src.error(
                 self.listen.span(),
@@ -139,40 +115,73 @@ impl FileConfig {
                 "the config has no [[route]]: nothing would be served",
             ));
         }
-        let mut routes: Vec<RouteConfig> = Vec::with_capacity(self.routes.len());
-        let mut names = HashSet::new();
-        for (i, route) in self.routes.into_iter().enumerate() {
-            let validated = route.validate(src, i, wait_timeout, on_wait_timeout, &mut names)?;
-            if let Some(earlier) = routes
-                .iter()
-                .find(|r| r.host == validated.host && r.path_prefix == validated.path_prefix)
-            {
-                return Err(src.error(
-                    validated_span(src, i),
-                    format_args!("route[{i}]"),
-                    format_args!(
-                        "route {:?} matches the same host and path_prefix as route {:?}; it could never be reached",
-                        validated.name, earlier.name
-                    ),
-                ));
-            }
-            routes.push(validated);
+        config.routes = routes(src, self.routes, wait_timeout, on_wait_timeout)?;
+        Ok(config)
+    }
+}
+
+/// `workers`: a thread count, or `None` for one per core.
+fn workers(src: &Source, workers: Option<&Spanned<u32>>) -> Result<Option<usize>, ConfigError> {
+    match workers {
+        Some(n) if !(1..=1024).contains(n.get_ref()) => {
+            Err(src.error(n.span(), "workers", "must be between 1 and 1024"))
         }
-        Ok(Config {
-            listen,
-            admin_listen,
-            admin_token,
-            shutdown_grace,
-            workers,
-            trusted_proxies,
-            cache: CacheSettings {
-                max_bytes,
-                max_object_bytes,
-            },
-            redis,
-            lock,
-            limits,
-            routes,
+        Some(n) => Ok(Some(*n.get_ref() as usize)),
+        None => Ok(None),
+    }
+}
+
+impl FileCache {
+    fn validate(&self, src: &Source) -> Result<CacheSettings, ConfigError> {
+        let default = CacheSettings::default();
+        let max_bytes = match &self.max_bytes {
+            Some(v) => byte_size(src, "cache.max_bytes", v)?,
+            None => default.max_bytes,
+        };
+        let max_object_bytes = match &self.max_object_bytes {
+            Some(v) => byte_size(src, "cache.max_object_bytes", v)?,
+            None => default.max_object_bytes.min(max_bytes),
+        };
+        if max_object_bytes > max_bytes || max_object_bytes > u64::from(u32::MAX) {
+            let span = self.max_object_bytes.as_ref().map_or(0..0, |v| v.span());
+            return Err(src.error(
+                span,
+                "cache.max_object_bytes",
+                "must be at most cache.max_bytes (and at most 4GiB)",
+            ));
+        }
+        Ok(CacheSettings {
+            max_bytes,
+            max_object_bytes,
         })
     }
+}
+
+/// Every route, each reachable: no two match the same host and path prefix.
+fn routes(
+    src: &Source,
+    files: Vec<FileRoute>,
+    wait_timeout: Duration,
+    on_wait_timeout: OnWaitTimeout,
+) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut routes: Vec<RouteConfig> = Vec::with_capacity(files.len());
+    let mut names = HashSet::new();
+    for (i, route) in files.into_iter().enumerate() {
+        let validated = route.validate(src, i, wait_timeout, on_wait_timeout, &mut names)?;
+        if let Some(earlier) = routes
+            .iter()
+            .find(|r| r.host == validated.host && r.path_prefix == validated.path_prefix)
+        {
+            return Err(src.error(
+                validated_span(src, i),
+                format_args!("route[{i}]"),
+                format_args!(
+                    "route {:?} matches the same host and path_prefix as route {:?}; it could never be reached",
+                    validated.name, earlier.name
+                ),
+            ));
+        }
+        routes.push(validated);
+    }
+    Ok(routes)
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use http::header::HeaderName;
 use http::Uri;
 use toml::Spanned;
 
@@ -202,4 +203,25 @@ pub(super) fn cookie_names(
             }
         })
         .collect()
+}
+
+/// A header name (`key.headers`, `tag_header`).
+pub(super) fn header_name(
+    src: &Source,
+    key: &str,
+    value: &Text,
+) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(value.get_ref().trim().as_bytes()).map_err(|_| {
+        src.error(
+            value.span(),
+            key,
+            format_args!("{:?} is not a valid header name", value.get_ref()),
+        )
+    })
+}
+
+/// Whether redis-rs can connect to `url` (`[redis] url`, `[lock] nodes`). The error
+/// does not repeat the URL, which may carry a password.
+pub(super) fn redis_url(url: &str) -> Result<(), ::redis::RedisError> {
+    ::redis::IntoConnectionInfo::into_connection_info(url).map(drop)
 }
