@@ -22,6 +22,12 @@ pub enum ConfigError {
     },
     #[error("{var} (environment): {message}")]
     Environment { var: &'static str, message: String },
+    /// A setting given on the command line (the demo's `--redis`).
+    #[error("{option}: {message}")]
+    CommandLine {
+        option: &'static str,
+        message: String,
+    },
 }
 
 impl ConfigError {
@@ -30,6 +36,7 @@ impl ConfigError {
         match self {
             ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::Environment { var, .. } => Some(var),
+            ConfigError::CommandLine { option, .. } => Some(option),
             ConfigError::Read { .. } => None,
         }
     }
@@ -38,7 +45,9 @@ impl ConfigError {
     pub fn line(&self) -> Option<usize> {
         match self {
             ConfigError::Invalid { line, .. } => Some(*line),
-            ConfigError::Read { .. } | ConfigError::Environment { .. } => None,
+            ConfigError::Read { .. }
+            | ConfigError::Environment { .. }
+            | ConfigError::CommandLine { .. } => None,
         }
     }
 }
