@@ -28,9 +28,9 @@ mod values;
 
 pub use limits::LimitsSettings;
 pub use settings::{
-    AdminToken, CacheSettings, EncodedSlashes, LockMode, LockSettings, OnWaitTimeout, QueryMode,
-    RedisSettings, RouteConfig, TokenSource, ADMIN_TOKEN_ENV,
+    AdminToken, CacheSettings, LockSettings, RedisSettings, RouteConfig, TokenSource,
 };
+pub(crate) use settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode, ADMIN_TOKEN_ENV};
 pub use source::ConfigError;
 
 use file::FileConfig;
@@ -48,12 +48,12 @@ pub struct Config {
     /// admin listener must be on a loopback address).
     pub admin_token: Option<AdminToken>,
     /// How long in-flight requests may take to finish after a shutdown signal.
-    pub shutdown_grace: Duration,
+    pub(crate) shutdown_grace: Duration,
     /// Runtime worker threads; `None`: one per core this process may use.
     pub workers: Option<usize>,
     /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`, ...) are kept and
     /// extended; from anyone else they are removed. Empty: no one is trusted.
-    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
     pub cache: CacheSettings,
     /// Fleet mode: the shared tier and fill lock in Redis. `None`: single instance.
     pub redis: Option<RedisSettings>,
@@ -74,7 +74,7 @@ pub struct Environment {
 
 impl Environment {
     /// This process's environment.
-    pub fn from_process() -> Environment {
+    fn from_process() -> Environment {
         Environment {
             admin_token: std::env::var_os(ADMIN_TOKEN_ENV),
         }
@@ -84,7 +84,7 @@ impl Environment {
 impl Config {
     /// A config listening on `listen` for `routes`, with every other setting at its
     /// default: single instance, no admin listener.
-    pub fn new(listen: SocketAddr, routes: Vec<RouteConfig>) -> Config {
+    pub(crate) fn new(listen: SocketAddr, routes: Vec<RouteConfig>) -> Config {
         Config {
             listen,
             admin_listen: None,
@@ -107,7 +107,7 @@ impl Config {
     }
 
     /// Reads and validates the file at `path`, with `env` for the environment.
-    pub fn load_with(path: impl AsRef<Path>, env: &Environment) -> Result<Config, ConfigError> {
+    fn load_with(path: impl AsRef<Path>, env: &Environment) -> Result<Config, ConfigError> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),

@@ -15,22 +15,22 @@ use serde::Deserialize;
 #[cfg_attr(test, derive(PartialEq))]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
-    pub url: String,
+    pub(crate) url: String,
     /// Prefixed to every key and channel, so fleets can share one Redis.
-    pub key_prefix: String,
-    pub connect_timeout: Duration,
+    pub(crate) key_prefix: String,
+    pub(crate) connect_timeout: Duration,
     /// A Redis command that takes longer counts as a Redis fault.
-    pub command_timeout: Duration,
+    pub(crate) command_timeout: Duration,
     /// After a Redis fault, how long corral runs single-instance before trying again.
-    pub retry_after: Duration,
+    pub(crate) retry_after: Duration,
     /// The longest an instance serves an entry from its local tier before reading
     /// Redis again: the bound on version skew when an invalidation message is lost.
-    pub local_ttl: Duration,
+    pub(crate) local_ttl: Duration,
 }
 
 impl RedisSettings {
     /// The Redis at `url` (not checked here), with every other setting at its default.
-    pub fn new(url: impl Into<String>) -> RedisSettings {
+    pub(crate) fn new(url: impl Into<String>) -> RedisSettings {
         RedisSettings {
             url: url.into(),
             key_prefix: "corral:".to_string(),
@@ -45,7 +45,7 @@ impl RedisSettings {
 /// Which fill lock protects a fill across the fleet.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum LockMode {
+pub(crate) enum LockMode {
     /// One Redis: the cache's own.
     #[default]
     Single,
@@ -58,18 +58,18 @@ pub enum LockMode {
 #[derive(Debug, Clone)]
 #[cfg_attr(test, derive(PartialEq))]
 pub struct LockSettings {
-    pub mode: LockMode,
+    pub(crate) mode: LockMode,
     /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
     /// bounds how long a dead holder blocks the key.
-    pub ttl: Duration,
+    pub(crate) ttl: Duration,
     /// Redlock: the independent Redis masters.
     pub nodes: Vec<String>,
     /// Redlock: how long one node may take to answer one command.
-    pub node_timeout: Duration,
+    pub(crate) node_timeout: Duration,
     /// Redlock: attempts after a failed acquisition (no quorum), each after a random
     /// delay up to `retry_delay`.
-    pub retries: u32,
-    pub retry_delay: Duration,
+    pub(crate) retries: u32,
+    pub(crate) retry_delay: Duration,
 }
 
 impl Default for LockSettings {
@@ -109,7 +109,7 @@ impl Default for CacheSettings {
 /// How the query string takes part in the cache key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum QueryMode {
+pub(crate) enum QueryMode {
     /// The query string as the client sent it.
     #[default]
     Keep,
@@ -122,7 +122,7 @@ pub enum QueryMode {
 /// What a request that waited on another's fill for too long does then.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OnWaitTimeout {
+pub(crate) enum OnWaitTimeout {
     /// Go to the upstream itself, without coalescing (the default).
     #[default]
     Fetch,
@@ -139,10 +139,10 @@ pub struct RouteConfig {
     pub host: Option<String>,
     pub path_prefix: String,
     pub upstream: Uri,
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// How long the upstream may take to answer (head, or a body to cache), counted
     /// from the request's send or, while a client's body is forwarded, its last move.
-    pub response_timeout: Duration,
+    pub(crate) response_timeout: Duration,
     /// Freshness when the upstream gives none (or always, with `override_ttl`).
     pub ttl: Duration,
     pub override_ttl: bool,
@@ -150,37 +150,37 @@ pub struct RouteConfig {
     pub stale_if_error: Duration,
     /// How long past its stale windows an entry with a validator is kept, so that a
     /// refresh can revalidate it (a 304 without a body) instead of refetching it.
-    pub keep: Duration,
-    pub key_query: QueryMode,
-    pub key_headers: Vec<HeaderName>,
+    pub(crate) keep: Duration,
+    pub(crate) key_query: QueryMode,
+    pub(crate) key_headers: Vec<HeaderName>,
     /// Cookies whose values are part of the key (`key.cookies`). A request whose
     /// cookies are all keyed or ignored counts as carrying no credentials.
-    pub key_cookies: Vec<String>,
+    pub(crate) key_cookies: Vec<String>,
     /// Cookies that are not credentials (`ignore_cookies`, e.g. analytics): forwarded
     /// unchanged, not keyed, and no obstacle to storing a response.
-    pub ignore_cookies: Vec<String>,
-    pub cacheable_statuses: Vec<StatusCode>,
+    pub(crate) ignore_cookies: Vec<String>,
+    pub(crate) cacheable_statuses: Vec<StatusCode>,
     /// `false` turns caching (and coalescing) off for the route: a plain reverse proxy.
     pub cache: bool,
     /// `false` keeps caching but turns coalescing and the fill lock off: every miss
     /// goes upstream. Only useful as a baseline to measure the herd corral absorbs.
-    pub coalesce: bool,
-    pub allow_authorization: bool,
-    pub allow_set_cookie: bool,
-    pub allow_private: bool,
+    pub(crate) coalesce: bool,
+    pub(crate) allow_authorization: bool,
+    pub(crate) allow_set_cookie: bool,
+    pub(crate) allow_private: bool,
     /// How long a key whose response was uncacheable is passed straight upstream.
-    pub hit_for_pass: Duration,
-    pub preserve_host: bool,
+    pub(crate) hit_for_pass: Duration,
+    pub(crate) preserve_host: bool,
     /// The response header listing an entry's tags for purging (e.g. `Surrogate-Key`).
-    pub tag_header: Option<HeaderName>,
+    pub(crate) tag_header: Option<HeaderName>,
     /// At most this many tags of one response are kept (the first ones); the rest are
     /// dropped, so that a response cannot make corral do unbounded work per fill.
-    pub max_tags: usize,
-    pub wait_timeout: Duration,
-    pub on_wait_timeout: OnWaitTimeout,
+    pub(crate) max_tags: usize,
+    pub(crate) wait_timeout: Duration,
+    pub(crate) on_wait_timeout: OnWaitTimeout,
     /// Whether paths may carry encoded slashes (`%2F`, `%5C`), forwarded as they are;
     /// refused with `400` otherwise.
-    pub encoded_slashes: EncodedSlashes,
+    pub(crate) encoded_slashes: EncodedSlashes,
 }
 
 /// How long a request waits on another's fill, unless its route or `[lock]` says.
@@ -208,7 +208,7 @@ const DEFAULT_CACHEABLE_STATUSES: [StatusCode; 9] = [
 impl RouteConfig {
     /// A route named `name` to `upstream` for every host and path, with every other
     /// setting at its default.
-    pub fn new(name: impl Into<String>, upstream: Uri) -> RouteConfig {
+    pub(crate) fn new(name: impl Into<String>, upstream: Uri) -> RouteConfig {
         RouteConfig {
             name: name.into(),
             host: None,
@@ -245,7 +245,7 @@ impl RouteConfig {
 /// What a route does with a path that has an encoded slash or backslash.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum EncodedSlashes {
+pub(crate) enum EncodedSlashes {
     /// Refuse the request (`400`): origins disagree on whether `%2F` separates segments,
     /// so `/pub/..%2Finternal` could reach a path the route does not expose.
     #[default]
@@ -273,7 +273,7 @@ pub enum TokenSource {
 
 /// The environment variable that sets the admin token, over `admin_token` in the file
 /// (so the secret can stay out of a file that is checked in or widely readable).
-pub const ADMIN_TOKEN_ENV: &str = "CORRAL_ADMIN_TOKEN";
+pub(crate) const ADMIN_TOKEN_ENV: &str = "CORRAL_ADMIN_TOKEN";
 
 /// Shortest admin token accepted: a guessable token on a public port is no token.
 const MIN_TOKEN_LEN: usize = 16;

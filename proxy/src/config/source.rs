@@ -31,8 +31,9 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// The key the error is about, as `route[1].ttl`.
-    pub fn key(&self) -> Option<&str> {
+    /// The key the error is about, as `route[1].ttl` (tests check errors name it).
+    #[cfg(test)]
+    pub(crate) fn key(&self) -> Option<&str> {
         match self {
             ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::Environment { var, .. } => Some(var),
