@@ -6,11 +6,14 @@
 //! checked for sense (no zero TTL, no duplicate routes). Every error names the file, the
 //! line and the key, so an operator can fix it without guessing.
 //!
-//! - `settings`: the validated types ([`RouteConfig`], [`RedisSettings`], ...).
+//! - `settings`: the validated types ([`RouteConfig`], [`RedisSettings`], ...) and their
+//!   defaults, each written once: validation starts from them, and code that needs a
+//!   config without a file (the demo, unit tests) builds one from them.
 //! - `file`: the file as written (serde types, unknown keys refused).
 //! - `source`: the text being read, and [`ConfigError`] naming file, line and key.
 //! - `values`: parsers of single values (durations, byte sizes, addresses, URLs).
-//! - `validate`: the document as a whole; `route`, `redis`, `limits`: their sections.
+//! - `validate`: the document as a whole; `route`, `redis` (with `[lock]`) and
+//!   `limits`: their sections.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
