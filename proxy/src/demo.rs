@@ -91,8 +91,13 @@ pub async fn start(options: &DemoOptions) -> Result<Demo, DemoError> {
         route.upstream = upstream.clone();
     }
     if let Some(url) = &options.redis {
-        let fleet = format!("listen = \"127.0.0.1:0\"\n[redis]\nurl = {url:?}\n[[route]]\nname = \"x\"\nupstream = \"http://x\"\n");
-        config.redis = Config::parse(&fleet, "--redis")?.redis;
+        let redis = crate::config::RedisSettings::from_url(url).map_err(|message| {
+            ConfigError::CommandLine {
+                option: "--redis",
+                message,
+            }
+        })?;
+        config.redis = Some(redis);
     }
     let server = server::start(&config).await?;
     let mut others = Vec::new();

@@ -219,7 +219,7 @@ fn bytes_(buf: &mut Bytes, what: &'static str) -> Result<Bytes, DecodeError> {
 mod tests {
     use super::*;
     use crate::cache::policy::{evaluate, Verdict};
-    use crate::config::Config;
+    use crate::config::{test_route, RouteConfig};
     use http::{Request, Response};
     use proptest::prelude::*;
 
@@ -230,13 +230,10 @@ mod tests {
     }
 
     fn entry() -> CacheEntry {
-        let route = Config::parse(
-            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\nstale_if_error = \"1m\"\n",
-            "t",
-        )
-        .unwrap()
-        .routes
-        .remove(0);
+        let route = RouteConfig {
+            stale_if_error: Duration::from_secs(60),
+            ..test_route()
+        };
         let (req, ()) = Request::get("/p")
             .header("accept-language", "fr")
             .body(())

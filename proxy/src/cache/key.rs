@@ -266,14 +266,7 @@ impl fmt::Debug for CacheKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-
-    fn route(extra: &str) -> RouteConfig {
-        let text = format!(
-            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\n{extra}\n"
-        );
-        Config::parse(&text, "t").unwrap().routes.remove(0)
-    }
+    use crate::config::test_route;
 
     fn key(route: &RouteConfig, uri: &str, headers: &[(&str, &str)]) -> CacheKey {
         let mut map = HeaderMap::new();
@@ -288,18 +281,27 @@ mod tests {
 
     #[test]
     fn query_modes() {
-        let keep = route("");
+        let keep = test_route();
         assert_ne!(key(&keep, "/p?a=1&b=2", &[]), key(&keep, "/p?b=2&a=1", &[]));
-        let sort = route("key = { query = \"sort\" }");
+        let sort = RouteConfig {
+            key_query: QueryMode::Sort,
+            ..test_route()
+        };
         assert_eq!(key(&sort, "/p?a=1&b=2", &[]), key(&sort, "/p?b=2&a=1", &[]));
         assert_ne!(key(&sort, "/p?a=1", &[]), key(&sort, "/p?a=2", &[]));
-        let ignore = route("key = { query = \"ignore\" }");
+        let ignore = RouteConfig {
+            key_query: QueryMode::Ignore,
+            ..test_route()
+        };
         assert_eq!(key(&ignore, "/p?a=1", &[]), key(&ignore, "/p", &[]));
     }
 
     #[test]
     fn header_values_that_are_not_text_keep_distinct_keys() {
-        let r = route("key = { headers = [\"x-tenant\"] }");
+        let r = RouteConfig {
+            key_headers: vec![HeaderName::from_static("x-tenant")],
+            ..test_route()
+        };
         let raw = |bytes: &[u8]| {
             let mut map = HeaderMap::new();
             map.insert("x-tenant", http::HeaderValue::from_bytes(bytes).unwrap());
@@ -312,7 +314,10 @@ mod tests {
 
     #[test]
     fn named_headers_split_keys() {
-        let r = route("key = { headers = [\"x-tenant\"] }");
+        let r = RouteConfig {
+            key_headers: vec![HeaderName::from_static("x-tenant")],
+            ..test_route()
+        };
         assert_ne!(
             key(&r, "/p", &[("x-tenant", "a")]),
             key(&r, "/p", &[("x-tenant", "b")])
@@ -322,7 +327,10 @@ mod tests {
 
     #[test]
     fn named_cookies_split_keys_and_others_do_not() {
-        let r = route("key = { cookies = [\"lang\"] }");
+        let r = RouteConfig {
+            key_cookies: vec!["lang".to_string()],
+            ..test_route()
+        };
         let en = key(&r, "/p", &[("cookie", "lang=en; _ga=1")]);
         assert_ne!(en, key(&r, "/p", &[("cookie", "lang=fr")]));
         assert_eq!(
@@ -335,7 +343,7 @@ mod tests {
             key(&r, "/p", &[("cookie", "language=en")]),
             key(&r, "/p", &[])
         );
-        let plain = route("");
+        let plain = test_route();
         assert_eq!(
             key(&plain, "/p", &[("cookie", "lang=en")]),
             key(&plain, "/p", &[])
@@ -344,7 +352,10 @@ mod tests {
 
     #[test]
     fn cookies_are_keyed_as_written_not_trimmed() {
-        let r = route("key = { cookies = [\"lang\"] }");
+        let r = RouteConfig {
+            key_cookies: vec!["lang".to_string()],
+            ..test_route()
+        };
         let fr = key(&r, "/p", &[("cookie", "lang=fr")]);
         let none = key(&r, "/p", &[]);
         // Only the whitespace after a separator is skipped.
@@ -377,7 +388,7 @@ mod tests {
         fn cookie_keys_depend_on_pairs_not_on_header_lines(
             pairs in proptest::collection::vec(("lang|lang |a| lang", "[ -:<-~]{0,8}"), 1..5)
         ) {
-            let r = route("key = { cookies = [\"lang\"] }");
+            let r = RouteConfig { key_cookies: vec!["lang".to_string()], ..test_route() };
             let written: Vec<String> = pairs.iter().map(|(n, v)| format!("{n}={v}")).collect();
             let joined = written.join("; ");
             let crumbs: Vec<(&str, &str)> = written.iter().map(|p| ("cookie", p.as_str())).collect();
@@ -402,7 +413,7 @@ mod tests {
         en.insert("accept-language", "en".parse().unwrap());
         let mut fr = HeaderMap::new();
         fr.insert("accept-language", "fr".parse().unwrap());
-        let base = key(&route(""), "/p", &[]);
+        let base = key(&test_route(), "/p", &[]);
         assert_ne!(
             base.variant(&vary_values(&names, &en)),
             base.variant(&vary_values(&names, &fr))

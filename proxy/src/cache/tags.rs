@@ -124,13 +124,15 @@ impl TagRules {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::test_route;
 
-    fn rules(extra: &str) -> TagRules {
-        let text = format!(
-            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\ntag_header = \"surrogate-key\"\n{extra}\n"
-        );
-        TagRules::from_routes(&Config::parse(&text, "t").unwrap().routes, &Metrics::new())
+    /// The test route's rules, its tags in `Surrogate-Key`, keeping `max_tags` of them
+    /// (`None`: the default).
+    fn rules(max_tags: Option<usize>) -> TagRules {
+        let mut route = test_route();
+        route.tag_header = Some(HeaderName::from_static("surrogate-key"));
+        route.max_tags = max_tags.unwrap_or(route.max_tags);
+        TagRules::from_routes(&[route], &Metrics::new())
     }
 
     fn headers(value: &str) -> HeaderMap {
@@ -141,7 +143,7 @@ mod tests {
 
     #[test]
     fn tags_are_bounded_deduplicated_and_counted() {
-        let rules = rules("max_tags = 3");
+        let rules = rules(Some(3));
         let long = "x".repeat(MAX_TAG_LEN + 1);
         let h = headers(&format!("a b,a c {long} d e"));
         assert_eq!(rules.tags_to_store("r", &h), ["a", "b", "c"]);
@@ -153,7 +155,7 @@ mod tests {
 
     #[test]
     fn default_bound_is_64() {
-        let rules = rules("");
+        let rules = rules(None);
         let many: Vec<String> = (0..5000).map(|i| format!("t{i}")).collect();
         let h = headers(&many.join(" "));
         assert_eq!(rules.tags_to_store("r", &h).len(), 64);

@@ -11,7 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{optional, positive_duration, ConfigError, Source, Text};
+use super::file::Text;
+use super::source::{ConfigError, Source};
+use super::values::{optional, positive_duration};
 
 /// Client connection limits and timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,13 +24,13 @@ pub struct LimitsSettings {
     /// Requests in progress at once on the proxy port, HTTP/1 and HTTP/2 streams alike
     /// (each may hold an upstream connection); past it a request is answered `503`.
     /// `None`: the connection limit.
-    pub max_requests: Option<NonZeroUsize>,
+    pub(crate) max_requests: Option<NonZeroUsize>,
     /// How long a client may take to send a request head, from the connection's start
     /// or from the head's first byte (nginx `client_header_timeout`).
     pub head_timeout: Duration,
     /// How long a forwarded request body may wait on its client between two reads
     /// (nginx `client_body_timeout`); past it the request is answered `408`.
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
     /// How long a connection may sit with no request in progress: HTTP/1 keep-alive
     /// between requests, HTTP/2 with no open stream (nginx `keepalive_timeout`).
     pub idle_timeout: Duration,

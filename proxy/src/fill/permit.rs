@@ -131,13 +131,7 @@ mod tests {
     use crate::cache::PassReason;
 
     fn key(s: &str) -> CacheKey {
-        let route = crate::config::Config::parse(
-            "listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\n",
-            "t",
-        )
-        .unwrap()
-        .routes
-        .remove(0);
+        let route = crate::config::test_route();
         CacheKey::for_request(&route, None, &s.parse().unwrap(), &http::HeaderMap::new())
     }
 

@@ -1,11 +1,16 @@
 //! Unit tests of the storage policy: storability, lifetimes, credentials, clamping.
 
 use super::*;
-use crate::config::Config;
+use crate::config::test_route;
 
-fn route(extra: &str) -> RouteConfig {
-    let text = format!("listen = \"127.0.0.1:1\"\n[[route]]\nname = \"r\"\nupstream = \"http://u\"\nttl = \"60s\"\nstale_while_revalidate = \"30s\"\nstale_if_error = \"5m\"\n{extra}\n");
-    Config::parse(&text, "t").unwrap().routes.remove(0)
+/// The test route, with 30s of stale-while-revalidate and 5m of stale-if-error.
+fn route() -> RouteConfig {
+    RouteConfig {
+        ttl: Duration::from_secs(60),
+        stale_while_revalidate: Duration::from_secs(30),
+        stale_if_error: Duration::from_secs(300),
+        ..test_route()
+    }
 }
 
 fn eval(
@@ -52,12 +57,7 @@ fn reason(v: Verdict) -> &'static str {
 
 #[test]
 fn upstream_max_age_wins_over_route_ttl() {
-    let l = lifetime(eval(
-        &route(""),
-        &[],
-        200,
-        &[("cache-control", "max-age=10")],
-    ));
+    let l = lifetime(eval(&route(), &[], 200, &[("cache-control", "max-age=10")]));
     assert_eq!(l.fresh_for, Duration::from_secs(10));
     assert_eq!(l.stale_while_revalidate, Duration::from_secs(30));
 }
@@ -65,10 +65,13 @@ fn upstream_max_age_wins_over_route_ttl() {
 #[test]
 fn route_ttl_applies_without_upstream_freshness_or_with_override() {
     assert_eq!(
-        lifetime(eval(&route(""), &[], 200, &[])).fresh_for,
+        lifetime(eval(&route(), &[], 200, &[])).fresh_for,
         Duration::from_secs(60)
     );
-    let forced = route("override_ttl = true");
+    let forced = RouteConfig {
+        override_ttl: true,
+        ..route()
+    };
     assert_eq!(
         lifetime(eval(&forced, &[], 200, &[("cache-control", "max-age=10")])).fresh_for,
         Duration::from_secs(60)
@@ -78,7 +81,7 @@ fn route_ttl_applies_without_upstream_freshness_or_with_override() {
 #[test]
 fn response_stale_directives_override_route_windows() {
     let l = lifetime(eval(
-        &route(""),
+        &route(),
         &[],
         200,
         &[(
@@ -89,7 +92,7 @@ fn response_stale_directives_override_route_windows() {
     assert_eq!(l.stale_while_revalidate, Duration::from_secs(7));
     assert_eq!(l.stale_if_error, Duration::from_secs(9));
     let l = lifetime(eval(
-        &route(""),
+        &route(),
         &[],
         200,
         &[("cache-control", "max-age=1, must-revalidate")],
@@ -100,7 +103,7 @@ fn response_stale_directives_override_route_windows() {
 
 #[test]
 fn unsafe_responses_pass_unless_route_allows() {
-    let r = route("");
+    let r = route();
     assert_eq!(
         reason(eval(&r, &[], 200, &[("cache-control", "no-store")])),
         "no-store"
@@ -124,8 +127,12 @@ fn unsafe_responses_pass_unless_route_allows() {
     );
     assert_eq!(reason(eval(&r, &[], 200, &[("vary", "*")])), "vary-star");
     assert_eq!(reason(eval(&r, &[], 500, &[])), "uncacheable-status");
-    let allowing =
-        route("allow_set_cookie = true\nallow_authorization = true\nallow_private = true");
+    let allowing = RouteConfig {
+        allow_set_cookie: true,
+        allow_authorization: true,
+        allow_private: true,
+        ..route()
+    };
     assert_eq!(
         reason(eval(&allowing, &[], 200, &[("set-cookie", "a=b")])),
         "stored"
@@ -148,7 +155,7 @@ fn unsafe_responses_pass_unless_route_allows() {
 #[test]
 fn public_response_to_authorized_request_is_stored() {
     let l = eval(
-        &route(""),
+        &route(),
         &[("authorization", "Bearer x")],
         200,
         &[("cache-control", "public, max-age=5")],
@@ -158,7 +165,7 @@ fn public_response_to_authorized_request_is_stored() {
 
 #[test]
 fn no_cache_is_stored_only_to_revalidate() {
-    let r = route("");
+    let r = route();
     let l = lifetime(eval(
         &r,
         &[],
@@ -178,7 +185,7 @@ fn no_cache_is_stored_only_to_revalidate() {
 #[test]
 fn age_header_shortens_freshness() {
     let l = lifetime(eval(
-        &route(""),
+        &route(),
         &[],
         200,
         &[("cache-control", "max-age=100"), ("age", "40")],
@@ -198,7 +205,7 @@ fn absurd_delta_seconds_are_clamped_not_overflowed() {
         format!("max-age={longer}"),
         format!("max-age=\"{huge}\""),
     ] {
-        let l = lifetime(eval(&route(""), &[], 200, &[("cache-control", &cc)]));
+        let l = lifetime(eval(&route(), &[], 200, &[("cache-control", &cc)]));
         assert!(l.fresh_for <= MAX_DELTA, "{cc}");
         assert!(l.stale_while_revalidate <= MAX_DELTA, "{cc}");
         assert!(l.stale_if_error <= MAX_DELTA, "{cc}");
@@ -214,7 +221,7 @@ fn absurd_delta_seconds_are_clamped_not_overflowed() {
     }
     assert_eq!(
         lifetime(eval(
-            &route(""),
+            &route(),
             &[],
             200,
             &[("cache-control", &format!("max-age={longer}"))]
@@ -224,7 +231,7 @@ fn absurd_delta_seconds_are_clamped_not_overflowed() {
     );
     // An absurd Age: the response is as old as can be, hence stale, and no panic.
     let l = lifetime(eval(
-        &route(""),
+        &route(),
         &[],
         200,
         &[("cache-control", "max-age=60"), ("age", huge)],
@@ -242,7 +249,7 @@ fn absurd_delta_seconds_are_clamped_not_overflowed() {
     );
     assert_eq!(l.age, MAX_DELTA);
     let far = eval(
-        &route(""),
+        &route(),
         &[],
         200,
         &[("expires", "Fri, 31 Dec 9999 23:59:59 GMT")],
@@ -262,7 +269,7 @@ fn delta_seconds_parse_digits_only() {
 
 #[test]
 fn cookies_keep_heuristic_responses_out_unless_keyed_or_ignored() {
-    let r = route("");
+    let r = route();
     let cookie = [("cookie", "session=abc")];
     assert_eq!(reason(eval(&r, &cookie, 200, &[])), "credentials");
     assert!(PassReason::Credentials.is_request_specific());
@@ -296,7 +303,11 @@ fn cookies_keep_heuristic_responses_out_unless_keyed_or_ignored() {
     // Any other pass of a credentialed request is request-specific as well.
     let private = eval(&r, &cookie, 200, &[("cache-control", "private")]);
     assert_eq!(reason(private), "credentials");
-    let opted = route("key = { cookies = [\"lang\"] }\nignore_cookies = [\"_ga\"]");
+    let opted = RouteConfig {
+        key_cookies: vec!["lang".to_string()],
+        ignore_cookies: vec!["_ga".to_string()],
+        ..route()
+    };
     assert_eq!(
         reason(eval(&opted, &[("cookie", "lang=en; _ga=GA1.2")], 200, &[])),
         "stored"
@@ -305,7 +316,10 @@ fn cookies_keep_heuristic_responses_out_unless_keyed_or_ignored() {
         reason(eval(&opted, &[("cookie", "lang=en; sid=1")], 200, &[])),
         "credentials"
     );
-    let whole = route("key = { headers = [\"cookie\"] }");
+    let whole = RouteConfig {
+        key_headers: vec![http::header::COOKIE],
+        ..route()
+    };
     assert_eq!(reason(eval(&whole, &cookie, 200, &[])), "stored");
     assert_eq!(
         reason(eval(&r, &cookie, 200, &[("vary", "Cookie")])),
@@ -328,7 +342,7 @@ fn cookies_keep_heuristic_responses_out_unless_keyed_or_ignored() {
 
 #[test]
 fn unparsable_vary_is_treated_as_star() {
-    let r = route("");
+    let r = route();
     assert_eq!(
         reason(eval(&r, &[], 200, &[("vary", "accept, bad name")])),
         "vary-star"
@@ -342,7 +356,7 @@ fn unparsable_vary_is_treated_as_star() {
 
 #[test]
 fn method_errors_are_not_stored_by_default() {
-    let r = route("");
+    let r = route();
     for status in [501, 206] {
         assert_eq!(
             reason(eval(&r, &[], status, &[])),
@@ -356,7 +370,7 @@ fn method_errors_are_not_stored_by_default() {
 
 #[test]
 fn client_errors_outside_the_list_are_request_specific_server_errors_are_not() {
-    let r = route("");
+    let r = route();
     for status in [400, 403, 405, 406, 417, 431] {
         match eval(&r, &[], status, &[("cache-control", "max-age=60")]) {
             Verdict::Pass(reason) => assert!(reason.is_request_specific(), "{status}"),
@@ -373,7 +387,7 @@ fn client_errors_outside_the_list_are_request_specific_server_errors_are_not() {
 
 #[test]
 fn request_cache_directives_do_not_decide_storage() {
-    let r = route("");
+    let r = route();
     for (name, value) in [
         ("cache-control", "no-store"),
         ("cache-control", "no-cache, max-age=0"),
@@ -390,10 +404,11 @@ fn request_cache_directives_do_not_decide_storage() {
 #[test]
 fn credentialed_responses_are_stored_only_on_the_origin_word() {
     let cookie = [("cookie", "session=abc")];
-    let lenient = route(
-        "override_ttl = true
-keep = \"10m\"",
-    );
+    let lenient = RouteConfig {
+        override_ttl: true,
+        keep: Duration::from_secs(600),
+        ..route()
+    };
     // Zero or past explicit freshness: revalidate every time, so not shared, whatever
     // the route's override, stale windows or keep would add.
     for headers in [
@@ -445,7 +460,11 @@ keep = \"10m\"",
 
 #[test]
 fn cookie_names_are_compared_as_written() {
-    let r = route("key = { cookies = [\"lang\"] }\nignore_cookies = [\"_ga\"]");
+    let r = RouteConfig {
+        key_cookies: vec!["lang".to_string()],
+        ignore_cookies: vec!["_ga".to_string()],
+        ..route()
+    };
     for cookie in ["lang=fr", "lang=fr;_ga=1", "_ga=1; \tlang=fr;", "lang= fr"] {
         assert_eq!(
             reason(eval(&r, &[("cookie", cookie)], 200, &[])),
