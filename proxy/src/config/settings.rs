@@ -61,7 +61,7 @@ pub struct LockSettings {
     pub(crate) mode: LockMode,
     /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
     /// bounds how long a dead holder blocks the key.
-    pub(crate) ttl: Duration,
+    pub ttl: Duration,
     /// Redlock: the independent Redis masters.
     pub nodes: Vec<String>,
     /// Redlock: how long one node may take to answer one command.
