@@ -60,7 +60,7 @@ impl FailureKind {
 
 /// A request to the upstream that got no usable response.
 #[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     #[error("cannot connect to upstream {upstream}: {source}")]
     Connect {
         upstream: String,

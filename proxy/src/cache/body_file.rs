@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 /// Below this a copy into the socket costs less than the extra `sendfile` call.
-pub const MIN_BYTES: usize = 16 * 1024;
+pub(crate) const MIN_BYTES: usize = 16 * 1024;
 /// The kernel's default limit on mappings per process is 65,530; stay well under it.
 pub(crate) const MAX_FILES: usize = 32 * 1024;
 
@@ -63,7 +63,7 @@ impl BodyFile {
 
     /// What the file costs beyond its body's bytes: page rounding, and the kernel's
     /// inode, file and mapping (about a kilobyte).
-    pub fn overhead(&self) -> usize {
+    pub(crate) fn overhead(&self) -> usize {
         let len = usize::try_from(self.len).unwrap_or(usize::MAX);
         len.next_multiple_of(4096) - len + 1024
     }

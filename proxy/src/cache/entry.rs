@@ -25,15 +25,15 @@ pub struct CacheEntry {
     pub body: Bytes,
     /// For a large body, the sealed file it lives in (and `body` maps), which a hit
     /// sends without copying.
-    pub body_file: Option<Arc<BodyFile>>,
+    pub(crate) body_file: Option<Arc<BodyFile>>,
     /// The status line and `headers` as HTTP/1.1 writes them, plus `Via`: what a hit
     /// on the HTTP/1 fast path sends before its `Age` and `Cache-Status`. Built once,
     /// here, so a hit encodes no stored header again.
-    pub http1_head: Bytes,
+    pub(crate) http1_head: Bytes,
     /// The headers this response varies on (lowercase), and the filling request's
     /// values of them, as [`vary_values`] writes them.
     pub vary: Vec<HeaderName>,
-    pub vary_values: String,
+    pub(crate) vary_values: String,
     lifetime: Lifetime,
     fresh_until: SystemTime,
     swr_until: SystemTime,
@@ -141,7 +141,7 @@ pub enum Freshness {
 }
 
 impl Freshness {
-    pub fn is_fresh(self) -> bool {
+    pub(crate) fn is_fresh(self) -> bool {
         matches!(self, Freshness::Fresh { .. })
     }
 }
@@ -253,7 +253,8 @@ impl CacheEntry {
         self.fence
     }
 
-    pub fn with_fence(mut self, fence: u64) -> CacheEntry {
+    #[cfg(test)]
+    pub(crate) fn with_fence(mut self, fence: u64) -> CacheEntry {
         self.fence = fence;
         self
     }
@@ -264,7 +265,7 @@ impl CacheEntry {
 
     /// A copy that turned stale at `at` (soft purge): still servable within its stale
     /// windows and revalidatable, but never again fresh without asking the upstream.
-    pub fn soft_purged(&self, at: SystemTime) -> CacheEntry {
+    pub(crate) fn soft_purged(&self, at: SystemTime) -> CacheEntry {
         let mut lifetime = self.lifetime.clone();
         lifetime.fresh_for = at
             .duration_since(lifetime.received_at)
@@ -289,17 +290,17 @@ impl CacheEntry {
     }
 
     /// Whether a stale copy may be served at once while a refresh runs.
-    pub fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
+    pub(crate) fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
         now < self.swr_until
     }
 
     /// Whether a stale copy may be served when the upstream fails.
-    pub fn within_stale_if_error(&self, now: SystemTime) -> bool {
+    pub(crate) fn within_stale_if_error(&self, now: SystemTime) -> bool {
         now < self.sie_until
     }
 
     /// After this instant the entry can serve no one, nor be revalidated: drop it.
-    pub fn keep_until(&self) -> SystemTime {
+    pub(crate) fn keep_until(&self) -> SystemTime {
         self.keep_until
     }
 
@@ -327,13 +328,13 @@ impl CacheEntry {
     }
 
     /// Whether this entry is the variant for a request with `req_headers`.
-    pub fn matches_vary(&self, req_headers: &HeaderMap) -> bool {
+    pub(crate) fn matches_vary(&self, req_headers: &HeaderMap) -> bool {
         self.vary.is_empty() || vary_values(&self.vary, req_headers) == self.vary_values
     }
 
     /// Whether a client's conditional request is satisfied by this entry, so that it
     /// gets `304 Not Modified` (RFC 9110 §13.1.2 and §13.1.3; `If-None-Match` wins).
-    pub fn satisfies_conditional(&self, req_headers: &HeaderMap) -> bool {
+    pub(crate) fn satisfies_conditional(&self, req_headers: &HeaderMap) -> bool {
         if !self.status.is_success() {
             return false;
         }
@@ -358,7 +359,7 @@ impl CacheEntry {
     }
 
     /// The headers a `304 Not Modified` for this entry carries (RFC 9110 §15.4.5).
-    pub fn not_modified_headers(&self) -> HeaderMap {
+    pub(crate) fn not_modified_headers(&self) -> HeaderMap {
         let mut out = HeaderMap::new();
         for name in [
             header::CACHE_CONTROL,
@@ -377,7 +378,7 @@ impl CacheEntry {
     }
 
     /// Adds this entry's validators to a revalidation request.
-    pub fn add_validators(&self, headers: &mut HeaderMap) {
+    pub(crate) fn add_validators(&self, headers: &mut HeaderMap) {
         if let Some(etag) = self.headers.get(header::ETAG) {
             headers.insert(header::IF_NONE_MATCH, etag.clone());
         }

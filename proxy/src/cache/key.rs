@@ -116,11 +116,6 @@ impl CacheKey {
             .map_or(&self.0, |(primary, _)| primary)
     }
 
-    /// Whether this is `primary` or one of its variants.
-    pub fn belongs_to(&self, primary: &CacheKey) -> bool {
-        self.primary() == primary.as_str()
-    }
-
     /// The name of the route the key was made for.
     pub fn route(&self) -> &str {
         self.0.split(SEP).next().unwrap_or("")
@@ -154,7 +149,7 @@ fn keyed_query(mode: QueryMode, query: Option<&str>) -> Option<Cow<'_, str>> {
 /// route keys it (sorted, or dropped), so that what is stored under a key is the answer
 /// to what the key holds: `?lang=evil` cannot be stored for a route that ignores the
 /// query.
-pub fn keyed_target(route: &RouteConfig, uri: &Uri) -> Uri {
+pub(crate) fn keyed_target(route: &RouteConfig, uri: &Uri) -> Uri {
     if route.key_query == QueryMode::Keep || uri.query().is_none() {
         return uri.clone();
     }
@@ -167,7 +162,7 @@ pub fn keyed_target(route: &RouteConfig, uri: &Uri) -> Uri {
 }
 
 /// The request's values of the headers a response varies on, in one comparable string.
-pub fn vary_values(names: &[HeaderName], headers: &HeaderMap) -> String {
+pub(crate) fn vary_values(names: &[HeaderName], headers: &HeaderMap) -> String {
     let mut out = String::new();
     for name in names {
         out.push_str(name.as_str());

@@ -188,7 +188,7 @@ impl LocalCache {
 
     /// Drops `primary` and all its variants (hard purge); returns how many entries
     /// (not `Vary` indexes or hit-for-pass marks) it removed.
-    pub fn remove_all_of(&self, primary: &CacheKey) -> usize {
+    pub(crate) fn remove_all_of(&self, primary: &CacheKey) -> usize {
         let mut removed = 0;
         let variants = self.index.keys(&Label::Variants(primary.clone()));
         for key in std::iter::once(primary.clone()).chain(variants) {
@@ -201,7 +201,7 @@ impl LocalCache {
 
     /// Turns `primary` and all its variants stale in place (soft purge); returns how
     /// many entries it touched.
-    pub fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
+    pub(crate) fn soft_purge_all_of(&self, primary: &CacheKey, at: SystemTime) -> usize {
         let variants = self.index.keys(&Label::Variants(primary.clone()));
         let mut count = 0;
         for key in std::iter::once(primary.clone()).chain(variants) {
@@ -214,7 +214,7 @@ impl LocalCache {
     }
 
     /// Primary keys of the entries tagged `tag`, from the index (no scan).
-    pub fn primaries_tagged(&self, tag: &str) -> Vec<CacheKey> {
+    pub(crate) fn primaries_tagged(&self, tag: &str) -> Vec<CacheKey> {
         let keys = self.index.keys(&Label::Tag(tag.into()));
         if keys.iter().all(|k| k.primary() == k.as_str()) {
             // Index keys are distinct: without variants, nothing to merge.
@@ -228,7 +228,7 @@ impl LocalCache {
     }
 
     /// The tag rules entries are indexed by.
-    pub fn tag_rules(&self) -> &TagRules {
+    pub(crate) fn tag_rules(&self) -> &TagRules {
         &self.rules
     }
 

@@ -2,7 +2,7 @@
 //! in-process cache first, then (fleet mode) the shared one in Redis, whose hits fill
 //! the local tier.
 
-pub mod body_file;
+pub(crate) mod body_file;
 pub mod codec;
 pub mod entry;
 mod index;
@@ -15,12 +15,14 @@ mod tiers;
 
 use std::sync::Arc;
 
-pub use entry::{CacheEntry, Freshness};
+pub use entry::CacheEntry;
+pub use entry::Freshness;
 pub use key::CacheKey;
 pub use local::{LocalCache, LocalObject};
 pub use policy::PassReason;
 
-pub use tags::{tags, TagRules};
+pub use tags::tags;
+pub use tags::TagRules;
 pub use tiers::Cache;
 
 /// What a purge removed (or, soft, marked stale), in entries.
@@ -55,7 +57,7 @@ pub enum LookupOutcome {
 /// key when the object is known to vary, else the primary key.
 pub struct Lookup {
     pub outcome: LookupOutcome,
-    pub fill_key: CacheKey,
+    pub(crate) fill_key: CacheKey,
     /// The primary key was found, but not this request's variant.
-    pub vary_miss: bool,
+    pub(crate) vary_miss: bool,
 }

@@ -115,7 +115,7 @@ impl PassReason {
     /// unkeyed input answered with a client error) rather than by the resource: then
     /// the next request for the key may well be storable, so the key is not marked
     /// hit-for-pass and waiters compete for the fill again.
-    pub fn is_request_specific(self) -> bool {
+    pub(crate) fn is_request_specific(self) -> bool {
         matches!(
             self,
             PassReason::Credentials | PassReason::Authorization | PassReason::ClientErrorStatus
@@ -127,7 +127,7 @@ impl PassReason {
     /// difference, which a request without them does not share. A client error for
     /// everyone (an API behind auth answering 401) would otherwise hold each herd for a
     /// fill per round.
-    pub fn waiters_retry(self) -> bool {
+    pub(crate) fn waiters_retry(self) -> bool {
         matches!(self, PassReason::Credentials | PassReason::Authorization)
     }
 }
@@ -508,7 +508,7 @@ fn origin_shares(h: &HeaderMap, explicit_ttl: Option<Duration>) -> bool {
 }
 
 /// Whether the response carries a validator for revalidating it later.
-pub fn has_validator(headers: &HeaderMap) -> bool {
+pub(crate) fn has_validator(headers: &HeaderMap) -> bool {
     headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED)
 }
 

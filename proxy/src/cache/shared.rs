@@ -232,7 +232,7 @@ impl SharedCache {
     /// tagged in the local tier); returns the primaries Redis listed, and how many
     /// values were removed (`None`: Redis unavailable). A hard purge drops the tag's
     /// set; a soft one keeps it, as the entries stay.
-    pub async fn purge_tag(
+    pub(crate) async fn purge_tag(
         &self,
         tag: &str,
         also: &[CacheKey],

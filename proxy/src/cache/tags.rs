@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 
 /// A tag longer than this is dropped (not truncated: two long tags cut to the same
 /// prefix would purge each other's entries). Fastly's limit for a surrogate key.
-pub const MAX_TAG_LEN: usize = 1024;
+pub(crate) const MAX_TAG_LEN: usize = 1024;
 
 /// The tags a response carries in `header` (space- or comma-separated, as
 /// `Surrogate-Key` and `Cache-Tag` write them), unbounded: see [`TagRules::tags_of`].
@@ -45,7 +45,7 @@ pub struct TagRules {
 }
 
 impl TagRules {
-    pub fn from_routes(routes: &[RouteConfig], metrics: &Metrics) -> TagRules {
+    pub(crate) fn from_routes(routes: &[RouteConfig], metrics: &Metrics) -> TagRules {
         let by_route = routes
             .iter()
             .filter_map(|r| {
@@ -71,13 +71,13 @@ impl TagRules {
 
     /// The distinct tags of a response stored for `route`: the first `max_tags` of at
     /// most [`MAX_TAG_LEN`] bytes.
-    pub fn tags_of<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
+    pub(crate) fn tags_of<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
         self.select(route, headers).0
     }
 
     /// [`TagRules::tags_of`] for a response being stored: the tags dropped are counted,
     /// and the first time for a route, logged.
-    pub fn tags_to_store<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
+    pub(crate) fn tags_to_store<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
         let (kept, dropped) = self.select(route, headers);
         if let (Some(rule), true) = (self.by_route.get(route), dropped > 0) {
             rule.dropped.inc_by(dropped);

@@ -169,7 +169,7 @@ impl Cache {
     /// Purges every entry tagged `tag` (with all its variants) from every tier: the
     /// local tier finds them through its index, the shared tier through the tag's set.
     /// Yields between batches, so that a purge of many entries never holds a worker.
-    pub async fn purge_tag(&self, tag: &str, soft: bool) -> Purged {
+    pub(crate) async fn purge_tag(&self, tag: &str, soft: bool) -> Purged {
         let mut primaries = self.local.primaries_tagged(tag);
         let shared = match &self.shared {
             Some(shared) => {
@@ -200,7 +200,7 @@ impl Cache {
     }
 
     /// Remembers that `key`'s response was uncacheable, for `ttl`.
-    pub fn mark_pass(&self, key: &CacheKey, reason: PassReason, ttl: Duration) {
+    pub(crate) fn mark_pass(&self, key: &CacheKey, reason: PassReason, ttl: Duration) {
         let until = SystemTime::now() + ttl;
         self.local
             .insert(key.clone(), LocalObject::Pass { reason, until });

@@ -30,9 +30,12 @@ mod validate;
 mod values;
 
 pub use limits::LimitsSettings;
-pub use settings::{
-    AdminToken, CacheSettings, LockSettings, RedisSettings, RouteConfig, TokenSource,
-};
+pub use settings::AdminToken;
+pub use settings::CacheSettings;
+pub use settings::LockSettings;
+pub use settings::RedisSettings;
+pub use settings::RouteConfig;
+pub use settings::TokenSource;
 pub(crate) use settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode, ADMIN_TOKEN_ENV};
 pub use source::ConfigError;
 

@@ -13,7 +13,7 @@ use crate::redis::{FillEvent, Redis};
 use crate::upstream::FailureKind;
 
 /// How a fleet-wide claim on a fill ended.
-pub enum Claim {
+pub(crate) enum Claim {
     /// Fetch it: with the lease, or without one when Redis is unavailable (the fill is
     /// then coalesced only within this instance).
     Lead(Option<Lease>),
@@ -22,7 +22,7 @@ pub enum Claim {
 }
 
 /// Fleet-wide fills: who fetches a key across instances, and how the others learn.
-pub struct Coordinator {
+pub(crate) struct Coordinator {
     redis: Arc<Redis>,
     lock: FleetLock,
     /// The tiers: the shared one is re-checked before and while waiting; what it
@@ -132,7 +132,7 @@ impl Coordinator {
     }
 
     /// Extends `lease` every third of the TTL until aborted or lost.
-    pub async fn keep_alive(self: Arc<Self>, mut lease: Lease) {
+    pub(crate) async fn keep_alive(self: Arc<Self>, mut lease: Lease) {
         loop {
             tokio::time::sleep(self.lock.ttl() / 3).await;
             if !self.lock.extend(&mut lease).await {
@@ -144,7 +144,7 @@ impl Coordinator {
 
     /// Writes a filled entry to the shared tier under `fence` and tells the fleet how
     /// the fill ended. The write comes first, so an instance woken by the event finds it.
-    pub async fn publish_outcome(&self, key: &CacheKey, outcome: &FillOutcome, fence: u64) {
+    pub(crate) async fn publish_outcome(&self, key: &CacheKey, outcome: &FillOutcome, fence: u64) {
         let event = match outcome {
             FillOutcome::Filled(entry) => match self.shared.put(key, entry, fence).await {
                 PutOutcome::Stored => {

@@ -14,7 +14,7 @@
 //! A permit dropped without an outcome (its task panicked or was aborted) tells the
 //! waiters `HolderFailed`, so one of them takes over instead of hanging.
 
-pub mod coordinator;
+pub(crate) mod coordinator;
 mod fetch;
 pub mod lock;
 pub mod permit;
@@ -33,7 +33,9 @@ use crate::metrics::{RouteMetrics, UpstreamReason};
 use crate::route::Route;
 use crate::upstream::FailureKind;
 
-pub use permit::{FillPermit, FillWaiter, LocalFillLock};
+pub use permit::FillPermit;
+pub use permit::FillWaiter;
+pub use permit::LocalFillLock;
 pub(crate) use task::{FillJob, Filler};
 
 /// The result of asking to fill a key.

@@ -82,7 +82,7 @@ impl FillPermit {
     }
 
     /// Ends the fill and wakes every waiter with `outcome`. Store the entry first.
-    pub fn complete(mut self, outcome: FillOutcome) {
+    pub(crate) fn complete(mut self, outcome: FillOutcome) {
         self.finish(outcome);
     }
 

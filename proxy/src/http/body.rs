@@ -59,13 +59,13 @@ impl ProxyBody {
         }
     }
 
-    pub fn streaming(rest: Incoming) -> ProxyBody {
+    pub(crate) fn streaming(rest: Incoming) -> ProxyBody {
         ProxyBody::Streaming { prefix: None, rest }
     }
 
     /// A client's request body, to forward upstream; the client may wait at most
     /// `timeout` between two reads of it.
-    pub fn from_client(rest: Incoming, timeout: Duration) -> ProxyBody {
+    pub(crate) fn from_client(rest: Incoming, timeout: Duration) -> ProxyBody {
         let state = ClientBodyState::new(timeout, rest.is_end_stream());
         ProxyBody::FromClient {
             rest,
@@ -76,7 +76,7 @@ impl ProxyBody {
 
     /// For a client's body, the record of what its stream did; read it after the
     /// upstream exchange to tell whose fault an error was.
-    pub fn client_fault(&self) -> Option<ClientFault> {
+    pub(crate) fn client_fault(&self) -> Option<ClientFault> {
         match self {
             ProxyBody::FromClient { state, .. } => Some(ClientFault(Arc::clone(state))),
             _ => None,
@@ -219,7 +219,7 @@ impl ClientBodyState {
 
 /// What the client did to a request that failed upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientBlame {
+pub(crate) enum ClientBlame {
     /// Its body was malformed or cut off (`400`).
     Malformed,
     /// It stopped sending its body (`408`).
@@ -228,16 +228,16 @@ pub enum ClientBlame {
 
 /// The record of a client's request body (see [`ProxyBody::client_fault`]).
 #[derive(Debug, Clone)]
-pub struct ClientFault(Arc<ClientBodyState>);
+pub(crate) struct ClientFault(Arc<ClientBodyState>);
 
 impl ClientFault {
     /// Whether the client sent its whole body.
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.0.complete.load(Ordering::Acquire)
     }
 
     /// When the body last moved (a frame passed upstream, or its end), if it has.
-    pub fn moved_at(&self) -> Option<Instant> {
+    pub(crate) fn moved_at(&self) -> Option<Instant> {
         match self.0.moved_at.load(Ordering::Acquire) {
             0 => None,
             nanos => Some(self.0.start + Duration::from_nanos(nanos - 1)),
@@ -248,7 +248,7 @@ impl ClientFault {
     /// client's: its body failed or hit `body_timeout`, or (`timed_out`: the exchange
     /// ran out of time) the body was still incomplete and waiting on the client. A body
     /// the upstream side had stopped asking for is not the client's doing.
-    pub fn blame(&self, timed_out: bool) -> Option<ClientBlame> {
+    pub(crate) fn blame(&self, timed_out: bool) -> Option<ClientBlame> {
         let s = &self.0;
         if s.timed_out.load(Ordering::Acquire) {
             Some(ClientBlame::Stalled)

@@ -32,7 +32,7 @@ pub enum Served {
 }
 
 impl Served {
-    pub const ALL: [Served; 9] = [
+    pub(crate) const ALL: [Served; 9] = [
         Served::Hit,
         Served::StaleWhileRevalidate,
         Served::StaleIfError,
@@ -136,7 +136,7 @@ impl CacheStatus {
         }
     }
 
-    pub fn revalidated() -> CacheStatus {
+    pub(crate) fn revalidated() -> CacheStatus {
         CacheStatus {
             fwd: Some(Fwd::Stale),
             fwd_status: Some(304),
@@ -174,7 +174,7 @@ impl CacheStatus {
     }
 
     /// Adds why the cache stood aside (`request-body`, `rewriting-header`).
-    pub fn with_detail(mut self, detail: &'static str) -> CacheStatus {
+    pub(crate) fn with_detail(mut self, detail: &'static str) -> CacheStatus {
         self.detail = Some(detail);
         self
     }
@@ -197,7 +197,7 @@ impl CacheStatus {
         self
     }
 
-    pub fn with_fwd_status(mut self, status: u16) -> CacheStatus {
+    pub(crate) fn with_fwd_status(mut self, status: u16) -> CacheStatus {
         self.fwd_status = Some(status);
         self
     }

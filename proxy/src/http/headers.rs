@@ -9,7 +9,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::HeaderMap;
 
 /// The `Via` entry this proxy adds.
-pub const VIA: HeaderValue = HeaderValue::from_static("1.1 corral");
+pub(crate) const VIA: HeaderValue = HeaderValue::from_static("1.1 corral");
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -75,17 +75,17 @@ const CLIENT_ADDRESS: [&str; 9] = [
 ];
 
 /// Whether `name` carries the client's address as corral (or a trusted proxy) sets it.
-pub fn is_client_address(name: &HeaderName) -> bool {
+pub(crate) fn is_client_address(name: &HeaderName) -> bool {
     CLIENT_ADDRESS.contains(&name.as_str())
 }
 
 /// Whether `name` is a forwarding header (see `FORWARDING`).
-pub fn is_forwarding(name: &HeaderName) -> bool {
+pub(crate) fn is_forwarding(name: &HeaderName) -> bool {
     FORWARDING.contains(&name.as_str())
 }
 
 /// Removes every forwarding header a client sent.
-pub fn strip_forwarding(headers: &mut HeaderMap) {
+pub(crate) fn strip_forwarding(headers: &mut HeaderMap) {
     for name in FORWARDING {
         headers.remove(name);
     }
@@ -94,7 +94,7 @@ pub fn strip_forwarding(headers: &mut HeaderMap) {
 /// Joins several `Cookie` fields into one, as RFC 9113 §8.2.3 requires before a request
 /// goes to an HTTP/1.1 upstream (HTTP/2 clients send cookies as separate crumbs); the
 /// key and the upstream then see the same single field.
-pub fn join_cookies(headers: &mut HeaderMap) {
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
     let mut fields = headers.get_all(header::COOKIE).iter();
     let (Some(first), Some(_)) = (fields.next(), fields.next()) else {
         return;
@@ -110,7 +110,7 @@ pub fn join_cookies(headers: &mut HeaderMap) {
 }
 
 /// Removes the hop-by-hop headers, including those that `Connection` names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -132,7 +132,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// `request::sanitize_headers` already cleaned: `X-Forwarded-For` extended with the
 /// client, `X-Forwarded-Proto` and `X-Forwarded-Host` set unless a trusted proxy
 /// before us set them (from anyone else they were removed), `Via` appended.
-pub fn forward_request(
+pub(crate) fn forward_request(
     headers: &mut HeaderMap,
     client: IpAddr,
     original_host: Option<&HeaderValue>,
@@ -163,14 +163,14 @@ pub fn forward_request(
 }
 
 /// Prepares an upstream response's headers for the client.
-pub fn forward_response(headers: &mut HeaderMap) {
+pub(crate) fn forward_response(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
     headers.append(header::VIA, VIA);
 }
 
 /// Conditional and range headers a fill must not pass on: a fill fetches the whole
 /// representation, to store it; the client's own conditions are answered from it.
-pub fn strip_conditionals(headers: &mut HeaderMap) {
+pub(crate) fn strip_conditionals(headers: &mut HeaderMap) {
     for name in [
         header::IF_NONE_MATCH,
         header::IF_MODIFIED_SINCE,

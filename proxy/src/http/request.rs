@@ -113,7 +113,7 @@ pub fn canonical_host<'a>(
 
 /// `host[:port]` as a client wrote it, in canonical form: lowercase, without port or
 /// trailing dot. `None` when it is not a host name, IPv4 or bracketed IPv6 address.
-pub fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
+pub(crate) fn normalize_host(raw: &str) -> Option<Cow<'_, str>> {
     let (host, port) = if raw.starts_with('[') {
         let end = raw.find(']')?;
         let (literal, rest) = raw.split_at(end + 1);
@@ -188,7 +188,7 @@ pub fn normalize_target(uri: &Uri) -> Result<Option<PathAndQuery>, BadRequest> {
 }
 
 /// `path` in RFC 3986 normal form (see the module doc), borrowed when it already is.
-pub fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadRequest> {
+pub(crate) fn normalize_path(path: &str) -> Result<Cow<'_, str>, BadRequest> {
     let bytes = path.as_bytes();
     if bytes.first() != Some(&b'/') {
         return Err(BadRequest::InvalidPath);
@@ -270,14 +270,14 @@ fn decode_unreserved(path: &str) -> Result<String, BadRequest> {
 }
 
 /// Whether a normalised path carries an encoded slash or backslash.
-pub fn encoded_slash(path: &str) -> bool {
+pub(crate) fn encoded_slash(path: &str) -> bool {
     path.contains("%2F") || path.contains("%5C")
 }
 
 /// Prepares a client's headers for keying and forwarding, in place: hop-by-hop
 /// headers removed (with those `Connection` names), and, unless the peer is a trusted
 /// proxy, every forwarding header too.
-pub fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
+pub(crate) fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
     headers::strip_hop_by_hop(headers);
     if !trusted_peer {
         headers::strip_forwarding(headers);
@@ -287,7 +287,7 @@ pub fn sanitize_headers(headers: &mut HeaderMap, trusted_peer: bool) {
 
 /// Whether a GET or HEAD carries a header that would make its answer depend on more
 /// than the cache key (see `REWRITING_HEADERS`).
-pub fn rewrites_request(headers: &HeaderMap) -> bool {
+pub(crate) fn rewrites_request(headers: &HeaderMap) -> bool {
     headers
         .keys()
         .any(|name| REWRITING_HEADERS.contains(&name.as_str()))

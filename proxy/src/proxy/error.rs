@@ -14,7 +14,7 @@ use crate::upstream::{FailureKind, UpstreamError};
 /// `ClientBodyTimeout`), the upstream's (`Upstream`, `SharedFailure`), the wait bound's
 /// (`WaitTimedOut`), or corral's own capacity (`Overloaded`).
 #[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(#[from] BadRequest),
     #[error("no route matches the request")]
@@ -85,7 +85,7 @@ impl ProxyError {
 }
 
 /// The response for `err`: its status and a one-line plain-text body.
-pub fn error_response(err: &ProxyError) -> Response<ProxyBody> {
+pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let status = err.status();
     let body = match err {
         ProxyError::BadRequest(_) => "bad request\n",

@@ -87,7 +87,7 @@ pub(super) fn parse_event(payload: &[u8]) -> Option<(FillEvent, &str, &str)> {
 
 /// What the cache layer does with another instance's event (drop a local copy); called
 /// on the event task, so it must not block.
-pub type EventListener = Box<dyn Fn(FillEvent, &str) + Send + Sync>;
+pub(crate) type EventListener = Box<dyn Fn(FillEvent, &str) + Send + Sync>;
 
 /// The fills this instance waits on, by cache key.
 ///
@@ -131,7 +131,7 @@ impl Waiters {
 }
 
 /// A registration for one key's fill events; deregisters on drop.
-pub struct EventWait {
+pub(crate) struct EventWait {
     waiters: Arc<Waiters>,
     key: String,
     receiver: watch::Receiver<Option<FillEvent>>,

@@ -27,7 +27,8 @@ use connection::about_one_value;
 use events::{parse_event, Waiters};
 use health::RedisHealth;
 
-pub use events::{EventListener, EventWait, FillEvent};
+pub use events::FillEvent;
+pub(crate) use events::{EventListener, EventWait};
 pub use keys::RedisKeys;
 
 /// The fleet's connection to Redis.
@@ -169,7 +170,7 @@ impl Redis {
     }
 
     /// Tells the fleet `event` happened to the cache key `key`.
-    pub async fn publish(&self, key: &str, event: FillEvent) {
+    pub(crate) async fn publish(&self, key: &str, event: FillEvent) {
         let message = self.event_message(key, event);
         let channel = self.channel();
         self.run("publish", |mut c| async move {
@@ -184,7 +185,7 @@ impl Redis {
 
     /// Registers interest in `key`'s fill events. Register *before* re-checking Redis,
     /// so that an event sent between the check and the wait is not missed.
-    pub fn watch(&self, key: &str) -> EventWait {
+    pub(crate) fn watch(&self, key: &str) -> EventWait {
         self.waiters.watch(key)
     }
 
