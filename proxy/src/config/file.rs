@@ -6,8 +6,7 @@ use toml::Spanned;
 
 use super::limits::FileLimits;
 use super::settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode};
-
-pub(super) type Text = Spanned<String>;
+use super::source::Text;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::file::Text;
+use super::source::Text;
 use super::source::{ConfigError, Source};
 use super::values::{optional, positive_duration};
 

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 
-use super::file::{FileRoute, Text};
+use super::file::FileRoute;
 use super::settings::{OnWaitTimeout, RouteConfig};
+use super::source::Text;
 use super::source::{ConfigError, Source};
 use super::values::{
     cookie_names, duration, header_name, optional, positive_duration, route_host, upstream_uri,

@@ -3,6 +3,11 @@
 use std::fmt;
 use std::ops::Range;
 
+use toml::Spanned;
+
+/// A string from the file, with where it was written (for errors).
+pub(super) type Text = Spanned<String>;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{FileCache, FileConfig, FileRoute, Text};
+use super::file::{FileCache, FileConfig, FileRoute};
 use super::settings::{
     AdminToken, CacheSettings, OnWaitTimeout, RouteConfig, TokenSource, ADMIN_TOKEN_ENV,
     DEFAULT_WAIT_TIMEOUT,
 };
+use super::source::Text;
 use super::source::{validated_span, ConfigError, Source};
 use super::values::{
     byte_size, duration, optional, positive_duration, socket_addr, trusted_proxies,

@@ -9,7 +9,7 @@ use http::header::HeaderName;
 use http::Uri;
 use toml::Spanned;
 
-use super::file::Text;
+use super::source::Text;
 use super::source::{ConfigError, Source};
 
 /// The longest duration any setting accepts: past it a value is a typo, and time
