@@ -165,11 +165,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         no_serve,
         out,
     } = args;
-    let fleet = std::process::Command::new("redis-server")
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let fleet = corral_testkit::redis::installed();
     let instances = if fleet { 3 } else { 1 };
     let text = format!("name = \"demo\"\nkind = \"cold-herd\"\ninstances = {instances}\nkeys = 1\nconcurrency = {concurrency}\nprotection = \"both\"\n");
     let overrides = Overrides {

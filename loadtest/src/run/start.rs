@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use corral_testkit::{RedisOptions, RedisServer};
+
 use super::Setup;
 use crate::scenario::Scenario;
 use crate::supervise::{self, Instance, Process};
@@ -13,7 +15,7 @@ pub(super) struct Started {
     pub(super) _origin: Process,
     pub(super) origin: SocketAddr,
     /// Redis for fleets; the outage fault takes the process out and puts a new one in.
-    pub(super) redis: Option<(Arc<std::sync::Mutex<Option<Process>>>, SocketAddr)>,
+    pub(super) redis: Option<(Arc<std::sync::Mutex<Option<RedisServer>>>, SocketAddr)>,
     pub(super) instances: Vec<Instance>,
     pub(super) proxies: Vec<SocketAddr>,
 }
@@ -44,7 +46,8 @@ pub(super) fn start(
         humantime::format_duration(scenario.lock_ttl)
     );
     let redis = if scenario.instances > 1 {
-        let (process, addr) = supervise::redis()?;
+        let process = RedisServer::spawn(RedisOptions::default())?;
+        let addr = process.addr();
         config.push_str(&format!(
             "[redis]\nurl = \"redis://{addr}\"\nretry_after = \"500ms\"\n"
         ));

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use anyhow::Context;
+use corral_testkit::{RedisOptions, RedisServer};
 use tokio::task::JoinHandle;
 
 use super::load::steady;
@@ -12,7 +13,6 @@ use super::start::Started;
 use super::zipf::Zipf;
 use super::{HttpClient, Load};
 use crate::scenario::{Kind, Scenario};
-use crate::supervise;
 
 pub(super) async fn load(
     scenario: &Scenario,
@@ -74,8 +74,9 @@ fn spawn_fault(
                 tokio::time::sleep(after).await;
                 drop(slot.lock().unwrap_or_else(|e| e.into_inner()).take()); // SIGKILL
                 tokio::time::sleep(length).await;
-                let (process, _) =
-                    tokio::task::spawn_blocking(move || supervise::redis_on(addr.port())).await??;
+                let options = RedisOptions::on_port(addr.port());
+                let process =
+                    tokio::task::spawn_blocking(move || RedisServer::spawn(options)).await??;
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(process);
                 Ok(())
             }))
