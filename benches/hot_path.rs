@@ -150,11 +150,8 @@ fn hit_path(c: &mut Criterion) {
     }
 }
 
-#[path = "redis_process.rs"]
-mod redis_process;
-
 fn fleet_lock(c: &mut Criterion) {
-    let Some(redis) = redis_process::RedisProcess::start() else {
+    let Some(redis) = corral_testkit::RedisServer::if_installed() else {
         eprintln!("redis-server not installed: skipping the fleet lock benchmark");
         return;
     };

@@ -14,17 +14,14 @@ use corral::config::Config;
 use corral::fill::lock::{FleetLock, LockTry};
 use corral::origin::{Behaviour, Origin};
 use corral::redis::Redis as RedisClient;
+use corral_testkit::RedisServer as Redis;
 use hdrhistogram::Histogram;
 
 const CONTENDERS: usize = 8;
 const RUN_FOR: Duration = Duration::from_secs(3);
 
-#[path = "redis_process.rs"]
-mod redis_process;
-use redis_process::RedisProcess as Redis;
-
 fn redis() -> Redis {
-    Redis::start().expect("redis-server is installed")
+    Redis::if_installed().expect("redis-server is installed")
 }
 
 fn config(cache: &Redis, nodes: &[Redis], mode: &str, upstream: &str) -> Config {

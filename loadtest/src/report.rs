@@ -172,91 +172,142 @@ pub fn line_chart(
     series: &[Series],
     tight_x: bool,
 ) -> String {
-    let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 20.0, 40.0, 110.0);
-    let points = series.iter().flat_map(|s| s.1.iter());
-    let x_min = if tight_x {
-        points
-            .clone()
-            .map(|p| p.0)
-            .fold(f64::INFINITY, f64::min)
-            .floor()
-    } else {
-        0.0
-    };
-    let x_min = if x_min.is_finite() { x_min } else { 0.0 };
-    let x_max = points
-        .clone()
-        .map(|p| p.0)
-        .fold(0.0, f64::max)
-        .max(x_min + 1.0);
-    let y_max = points.map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.05;
-    let x = |v: f64| left + (v - x_min) / (x_max - x_min) * (w - left - right);
-    let y = |v: f64| h - bottom - v / y_max * (h - top - bottom);
+    let frame = Frame::fitting(series, tight_x);
     let mut svg = String::new();
     let _ = writeln!(
         svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="12">"#,
+        frame.w, frame.h
     );
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(
         svg,
         r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
-        w / 2.0,
+        frame.w / 2.0,
         escape(title)
     );
-    // Axes with five ticks each.
-    let _ = writeln!(
-        svg,
-        r#"<path d="M{left} {top} V{} H{}" stroke="black" fill="none"/>"#,
-        h - bottom,
-        w - right
-    );
-    for i in 0..=5 {
-        let (xv, yv) = (
-            x_min + (x_max - x_min) * i as f64 / 5.0,
-            y_max * i as f64 / 5.0,
-        );
+    frame.axes(&mut svg, x_label, y_label);
+    for (i, (label, pts, dashed)) in series.iter().enumerate() {
+        frame.line(&mut svg, i, label, pts, *dashed);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The chart's geometry: the SVG size, the margins around the plot, and the ranges of
+/// the data that the plot shows.
+struct Frame {
+    w: f64,
+    h: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+    x_min: f64,
+    x_max: f64,
+    y_max: f64,
+}
+
+impl Frame {
+    fn fitting(series: &[Series], tight_x: bool) -> Frame {
+        let (w, h, left, right, top, bottom) = (760.0, 420.0, 70.0, 20.0, 40.0, 110.0);
+        let points = series.iter().flat_map(|s| s.1.iter());
+        let x_min = if tight_x {
+            points
+                .clone()
+                .map(|p| p.0)
+                .fold(f64::INFINITY, f64::min)
+                .floor()
+        } else {
+            0.0
+        };
+        let x_min = if x_min.is_finite() { x_min } else { 0.0 };
+        let x_max = points
+            .clone()
+            .map(|p| p.0)
+            .fold(0.0, f64::max)
+            .max(x_min + 1.0);
+        let y_max = points.map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.05;
+        Frame {
+            w,
+            h,
+            left,
+            right,
+            top,
+            bottom,
+            x_min,
+            x_max,
+            y_max,
+        }
+    }
+
+    fn x(&self, v: f64) -> f64 {
+        self.left + (v - self.x_min) / (self.x_max - self.x_min) * (self.w - self.left - self.right)
+    }
+
+    fn y(&self, v: f64) -> f64 {
+        self.h - self.bottom - v / self.y_max * (self.h - self.top - self.bottom)
+    }
+
+    /// Axes with five ticks each, grid lines and the axis labels.
+    fn axes(&self, svg: &mut String, x_label: &str, y_label: &str) {
+        let (w, h, left, right, top, bottom) =
+            (self.w, self.h, self.left, self.right, self.top, self.bottom);
         let _ = writeln!(
             svg,
-            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
-            x(xv),
-            h - bottom + 16.0,
-            tick(xv)
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
-            left - 6.0,
-            y(yv) + 4.0,
-            tick(yv)
-        );
-        let _ = writeln!(
-            svg,
-            r##"<path d="M{left} {:.1} H{}" stroke="#eee"/>"##,
-            y(yv),
+            r#"<path d="M{left} {top} V{} H{}" stroke="black" fill="none"/>"#,
+            h - bottom,
             w - right
         );
+        for i in 0..=5 {
+            let (xv, yv) = (
+                self.x_min + (self.x_max - self.x_min) * i as f64 / 5.0,
+                self.y_max * i as f64 / 5.0,
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+                self.x(xv),
+                h - bottom + 16.0,
+                tick(xv)
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                self.y(yv) + 4.0,
+                tick(yv)
+            );
+            let _ = writeln!(
+                svg,
+                r##"<path d="M{left} {:.1} H{}" stroke="#eee"/>"##,
+                self.y(yv),
+                w - right
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            (w + left) / 2.0,
+            h - bottom + 34.0,
+            escape(x_label)
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text transform="translate(16 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            (h - bottom + top) / 2.0,
+            escape(y_label)
+        );
     }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        (w + left) / 2.0,
-        h - bottom + 34.0,
-        escape(x_label)
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text transform="translate(16 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
-        (h - bottom + top) / 2.0,
-        escape(y_label)
-    );
-    for (i, (label, pts, dashed)) in series.iter().enumerate() {
+
+    /// Series number `i`: its polyline and its legend entry below the plot.
+    fn line(&self, svg: &mut String, i: usize, label: &str, pts: &[(f64, f64)], dashed: bool) {
         let color = COLORS[i % COLORS.len()];
         let d: Vec<String> = pts
             .iter()
-            .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+            .map(|(px, py)| format!("{:.1},{:.1}", self.x(*px), self.y(*py)))
             .collect();
-        let dash = if *dashed {
+        let dash = if dashed {
             r#" stroke-dasharray="5 3""#
         } else {
             ""
@@ -266,7 +317,8 @@ pub fn line_chart(
             r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"{dash}/>"#,
             d.join(" ")
         );
-        let ly = h - bottom + 52.0 + 16.0 * i as f64;
+        let left = self.left;
+        let ly = self.h - self.bottom + 52.0 + 16.0 * i as f64;
         let _ = writeln!(
             svg,
             r#"<path d="M{left} {ly} h24" stroke="{color}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
@@ -275,8 +327,6 @@ pub fn line_chart(
             escape(label)
         );
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
 fn figure(v: f64) -> String {

@@ -1,6 +1,6 @@
-//! The processes a run starts: the slow origin, redis-servers and corral instances,
-//! each a real process, all killed when the run ends (also on error or Ctrl-C, since
-//! dropping a [`Fleet`] kills them).
+//! The processes a run starts: the slow origin and corral instances (redis-servers come
+//! from `corral-testkit`), each a real process, all killed when the run ends (also on
+//! error or Ctrl-C, since dropping a [`Process`] kills it).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use corral_testkit::{free_port, wait_listening};
 
 /// A child process killed on drop.
 pub struct Process {
@@ -29,54 +30,9 @@ impl Drop for Process {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Waits until `addr` accepts connections, or fails after `timeout`.
-pub fn wait_listening(addr: SocketAddr, timeout: Duration, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        if Instant::now() > deadline {
-            bail!("{what} did not start listening on {addr} within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
-}
-
 /// This program, to start its own `origin` and `proxy` subcommands as processes.
 fn me() -> anyhow::Result<PathBuf> {
     std::env::current_exe().context("locating corral-loadtest itself")
-}
-
-/// Starts `redis-server` on a free port.
-pub fn redis() -> anyhow::Result<(Process, SocketAddr)> {
-    redis_on(free_port()?)
-}
-
-/// Starts `redis-server` on `port` (again, after an outage).
-pub fn redis_on(port: u16) -> anyhow::Result<(Process, SocketAddr)> {
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting redis-server (install Debian's redis-server package)")?;
-    let process = Process { child };
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    wait_listening(addr, Duration::from_secs(10), "redis-server")?;
-    Ok((process, addr))
 }
 
 /// Starts the slow origin (`corral-loadtest origin`) and reads the address it bound.
@@ -168,27 +124,4 @@ fn ready(admin: SocketAddr) -> bool {
     }
     let mut head = [0u8; 12];
     stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_dropped_process_is_killed() {
-        let (process, addr) = redis().expect("redis-server starts");
-        assert!(TcpStream::connect(addr).is_ok());
-        drop(process);
-        assert!(
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err(),
-            "stopped with its owner"
-        );
-    }
-
-    #[test]
-    fn waiting_for_a_port_nobody_opens_fails_with_the_reason() {
-        let addr: SocketAddr = ([127, 0, 0, 1], free_port().unwrap()).into();
-        let err = wait_listening(addr, Duration::from_millis(100), "nothing").unwrap_err();
-        assert!(err.to_string().contains("nothing did not start listening"));
-    }
 }

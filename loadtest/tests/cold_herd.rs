@@ -54,13 +54,7 @@ fn tiny_cold_herd_reports_one_upstream_request_per_key_with_protection() {
 #[test]
 fn target_mode_loads_a_proxy_started_outside_the_tool() {
     let dir = tempfile::tempdir().unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free = || corral_testkit::free_port().unwrap();
     let (origin_port, proxy_port) = (free(), free());
     // A proxy the tool did not start, already pointed at the origin's port.
     let config = dir.path().join("outside.toml");
@@ -75,14 +69,12 @@ fn target_mode_loads_a_proxy_started_outside_the_tool() {
         .arg(&config)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the outside proxy did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    corral_testkit::wait_listening(
+        ([127, 0, 0, 1], proxy_port).into(),
+        corral_testkit::DEADLINE,
+        "the outside proxy",
+    )
+    .unwrap();
 
     let scenario = dir.path().join("t.toml");
     std::fs::write(&scenario, "name = \"t\"\nkind = \"cold-herd\"\nkeys = 2\nconcurrency = 10\nupstream_delay = \"100ms\"\n").unwrap();

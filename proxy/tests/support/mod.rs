@@ -22,8 +22,9 @@ use hyper_util::rt::TokioExecutor;
 #[allow(unused_imports)] // not every test target uses it
 pub use corral::origin::Behaviour as OriginBehaviour;
 
-/// How long any awaited condition may take before a test fails.
-pub const DEADLINE: Duration = Duration::from_secs(10);
+/// How long any awaited condition may take before a test fails, and the wait for one.
+#[allow(unused_imports)] // not every test target uses both
+pub use corral_testkit::{eventually, DEADLINE};
 
 /// A response as the client got it.
 #[derive(Debug, Clone)]
@@ -360,23 +361,4 @@ pub async fn fleet_client(config: &Config) -> std::sync::Arc<corral::redis::Redi
     })
     .await;
     fleet
-}
-
-/// Polls `check` every 20 ms until it yields a value, or fails the test at the deadline.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -1,0 +1,15 @@
+//! Support shared by corral's tests, benches and load tool, written once.
+//!
+//! # Layout
+//! - [`redis`]: a real `redis-server` on a free port of 127.0.0.1, killed on drop; it
+//!   can be frozen, killed and restarted as the fault tests need.
+//! - [`wait`]: waiting for a condition or a listening port, always with a deadline.
+//!
+//! This crate does not depend on `corral`: corral's tests use it, and would otherwise
+//! build a second copy of corral's types.
+
+pub mod redis;
+pub mod wait;
+
+pub use redis::{RedisOptions, RedisServer, StartError};
+pub use wait::{eventually, free_port, wait_listening, NotListening, DEADLINE};
