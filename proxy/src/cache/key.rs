@@ -116,6 +116,20 @@ impl CacheKey {
             .map_or(&self.0, |(primary, _)| primary)
     }
 
+    /// The primary key of a variant key (a clone of itself for a primary key): where
+    /// the entry, or the `Vary` index of its variants, is stored.
+    pub fn primary_key(&self) -> CacheKey {
+        match self.0.split_once(VARY_MARKER) {
+            Some((primary, _)) => CacheKey(primary.into()),
+            None => self.clone(),
+        }
+    }
+
+    /// Whether this is a variant key (of a response that varies).
+    pub(crate) fn is_variant(&self) -> bool {
+        self.0.contains(VARY_MARKER)
+    }
+
     /// The name of the route the key was made for.
     pub fn route(&self) -> &str {
         self.0.split(SEP).next().unwrap_or("")

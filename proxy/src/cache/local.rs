@@ -118,8 +118,8 @@ fn labels(rules: &TagRules, key: &CacheKey, entry: &CacheEntry, storing: bool) -
         rules.tags_of(key.route(), &entry.headers)
     };
     let mut labels: Vec<Label> = tags.into_iter().map(|t| Label::Tag(t.into())).collect();
-    if key.primary() != key.as_str() {
-        labels.push(Label::Variants(CacheKey::from_raw(key.primary())));
+    if key.is_variant() {
+        labels.push(Label::Variants(key.primary_key()));
     }
     labels
 }
@@ -216,14 +216,12 @@ impl LocalCache {
     /// Primary keys of the entries tagged `tag`, from the index (no scan).
     pub(crate) fn primaries_tagged(&self, tag: &str) -> Vec<CacheKey> {
         let keys = self.index.keys(&Label::Tag(tag.into()));
-        if keys.iter().all(|k| k.primary() == k.as_str()) {
+        if !keys.iter().any(CacheKey::is_variant) {
             // Index keys are distinct: without variants, nothing to merge.
             return keys;
         }
-        let primaries: std::collections::HashSet<CacheKey> = keys
-            .iter()
-            .map(|k| CacheKey::from_raw(k.primary()))
-            .collect();
+        let primaries: std::collections::HashSet<CacheKey> =
+            keys.iter().map(|k| k.primary_key()).collect();
         primaries.into_iter().collect()
     }
 
@@ -259,8 +257,8 @@ impl LocalCache {
     /// Removes `key` and, for a variant key, its primary's `Vary` index too.
     fn remove_with_primary(&self, key: &CacheKey) {
         self.objects.invalidate(key);
-        if key.primary() != key.as_str() {
-            self.objects.invalidate(&CacheKey::from_raw(key.primary()));
+        if key.is_variant() {
+            self.objects.invalidate(&key.primary_key());
         }
     }
 

@@ -157,7 +157,7 @@ impl SharedCache {
         let variants_key = self.keys(fill_key).variants;
         let mut targets = vec![self.keys(fill_key).entry];
         if !entry.vary.is_empty() {
-            let primary = CacheKey::from_raw(fill_key.primary());
+            let primary = fill_key.primary_key();
             for key in [primary.clone(), primary.variant(&entry.vary_values)] {
                 let target = self.keys(&key).entry;
                 if !targets.contains(&target) {

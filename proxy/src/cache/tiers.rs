@@ -54,7 +54,7 @@ impl Cache {
                 };
                 if newer {
                     let found = Arc::new(found);
-                    self.store(&CacheKey::from_raw(key.primary()), Arc::clone(&found));
+                    self.store(&key.primary_key(), Arc::clone(&found));
                     object = Some(LocalObject::Entry(found));
                     fill_key = key;
                 }
@@ -120,7 +120,7 @@ impl Cache {
         if entry.matches_vary(req_headers) {
             return Some((entry, key.clone()));
         }
-        let primary = CacheKey::from_raw(key.primary());
+        let primary = key.primary_key();
         let variant = primary.variant(&key::vary_values(&entry.vary, req_headers));
         let entry = shared.get(&variant).await?;
         entry.matches_vary(req_headers).then_some((entry, variant))

@@ -126,8 +126,7 @@ impl Coordinator {
                 .wake_latency(started.elapsed().as_secs_f64());
         }
         let entry = Arc::new(entry);
-        self.cache
-            .store(&CacheKey::from_raw(key.primary()), Arc::clone(&entry));
+        self.cache.store(&key.primary_key(), Arc::clone(&entry));
         Some(entry)
     }
 
