@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::RouteConfig;
 use crate::http::body::{ClientFault, ProxyBody};
+use crate::http::cache_status::Detail;
 
 /// What kind of upstream failure a fill ended with; what waiters are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,12 @@ impl FailureKind {
             FailureKind::Protocol => "upstream-protocol",
             FailureKind::Status => "upstream-status",
         }
+    }
+}
+
+impl From<FailureKind> for Detail {
+    fn from(kind: FailureKind) -> Detail {
+        Detail::Reason(kind.detail())
     }
 }
 

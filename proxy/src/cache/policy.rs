@@ -29,6 +29,7 @@ use http_cache_semantics::{CacheOptions, CachePolicy};
 
 use super::key::cookie_pairs;
 use crate::config::RouteConfig;
+use crate::http::cache_status::Detail;
 
 /// The greatest delta-seconds value corral computes with (RFC 9111 §1.2.2): larger
 /// values, and values too large to parse, count as this.
@@ -129,6 +130,12 @@ impl PassReason {
     /// fill per round.
     pub(crate) fn waiters_retry(self) -> bool {
         matches!(self, PassReason::Credentials | PassReason::Authorization)
+    }
+}
+
+impl From<PassReason> for Detail {
+    fn from(reason: PassReason) -> Detail {
+        Detail::Reason(reason.as_str())
     }
 }
 

@@ -105,8 +105,8 @@ impl Filler {
             }
             Err(Some(reason)) => {
                 self.mark_pass(job, fill_key, reason);
-                let status = CacheStatus::pass(job.fwd, reason.as_str())
-                    .with_fwd_status(head.status.as_u16());
+                let status =
+                    CacheStatus::pass(job.fwd, reason).with_fwd_status(head.status.as_u16());
                 let reply = LeaderReply::Entry(Arc::clone(stale), status);
                 Some(FillEnd::new(FillOutcome::Uncacheable(reason), reply))
             }
@@ -145,7 +145,7 @@ impl Filler {
                 let reason = PassReason::TooLarge;
                 self.cache
                     .mark_pass(fill_key, reason, job.route.config.hit_for_pass);
-                let status = CacheStatus::pass(job.fwd, reason.as_str()).with_fwd_status(code);
+                let status = CacheStatus::pass(job.fwd, reason).with_fwd_status(code);
                 let res = forwarded(head, ProxyBody::resumed(prefix, rest));
                 FillEnd::new(
                     FillOutcome::Uncacheable(reason),
@@ -202,8 +202,7 @@ impl Filler {
         reason: PassReason,
     ) -> FillEnd {
         self.mark_pass(job, fill_key, reason);
-        let status =
-            CacheStatus::pass(job.fwd, reason.as_str()).with_fwd_status(head.status.as_u16());
+        let status = CacheStatus::pass(job.fwd, reason).with_fwd_status(head.status.as_u16());
         let res = forwarded(head, ProxyBody::streaming(body));
         FillEnd::new(
             FillOutcome::Uncacheable(reason),
@@ -232,7 +231,7 @@ fn forwarded(mut head: response::Parts, body: ProxyBody) -> Response<ProxyBody> 
 fn body_failed(job: &FillJob, err: UpstreamError) -> FillEnd {
     job.route.note_upstream_error(&err);
     let kind = err.kind();
-    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind.detail()));
+    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind));
     FillEnd::new(FillOutcome::Failed(kind), reply)
 }
 
@@ -243,7 +242,7 @@ fn unframeable(job: &FillJob, err: Unframeable) -> FillEnd {
     tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
     job.route.metrics.upstream_error(FailureKind::Protocol);
     let kind = FailureKind::Protocol;
-    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind.detail()));
+    let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind));
     FillEnd::new(FillOutcome::Failed(kind), reply)
 }
 

@@ -86,7 +86,7 @@ impl LeaderReply {
     ) -> LeaderReply {
         match stale_if_error(stale, SystemTime::now()) {
             Some(stale) => LeaderReply::Entry(stale, CacheStatus::stale_if_error(fwd_status)),
-            None => LeaderReply::Failed(kind, CacheStatus::error(Some(fwd), kind.detail())),
+            None => LeaderReply::Failed(kind, CacheStatus::error(Some(fwd), kind)),
         }
     }
 

@@ -136,7 +136,7 @@ impl Filler {
                 let reason = PassReason::Internal;
                 self.cache
                     .mark_pass(&fill_key, reason, job.route.config.hit_for_pass);
-                let status = CacheStatus::pass(job.fwd, reason.as_str());
+                let status = CacheStatus::pass(job.fwd, reason);
                 FillEnd::new(FillOutcome::Uncacheable(reason), LeaderReply::Pass(status))
             }
         };
@@ -204,7 +204,7 @@ fn remote_reply(outcome: &FillOutcome, job: &FillJob) -> LeaderReply {
             LeaderReply::Entry(Arc::clone(entry), status)
         }
         FillOutcome::Uncacheable(reason) => {
-            LeaderReply::Pass(CacheStatus::pass(fwd, reason.as_str()).collapsed())
+            LeaderReply::Pass(CacheStatus::pass(fwd, *reason).collapsed())
         }
         FillOutcome::Failed(_) | FillOutcome::HolderFailed | FillOutcome::Elsewhere => {
             let kind = match outcome {

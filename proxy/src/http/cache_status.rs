@@ -83,6 +83,45 @@ impl Fwd {
     }
 }
 
+/// What `detail=` says: corral's own word for a decision of the request path, or the
+/// token of the layer that decided (a pass reason, an upstream failure, a refused
+/// request), which converts into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    StaleWhileRevalidate,
+    StaleIfError,
+    /// The key was recently uncacheable: forwarded without waiting.
+    HitForPass,
+    /// The wait for another request's fill ran out (`on_wait_timeout = "fetch"`).
+    WaitTimeout,
+    /// Every fill this request waited on left nothing for it; it went upstream itself.
+    RetriesExhausted,
+    /// The fill task was gone without a reply (the runtime shutting down).
+    FillFailed,
+    /// A GET or HEAD with a body: not the cache's.
+    RequestBody,
+    /// A header that rewrites the request at the origin: not the cache's.
+    RewritingHeader,
+    /// A token another layer names for its own reason.
+    Reason(&'static str),
+}
+
+impl Detail {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detail::StaleWhileRevalidate => "stale-while-revalidate",
+            Detail::StaleIfError => "stale-if-error",
+            Detail::HitForPass => "hit-for-pass",
+            Detail::WaitTimeout => "wait-timeout",
+            Detail::RetriesExhausted => "retries-exhausted",
+            Detail::FillFailed => "fill-failed",
+            Detail::RequestBody => "request-body",
+            Detail::RewritingHeader => "rewriting-header",
+            Detail::Reason(token) => token,
+        }
+    }
+}
+
 /// One response's cache status.
 #[derive(Debug, Clone)]
 pub struct CacheStatus {
@@ -93,7 +132,7 @@ pub struct CacheStatus {
     fwd_status: Option<u16>,
     stored: bool,
     collapsed: bool,
-    detail: Option<&'static str>,
+    detail: Option<Detail>,
 }
 
 impl CacheStatus {
@@ -122,7 +161,7 @@ impl CacheStatus {
         CacheStatus {
             hit: true,
             ttl: Some(-stale_secs),
-            detail: Some("stale-while-revalidate"),
+            detail: Some(Detail::StaleWhileRevalidate),
             ..CacheStatus::new(Served::StaleWhileRevalidate)
         }
     }
@@ -131,7 +170,7 @@ impl CacheStatus {
         CacheStatus {
             fwd: Some(Fwd::Stale),
             fwd_status,
-            detail: Some("stale-if-error"),
+            detail: Some(Detail::StaleIfError),
             ..CacheStatus::new(Served::StaleIfError)
         }
     }
@@ -157,10 +196,10 @@ impl CacheStatus {
     }
 
     /// Sent upstream without caching, for `detail`.
-    pub fn pass(fwd: Fwd, detail: &'static str) -> CacheStatus {
+    pub fn pass(fwd: Fwd, detail: impl Into<Detail>) -> CacheStatus {
         CacheStatus {
             fwd: Some(fwd),
-            detail: Some(detail),
+            detail: Some(detail.into()),
             ..CacheStatus::new(Served::Pass)
         }
     }
@@ -174,16 +213,16 @@ impl CacheStatus {
     }
 
     /// Adds why the cache stood aside (`request-body`, `rewriting-header`).
-    pub(crate) fn with_detail(mut self, detail: &'static str) -> CacheStatus {
+    pub(crate) fn with_detail(mut self, detail: Detail) -> CacheStatus {
         self.detail = Some(detail);
         self
     }
 
     /// No response could be had; `detail` says why.
-    pub fn error(fwd: Option<Fwd>, detail: &'static str) -> CacheStatus {
+    pub fn error(fwd: Option<Fwd>, detail: impl Into<Detail>) -> CacheStatus {
         CacheStatus {
             fwd,
-            detail: Some(detail),
+            detail: Some(detail.into()),
             ..CacheStatus::new(Served::Error)
         }
     }
@@ -230,7 +269,7 @@ impl fmt::Display for CacheStatus {
             out.write_str("; collapsed")?;
         }
         if let Some(detail) = self.detail {
-            write!(out, "; detail={detail}")?;
+            write!(out, "; detail={}", detail.as_str())?;
         }
         Ok(())
     }

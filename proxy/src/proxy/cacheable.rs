@@ -20,7 +20,7 @@ use crate::fill::{
     LocalFillLock, LockAttempt, WaitPolicy,
 };
 use crate::http::body::ProxyBody;
-use crate::http::cache_status::{CacheStatus, Fwd};
+use crate::http::cache_status::{CacheStatus, Detail, Fwd};
 use crate::http::headers;
 use crate::route::Route;
 use crate::upstream::FailureKind;
@@ -65,7 +65,7 @@ impl Proxy {
         loop {
             phase = match phase {
                 CachePhase::Lookup { .. } if lookups == MAX_ATTEMPTS => {
-                    let status = CacheStatus::pass(Fwd::Miss, "retries-exhausted");
+                    let status = CacheStatus::pass(Fwd::Miss, Detail::RetriesExhausted);
                     return self.pass(route, req, ProxyBody::empty(), status).await;
                 }
                 CachePhase::Lookup { waited } => {
@@ -98,7 +98,7 @@ impl Proxy {
                 return CachePhase::Done(respond(&req.head, &entry), status);
             }
             LookupOutcome::Pass(_) => {
-                let status = CacheStatus::pass(Fwd::UriMiss, "hit-for-pass");
+                let status = CacheStatus::pass(Fwd::UriMiss, Detail::HitForPass);
                 let (res, status) = self.pass(route, req, ProxyBody::empty(), status).await;
                 return CachePhase::Done(res, status);
             }
@@ -177,7 +177,7 @@ impl Proxy {
             // permit has already woken the waiters. (A panic in it is caught: a Pass.)
             Err(_) => {
                 let err = ProxyError::SharedFailure(FailureKind::Protocol);
-                let status = CacheStatus::error(Some(miss.fwd), "fill-failed");
+                let status = CacheStatus::error(Some(miss.fwd), Detail::FillFailed);
                 (error_response(&err), status)
             }
         }
@@ -238,7 +238,7 @@ impl Proxy {
                 (respond(&req.head, &entry), status.collapsed())
             }
             FillOutcome::Uncacheable(reason) => {
-                let status = CacheStatus::pass(fwd, reason.as_str()).collapsed();
+                let status = CacheStatus::pass(fwd, reason).collapsed();
                 self.pass(route, req, ProxyBody::empty(), status).await
             }
             FillOutcome::Failed(kind) => {
@@ -267,7 +267,7 @@ impl Proxy {
         }
         match decision {
             OnWaitTimeout::Fetch => {
-                let status = CacheStatus::pass(miss.fwd, "wait-timeout");
+                let status = CacheStatus::pass(miss.fwd, Detail::WaitTimeout);
                 self.pass(route, req, ProxyBody::empty(), status).await
             }
             OnWaitTimeout::Error => {

@@ -6,6 +6,7 @@ use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::http::body::{ClientBlame, ProxyBody};
+use crate::http::cache_status::Detail;
 use crate::http::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
@@ -69,7 +70,11 @@ impl ProxyError {
     }
 
     /// A short token for `Cache-Status` details and logs.
-    pub fn detail(&self) -> &'static str {
+    pub fn detail(&self) -> Detail {
+        Detail::Reason(self.token())
+    }
+
+    fn token(&self) -> &'static str {
         match self {
             ProxyError::BadRequest(bad) => bad.detail(),
             ProxyError::NoRoute => "no-route",

@@ -32,7 +32,7 @@ use crate::config::{AdminToken, Config, EncodedSlashes};
 use crate::fill::coordinator::Coordinator;
 use crate::fill::{Filler, LocalFillLock};
 use crate::http::body::ProxyBody;
-use crate::http::cache_status::{CacheStatus, Fwd};
+use crate::http::cache_status::{CacheStatus, Detail, Fwd};
 use crate::http::headers;
 use crate::http::request::{self as client_request, BadRequest};
 use crate::metrics::Metrics;
@@ -298,9 +298,9 @@ fn bypass(route: &Route, head: &request::Parts, body: &Incoming) -> Option<Cache
     }
     let status = CacheStatus::bypass(Fwd::Bypass);
     if !http_body::Body::is_end_stream(body) {
-        Some(status.with_detail("request-body"))
+        Some(status.with_detail(Detail::RequestBody))
     } else if client_request::rewrites_request(&head.headers) {
-        Some(status.with_detail("rewriting-header"))
+        Some(status.with_detail(Detail::RewritingHeader))
     } else {
         None
     }
