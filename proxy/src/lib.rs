@@ -42,9 +42,9 @@ pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod redis;
-pub mod route;
+pub(crate) mod route;
 pub mod server;
-pub mod upstream;
+pub(crate) mod upstream;
 
 pub use config::Config;
 pub use server::{run, start, RunningServer};

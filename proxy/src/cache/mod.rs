@@ -6,11 +6,11 @@ pub(crate) mod body_file;
 pub mod codec;
 pub mod entry;
 mod index;
-pub mod key;
-pub mod local;
+pub(crate) mod key;
+pub(crate) mod local;
 pub mod policy;
 pub mod shared;
-pub mod tags;
+pub(crate) mod tags;
 mod tiers;
 
 use std::sync::Arc;

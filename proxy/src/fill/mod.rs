@@ -17,7 +17,7 @@
 pub(crate) mod coordinator;
 mod fetch;
 pub mod lock;
-pub mod permit;
+pub(crate) mod permit;
 mod task;
 
 use std::sync::Arc;

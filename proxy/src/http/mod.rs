@@ -2,7 +2,7 @@
 //! (hop-by-hop, forwarding, `Via`), what a client request becomes once admitted, and
 //! the `Cache-Status` header. Depends on nothing else in corral.
 
-pub mod body;
+pub(crate) mod body;
 pub mod cache_status;
-pub mod headers;
+pub(crate) mod headers;
 pub mod request;

@@ -11,9 +11,9 @@
 
 mod answer;
 mod cacheable;
-pub mod error;
+pub(crate) mod error;
 mod pass;
-pub mod purge;
+pub(crate) mod purge;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
