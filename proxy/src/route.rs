@@ -14,7 +14,7 @@ use crate::metrics::RouteMetrics;
 use crate::upstream::{FailureKind, Upstream, UpstreamError};
 
 /// A route with what serving it needs at run time.
-pub struct Route {
+pub(crate) struct Route {
     pub(crate) config: RouteConfig,
     pub(crate) upstream: Upstream,
     pub(crate) metrics: RouteMetrics,
@@ -57,7 +57,7 @@ impl Route {
 }
 
 /// All routes, ordered most specific first so the first match is the best.
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     routes: Vec<Arc<Route>>,
 }
 

@@ -27,7 +27,7 @@ use crate::http::cache_status::Detail;
 
 /// What kind of upstream failure a fill ended with; what waiters are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
+pub(crate) enum FailureKind {
     /// No connection could be made.
     Connect,
     /// No response (or no complete body) within the route's response timeout.
@@ -49,7 +49,7 @@ impl FailureKind {
     }
 
     /// The `Cache-Status` detail (and log token) of a request that failed this way.
-    pub fn detail(self) -> &'static str {
+    pub(crate) fn detail(self) -> &'static str {
         match self {
             FailureKind::Connect => "upstream-connect",
             FailureKind::Timeout => "upstream-timeout",

@@ -25,7 +25,7 @@ static REFUSED: AtomicBool = AtomicBool::new(false);
 
 /// A sealed, immutable file holding exactly one body.
 #[derive(Debug)]
-pub struct BodyFile {
+pub(crate) struct BodyFile {
     fd: OwnedFd,
     len: u64,
 }
@@ -33,7 +33,7 @@ pub struct BodyFile {
 impl BodyFile {
     /// `body` in a sealed file, and the bytes to keep in its place (a mapping of the
     /// file). `None` when the body is small, the cap is reached or the kernel refuses.
-    pub fn store(body: &[u8]) -> Option<(Arc<BodyFile>, Bytes)> {
+    pub(crate) fn store(body: &[u8]) -> Option<(Arc<BodyFile>, Bytes)> {
         if body.len() < MIN_BYTES || LIVE.load(Ordering::Relaxed) >= cap() {
             return None;
         }
@@ -57,7 +57,7 @@ impl BodyFile {
     }
 
     /// The body's length in bytes.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.len
     }
 

@@ -60,7 +60,7 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The metric label of this kind of failure.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             DecodeError::Foreign => "foreign",
             DecodeError::UnknownVersion(_) => "version",

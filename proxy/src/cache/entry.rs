@@ -18,11 +18,11 @@ use crate::http::headers::strip_hop_by_hop;
 /// A stored response. Immutable once built; a refresh builds a new one.
 #[derive(Debug)]
 pub struct CacheEntry {
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// Headers as served: no hop-by-hop headers, `Content-Length` set. `Age` and
     /// `Cache-Status` are added per response.
-    pub headers: HeaderMap,
-    pub body: Bytes,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
     /// For a large body, the sealed file it lives in (and `body` maps), which a hit
     /// sends without copying.
     pub(crate) body_file: Option<Arc<BodyFile>>,
@@ -32,7 +32,7 @@ pub struct CacheEntry {
     pub(crate) http1_head: Bytes,
     /// The headers this response varies on (lowercase), and the filling request's
     /// values of them, as [`vary_values`] writes them.
-    pub vary: Vec<HeaderName>,
+    pub(crate) vary: Vec<HeaderName>,
     pub(crate) vary_values: String,
     lifetime: Lifetime,
     fresh_until: SystemTime,

@@ -36,7 +36,7 @@ pub(crate) struct KeyIndex {
 }
 
 impl KeyIndex {
-    pub fn add(&self, key: &CacheKey, stamp: usize, labels: Vec<Label>) {
+    pub(crate) fn add(&self, key: &CacheKey, stamp: usize, labels: Vec<Label>) {
         let mut map = self.labels.lock().unwrap_or_else(|e| e.into_inner());
         for label in labels {
             map.entry(label).or_default().insert(key.clone(), stamp);
@@ -44,7 +44,7 @@ impl KeyIndex {
     }
 
     /// Removes `key`'s records under `labels` that carry `stamp`.
-    pub fn remove(&self, key: &CacheKey, stamp: usize, labels: Vec<Label>) {
+    pub(crate) fn remove(&self, key: &CacheKey, stamp: usize, labels: Vec<Label>) {
         let mut map = self.labels.lock().unwrap_or_else(|e| e.into_inner());
         for label in labels {
             if let Some(keys) = map.get_mut(&label) {
@@ -59,7 +59,7 @@ impl KeyIndex {
     }
 
     /// The keys filed under `label`, now.
-    pub fn keys(&self, label: &Label) -> Vec<CacheKey> {
+    pub(crate) fn keys(&self, label: &Label) -> Vec<CacheKey> {
         let map = self.labels.lock().unwrap_or_else(|e| e.into_inner());
         map.get(label)
             .map(|keys| keys.keys().cloned().collect())
@@ -67,7 +67,7 @@ impl KeyIndex {
     }
 
     /// How many records the index holds (for tests of its bound).
-    pub fn records(&self) -> usize {
+    pub(crate) fn records(&self) -> usize {
         let map = self.labels.lock().unwrap_or_else(|e| e.into_inner());
         map.values().map(HashMap::len).sum()
     }

@@ -101,11 +101,11 @@ impl CacheKey {
     }
 
     /// The key of the variant that `vary_values` (from [`vary_values`]) selects.
-    pub fn variant(&self, vary_values: &str) -> CacheKey {
+    pub(crate) fn variant(&self, vary_values: &str) -> CacheKey {
         CacheKey(format!("{}{VARY_MARKER}{vary_values}", self.0).into())
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
@@ -118,7 +118,7 @@ impl CacheKey {
 
     /// The primary key of a variant key (a clone of itself for a primary key): where
     /// the entry, or the `Vary` index of its variants, is stored.
-    pub fn primary_key(&self) -> CacheKey {
+    pub(crate) fn primary_key(&self) -> CacheKey {
         match self.0.split_once(VARY_MARKER) {
             Some((primary, _)) => CacheKey(primary.into()),
             None => self.clone(),
@@ -131,7 +131,7 @@ impl CacheKey {
     }
 
     /// The name of the route the key was made for.
-    pub fn route(&self) -> &str {
+    pub(crate) fn route(&self) -> &str {
         self.0.split(SEP).next().unwrap_or("")
     }
 

@@ -131,7 +131,7 @@ impl LocalCache {
     }
 
     /// A local tier that indexes its entries by the tags `rules` find in them.
-    pub fn tagged(max_bytes: u64, cap: Option<Duration>, rules: TagRules) -> LocalCache {
+    pub(crate) fn tagged(max_bytes: u64, cap: Option<Duration>, rules: TagRules) -> LocalCache {
         let index = Arc::new(KeyIndex::default());
         let (weigh_rules, listen_rules, listen_index) =
             (rules.clone(), rules.clone(), Arc::clone(&index));
@@ -169,7 +169,7 @@ impl LocalCache {
         (object.until() > SystemTime::now()).then_some(object)
     }
 
-    pub fn insert(&self, key: CacheKey, object: LocalObject) {
+    pub(crate) fn insert(&self, key: CacheKey, object: LocalObject) {
         if let LocalObject::Entry(e) = &object {
             let labels = labels(&self.rules, &key, e, true);
             if !labels.is_empty() {

@@ -7,10 +7,10 @@ pub mod codec;
 pub mod entry;
 mod index;
 pub(crate) mod key;
-pub(crate) mod local;
+pub mod local;
 pub mod policy;
 pub mod shared;
-pub(crate) mod tags;
+pub mod tags;
 mod tiers;
 
 use std::sync::Arc;
@@ -27,15 +27,15 @@ pub use tiers::Cache;
 
 /// What a purge removed (or, soft, marked stale), in entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Purged {
+pub(crate) struct Purged {
     /// In this instance's local tier (other instances drop theirs on the purge event).
-    pub local: usize,
-    pub shared: SharedPurged,
+    pub(crate) local: usize,
+    pub(crate) shared: SharedPurged,
 }
 
 /// What a purge did in the shared tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SharedPurged {
+pub(crate) enum SharedPurged {
     /// Single instance: there is no shared tier.
     NoFleet,
     /// Values removed from Redis; `None` when Redis was unavailable.
@@ -43,20 +43,20 @@ pub enum SharedPurged {
 }
 
 /// What a lookup found.
-pub enum LookupOutcome {
+pub(crate) enum LookupOutcome {
     Fresh(Arc<CacheEntry>),
     /// Past freshness but still within a stale window: servable in some cases, and
     /// worth revalidating.
     Stale(Arc<CacheEntry>),
     /// Hit-for-pass: go upstream without coalescing.
-    Pass(PassReason),
+    Pass,
     Miss,
 }
 
 /// A lookup's outcome and the key that a fill for this request must use: the variant
 /// key when the object is known to vary, else the primary key.
 pub struct Lookup {
-    pub outcome: LookupOutcome,
+    pub(crate) outcome: LookupOutcome,
     pub(crate) fill_key: CacheKey,
     /// The primary key was found, but not this request's variant.
     pub(crate) vary_miss: bool,

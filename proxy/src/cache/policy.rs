@@ -44,19 +44,23 @@ pub enum Verdict {
 /// How long a stored response lives, measured from when it was received.
 #[derive(Debug, Clone)]
 pub struct Lifetime {
-    pub received_at: SystemTime,
+    pub(crate) received_at: SystemTime,
     /// The response's age when it was received (its `Age` header plus transit).
-    pub age: Duration,
-    pub fresh_for: Duration,
-    pub stale_while_revalidate: Duration,
-    pub stale_if_error: Duration,
+    pub(crate) age: Duration,
+    pub(crate) fresh_for: Duration,
+    pub(crate) stale_while_revalidate: Duration,
+    pub(crate) stale_if_error: Duration,
     /// Kept this long past the stale windows, for revalidation only.
-    pub keep: Duration,
+    pub(crate) keep: Duration,
 }
 
 impl Lifetime {
     /// The lifetime of a response served once and never stored (a shared error).
-    pub fn none(req: &request::Parts, res: &response::Parts, received_at: SystemTime) -> Lifetime {
+    pub(crate) fn none(
+        req: &request::Parts,
+        res: &response::Parts,
+        received_at: SystemTime,
+    ) -> Lifetime {
         let mut res_view = Response::new(());
         *res_view.status_mut() = res.status;
         *res_view.headers_mut() = clamped(&res.headers);
@@ -95,7 +99,7 @@ pub enum PassReason {
 }
 
 impl PassReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PassReason::Status => "uncacheable-status",
             PassReason::ClientErrorStatus => "uncacheable-client-error",
@@ -521,7 +525,7 @@ pub(crate) fn has_validator(headers: &HeaderMap) -> bool {
 
 /// A `Cache-Control` directive: `None` when absent, `Some(None)` when present without a
 /// value, `Some(Some(v))` with one (quotes removed).
-pub fn directive<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h str>> {
+pub(crate) fn directive<'h>(headers: &'h HeaderMap, name: &str) -> Option<Option<&'h str>> {
     headers
         .get_all(CACHE_CONTROL)
         .iter()

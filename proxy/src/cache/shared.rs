@@ -196,7 +196,7 @@ impl SharedCache {
     /// Records that `key` (its primary) carries `tags`, in one round trip (one
     /// MULTI/EXEC, however many tags). Each tag's set expires with the last entry it
     /// lists.
-    pub async fn tag(&self, key: &CacheKey, entry: &CacheEntry, tags: &[&str]) {
+    pub(crate) async fn tag(&self, key: &CacheKey, entry: &CacheEntry, tags: &[&str]) {
         if tags.is_empty() {
             return;
         }
@@ -268,7 +268,7 @@ impl SharedCache {
     /// Drops (hard) or marks stale (soft) `primary` and its variants in Redis, and tells
     /// every instance to drop its local copies; returns how many values it removed
     /// (hard) or marked (soft), `None` when Redis was unavailable.
-    pub async fn purge(&self, primary: &CacheKey, soft: bool) -> Option<usize> {
+    pub(crate) async fn purge(&self, primary: &CacheKey, soft: bool) -> Option<usize> {
         self.purge_many(std::slice::from_ref(primary), soft).await
     }
 

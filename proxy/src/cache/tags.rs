@@ -65,7 +65,7 @@ impl TagRules {
     }
 
     /// Whether no route has tags (then nothing needs indexing).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.by_route.is_empty()
     }
 
@@ -114,9 +114,12 @@ impl TagRules {
         }
         (kept, dropped)
     }
+}
 
+#[cfg(test)]
+impl TagRules {
     /// How many tags `route`'s responses have had dropped so far.
-    pub fn dropped(&self, route: &str) -> u64 {
+    fn dropped(&self, route: &str) -> u64 {
         self.by_route.get(route).map_or(0, |r| r.dropped.get())
     }
 }

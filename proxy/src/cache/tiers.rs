@@ -65,7 +65,7 @@ impl Cache {
                 Freshness::Fresh { .. } => LookupOutcome::Fresh(entry),
                 Freshness::Stale { .. } => LookupOutcome::Stale(entry),
             },
-            Some(LocalObject::Pass { reason, .. }) => LookupOutcome::Pass(reason),
+            Some(LocalObject::Pass { .. }) => LookupOutcome::Pass,
             Some(LocalObject::Variants { .. }) | None => LookupOutcome::Miss,
         };
         Lookup {
@@ -157,7 +157,7 @@ impl Cache {
     ///
     /// Redis first: were the local copy dropped first, a request in between could
     /// read the old entry back from Redis, and this instance ignores its own events.
-    pub async fn purge(&self, primary: &CacheKey, soft: bool) -> Purged {
+    pub(crate) async fn purge(&self, primary: &CacheKey, soft: bool) -> Purged {
         let shared = match &self.shared {
             Some(shared) => SharedPurged::Counted(shared.purge(primary, soft).await),
             None => SharedPurged::NoFleet,

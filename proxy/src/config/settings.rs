@@ -63,7 +63,7 @@ pub struct LockSettings {
     /// bounds how long a dead holder blocks the key.
     pub ttl: Duration,
     /// Redlock: the independent Redis masters.
-    pub nodes: Vec<String>,
+    pub(crate) nodes: Vec<String>,
     /// Redlock: how long one node may take to answer one command.
     pub(crate) node_timeout: Duration,
     /// Redlock: attempts after a failed acquisition (no quorum), each after a random

@@ -36,7 +36,7 @@ const TAKEOVER_MARGIN: Duration = Duration::from_millis(250);
 
 impl Coordinator {
     /// `None` when `cache` has no shared tier (single instance): nothing to coordinate.
-    pub fn new(redis: Arc<Redis>, lock: &LockSettings, cache: Cache) -> Option<Coordinator> {
+    pub(crate) fn new(redis: Arc<Redis>, lock: &LockSettings, cache: Cache) -> Option<Coordinator> {
         let shared = cache.shared()?.clone();
         Some(Coordinator {
             lock: FleetLock::new(Arc::clone(&redis), lock),
@@ -47,7 +47,7 @@ impl Coordinator {
     }
 
     /// The connection to Redis the fleet shares.
-    pub fn redis(&self) -> &Arc<Redis> {
+    pub(crate) fn redis(&self) -> &Arc<Redis> {
         &self.redis
     }
 
@@ -166,7 +166,7 @@ impl Coordinator {
         self.redis.publish(key.as_str(), event).await;
     }
 
-    pub async fn release(&self, lease: Lease) {
+    pub(crate) async fn release(&self, lease: Lease) {
         self.lock.release(lease).await;
     }
 }

@@ -39,14 +39,14 @@ pub use permit::LocalFillLock;
 pub(crate) use task::{FillJob, Filler};
 
 /// The result of asking to fill a key.
-pub enum LockAttempt {
+pub(crate) enum LockAttempt {
     Acquired(FillPermit),
     Held(FillWaiter),
 }
 
 /// How a fill ended, as told to the requests that waited on it.
 #[derive(Clone, Debug)]
-pub enum FillOutcome {
+pub(crate) enum FillOutcome {
     /// The entry was stored; serve it.
     Filled(Arc<CacheEntry>),
     /// The response may not be stored but is the same for everyone who asked at the

@@ -29,12 +29,12 @@ pub struct LocalFillLock {
 }
 
 impl LocalFillLock {
-    pub fn new() -> Arc<LocalFillLock> {
+    pub(crate) fn new() -> Arc<LocalFillLock> {
         Arc::new(LocalFillLock::default())
     }
 
     /// Grants the fill of `key`, or a waiter on the fill already running.
-    pub fn acquire(self: &Arc<Self>, key: &CacheKey) -> LockAttempt {
+    pub(crate) fn acquire(self: &Arc<Self>, key: &CacheKey) -> LockAttempt {
         let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
         match fills.entry(key.clone()) {
             Entry::Occupied(fill) => LockAttempt::Held(FillWaiter {
@@ -54,7 +54,7 @@ impl LocalFillLock {
     }
 
     /// Grants the fill of `key` only if nobody fills it now (background refreshes).
-    pub fn try_acquire(self: &Arc<Self>, key: &CacheKey) -> Option<FillPermit> {
+    pub(crate) fn try_acquire(self: &Arc<Self>, key: &CacheKey) -> Option<FillPermit> {
         match self.acquire(key) {
             LockAttempt::Acquired(permit) => Some(permit),
             LockAttempt::Held(_) => None,
@@ -77,7 +77,7 @@ pub struct FillPermit {
 }
 
 impl FillPermit {
-    pub fn key(&self) -> &CacheKey {
+    pub(crate) fn key(&self) -> &CacheKey {
         &self.key
     }
 
@@ -116,7 +116,7 @@ pub struct FillWaiter {
 
 impl FillWaiter {
     /// Waits until the fill ends. Cancel-safe: dropping the future just stops waiting.
-    pub async fn wait(mut self) -> FillOutcome {
+    pub(crate) async fn wait(mut self) -> FillOutcome {
         match self.outcome.wait_for(Option::is_some).await {
             Ok(outcome) => outcome.clone().unwrap_or(FillOutcome::HolderFailed),
             // The permit is gone without a word; cannot happen (Drop sends) but do not hang.

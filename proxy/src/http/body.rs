@@ -48,11 +48,11 @@ pin_project! {
 }
 
 impl ProxyBody {
-    pub fn empty() -> ProxyBody {
+    pub(crate) fn empty() -> ProxyBody {
         ProxyBody::Full { data: None }
     }
 
-    pub fn full(data: impl Into<Bytes>) -> ProxyBody {
+    pub(crate) fn full(data: impl Into<Bytes>) -> ProxyBody {
         let data: Bytes = data.into();
         ProxyBody::Full {
             data: (!data.is_empty()).then_some(data),
@@ -84,7 +84,7 @@ impl ProxyBody {
     }
 
     /// A stream of which `prefix` was already read.
-    pub fn resumed(prefix: Bytes, rest: Incoming) -> ProxyBody {
+    pub(crate) fn resumed(prefix: Bytes, rest: Incoming) -> ProxyBody {
         ProxyBody::Streaming {
             prefix: (!prefix.is_empty()).then_some(prefix),
             rest,

@@ -19,7 +19,7 @@ use http::HeaderValue;
 
 /// How a response was produced, for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Served {
+pub(crate) enum Served {
     Hit,
     StaleWhileRevalidate,
     StaleIfError,
@@ -44,7 +44,7 @@ impl Served {
         Served::Error,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Served::Hit => "hit",
             Served::StaleWhileRevalidate => "stale-while-revalidate",
@@ -61,7 +61,7 @@ impl Served {
 
 /// RFC 9211 `fwd` values: why the request went forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fwd {
+pub(crate) enum Fwd {
     Bypass,
     Method,
     UriMiss,
@@ -71,7 +71,7 @@ pub enum Fwd {
 }
 
 impl Fwd {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Fwd::Bypass => "bypass",
             Fwd::Method => "method",
@@ -87,7 +87,7 @@ impl Fwd {
 /// token of the layer that decided (a pass reason, an upstream failure, a refused
 /// request), which converts into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Detail {
+pub(crate) enum Detail {
     StaleWhileRevalidate,
     StaleIfError,
     /// The key was recently uncacheable: forwarded without waiting.
@@ -107,7 +107,7 @@ pub enum Detail {
 }
 
 impl Detail {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Detail::StaleWhileRevalidate => "stale-while-revalidate",
             Detail::StaleIfError => "stale-if-error",
@@ -125,7 +125,7 @@ impl Detail {
 /// One response's cache status.
 #[derive(Debug, Clone)]
 pub struct CacheStatus {
-    pub served: Served,
+    pub(crate) served: Served,
     hit: bool,
     fwd: Option<Fwd>,
     ttl: Option<i64>,
@@ -157,7 +157,7 @@ impl CacheStatus {
         }
     }
 
-    pub fn stale_while_revalidate(stale_secs: i64) -> CacheStatus {
+    pub(crate) fn stale_while_revalidate(stale_secs: i64) -> CacheStatus {
         CacheStatus {
             hit: true,
             ttl: Some(-stale_secs),
@@ -166,7 +166,7 @@ impl CacheStatus {
         }
     }
 
-    pub fn stale_if_error(fwd_status: Option<u16>) -> CacheStatus {
+    pub(crate) fn stale_if_error(fwd_status: Option<u16>) -> CacheStatus {
         CacheStatus {
             fwd: Some(Fwd::Stale),
             fwd_status,
@@ -186,7 +186,7 @@ impl CacheStatus {
 
     /// A response fetched for a miss (`Fwd::Miss`, `VaryMiss`) or a stale entry
     /// (`Fwd::Stale`) whose upstream answer is served.
-    pub fn fetched(fwd: Fwd, status: u16, stored: bool) -> CacheStatus {
+    pub(crate) fn fetched(fwd: Fwd, status: u16, stored: bool) -> CacheStatus {
         CacheStatus {
             fwd: Some(fwd),
             fwd_status: Some(status),
@@ -196,7 +196,7 @@ impl CacheStatus {
     }
 
     /// Sent upstream without caching, for `detail`.
-    pub fn pass(fwd: Fwd, detail: impl Into<Detail>) -> CacheStatus {
+    pub(crate) fn pass(fwd: Fwd, detail: impl Into<Detail>) -> CacheStatus {
         CacheStatus {
             fwd: Some(fwd),
             detail: Some(detail.into()),
@@ -205,7 +205,7 @@ impl CacheStatus {
     }
 
     /// Not handled by the cache at all (method, route switch, range request).
-    pub fn bypass(fwd: Fwd) -> CacheStatus {
+    pub(crate) fn bypass(fwd: Fwd) -> CacheStatus {
         CacheStatus {
             fwd: Some(fwd),
             ..CacheStatus::new(Served::Bypass)
@@ -219,7 +219,7 @@ impl CacheStatus {
     }
 
     /// No response could be had; `detail` says why.
-    pub fn error(fwd: Option<Fwd>, detail: impl Into<Detail>) -> CacheStatus {
+    pub(crate) fn error(fwd: Option<Fwd>, detail: impl Into<Detail>) -> CacheStatus {
         CacheStatus {
             fwd,
             detail: Some(detail.into()),
@@ -228,7 +228,7 @@ impl CacheStatus {
     }
 
     /// This request waited on another's fetch and got its outcome.
-    pub fn collapsed(mut self) -> CacheStatus {
+    pub(crate) fn collapsed(mut self) -> CacheStatus {
         self.collapsed = true;
         if self.served == Served::Miss {
             self.served = Served::Collapsed;

@@ -44,7 +44,7 @@ pub enum BadRequest {
 
 impl BadRequest {
     /// A short token for `Cache-Status` details and logs.
-    pub fn detail(self) -> &'static str {
+    pub(crate) fn detail(self) -> &'static str {
         match self {
             BadRequest::MissingHost => "missing-host",
             BadRequest::DuplicateHost => "duplicate-host",

@@ -29,7 +29,7 @@ pub struct Metrics {
     routes: RouteFamilies,
     cache: CacheGauges,
     tags_dropped: Family<RouteLabel, Counter>,
-    pub fleet: FleetMetrics,
+    pub(crate) fleet: FleetMetrics,
     pub(crate) connections: ConnectionMetrics,
 }
 

@@ -97,7 +97,7 @@ impl Proxy {
                 let status = CacheStatus::hit(ttl_secs(&entry, now));
                 return CachePhase::Done(respond(&req.head, &entry), status);
             }
-            LookupOutcome::Pass(_) => {
+            LookupOutcome::Pass => {
                 let status = CacheStatus::pass(Fwd::UriMiss, Detail::HitForPass);
                 let (res, status) = self.pass(route, req, ProxyBody::empty(), status).await;
                 return CachePhase::Done(res, status);

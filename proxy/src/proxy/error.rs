@@ -49,7 +49,7 @@ impl From<ClientBlame> for ProxyError {
 }
 
 impl ProxyError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         let by_kind = |kind: FailureKind| match kind {
             FailureKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
             FailureKind::Connect | FailureKind::Protocol | FailureKind::Status => {
@@ -70,7 +70,7 @@ impl ProxyError {
     }
 
     /// A short token for `Cache-Status` details and logs.
-    pub fn detail(&self) -> Detail {
+    pub(crate) fn detail(&self) -> Detail {
         Detail::Reason(self.token())
     }
 

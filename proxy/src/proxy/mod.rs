@@ -45,10 +45,10 @@ use error::{error_response, ProxyError};
 /// A fresh entry in the local cache for a request, found without waiting on anything:
 /// what the HTTP/1 fast path answers with.
 pub struct LocalHit {
-    pub entry: Arc<CacheEntry>,
-    pub status: CacheStatus,
+    pub(crate) entry: Arc<CacheEntry>,
+    pub(crate) status: CacheStatus,
     /// The `Age` to send, in seconds.
-    pub age: u64,
+    pub(crate) age: u64,
 }
 
 /// The proxy: routes, cache tiers and fill locks, shared by all connections.
@@ -130,20 +130,20 @@ impl Proxy {
         &self.fills
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
-    pub fn routes(&self) -> &RouteTable {
+    pub(crate) fn routes(&self) -> &RouteTable {
         &self.routes
     }
 
-    pub fn admin_token(&self) -> Option<&AdminToken> {
+    pub(crate) fn admin_token(&self) -> Option<&AdminToken> {
         self.admin_token.as_ref()
     }
 
     /// Serves one client request. Never fails: every error becomes a response.
-    pub async fn handle(
+    pub(crate) async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,

@@ -14,14 +14,14 @@ use crate::proxy::Proxy;
 
 /// What to purge, as the query string of `POST /purge` gives it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PurgeRequest {
-    pub target: PurgeTarget,
+pub(crate) struct PurgeRequest {
+    pub(crate) target: PurgeTarget,
     /// Mark stale instead of dropping.
-    pub soft: bool,
+    pub(crate) soft: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PurgeTarget {
+pub(crate) enum PurgeTarget {
     /// What a GET of `path` on `route` (for `host`, with `headers`) is served from.
     Url {
         route: String,
@@ -38,7 +38,7 @@ pub enum PurgeTarget {
 
 /// Why a purge was refused; each says what to send instead.
 #[derive(Debug, thiserror::Error)]
-pub enum PurgeError {
+pub(crate) enum PurgeError {
     #[error("no route named {0:?}")]
     UnknownRoute(String),
     #[error("give either tag=T, or route=NAME and path=/p (with host=H when the route has no host, header=NAME:VALUE for each header and cookie=NAME:VALUE for each cookie the route keys on); add soft=true to mark stale instead")]
@@ -88,7 +88,7 @@ pub enum PurgeError {
 
 impl PurgeError {
     /// 404 for a route that does not exist, 400 for everything else.
-    pub fn status(&self) -> http::StatusCode {
+    pub(crate) fn status(&self) -> http::StatusCode {
         match self {
             PurgeError::UnknownRoute(_) => http::StatusCode::NOT_FOUND,
             _ => http::StatusCode::BAD_REQUEST,
@@ -98,7 +98,7 @@ impl PurgeError {
 
 impl PurgeRequest {
     /// Reads the query string of `POST /purge`.
-    pub fn parse(query: &str) -> Result<PurgeRequest, PurgeError> {
+    pub(crate) fn parse(query: &str) -> Result<PurgeRequest, PurgeError> {
         let mut one: [(&str, Option<String>); 5] = [
             ("tag", None),
             ("route", None),
@@ -161,7 +161,7 @@ impl PurgeRequest {
 }
 
 /// Carries out `req` in every tier (and, in fleet mode, every instance).
-pub async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, PurgeError> {
+pub(crate) async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, PurgeError> {
     let purged = match &req.target {
         PurgeTarget::Tag(tag) => proxy.cache().purge_tag(tag, req.soft).await,
         PurgeTarget::Url {

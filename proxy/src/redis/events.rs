@@ -140,7 +140,7 @@ pub(crate) struct EventWait {
 impl EventWait {
     /// The next event, or `None` at the timeout (a lost message looks the same: callers
     /// re-check Redis either way).
-    pub async fn next(&mut self, timeout: Duration) -> Option<FillEvent> {
+    pub(crate) async fn next(&mut self, timeout: Duration) -> Option<FillEvent> {
         let event =
             match tokio::time::timeout(timeout, self.receiver.wait_for(Option::is_some)).await {
                 Ok(Ok(event)) => *event,

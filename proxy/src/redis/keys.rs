@@ -11,7 +11,7 @@ pub struct RedisKeys {
     pub lock: String,
     pub fence: String,
     /// The set of entry keys holding variants of the primary key (for purges).
-    pub variants: String,
+    pub(crate) variants: String,
 }
 
 impl RedisKeys {

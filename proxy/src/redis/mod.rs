@@ -41,8 +41,8 @@ pub struct Redis {
     /// Told about every event another instance sends.
     listener: EventListener,
     /// This instance's id in event messages and lock tokens: 16 hex digits.
-    pub instance: String,
-    pub metrics: FleetMetrics,
+    pub(crate) instance: String,
+    pub(crate) metrics: FleetMetrics,
     /// The event subscription is up (fill events from other instances arrive).
     subscribed: AtomicBool,
     /// Notified when a command finds the connection broken, to open a new one.
@@ -52,7 +52,7 @@ pub struct Redis {
 impl Redis {
     /// Starts connecting in the background; until connected, corral runs single-instance.
     /// `listener` hears every event other instances send.
-    pub fn start(
+    pub(crate) fn start(
         settings: RedisSettings,
         metrics: FleetMetrics,
         listener: EventListener,
@@ -81,7 +81,7 @@ impl Redis {
     }
 
     /// The Redis keys of the cache key `key` whose primary key is `primary`.
-    pub fn keys(&self, primary: &str, key: &str) -> RedisKeys {
+    pub(crate) fn keys(&self, primary: &str, key: &str) -> RedisKeys {
         RedisKeys::new(&self.settings.key_prefix, primary, key)
     }
 

@@ -48,7 +48,7 @@ impl FleetLock {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         match self {
             FleetLock::Single(l) => l.ttl(),
             FleetLock::Redlock(l) => l.ttl(),
@@ -63,7 +63,7 @@ impl FleetLock {
     }
 
     /// Extends the lease by the TTL; `false` once it is lost.
-    pub async fn extend(&self, lease: &mut Lease) -> bool {
+    pub(crate) async fn extend(&self, lease: &mut Lease) -> bool {
         match self {
             FleetLock::Single(l) => l.extend(lease).await,
             FleetLock::Redlock(l) => l.extend(lease).await,

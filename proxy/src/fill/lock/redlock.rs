@@ -170,7 +170,7 @@ impl Redlock {
         }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.ttl
     }
 

@@ -81,7 +81,7 @@ impl RedisLock {
         RedisLock { redis, ttl }
     }
 
-    pub fn ttl(&self) -> Duration {
+    pub(crate) fn ttl(&self) -> Duration {
         self.ttl
     }
 
@@ -124,7 +124,7 @@ impl RedisLock {
     }
 
     /// Extends the lease by the TTL; `false` if it is no longer ours (or Redis is away).
-    pub async fn extend(&self, lease: &mut Lease) -> bool {
+    pub(crate) async fn extend(&self, lease: &mut Lease) -> bool {
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (key, token) = (lease.lock_key.clone(), lease.token.clone());
