@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 
 use super::task::{FillEnd, FillJob, Filler};
 use super::{stale_if_error, FillOutcome, LeaderReply};
-use crate::cache::entry::Unframeable;
 use crate::cache::key::vary_values;
 use crate::cache::policy::{self, Lifetime, PassReason, Verdict};
 use crate::cache::{CacheEntry, CacheKey};
@@ -131,9 +130,8 @@ impl Filler {
             .await
         {
             Ok(BodyRead::Complete(bytes)) => {
-                let entry = match CacheEntry::new(head, bytes, lifetime, &job.client_headers) {
-                    Ok(entry) => Arc::new(entry),
-                    Err(err) => return unframeable(job, err),
+                let Some(entry) = entry(job, head, bytes, lifetime) else {
+                    return unframeable(job);
                 };
                 self.cache.store(&job.key, Arc::clone(&entry));
                 tracing::debug!(status = code, bytes = entry.body.len(), "stored");
@@ -175,9 +173,8 @@ impl Filler {
         {
             Ok(BodyRead::Complete(bytes)) => {
                 let lifetime = Lifetime::none(&job.upstream, &head, received_at);
-                let entry = match CacheEntry::new(head, bytes, lifetime, &job.client_headers) {
-                    Ok(entry) => Arc::new(entry),
-                    Err(err) => return unframeable(job, err),
+                let Some(entry) = entry(job, head, bytes, lifetime) else {
+                    return unframeable(job);
                 };
                 let reply = LeaderReply::Entry(Arc::clone(&entry), status);
                 FillEnd::new(FillOutcome::Shared(entry), reply)
@@ -227,6 +224,25 @@ fn forwarded(mut head: response::Parts, body: ProxyBody) -> Response<ProxyBody> 
     Response::from_parts(head, body)
 }
 
+/// The entry for a response read whole; `None` for a response no cache may replay (an
+/// interim status, or content on a 204 or 304). The policy stores no such status and
+/// hyper reads no such content, so this is an upstream breaking HTTP: logged, counted.
+fn entry(
+    job: &FillJob,
+    head: response::Parts,
+    body: bytes::Bytes,
+    lifetime: Lifetime,
+) -> Option<Arc<CacheEntry>> {
+    match CacheEntry::new(head, body, lifetime, &job.client_headers) {
+        Ok(entry) => Some(Arc::new(entry)),
+        Err(err) => {
+            tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
+            job.route.metrics.upstream_error(FailureKind::Protocol);
+            None
+        }
+    }
+}
+
 /// A fill whose response body broke off: waiters and leader learn it failed.
 fn body_failed(job: &FillJob, err: UpstreamError) -> FillEnd {
     job.route.note_upstream_error(&err);
@@ -235,12 +251,9 @@ fn body_failed(job: &FillJob, err: UpstreamError) -> FillEnd {
     FillEnd::new(FillOutcome::Failed(kind), reply)
 }
 
-/// A response no cache may replay (an interim status, or content on a 204 or 304).
-/// The policy stores no such status and hyper reads no such content, so this is an
-/// upstream breaking HTTP: its waiters and leader get a 502, never its bytes.
-fn unframeable(job: &FillJob, err: Unframeable) -> FillEnd {
-    tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
-    job.route.metrics.upstream_error(FailureKind::Protocol);
+/// A fill whose response no cache may replay: its waiters and leader get a 502, never
+/// its bytes.
+fn unframeable(job: &FillJob) -> FillEnd {
     let kind = FailureKind::Protocol;
     let reply = LeaderReply::Failed(kind, CacheStatus::error(Some(job.fwd), kind));
     FillEnd::new(FillOutcome::Failed(kind), reply)
