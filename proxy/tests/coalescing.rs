@@ -262,3 +262,31 @@ async fn coalesce_off_lets_the_herd_through_as_a_baseline() {
         "but responses are still cached"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_waiting_on_a_failed_fill_gets_its_error_without_a_body() {
+    let slow = OriginBehaviour {
+        delay: Duration::from_secs(5),
+        ..OriginBehaviour::default()
+    };
+    let h = Setup::origin(slow)
+        .route("response_timeout = \"2s\"")
+        .start()
+        .await;
+    let addr = h.addr();
+    let leader = tokio::spawn(async move {
+        support::raw::exchange(addr, b"GET /slow HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await
+    });
+    eventually("the leader's fetch reaches the origin", || async {
+        (h.origin.requests_for("/slow") == 1).then_some(())
+    })
+    .await;
+    let head =
+        support::raw::exchange(addr, b"HEAD /slow HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await;
+    let leader = leader.await.unwrap();
+    assert_eq!(leader.status, 504, "{leader:?}");
+    assert_eq!(head.status, 504, "{head:?}");
+    assert!(head.cache_status().contains("collapsed"), "{head:?}");
+    assert_eq!(head.header("content-length"), None, "{head:?}");
+    assert_eq!(h.origin.requests_for("/slow"), 1);
+}

@@ -448,3 +448,36 @@ async fn password_in_the_redis_url_is_used() {
         "the instances coordinated through the password-protected Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_on_another_instance_after_a_failed_fleet_fill_gets_its_error_without_a_body() {
+    let redis = RedisServer::start().await;
+    let failing = OriginBehaviour {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        delay: Duration::from_secs(2),
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(failing)
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let a = h.addr();
+    let first = tokio::spawn(async move {
+        support::raw::exchange(a, b"GET /remote HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await
+    });
+    eventually("instance A's fetch reaches the origin", || async {
+        (h.origin.requests_for("/remote") == 1).then_some(())
+    })
+    .await;
+    let head = support::raw::exchange(
+        others[0].listen_addr(),
+        b"HEAD /remote HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
+    )
+    .await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 500, "{first:?}");
+    assert_eq!(head.status, 502, "{head:?}");
+    assert!(head.cache_status().contains("collapsed"), "{head:?}");
+    assert_eq!(head.header("content-length"), None, "{head:?}");
+    assert_eq!(h.origin.requests(), 1, "one upstream request fleet-wide");
+}

@@ -226,3 +226,54 @@ async fn shutdown_drains_in_flight_requests_then_refuses() {
     );
     drop(origin);
 }
+
+/// An upstream nobody listens on: connections are refused.
+fn refusing_upstream() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    drop(listener);
+    format!("http://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn head_leading_a_failed_fill_gets_its_error_without_a_body_over_http1() {
+    let front = Setup::default()
+        .start_in_front_of(&refusing_upstream())
+        .await;
+    let mut client = support::raw::RawClient::connect(front.addr()).await;
+    let head = client
+        .exchange(b"HEAD /head-fail HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        .await;
+    assert_eq!(head.status, 502, "{head:?}");
+    assert!(
+        head.cache_status().contains("detail=upstream-connect"),
+        "{head:?}"
+    );
+    assert_eq!(head.header("content-length"), None, "{head:?}");
+    // The connection carries on with the next request.
+    let next = client.get("/after").await;
+    assert_eq!(next.status, 502, "{next:?}");
+    assert_eq!(next.text(), "upstream unavailable\n");
+}
+
+#[tokio::test]
+async fn head_leading_a_failed_fill_gets_its_error_without_a_body_over_h2() {
+    let front = Setup::default()
+        .start_in_front_of(&refusing_upstream())
+        .await;
+    let mut h2 = support::raw::h2c::<http_body_util::Empty<Bytes>>(front.addr()).await;
+    let req = Request::builder()
+        .method(Method::HEAD)
+        .uri("http://127.0.0.1/head-fail-h2")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let res = h2.send_request(req).await.expect("an h2 response");
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(res.headers().get("content-length"), None);
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .expect("a well-formed h2 body");
+    assert!(body.to_bytes().is_empty());
+}

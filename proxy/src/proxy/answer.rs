@@ -29,17 +29,21 @@ pub(super) fn reply_response(
 ) -> Result<(Response<ProxyBody>, CacheStatus), CacheStatus> {
     match reply {
         LeaderReply::Entry(entry, status) => Ok((respond(req, &entry), status)),
-        LeaderReply::Response(mut res, status) => {
-            if req.method == Method::HEAD {
-                *res.body_mut() = ProxyBody::empty();
-            }
-            Ok((res, status))
-        }
+        LeaderReply::Response(res, status) => Ok((for_method(req, res), status)),
         LeaderReply::Failed(kind, status) => {
-            Ok((error_response(&ProxyError::SharedFailure(kind)), status))
+            let res = error_response(&ProxyError::SharedFailure(kind));
+            Ok((for_method(req, res), status))
         }
         LeaderReply::Pass(status) => Err(status),
     }
+}
+
+/// `res` without its body when the request was a `HEAD`.
+fn for_method(req: &request::Parts, mut res: Response<ProxyBody>) -> Response<ProxyBody> {
+    if req.method == Method::HEAD {
+        *res.body_mut() = ProxyBody::empty();
+    }
+    res
 }
 
 /// A response from a cached entry for this request: `304` when the client's
