@@ -69,6 +69,10 @@ fn a_redis_section_with_only_a_url_is_redis_settings_new() {
 fn the_demo_redis_url_is_checked_like_the_file() {
     let message = RedisSettings::from_url("http://nope").unwrap_err();
     assert!(message.starts_with("invalid Redis URL ("), "{message}");
+    // A TOML string cannot carry a control character, so the file refuses it; the
+    // command line must too.
+    let message = RedisSettings::from_url("redis://127.0.0.1:6379/0\u{7}").unwrap_err();
+    assert!(message.contains("control character"), "{message}");
 }
 
 #[test]

@@ -222,6 +222,12 @@ pub(super) fn header_name(
 
 /// Whether redis-rs can connect to `url` (`[redis] url`, `[lock] nodes`). The error
 /// does not repeat the URL, which may carry a password.
-pub(super) fn redis_url(url: &str) -> Result<(), ::redis::RedisError> {
-    ::redis::IntoConnectionInfo::into_connection_info(url).map(drop)
+pub(super) fn redis_url(url: &str) -> Result<(), String> {
+    // A TOML string cannot hold a control character; a command-line one can.
+    if url.chars().any(char::is_control) {
+        return Err("it contains a control character".into());
+    }
+    ::redis::IntoConnectionInfo::into_connection_info(url)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }

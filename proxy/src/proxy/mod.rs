@@ -235,7 +235,9 @@ impl Proxy {
     /// (`Connection`-named headers, forwarding headers a route keys on) or that would
     /// bypass the cache are left to it.
     pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
-        if !client_request::already_sanitized(&req.headers) {
+        if cacheable_request(&req.method, &req.headers).is_err()
+            || !client_request::already_sanitized(&req.headers)
+        {
             return None;
         }
         let host = client_request::canonical_host(req.version, &req.uri, &req.headers).ok()?;
@@ -245,8 +247,7 @@ impl Proxy {
             None => &req.uri,
         };
         let route = self.routes.find(host.as_deref(), uri.path())?;
-        if cache_applies(route, &req.method, &req.headers).is_err() || route.keys_forwarding_headers
-        {
+        if !route.config.cache || route.keys_forwarding_headers {
             return None;
         }
         if route.config.encoded_slashes == EncodedSlashes::Reject
@@ -293,11 +294,13 @@ impl Proxy {
 /// GET body no meaning, but an origin may read it: the key does not), or a header that
 /// rewrites the request at the origin.
 fn bypass(route: &Route, head: &request::Parts, body: &Incoming) -> Option<CacheStatus> {
-    if let Err(fwd) = cache_applies(route, &head.method, &head.headers) {
+    if let Err(fwd) = cacheable_request(&head.method, &head.headers) {
         return Some(CacheStatus::bypass(fwd));
     }
     let status = CacheStatus::bypass(Fwd::Bypass);
-    if !http_body::Body::is_end_stream(body) {
+    if !route.config.cache {
+        Some(status)
+    } else if !http_body::Body::is_end_stream(body) {
         Some(status.with_detail(Detail::RequestBody))
     } else if client_request::rewrites_request(&head.headers) {
         Some(status.with_detail(Detail::RewritingHeader))
@@ -306,12 +309,13 @@ fn bypass(route: &Route, head: &request::Parts, body: &Incoming) -> Option<Cache
     }
 }
 
-/// Whether the cache applies to a request at all, from its route, method and `Range`
-/// (the fast path and `bypass` both ask); `Err` says how it is forwarded instead.
-fn cache_applies(route: &Route, method: &Method, headers: &http::HeaderMap) -> Result<(), Fwd> {
+/// Whether a request's method and `Range` leave it to the cache at all: a `GET` or
+/// `HEAD` without `Range` (the fast path asks before routing, `bypass` after); `Err`
+/// says how it is forwarded instead.
+fn cacheable_request(method: &Method, headers: &http::HeaderMap) -> Result<(), Fwd> {
     if !(method == Method::GET || method == Method::HEAD) {
         Err(Fwd::Method)
-    } else if !route.config.cache || headers.contains_key(header::RANGE) {
+    } else if headers.contains_key(header::RANGE) {
         Err(Fwd::Bypass)
     } else {
         Ok(())
