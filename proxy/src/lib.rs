@@ -33,6 +33,10 @@
 //! - [`origin`]: a slow, scriptable upstream for the demo, the tests and the load tool.
 //! - [`demo`]: `corral demo`, a herd against corral in front of that upstream.
 
+// The module docs are written for corral's developers and link to crate-private items:
+// read them with `cargo doc --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod cache;
 pub mod config;
 pub mod demo;

@@ -24,9 +24,9 @@ use super::entry::CacheEntry;
 use super::key::CacheKey;
 use crate::redis::{FillEvent, Redis, RedisKeys};
 
-/// KEYS[1]: the fence counter of the filled key; KEYS[2]: the primary's variant set;
-/// KEYS[3..]: where the entry goes. ARGV[1]: this write's fencing token; ARGV[2]: the
-/// encoded entry; ARGV[3]: expiry (Unix ms). Returns 1 when written, 0 when fenced off.
+/// `KEYS[1]`: the fence counter of the filled key; `KEYS[2]`: the primary's variant set;
+/// `KEYS[3..]`: where the entry goes. `ARGV[1]`: this write's fencing token; `ARGV[2]`: the
+/// encoded entry; `ARGV[3]`: expiry (Unix ms). Returns 1 when written, 0 when fenced off.
 /// A counter that is not a number fences every write off until the next grant
 /// repairs it; a variant set of another type is replaced (neither may fail the
 /// script, which would read as a Redis outage).
@@ -51,7 +51,7 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
 /// Room in a value for what is not body: key, `Vary` values, headers.
 const VALUE_HEADROOM: u64 = 1 << 20;
 
-/// KEYS[1]: the primary's variant set; KEYS[2]: the primary's entry. Deletes the entry,
+/// `KEYS[1]`: the primary's variant set; `KEYS[2]`: the primary's entry. Deletes the entry,
 /// every entry the set lists, and the set; returns how many entries existed.
 static HARD_PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
