@@ -46,13 +46,7 @@ async fn outsider(h: &Harness) -> (Arc<Redis>, RedisLock, SharedCache) {
 
 /// The cache key corral derives for a plain GET of `path` on the test route.
 fn key_of(h: &Harness, path: &str) -> CacheKey {
-    let uri: http::Uri = path.parse().unwrap();
-    CacheKey::for_request(
-        &h.config.routes[0],
-        Some("127.0.0.1"),
-        &uri,
-        &http::HeaderMap::new(),
-    )
+    support::key_for(&h.config, "127.0.0.1", path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,17 +186,11 @@ async fn lost_notification_still_ends_in_a_response_within_the_wait_bound() {
     // The holder fills the key but its message is lost (it never publishes).
     let other = Setup::default().start().await;
     let filled = other.get("/quiet").await;
-    let entry = other
-        .server
-        .proxy()
-        .cache()
-        .local()
-        .get(&CacheKey::for_request(
-            &other.config.routes[0],
-            Some("127.0.0.1"),
-            &"/quiet".parse().unwrap(),
-            &http::HeaderMap::new(),
-        ));
+    let entry = other.server.proxy().cache().local().get(&support::key_for(
+        &other.config,
+        "127.0.0.1",
+        "/quiet",
+    ));
     let Some(corral::cache::LocalObject::Entry(entry)) = entry else {
         panic!("filled")
     };

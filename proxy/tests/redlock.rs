@@ -75,12 +75,7 @@ fn key(path: &str) -> CacheKey {
         "t",
     )
     .unwrap();
-    CacheKey::for_request(
-        &config.routes[0],
-        Some("127.0.0.1"),
-        &path.parse().unwrap(),
-        &http::HeaderMap::new(),
-    )
+    support::key_for(&config, "127.0.0.1", path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,12 +237,7 @@ async fn lost_lease_fails_to_extend_and_the_write_stays_fenced() {
 
     let h = Setup::default().start().await;
     h.get("/lease").await;
-    let local_key = CacheKey::for_request(
-        &h.config.routes[0],
-        Some("127.0.0.1"),
-        &"/lease".parse().unwrap(),
-        &http::HeaderMap::new(),
-    );
+    let local_key = support::key_for(&h.config, "127.0.0.1", "/lease");
     let Some(corral::cache::LocalObject::Entry(entry)) =
         h.server.proxy().cache().local().get(&local_key)
     else {

@@ -9,7 +9,6 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use corral::cache::CacheKey;
-use http::{HeaderMap, Uri};
 use redis::aio::MultiplexedConnection;
 
 use crate::support::raw::{exchange, RawClient, RecordingOrigin, Wire};
@@ -53,13 +52,7 @@ impl Planting {
 
     /// The cache key corral derives for `GET path` with `host: a`.
     fn key(&self, path: &str) -> CacheKey {
-        let uri: Uri = path.parse().unwrap();
-        CacheKey::for_request(
-            &self.front.config.routes[0],
-            Some("a"),
-            &uri,
-            &HeaderMap::new(),
-        )
+        crate::support::key_for(&self.front.config, "a", path)
     }
 
     /// Writes `value` where corral looks for `path`'s entry.

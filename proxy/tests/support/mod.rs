@@ -362,3 +362,14 @@ pub async fn fleet_client(config: &Config) -> std::sync::Arc<corral::redis::Redi
     .await;
     fleet
 }
+
+/// The cache key corral derives for a plain `GET path` with `Host: host` on `config`'s
+/// first route (what the tests plant, lock or look up).
+pub fn key_for(config: &Config, host: &str, path: &str) -> corral::cache::CacheKey {
+    corral::cache::CacheKey::for_request(
+        &config.routes[0],
+        Some(host),
+        &path.parse().expect("a path"),
+        &HeaderMap::new(),
+    )
+}
