@@ -12,4 +12,4 @@ pub mod redis;
 pub mod wait;
 
 pub use redis::{RedisOptions, RedisServer, StartError};
-pub use wait::{eventually, free_port, wait_listening, NotListening, DEADLINE};
+pub use wait::{eventually, free_port, free_ports, wait_listening, NotListening, DEADLINE};

@@ -36,6 +36,18 @@ pub fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// `n` distinct ports of 127.0.0.1 that nobody listened on a moment ago (all held at
+/// once while chosen, so none is handed out twice).
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
 /// A process that did not start listening in time.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} did not start listening on {addr} within {timeout:?}")]
@@ -82,5 +94,13 @@ mod tests {
         })
         .await;
         assert_eq!(value, 3);
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let mut ports = free_ports(12).unwrap();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 12);
     }
 }
