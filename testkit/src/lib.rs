@@ -3,12 +3,14 @@
 //! # Layout
 //! - [`redis`]: a real `redis-server` on a free port of 127.0.0.1, killed on drop; it
 //!   can be frozen, killed and restarted as the fault tests need.
+//! - [`resp`]: a minimal RESP2 client, enough to drive and inspect a node.
 //! - [`wait`]: waiting for a condition or a listening port, always with a deadline.
 //!
 //! This crate does not depend on `corral`: corral's tests use it, and would otherwise
 //! build a second copy of corral's types.
 
 pub mod redis;
+pub mod resp;
 pub mod wait;
 
 pub use redis::{RedisOptions, RedisServer, StartError};
