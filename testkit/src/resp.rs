@@ -128,3 +128,33 @@ fn read_reply(
         })
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::RedisServer;
+
+    fn bulk(text: &str) -> Reply {
+        Reply::Bulk(Some(text.as_bytes().to_vec()))
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_reply_is_read() {
+        let server = RedisServer::start().await;
+        let mut conn = Conn::connect(server.port).await.unwrap();
+        let set = conn.cmd(&["SET", "k", "a\r\nb"]).await.unwrap();
+        assert_eq!(set, Reply::Status("OK".into()));
+        assert_eq!(conn.cmd(&["GET", "k"]).await.unwrap(), bulk("a\r\nb"));
+        assert_eq!(conn.cmd(&["GET", "none"]).await.unwrap(), Reply::Bulk(None));
+        assert_eq!(conn.cmd(&["STRLEN", "k"]).await.unwrap(), Reply::Int(4));
+        conn.cmd(&["RPUSH", "l", "x", ""]).await.unwrap();
+        let list = conn.cmd(&["LRANGE", "l", "0", "-1"]).await.unwrap();
+        assert_eq!(list.into_array(), vec![bulk("x"), bulk("")]);
+        let pop = conn.cmd(&["BLPOP", "none", "0.01"]).await.unwrap();
+        assert_eq!(pop, Reply::Array(None));
+        let err = conn.cmd(&["INCR", "k"]).await.unwrap();
+        assert!(matches!(err, Reply::Error(e) if e.starts_with("ERR ")));
+        let reply = command(server.port, &[b"GET".to_vec(), b"k".to_vec()]).await;
+        assert_eq!(reply.unwrap().text().as_deref(), Some("a\r\nb"));
+    }
+}
