@@ -97,7 +97,7 @@ impl RedisCluster {
             cluster.wait_up(i).await;
         }
         cluster.create(replicas_per_master).await;
-        cluster.wait_consistent(None).await;
+        cluster.wait_consistent().await;
         cluster.refresh().await;
         cluster
     }
@@ -200,33 +200,27 @@ impl RedisCluster {
         );
     }
 
-    /// Waits until every live node reports `cluster_state:ok` with all slots assigned,
-    /// knows every node, sees `slot` (when given) served by the same master as the
-    /// others do, and every replica's link to its master is up.
-    async fn wait_consistent(&self, slot: Option<u16>) {
+    /// Waits until every live node reports `cluster_state:ok` with all slots assigned
+    /// and knows every node, every replica's link to its master is up, and every node's
+    /// view agrees with what each live node says of itself (role, master, slots): until
+    /// then, a client may be told of a replica that is not one yet.
+    async fn wait_consistent(&self) {
         let ports = self.live_ports();
         let count = self.processes.len();
-        eventually("every cluster node agrees and is ok", || {
+        eventually("every cluster node is ok and agrees", || {
             let ports = ports.clone();
             async move {
-                let mut owners = Vec::new();
+                let mut views = Vec::new();
                 for &port in &ports {
-                    let info = resp::command(port, &["CLUSTER", "INFO"]).await.ok()?;
-                    let info = info.text()?;
-                    let ok = info.contains("cluster_state:ok")
-                        && info.contains("cluster_slots_assigned:16384")
-                        && info.contains(&format!("cluster_known_nodes:{count}"));
                     let view = View::of(port).await?;
-                    let linked = match view.myself()?.is_master() {
-                        true => true,
-                        false => replica_linked(port).await?,
-                    };
-                    owners.push(slot.map(|slot| view.owner_of(slot).map(|n| n.id.clone())));
-                    if !(ok && linked) {
-                        return None;
-                    }
+                    let ok = node_ok(port, count, view.myself()?.is_master()).await?;
+                    ok.then_some(())?;
+                    views.push(view);
                 }
-                owners.windows(2).all(|w| w[0] == w[1]).then_some(())
+                let selves: Vec<&NodeLine> =
+                    views.iter().map(View::myself).collect::<Option<_>>()?;
+                let agree = (views.iter()).all(|view| selves.iter().all(|me| view.agrees(me)));
+                agree.then_some(())
             }
         })
         .await;
@@ -308,7 +302,7 @@ impl RedisCluster {
         })
         .await;
         self.wait_owner(slot, promoted).await;
-        self.wait_consistent(Some(slot)).await;
+        self.wait_consistent().await;
         self.refresh().await;
         promoted
     }
@@ -376,7 +370,7 @@ impl RedisCluster {
             ok(master, &["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]).await;
         }
         self.wait_owner(slot, to).await;
-        self.wait_consistent(Some(slot)).await;
+        self.wait_consistent().await;
         self.refresh().await;
     }
 
@@ -414,8 +408,19 @@ impl Drop for RedisCluster {
     }
 }
 
-/// Whether the replica on `port` has its replication link up (`ROLE` says `connected`).
-async fn replica_linked(port: u16) -> Option<bool> {
+/// Whether the node on `port` says the cluster is ok with all slots assigned and
+/// `count` nodes known, and (a replica) that its link to its master is up.
+async fn node_ok(port: u16, count: usize, master: bool) -> Option<bool> {
+    let info = resp::command(port, &["CLUSTER", "INFO"])
+        .await
+        .ok()?
+        .text()?;
+    let ok = info.contains("cluster_state:ok")
+        && info.contains("cluster_slots_assigned:16384")
+        && info.contains(&format!("cluster_known_nodes:{count}\r\n"));
+    if !ok || master {
+        return Some(ok);
+    }
     let role = resp::command(port, &["ROLE"]).await.ok()?.into_array();
     Some(role.get(3).and_then(Reply::text).as_deref() == Some("connected"))
 }

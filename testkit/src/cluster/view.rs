@@ -42,6 +42,15 @@ impl NodeLine {
         self.flags.iter().any(|f| f == "master")
     }
 
+    /// Whether this view of a node says what `other` (another view of it) says: the
+    /// same role, master and slots.
+    pub fn agrees(&self, other: &NodeLine) -> bool {
+        self.id == other.id
+            && self.is_master() == other.is_master()
+            && self.master_id == other.master_id
+            && self.slots == other.slots
+    }
+
     fn serves(&self, slot: u16) -> bool {
         self.is_master() && self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
     }
@@ -79,6 +88,11 @@ impl View {
 
     pub fn by_id(&self, id: &str) -> Option<&NodeLine> {
         self.lines.iter().find(|l| l.id == id)
+    }
+
+    /// Whether this view says of `node` what `node` says of itself.
+    pub fn agrees(&self, node: &NodeLine) -> bool {
+        self.by_id(&node.id).is_some_and(|line| line.agrees(node))
     }
 
     /// The master this node believes serves `slot`.
@@ -120,5 +134,20 @@ e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0
             30004,
             "hostnames are ignored"
         );
+    }
+
+    #[test]
+    fn a_view_that_missed_a_replication_disagrees_with_the_replica() {
+        let view = View::parse(NODES).unwrap();
+        let replica = view.by_port(30005).unwrap().clone();
+        assert!(view.agrees(&replica));
+        let stale = NODES.replace(
+            "30005@31005 slave 67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1",
+            "30005@31005 master -",
+        );
+        assert!(!View::parse(&stale).unwrap().agrees(&replica));
+        let moved = NODES.replace("connected 5461-10922", "connected 5462-10922");
+        let master = view.by_port(30002).unwrap();
+        assert!(!View::parse(&moved).unwrap().agrees(master));
     }
 }
