@@ -61,6 +61,19 @@ impl ClusterNode {
     }
 }
 
+/// A slot between [`RedisCluster::begin_migration`] and
+/// [`RedisCluster::finish_migration`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub slot: u16,
+    /// The source master's port.
+    pub from: u16,
+    /// The destination master's port.
+    pub to: u16,
+    from_id: String,
+    to_id: String,
+}
+
 /// One redis-server process of the cluster.
 struct Process {
     port: u16,
@@ -322,52 +335,81 @@ impl RedisCluster {
     }
 
     /// Moves `slot` and its keys from the master on port `from` to the one on `to`, as
-    /// the cluster specification describes: `IMPORTING`/`MIGRATING`, `MIGRATE ... KEYS`
-    /// in batches from `CLUSTER GETKEYSINSLOT`, then `SETSLOT ... NODE` on every master.
-    /// Waits until every live node agrees that `to` serves it.
+    /// the cluster specification describes: [`RedisCluster::begin_migration`], all of
+    /// [`RedisCluster::move_keys`], [`RedisCluster::finish_migration`].
     pub async fn migrate_slot(&mut self, slot: u16, from: u16, to: u16) {
+        let migration = self.begin_migration(slot, from, to).await;
+        while !self.move_keys(&migration, usize::MAX).await.is_empty() {}
+        self.finish_migration(migration).await;
+    }
+
+    /// `CLUSTER SETSLOT <slot> IMPORTING` on `to`, then `MIGRATING` on `from`: from now
+    /// on `from` answers `ASK` for the slot's keys it no longer has.
+    pub async fn begin_migration(&self, slot: u16, from: u16, to: u16) -> Migration {
         let id = |port: u16| {
             let node = self.nodes.iter().find(|n| n.port == port);
             node.expect("a node of this cluster").id.clone()
         };
-        let (from_id, to_id) = (id(from), id(to));
-        assert_eq!(
-            self.master_of(slot).await,
+        let migration = Migration {
+            slot,
             from,
-            "{from} serves slot {slot}"
-        );
-        let slot_arg = slot.to_string();
-        ok(
             to,
-            &["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id],
-        )
-        .await;
-        ok(
-            from,
-            &["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id],
-        )
-        .await;
-        loop {
-            let batch = ["CLUSTER", "GETKEYSINSLOT", &slot_arg, "100"];
-            let keys = expect_reply(from, &batch).await.into_array();
+            from_id: id(from),
+            to_id: id(to),
+        };
+        let owner = self.master_of(slot).await;
+        assert_eq!(owner, from, "{from} serves slot {slot}");
+        let slot = slot.to_string();
+        let importing = ["CLUSTER", "SETSLOT", &slot, "IMPORTING", &migration.from_id];
+        ok(to, &importing).await;
+        let migrating = ["CLUSTER", "SETSLOT", &slot, "MIGRATING", &migration.to_id];
+        ok(from, &migrating).await;
+        migration
+    }
+
+    /// Moves up to `max` of the slot's keys (`MIGRATE ... KEYS` in batches of at most
+    /// 100 from `CLUSTER GETKEYSINSLOT`); returns those moved, none once all have been.
+    pub async fn move_keys(&self, migration: &Migration, max: usize) -> Vec<Vec<u8>> {
+        let (slot, to) = (migration.slot.to_string(), migration.to.to_string());
+        let mut moved = Vec::new();
+        while moved.len() < max {
+            let batch = (max - moved.len()).min(100).to_string();
+            let getkeys = ["CLUSTER", "GETKEYSINSLOT", &slot, &batch];
+            let keys = expect_reply(migration.from, &getkeys).await.into_array();
+            let keys: Vec<Vec<u8>> = (keys.into_iter())
+                .filter_map(|key| match key {
+                    Reply::Bulk(Some(key)) => Some(key),
+                    _ => None,
+                })
+                .collect();
             if keys.is_empty() {
                 break;
             }
-            let to_arg = to.to_string();
-            let mut migrate = ["MIGRATE", "127.0.0.1", &to_arg, "", "0", "5000", "KEYS"]
-                .map(|a| a.as_bytes().to_vec())
-                .to_vec();
-            migrate.extend(keys.into_iter().filter_map(|key| match key {
-                Reply::Bulk(Some(key)) => Some(key),
-                _ => None,
-            }));
-            ok(from, &migrate).await;
+            let migrate = ["MIGRATE", "127.0.0.1", &to, "", "0", "5000", "KEYS"];
+            let mut migrate: Vec<Vec<u8>> = migrate.map(|a| a.as_bytes().to_vec()).to_vec();
+            migrate.extend(keys.iter().cloned());
+            ok(migration.from, &migrate).await;
+            moved.extend(keys);
         }
+        moved
+    }
+
+    /// `CLUSTER SETSLOT <slot> NODE <to>` on every master, and waits until every live
+    /// node agrees that `to` serves the slot. Keys still on `from` are lost to clients.
+    pub async fn finish_migration(&mut self, migration: Migration) {
+        let Migration { slot, from, to, .. } = migration;
+        let node = [
+            "CLUSTER",
+            "SETSLOT",
+            &slot.to_string(),
+            "NODE",
+            &migration.to_id,
+        ];
         // Destination first, so the slot is never served by nobody.
         let mut masters = vec![to, from];
         masters.extend(self.masters().into_iter().filter(|&m| m != to && m != from));
         for master in masters {
-            ok(master, &["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]).await;
+            ok(master, &node).await;
         }
         self.wait_owner(slot, to).await;
         self.wait_consistent().await;

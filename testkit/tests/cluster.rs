@@ -137,6 +137,43 @@ async fn a_migrated_slot_takes_its_keys_and_clients_follow_moved() {
 }
 
 #[tokio::test]
+async fn mid_migration_the_source_answers_ask_for_moved_keys_only() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let keys: Vec<String> = (0..10).map(|i| format!("{{ask}}{i}")).collect();
+    let slot = slot_of(&keys[0]);
+    for key in &keys {
+        send(&cluster, &["SET", key, key]).await;
+    }
+    let from = cluster.master_of(slot).await;
+    let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
+
+    let migration = cluster.begin_migration(slot, from, to).await;
+    let moved: Vec<String> = (cluster.move_keys(&migration, 3).await.into_iter())
+        .map(|key| String::from_utf8(key).unwrap())
+        .collect();
+    assert_eq!(moved.len(), 3);
+    let kept = keys.iter().find(|&k| !moved.contains(k)).unwrap();
+    let moved = &moved[0];
+
+    let ask = resp::command(from, &["GET", moved]).await.unwrap();
+    assert_eq!(ask, Reply::Error(format!("ASK {slot} 127.0.0.1:{to}")));
+    assert_eq!(
+        resp::command(from, &["GET", kept]).await.unwrap(),
+        bulk(kept)
+    );
+    let mut target = resp::Conn::connect(to).await.unwrap();
+    target.cmd(&["ASKING"]).await.unwrap();
+    assert_eq!(target.cmd(&["GET", moved]).await.unwrap(), bulk(moved));
+
+    while !cluster.move_keys(&migration, usize::MAX).await.is_empty() {}
+    cluster.finish_migration(migration).await;
+    assert_eq!(cluster.master_of(slot).await, to);
+    for key in &keys {
+        assert_eq!(send(&cluster, &["GET", key]).await.0, bulk(key));
+    }
+}
+
+#[tokio::test]
 async fn a_dropped_cluster_leaves_no_process_or_dir_behind() {
     let cluster = RedisCluster::start(3, 1).await;
     let ports: Vec<u16> = cluster.nodes().iter().map(|n| n.port).collect();
