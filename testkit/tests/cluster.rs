@@ -25,6 +25,12 @@ async fn send(cluster: &RedisCluster, args: &[&str]) -> (Reply, usize) {
     panic!("{args:?} redirected too often");
 }
 
+/// [`send`] of `SET key value`, which must succeed.
+async fn set(cluster: &RedisCluster, key: &str, value: &str) {
+    let (reply, _) = send(cluster, &["SET", key, value]).await;
+    assert_eq!(reply, Reply::Status("OK".into()), "SET {key}");
+}
+
 fn bulk(text: &str) -> Reply {
     Reply::Bulk(Some(text.as_bytes().to_vec()))
 }
@@ -60,8 +66,7 @@ async fn a_cluster_serves_keys_on_every_master() {
 
     for &master in &masters {
         let key = key_on(&cluster, master).await;
-        let (reply, _) = send(&cluster, &["SET", &key, "v"]).await;
-        assert_eq!(reply, Reply::Status("OK".into()));
+        set(&cluster, &key, "v").await;
         assert_eq!(
             resp::command(master, &["GET", &key]).await.unwrap(),
             bulk("v")
@@ -84,9 +89,13 @@ async fn killing_a_master_promotes_its_replica_and_its_slot_serves_again() {
         .find(|n| n.master == Some(master))
         .expect("the master has a replica")
         .port;
-    send(&cluster, &["SET", "{fail}key", "kept"]).await;
-    // Replication is asynchronous: wait until the replica has the write.
-    let acked = resp::command(master, &["WAIT", "1", "5000"]).await.unwrap();
+    let mut writer = resp::Conn::connect(master).await.unwrap();
+    let reply = writer.cmd(&["SET", "{fail}key", "kept"]).await.unwrap();
+    assert_eq!(reply, Reply::Status("OK".into()));
+    // Replication is asynchronous: wait until the replica has the write. On the
+    // writer's connection: WAIT waits for that client's last write, and on another
+    // connection returns at once.
+    let acked = writer.cmd(&["WAIT", "1", "5000"]).await.unwrap();
     assert_eq!(acked, Reply::Int(1));
 
     let promoted = cluster.kill_master_of(slot).await;
@@ -100,8 +109,7 @@ async fn killing_a_master_promotes_its_replica_and_its_slot_serves_again() {
         .seeds()
         .contains(&format!("redis://127.0.0.1:{master}")));
     assert_eq!(send(&cluster, &["GET", "{fail}key"]).await.0, bulk("kept"));
-    let (reply, _) = send(&cluster, &["SET", "{fail}key", "new"]).await;
-    assert_eq!(reply, Reply::Status("OK".into()));
+    set(&cluster, "{fail}key", "new").await;
 }
 
 #[tokio::test]
@@ -110,7 +118,7 @@ async fn a_migrated_slot_takes_its_keys_and_clients_follow_moved() {
     let keys: Vec<String> = (0..250).map(|i| format!("{{moving}}{i}")).collect();
     let slot = slot_of(&keys[0]);
     for key in &keys {
-        send(&cluster, &["SET", key, key]).await;
+        set(&cluster, key, key).await;
     }
     let from = cluster.master_of(slot).await;
     let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
@@ -142,7 +150,7 @@ async fn mid_migration_the_source_answers_ask_for_moved_keys_only() {
     let keys: Vec<String> = (0..10).map(|i| format!("{{ask}}{i}")).collect();
     let slot = slot_of(&keys[0]);
     for key in &keys {
-        send(&cluster, &["SET", key, key]).await;
+        set(&cluster, key, key).await;
     }
     let from = cluster.master_of(slot).await;
     let to = *cluster.masters().iter().find(|&&m| m != from).unwrap();
