@@ -5,8 +5,11 @@
 //!
 //! It owns the faults a cluster test needs and waits until each is over, always with a
 //! deadline: a master killed and its replica promoted ([`RedisCluster::kill_master_of`]),
-//! a slot migrated to another master ([`RedisCluster::migrate_slot`]). What it knows of
-//! the cluster ([`RedisCluster::nodes`]) is re-read from `CLUSTER NODES` after each.
+//! a killed node back as a replica ([`RedisCluster::restart`]), a slot migrated to
+//! another master at once ([`RedisCluster::migrate_slot`]) or step by step, so that a
+//! test can act while the source answers `ASK` ([`RedisCluster::begin_migration`]).
+//! What it knows of the cluster ([`RedisCluster::nodes`]) is re-read from `CLUSTER
+//! NODES` after each, once every node agrees.
 
 mod slot;
 mod view;
@@ -77,6 +80,7 @@ pub struct Migration {
 /// One redis-server process of the cluster.
 struct Process {
     port: u16,
+    bus_port: u16,
     child: Option<Child>,
 }
 
@@ -108,7 +112,7 @@ impl RedisCluster {
             cluster.processes.push(process);
         }
         for i in 0..count {
-            cluster.wait_up(i).await;
+            cluster.wait_up(i, true).await;
         }
         cluster.create(replicas_per_master).await;
         cluster.wait_consistent().await;
@@ -156,14 +160,15 @@ impl RedisCluster {
             .expect("redis-server is installed (the CI script installs it)");
         Process {
             port,
+            bus_port,
             child: Some(child),
         }
     }
 
-    /// Waits until node `i` answers as itself (`INFO server` gives its pid). A node whose
-    /// port or bus port another process took after [`free_ports`] chose them exits at
-    /// once; it is started again on other ports.
-    async fn wait_up(&mut self, i: usize) {
+    /// Waits until node `i` answers as itself (`INFO server` gives its pid). A new node
+    /// (`may_move`) whose port or bus port another process took after [`free_ports`]
+    /// chose them exits at once; it is started again on other ports.
+    async fn wait_up(&mut self, i: usize, may_move: bool) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let port = self.processes[i].port;
@@ -173,6 +178,7 @@ impl RedisCluster {
             );
             let child = self.processes[i].child.as_mut().expect("launched");
             if child.try_wait().expect("waitpid").is_some() {
+                assert!(may_move, "redis-server on port {port} exited (port taken?)");
                 let _ = std::fs::remove_dir_all(self.dir.join(port.to_string()));
                 let ports = free_ports(2).expect("free ports");
                 self.processes[i] = self.launch(ports[0], ports[1]);
@@ -335,6 +341,19 @@ impl RedisCluster {
             node.role = Role::Killed;
             node.master = None;
         }
+    }
+
+    /// Starts the killed node on `port` again, on the same ports and with its own
+    /// `nodes.conf`: it rejoins as a replica of whoever took its slots. Waits until it
+    /// is in sync and every node agrees.
+    pub async fn restart(&mut self, port: u16) {
+        let i =
+            (self.processes.iter().position(|p| p.port == port)).expect("a node of this cluster");
+        assert!(self.processes[i].child.is_none(), "{port} was killed");
+        self.processes[i] = self.launch(port, self.processes[i].bus_port);
+        self.wait_up(i, false).await;
+        self.wait_consistent().await;
+        self.refresh().await;
     }
 
     /// Moves `slot` and its keys from the master on port `from` to the one on `to`, as

@@ -113,6 +113,23 @@ async fn killing_a_master_promotes_its_replica_and_its_slot_serves_again() {
 }
 
 #[tokio::test]
+async fn a_killed_master_restarts_as_a_replica_of_its_successor() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let slot = slot_of("{back}");
+    let master = cluster.master_of(slot).await;
+    let promoted = cluster.kill_master_of(slot).await;
+
+    cluster.restart(master).await;
+
+    let node = cluster.nodes().iter().find(|n| n.port == master).unwrap();
+    assert_eq!((node.role, node.master), (Role::Replica, Some(promoted)));
+    assert_eq!(cluster.master_of(slot).await, promoted);
+    assert_eq!(cluster.masters().len(), 3);
+    let role = resp::command(master, &["ROLE"]).await.unwrap().into_array();
+    assert_eq!(role[0].text().as_deref(), Some("slave"));
+}
+
+#[tokio::test]
 async fn a_migrated_slot_takes_its_keys_and_clients_follow_moved() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let keys: Vec<String> = (0..250).map(|i| format!("{{moving}}{i}")).collect();
