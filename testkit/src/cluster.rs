@@ -88,8 +88,33 @@ struct Process {
 /// when dropped (kept, with each node's `redis.log`, when a test panics).
 pub struct RedisCluster {
     dir: PathBuf,
+    /// More arguments for every node's command line.
+    args: Vec<String>,
     processes: Vec<Process>,
     nodes: Vec<ClusterNode>,
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// At least 3.
+    pub masters: usize,
+    pub replicas_per_master: usize,
+    /// More arguments for every node, after the launcher's own (so they win), e.g.
+    /// `--cluster-require-full-coverage no`: by default every node refuses every key
+    /// (`CLUSTERDOWN`) from the moment a master is marked failed until its replica is
+    /// promoted (about 1 s here).
+    pub args: Vec<String>,
+}
+
+impl ClusterOptions {
+    pub fn new(masters: usize, replicas_per_master: usize) -> ClusterOptions {
+        ClusterOptions {
+            masters,
+            replicas_per_master,
+            args: Vec::new(),
+        }
+    }
 }
 
 impl RedisCluster {
@@ -98,9 +123,20 @@ impl RedisCluster {
     /// agree on who serves and replicates what, and every replica's link to its master
     /// is up. About 2 s for 3 + 3 nodes. Panics when it cannot (CI installs redis).
     pub async fn start(masters: usize, replicas_per_master: usize) -> RedisCluster {
+        RedisCluster::start_with(ClusterOptions::new(masters, replicas_per_master)).await
+    }
+
+    /// [`RedisCluster::start`] with `options`.
+    pub async fn start_with(options: ClusterOptions) -> RedisCluster {
+        let ClusterOptions {
+            masters,
+            replicas_per_master,
+            args,
+        } = options;
         assert!(masters >= 3, "Redis Cluster needs at least 3 masters");
         let mut cluster = RedisCluster {
             dir: unique_dir(),
+            args,
             processes: Vec::new(),
             nodes: Vec::new(),
         };
@@ -154,6 +190,7 @@ impl RedisCluster {
         .map(String::from);
         let child = Command::new("redis-server")
             .args(&args)
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -16,6 +16,6 @@ pub mod redis;
 pub mod resp;
 pub mod wait;
 
-pub use cluster::{slot_of, ClusterNode, Migration, RedisCluster, Role};
+pub use cluster::{slot_of, ClusterNode, ClusterOptions, Migration, RedisCluster, Role};
 pub use redis::{RedisOptions, RedisServer, StartError};
 pub use wait::{eventually, free_port, free_ports, wait_listening, NotListening, DEADLINE};

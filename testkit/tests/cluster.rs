@@ -6,7 +6,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use corral_testkit::resp::{self, Reply};
-use corral_testkit::{slot_of, RedisCluster, Role};
+use corral_testkit::{slot_of, ClusterOptions, RedisCluster, Role};
 
 /// Sends `args` to the cluster as a client would: to any master first, then wherever
 /// `MOVED` points. Returns the reply and how many redirects it took.
@@ -195,6 +195,20 @@ async fn mid_migration_the_source_answers_ask_for_moved_keys_only() {
     assert_eq!(cluster.master_of(slot).await, to);
     for key in &keys {
         assert_eq!(send(&cluster, &["GET", key]).await.0, bulk(key));
+    }
+}
+
+#[tokio::test]
+async fn extra_arguments_reach_every_node() {
+    let mut options = ClusterOptions::new(3, 1);
+    options.args = ["--cluster-require-full-coverage", "no"]
+        .map(String::from)
+        .to_vec();
+    let cluster = RedisCluster::start_with(options).await;
+    for node in cluster.nodes() {
+        let config = ["CONFIG", "GET", "cluster-require-full-coverage"];
+        let reply = resp::command(node.port, &config).await.unwrap();
+        assert_eq!(reply.into_array()[1], bulk("no"), "node {}", node.port);
     }
 }
 
