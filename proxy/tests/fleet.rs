@@ -469,3 +469,140 @@ async fn head_on_another_instance_after_a_failed_fleet_fill_gets_its_error_witho
     assert_eq!(head.header("content-length"), None, "{head:?}");
     assert_eq!(h.origin.requests(), 1, "one upstream request fleet-wide");
 }
+
+/// Commands the clients of `redis` send (not those its scripts run), from a `MONITOR`
+/// connection, until the `ECHO` of `sentinel` sent by the test itself shows up.
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl Monitor {
+    async fn start(redis: &RedisServer) -> Monitor {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(redis.addr()).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Monitor { lines }
+    }
+
+    /// Client commands seen until `sentinel` (echoed by `conn`), in order.
+    async fn until(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+    ) -> Vec<String> {
+        let _: String = redis::cmd("ECHO")
+            .arg(sentinel)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .expect("the sentinel shows up in MONITOR")
+                .unwrap()
+                .expect("MONITOR stays open");
+            if line.contains("\"ECHO\"") && line.contains(sentinel) {
+                return seen;
+            }
+            if !line.contains("[0 lua]") {
+                seen.push(line);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_miss_costs_at_most_three_redis_round_trips() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default().redis(&redis.url()).start().await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&redis).await;
+    // The first fill loads the scripts; the one measured runs them by hash.
+    assert_eq!(h.get("/warm").await.status, StatusCode::OK);
+    monitor.until(&mut conn, "warm").await;
+
+    let reply = h.get("/cold").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.cache_status().contains("stored"),
+        "{}",
+        reply.cache_status()
+    );
+    let commands = monitor.until(&mut conn, "after-miss").await;
+    assert!(
+        commands.len() <= 3,
+        "one GET, one script to lock, one to write, tell and unlock: {commands:#?}"
+    );
+    // And the fill was whole: stored, told, unlocked.
+    let key = key_of(&h, "/cold");
+    let keys = h.server.proxy().cache().shared().unwrap().keys(&key);
+    let entry: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(&keys.entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(entry.is_some(), "the entry is in Redis");
+    let lock: Option<String> = redis::cmd("GET")
+        .arg(&keys.lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lock, None, "the lock is free");
+    assert!(
+        commands.iter().any(|c| c.contains("EVALSHA")),
+        "{commands:#?}"
+    );
+    assert_eq!(h.origin.requests_for("/cold"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_the_lock() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default().redis(&redis.url()).start().await;
+    let (_fleet, lock, shared) = outsider(&h).await;
+    let key = key_of(&h, "/landed");
+    assert!(
+        matches!(
+            lock.try_acquire_unless_filled(&key).await,
+            LockTry::Acquired(_)
+        ),
+        "nothing stored: the attempt takes the lock"
+    );
+    // Another fill's entry lands under a key (fresh for the origin's hour).
+    assert_eq!(h.get("/landed-source").await.status, StatusCode::OK);
+    let source = key_of(&h, "/landed-source");
+    let stored = shared
+        .get(&source)
+        .await
+        .expect("the source entry is in Redis");
+    let key = key_of(&h, "/fresh");
+    assert_eq!(
+        shared.put(&key, &stored, 0).await,
+        PutOutcome::Stored,
+        "written under a key never locked"
+    );
+    assert!(
+        matches!(lock.try_acquire_unless_filled(&key).await, LockTry::Filled),
+        "a fresh entry there: the attempt says so and takes no lock"
+    );
+    let keys = shared.keys(&key);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&keys.lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "the lock was left alone");
+}

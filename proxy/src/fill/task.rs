@@ -177,19 +177,7 @@ impl Filler {
 
         let end = self.fetch(job, fill_key).await;
 
-        let fence = lease.as_ref().map_or(0, |l| l.fence);
-        let mut lease = lease;
-        // A pass this request caused: free the lock before telling the fleet to
-        // retry, so the instances that retry find it free.
-        if matches!(&end.outcome, FillOutcome::Uncacheable(r) if r.waiters_retry()) {
-            if let Some(lease) = lease.take() {
-                fleet.release(lease).await;
-            }
-        }
-        fleet.publish_outcome(fill_key, &end.outcome, fence).await;
-        if let Some(lease) = lease {
-            fleet.release(lease).await;
-        }
+        fleet.finish(fill_key, &end.outcome, lease).await;
         end
     }
 }
