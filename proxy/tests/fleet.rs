@@ -486,11 +486,29 @@ impl Monitor {
         Monitor { lines }
     }
 
+    /// Every command (scripts' too) seen until `sentinel` (echoed by `conn`), in order.
+    async fn until_all(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+    ) -> Vec<String> {
+        self.read(conn, sentinel, true).await
+    }
+
     /// Client commands seen until `sentinel` (echoed by `conn`), in order.
     async fn until(
         &mut self,
         conn: &mut redis::aio::MultiplexedConnection,
         sentinel: &str,
+    ) -> Vec<String> {
+        self.read(conn, sentinel, false).await
+    }
+
+    async fn read(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+        scripts_too: bool,
     ) -> Vec<String> {
         let _: String = redis::cmd("ECHO")
             .arg(sentinel)
@@ -508,7 +526,7 @@ impl Monitor {
             if line.contains("\"ECHO\"") && line.contains(sentinel) {
                 return seen;
             }
-            if !line.contains("[0 lua]") {
+            if scripts_too || !line.contains("[0 lua]") {
                 seen.push(line);
             }
         }
@@ -605,4 +623,80 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
         .await
         .unwrap();
     assert_eq!(held, None, "the lock was left alone");
+}
+
+/// A GET of `path` with `headers`, sent to `server`.
+async fn get_with_from(
+    server: &RunningServer,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> support::Reply {
+    let mut req = http::Request::get(format!("http://{}{}", server.listen_addr(), path));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(http_body_util::Full::default()).unwrap();
+    let res = tokio::time::timeout(DEADLINE, support::client().request(req))
+        .await
+        .expect("answered")
+        .expect("request succeeds");
+    support::Reply::read(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fill_event_goes_out_only_after_the_purge_tags_are_written() {
+    let redis = RedisServer::start().await;
+    let tagged = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7".into())],
+        ..OriginBehaviour::default()
+    };
+    let h = Setup::origin(tagged)
+        .redis(&redis.url())
+        .route("tag_header = \"surrogate-key\"")
+        .start()
+        .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&redis).await;
+    monitor.until(&mut conn, "start").await;
+    assert_eq!(h.get("/tagged").await.status, StatusCode::OK);
+    let seen = monitor.until_all(&mut conn, "after-fill").await;
+    let position = |what: &dyn Fn(&str) -> bool| seen.iter().position(|l| what(l));
+    let published = position(&|l| l.contains("\"PUBLISH\""))
+        .unwrap_or_else(|| panic!("the fill was published: {seen:#?}"));
+    let tagged = position(&|l| l.contains("\"SADD\"") && l.contains("tag:product-7"))
+        .unwrap_or_else(|| panic!("the tag was written: {seen:#?}"));
+    assert!(
+        tagged < published,
+        "a client woken to the entry can purge it by its tag: {seen:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_does_not_know_a_response_varies_fetches_its_own_variant() {
+    let redis = RedisServer::start().await;
+    let varying = OriginBehaviour {
+        headers: vec![("vary".into(), "accept-language".into())],
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(varying)
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let en = get_with_from(&h.server, "/v", &[("accept-language", "en")]).await;
+    assert_eq!(en.status, StatusCode::OK);
+    assert_eq!(h.origin.requests_for("/v"), 1);
+    // The other instance never saw /v: it looks under the primary key, where Redis
+    // holds the en variant.
+    let fr = get_with_from(&others[0], "/v", &[("accept-language", "fr")]).await;
+    assert_eq!(fr.status, StatusCode::OK);
+    assert_eq!(
+        h.origin.requests_for("/v"),
+        2,
+        "the fr variant was fetched, not served from the en entry (cache-status: {})",
+        fr.cache_status()
+    );
 }

@@ -30,7 +30,9 @@ use crate::redis::{FillEvent, Redis, RedisKeys};
 /// the lock token to release after ("": none); `ARGV[5]`, `ARGV[6]`: the channel and
 /// message that tell the fleet ("": none). Returns 1 when written, 0 when fenced off
 /// (then nothing is told; the lock is still released if it is ours). One script, so a
-/// fill ends in one round trip: written, told, unlocked, in that order for everyone.
+/// fill ends in one round trip, seen by everyone at once: written, unlocked, told (the
+/// `PUBLISH` last, so a refused one, an ACL without channel rights, leaves the write
+/// and the release done).
 /// A counter that is not a number fences every write off until the next grant
 /// repairs it; a variant set or lock of another type is replaced or left (none may
 /// fail the script, which would read as a Redis outage).
@@ -52,8 +54,8 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
             redis.call('SADD', KEYS[2], KEYS[i])
         end
         if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIREAT', KEYS[2], ARGV[3]) end
-        if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
         release()
+        if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
         return 1",
     )
 });

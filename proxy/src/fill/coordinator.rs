@@ -51,20 +51,22 @@ impl Coordinator {
         &self.redis
     }
 
-    /// Becomes the fleet's filler of `key`, or waits for the one that is. Called only by
-    /// this instance's local permit holder. A `background` refresh does not wait: if
-    /// another instance holds the lock, that one refreshes.
+    /// Becomes the fleet's filler of `key` for a request with `headers`, or waits for
+    /// the one that is. Called only by this instance's local permit holder. A
+    /// `background` refresh does not wait: if another instance holds the lock, that one
+    /// refreshes. An entry of another variant found under the key is not this request's
+    /// fill.
     ///
     /// Order: register for events, then re-check Redis, then try the lock, then wait;
     /// so a fill that lands between the check and the wait still wakes us. The first
     /// re-check and the first attempt are one script on the single Redis (a fresh entry
     /// there ends the attempt with `Filled`), so an uncontended miss costs one round
-    /// trip here, not two. Every wait
-    /// is bounded by the lock TTL (a dead holder's lock expires) and the route's
-    /// `wait_timeout`.
+    /// trip here, not two. Every wait is bounded by the lock TTL (a dead holder's lock
+    /// expires) and the route's `wait_timeout`.
     pub(crate) async fn claim(
         &self,
         key: &CacheKey,
+        headers: &http::HeaderMap,
         wait: &WaitPolicy<'_>,
         background: bool,
     ) -> Claim {
@@ -77,7 +79,7 @@ impl Coordinator {
         let mut read_first = !self.lock.checks_entry();
         loop {
             if read_first || waited {
-                if let Some(entry) = self.filled(key, waited).await {
+                if let Some(entry) = self.filled(key, headers, waited).await {
                     return Claim::Done(FillOutcome::Filled(entry));
                 }
             }
@@ -130,14 +132,21 @@ impl Coordinator {
         }
     }
 
-    /// A fresh entry another instance stored for `key`, copied to the local tier.
+    /// A fresh entry another instance stored for `key` that serves a request with
+    /// `headers` (an instance that does not yet know the response varies looks under
+    /// the primary key, where any variant may be), copied to the local tier.
     ///
     /// Re-checked first, every round: the holder writes the entry before it releases
     /// the lock, so a free lock with a fresh entry means "filled".
-    async fn filled(&self, key: &CacheKey, waited: bool) -> Option<Arc<crate::cache::CacheEntry>> {
+    async fn filled(
+        &self,
+        key: &CacheKey,
+        headers: &http::HeaderMap,
+        waited: bool,
+    ) -> Option<Arc<CacheEntry>> {
         let started = Instant::now();
         let entry = self.shared.get(key).await?;
-        if !entry.freshness(SystemTime::now()).is_fresh() {
+        if !entry.freshness(SystemTime::now()).is_fresh() || !entry.matches_vary(headers) {
             return None;
         }
         if waited {
@@ -212,8 +221,8 @@ impl Coordinator {
         }
     }
 
-    /// The fenced write of a filled entry, telling the fleet (`message`) and freeing
-    /// `release` (a lease on this Redis) in the same script; then its purge tags.
+    /// The purge tags of a filled entry, then its fenced write, telling the fleet
+    /// (`message`) and freeing `release` (a lease on this Redis) in the same script.
     async fn write(
         &self,
         key: &CacheKey,
@@ -222,16 +231,17 @@ impl Coordinator {
         message: Option<&str>,
         release: Option<&Lease>,
     ) {
+        // Tags first: once the entry can be read (and waiters are woken to it), a purge
+        // of its tags finds it.
+        let rules = self.cache.local().tag_rules();
+        let tags = rules.tags_of(key.route(), &entry.headers);
+        self.shared.tag(key, entry, &tags).await;
         let after = AfterWrite {
             message,
             release: release.map(|l| (l.lock_key.as_str(), l.token.as_str())),
         };
         match self.shared.put_then(key, entry, fence, &after).await {
-            PutOutcome::Stored => {
-                let rules = self.cache.local().tag_rules();
-                let tags = rules.tags_of(key.route(), &entry.headers);
-                self.shared.tag(key, entry, &tags).await;
-            }
+            PutOutcome::Stored => {}
             PutOutcome::Fenced => {
                 tracing::info!(%key, fence, "a newer lock holder exists; this fill's entry was not written to the shared cache");
             }

@@ -154,7 +154,12 @@ impl Filler {
         };
         let background = job.kind == FillKind::Refresh;
         let lease = match fleet
-            .claim(fill_key, &WaitPolicy::of(&job.route), background)
+            .claim(
+                fill_key,
+                &job.client_headers,
+                &WaitPolicy::of(&job.route),
+                background,
+            )
             .await
         {
             Claim::Lead(lease) => lease,

@@ -145,7 +145,8 @@ impl Proxy {
         // A fill of this instance may have ended between our lookup and the acquire
         // (it stores before it frees the key). The local tier is enough: a fill of
         // another instance is found by the fleet claim's first attempt, in the same
-        // round trip as the lock.
+        // round trip as the lock. (Without coalescing there is no claim, and every
+        // request fetches anyway.)
         let now = SystemTime::now();
         if let Some(entry) = self.cache().local_fresh(key, &req.head.headers, now) {
             permit.complete(FillOutcome::Filled(Arc::clone(&entry)));

@@ -40,9 +40,10 @@ end
 ";
 
 /// KEYS: lock, fence, entry. ARGV: token, ttl ms, fence retention ms, check ("1": first
-/// look at the entry). Returns the fencing token of the grant, 0 when the lock is held,
-/// or -1 (with `check`) when the entry holds a value another fill stored that is still
-/// fresh by Redis's clock: the caller reads it instead of taking the lock, which spares
+/// look at the entry), the caller's clock (Unix ms). Returns the fencing token of the
+/// grant, 0 when the lock is held, or -1 (with `check`) when the entry holds a value
+/// another fill stored that is still fresh by the caller's clock (the clock every other
+/// freshness decision of the instance uses): the caller reads it instead of taking the lock, which spares
 /// it a separate read before every attempt. The freshness read relies on the codec's
 /// fixed layout (`cache::codec`): "CRL", version 2, status, then `received_at` and,
 /// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
@@ -57,8 +58,7 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
                     local hi, lo = struct.unpack('>I4I4', string.sub(h, at, at + 7))
                     return hi * 4294967296 + lo
                 end
-                local now = redis.call('TIME')
-                if ms(7) + ms(23) > now[1] * 1000 + math.floor(now[2] / 1000) then return -1 end
+                if ms(7) + ms(23) > tonumber(ARGV[5]) then return -1 end
             end
         end
         if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -87,14 +87,19 @@ pub(crate) static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
-/// KEYS: lock. ARGV: token, channel, message. Tells the fleet how a fill ended (when
-/// `message` is not empty) and deletes the lock if it is still ours: one round trip.
+/// KEYS: lock. ARGV: token, channel, message. Deletes the lock if it is still ours and
+/// tells the fleet how the fill ended (when `message` is not empty): one round trip,
+/// the release first, so the instances told to retry find the lock free, and a refused
+/// `PUBLISH` leaves it released.
 static NOTIFY_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
+        local released = 0
+        if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+            released = redis.call('DEL', KEYS[1])
+        end
         if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
-        if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-        return 0",
+        return released",
     )
 });
 
@@ -132,6 +137,10 @@ impl RedisLock {
         let ttl_ms = self.ttl.as_millis() as u64;
         let (lock_key, fence_key, entry_key, t) =
             (keys.lock.clone(), keys.fence, keys.entry, token.clone());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         let fence = self
             .redis
             .run("lock acquire", |mut c| async move {
@@ -143,6 +152,7 @@ impl RedisLock {
                     .arg(ttl_ms)
                     .arg(FENCE_RETENTION_MS)
                     .arg(if check { "1" } else { "0" })
+                    .arg(now_ms)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
