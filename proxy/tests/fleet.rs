@@ -469,3 +469,234 @@ async fn head_on_another_instance_after_a_failed_fleet_fill_gets_its_error_witho
     assert_eq!(head.header("content-length"), None, "{head:?}");
     assert_eq!(h.origin.requests(), 1, "one upstream request fleet-wide");
 }
+
+/// Commands the clients of `redis` send (not those its scripts run), from a `MONITOR`
+/// connection, until the `ECHO` of `sentinel` sent by the test itself shows up.
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl Monitor {
+    async fn start(redis: &RedisServer) -> Monitor {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(redis.addr()).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Monitor { lines }
+    }
+
+    /// Every command (scripts' too) seen until `sentinel` (echoed by `conn`), in order.
+    async fn until_all(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+    ) -> Vec<String> {
+        self.read(conn, sentinel, true).await
+    }
+
+    /// Client commands seen until `sentinel` (echoed by `conn`), in order.
+    async fn until(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+    ) -> Vec<String> {
+        self.read(conn, sentinel, false).await
+    }
+
+    async fn read(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+        sentinel: &str,
+        scripts_too: bool,
+    ) -> Vec<String> {
+        let _: String = redis::cmd("ECHO")
+            .arg(sentinel)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let line = tokio::time::timeout_at(deadline, self.lines.next_line())
+                .await
+                .expect("the sentinel shows up in MONITOR")
+                .unwrap()
+                .expect("MONITOR stays open");
+            if line.contains("\"ECHO\"") && line.contains(sentinel) {
+                return seen;
+            }
+            if scripts_too || !line.contains("[0 lua]") {
+                seen.push(line);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_miss_costs_at_most_three_redis_round_trips() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default().redis(&redis.url()).start().await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&redis).await;
+    // The first fill loads the scripts; the one measured runs them by hash.
+    assert_eq!(h.get("/warm").await.status, StatusCode::OK);
+    monitor.until(&mut conn, "warm").await;
+
+    let reply = h.get("/cold").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(
+        reply.cache_status().contains("stored"),
+        "{}",
+        reply.cache_status()
+    );
+    let commands = monitor.until(&mut conn, "after-miss").await;
+    assert!(
+        commands.len() <= 3,
+        "one GET, one script to lock, one to write, tell and unlock: {commands:#?}"
+    );
+    // And the fill was whole: stored, told, unlocked.
+    let key = key_of(&h, "/cold");
+    let keys = h.server.proxy().cache().shared().unwrap().keys(&key);
+    let entry: Option<Vec<u8>> = redis::cmd("GET")
+        .arg(&keys.entry)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(entry.is_some(), "the entry is in Redis");
+    let lock: Option<String> = redis::cmd("GET")
+        .arg(&keys.lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lock, None, "the lock is free");
+    assert!(
+        commands.iter().any(|c| c.contains("EVALSHA")),
+        "{commands:#?}"
+    );
+    assert_eq!(h.origin.requests_for("/cold"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_the_lock() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default().redis(&redis.url()).start().await;
+    let (_fleet, lock, shared) = outsider(&h).await;
+    let key = key_of(&h, "/landed");
+    assert!(
+        matches!(
+            lock.try_acquire_unless_filled(&key).await,
+            LockTry::Acquired(_)
+        ),
+        "nothing stored: the attempt takes the lock"
+    );
+    // Another fill's entry lands under a key (fresh for the origin's hour).
+    assert_eq!(h.get("/landed-source").await.status, StatusCode::OK);
+    let source = key_of(&h, "/landed-source");
+    let stored = shared
+        .get(&source)
+        .await
+        .expect("the source entry is in Redis");
+    let key = key_of(&h, "/fresh");
+    assert_eq!(
+        shared.put(&key, &stored, 0).await,
+        PutOutcome::Stored,
+        "written under a key never locked"
+    );
+    assert!(
+        matches!(lock.try_acquire_unless_filled(&key).await, LockTry::Filled),
+        "a fresh entry there: the attempt says so and takes no lock"
+    );
+    let keys = shared.keys(&key);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&keys.lock)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, None, "the lock was left alone");
+}
+
+/// A GET of `path` with `headers`, sent to `server`.
+async fn get_with_from(
+    server: &RunningServer,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> support::Reply {
+    let mut req = http::Request::get(format!("http://{}{}", server.listen_addr(), path));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(http_body_util::Full::default()).unwrap();
+    let res = tokio::time::timeout(DEADLINE, support::client().request(req))
+        .await
+        .expect("answered")
+        .expect("request succeeds");
+    support::Reply::read(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fill_event_goes_out_only_after_the_purge_tags_are_written() {
+    let redis = RedisServer::start().await;
+    let tagged = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7".into())],
+        ..OriginBehaviour::default()
+    };
+    let h = Setup::origin(tagged)
+        .redis(&redis.url())
+        .route("tag_header = \"surrogate-key\"")
+        .start()
+        .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut monitor = Monitor::start(&redis).await;
+    monitor.until(&mut conn, "start").await;
+    assert_eq!(h.get("/tagged").await.status, StatusCode::OK);
+    let seen = monitor.until_all(&mut conn, "after-fill").await;
+    let position = |what: &dyn Fn(&str) -> bool| seen.iter().position(|l| what(l));
+    let published = position(&|l| l.contains("\"PUBLISH\""))
+        .unwrap_or_else(|| panic!("the fill was published: {seen:#?}"));
+    let tagged = position(&|l| l.contains("\"SADD\"") && l.contains("tag:product-7"))
+        .unwrap_or_else(|| panic!("the tag was written: {seen:#?}"));
+    assert!(
+        tagged < published,
+        "a client woken to the entry can purge it by its tag: {seen:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_does_not_know_a_response_varies_fetches_its_own_variant() {
+    let redis = RedisServer::start().await;
+    let varying = OriginBehaviour {
+        headers: vec![("vary".into(), "accept-language".into())],
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(varying)
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let en = get_with_from(&h.server, "/v", &[("accept-language", "en")]).await;
+    assert_eq!(en.status, StatusCode::OK);
+    assert_eq!(h.origin.requests_for("/v"), 1);
+    // The other instance never saw /v: it looks under the primary key, where Redis
+    // holds the en variant.
+    let fr = get_with_from(&others[0], "/v", &[("accept-language", "fr")]).await;
+    assert_eq!(fr.status, StatusCode::OK);
+    assert_eq!(
+        h.origin.requests_for("/v"),
+        2,
+        "the fr variant was fetched, not served from the en entry (cache-status: {})",
+        fr.cache_status()
+    );
+}

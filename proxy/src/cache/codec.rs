@@ -11,7 +11,10 @@
 //! ```
 //!
 //! The timings are stored as durations from `received_at`, so an entry means the same
-//! on every instance whatever its clock reads now.
+//! on every instance whatever its clock reads now. The first 30 bytes are read by the
+//! fleet lock's script too (`fill/lock/single.rs`: is a fresh entry there already?):
+//! a new version must keep `received_at` and `fresh_for` where they are, or change the
+//! script with it.
 //!
 //! A value read back is untrusted: the key prefix may be shared with other software,
 //! and Redis is another process. Decoding checks every length against what is left

@@ -25,28 +25,50 @@ use super::key::CacheKey;
 use crate::redis::{FillEvent, Redis, RedisKeys};
 
 /// `KEYS[1]`: the fence counter of the filled key; `KEYS[2]`: the primary's variant set;
-/// `KEYS[3..]`: where the entry goes. `ARGV[1]`: this write's fencing token; `ARGV[2]`: the
-/// encoded entry; `ARGV[3]`: expiry (Unix ms). Returns 1 when written, 0 when fenced off.
+/// `KEYS[3]`: the fill's lock; `KEYS[4..]`: where the entry goes. `ARGV[1]`: this write's
+/// fencing token; `ARGV[2]`: the encoded entry; `ARGV[3]`: expiry (Unix ms); `ARGV[4]`:
+/// the lock token to release after ("": none); `ARGV[5]`, `ARGV[6]`: the channel and
+/// message that tell the fleet ("": none). Returns 1 when written, 0 when fenced off
+/// (then nothing is told; the lock is still released if it is ours). One script, so a
+/// fill ends in one round trip, seen by everyone at once: written, unlocked, told (the
+/// `PUBLISH` last, so a refused one, an ACL without channel rights, leaves the write
+/// and the release done).
 /// A counter that is not a number fences every write off until the next grant
-/// repairs it; a variant set of another type is replaced (neither may fail the
-/// script, which would read as a Redis outage).
+/// repairs it; a variant set or lock of another type is replaced or left (none may
+/// fail the script, which would read as a Redis outage).
 static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
+        local function release()
+            if ARGV[4] ~= '' and redis.call('TYPE', KEYS[3])['ok'] == 'string'
+                and redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+        end
         local kind = redis.call('TYPE', KEYS[1])['ok']
         local granted = 0
         if kind ~= 'none' then granted = kind == 'string' and tonumber(redis.call('GET', KEYS[1])) end
-        if not granted or tonumber(ARGV[1]) < granted then return 0 end
+        if not granted or tonumber(ARGV[1]) < granted then release() return 0 end
         kind = redis.call('TYPE', KEYS[2])['ok']
         if kind ~= 'none' and kind ~= 'set' then redis.call('DEL', KEYS[2]) end
-        for i = 3, #KEYS do
+        for i = 4, #KEYS do
             redis.call('SET', KEYS[i], ARGV[2], 'PXAT', ARGV[3])
             redis.call('SADD', KEYS[2], KEYS[i])
         end
         if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIREAT', KEYS[2], ARGV[3]) end
+        release()
+        if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
         return 1",
     )
 });
+
+/// What a fill's write does in the same script besides writing: tell the fleet the
+/// fill ended, and free the fill's lock on this Redis.
+#[derive(Default)]
+pub(crate) struct AfterWrite<'a> {
+    /// The fill event's message (on the fleet's channel).
+    pub(crate) message: Option<&'a str>,
+    /// The lock key and this holder's token.
+    pub(crate) release: Option<(&'a str, &'a str)>,
+}
 
 /// Room in a value for what is not body: key, `Vary` values, headers.
 const VALUE_HEADROOM: u64 = 1 << 20;
@@ -153,9 +175,29 @@ impl SharedCache {
     /// entry that varies is written under its variant key and its primary key (where
     /// other instances, not yet knowing it varies, look first).
     pub async fn put(&self, fill_key: &CacheKey, entry: &CacheEntry, fence: u64) -> PutOutcome {
-        let fence_key = self.keys(fill_key).fence;
-        let variants_key = self.keys(fill_key).variants;
-        let mut targets = vec![self.keys(fill_key).entry];
+        self.put_then(fill_key, entry, fence, &AfterWrite::default())
+            .await
+    }
+
+    /// `put`, then (same script) what `after` says: tell the fleet, free the lock.
+    pub(crate) async fn put_then(
+        &self,
+        fill_key: &CacheKey,
+        entry: &CacheEntry,
+        fence: u64,
+        after: &AfterWrite<'_>,
+    ) -> PutOutcome {
+        let keys = self.keys(fill_key);
+        let (fence_key, variants_key) = (keys.fence, keys.variants);
+        let lock_key = after
+            .release
+            .map_or(keys.lock, |(lock, _)| lock.to_string());
+        let token = after.release.map_or("", |(_, token)| token).to_string();
+        let (channel, message) = match after.message {
+            Some(message) => (self.redis.channel(), message.to_string()),
+            None => (String::new(), String::new()),
+        };
+        let mut targets = vec![keys.entry];
         if !entry.vary.is_empty() {
             let primary = fill_key.primary_key();
             for key in [primary.clone(), primary.variant(&entry.vary_values)] {
@@ -175,11 +217,12 @@ impl SharedCache {
             .redis
             .run("fenced write", |mut c| async move {
                 let mut call = FENCED_WRITE.key(fence_key);
-                call.key(variants_key);
+                call.key(variants_key).key(lock_key);
                 for target in targets {
                     call.key(target);
                 }
                 call.arg(fence).arg(value.as_ref()).arg(expires_ms);
+                call.arg(token).arg(channel).arg(message);
                 call.invoke_async::<i64>(&mut c).await
             })
             .await;

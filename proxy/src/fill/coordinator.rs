@@ -6,8 +6,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::lock::{FleetLock, Lease, LockTry};
 use super::{FillOutcome, WaitPolicy};
-use crate::cache::shared::{PutOutcome, SharedCache};
-use crate::cache::{Cache, CacheKey, PassReason};
+use crate::cache::shared::{AfterWrite, PutOutcome, SharedCache};
+use crate::cache::{Cache, CacheEntry, CacheKey, PassReason};
 use crate::config::{LockSettings, OnWaitTimeout};
 use crate::redis::{FillEvent, Redis};
 use crate::upstream::FailureKind;
@@ -51,33 +51,55 @@ impl Coordinator {
         &self.redis
     }
 
-    /// Becomes the fleet's filler of `key`, or waits for the one that is. Called only by
-    /// this instance's local permit holder. A `background` refresh does not wait: if
-    /// another instance holds the lock, that one refreshes.
+    /// Becomes the fleet's filler of `key` for a request with `headers`, or waits for
+    /// the one that is. Called only by this instance's local permit holder. A
+    /// `background` refresh does not wait: if another instance holds the lock, that one
+    /// refreshes. An entry of another variant found under the key is not this request's
+    /// fill.
     ///
     /// Order: register for events, then re-check Redis, then try the lock, then wait;
-    /// so a fill that lands between the check and the wait still wakes us. Every wait
-    /// is bounded by the lock TTL (a dead holder's lock expires) and the route's
-    /// `wait_timeout`.
+    /// so a fill that lands between the check and the wait still wakes us. The first
+    /// re-check and the first attempt are one script on the single Redis (a fresh entry
+    /// there ends the attempt with `Filled`), so an uncontended miss costs one round
+    /// trip here, not two. Every wait is bounded by the lock TTL (a dead holder's lock
+    /// expires) and the route's `wait_timeout`.
     pub(crate) async fn claim(
         &self,
         key: &CacheKey,
+        headers: &http::HeaderMap,
         wait: &WaitPolicy<'_>,
         background: bool,
     ) -> Claim {
         let deadline = Instant::now() + wait.timeout;
         let mut events = self.redis.watch(key.as_str());
         let mut waited = false;
+        // Whether the shared tier must be read before the lock is tried: after a wait
+        // (the event said filled, or a holder died), when the lock cannot look at the
+        // entry itself (Redlock), or when it said a fresh entry is there.
+        let mut read_first = !self.lock.checks_entry();
         loop {
-            if let Some(entry) = self.filled(key, waited).await {
-                return Claim::Done(FillOutcome::Filled(entry));
+            if read_first || waited {
+                if let Some(entry) = self.filled(key, headers, waited).await {
+                    return Claim::Done(FillOutcome::Filled(entry));
+                }
             }
-            match self.lock.try_acquire(key).await {
+            let attempt = if read_first || waited {
+                self.lock.try_acquire(key).await
+            } else {
+                self.lock.claim_attempt(key).await
+            };
+            match attempt {
                 LockTry::Acquired(lease) => {
                     if waited {
                         self.redis.metrics.lock_takeover();
                     }
                     return Claim::Lead(Some(lease));
+                }
+                // Read it at the top (once: the next attempt takes the lock if the
+                // entry turns out unreadable or stale by this instance's clock).
+                LockTry::Filled => {
+                    read_first = true;
+                    continue;
                 }
                 LockTry::Unavailable => return Claim::Lead(None),
                 LockTry::Held if background => return Claim::Done(FillOutcome::Elsewhere),
@@ -110,14 +132,21 @@ impl Coordinator {
         }
     }
 
-    /// A fresh entry another instance stored for `key`, copied to the local tier.
+    /// A fresh entry another instance stored for `key` that serves a request with
+    /// `headers` (an instance that does not yet know the response varies looks under
+    /// the primary key, where any variant may be), copied to the local tier.
     ///
     /// Re-checked first, every round: the holder writes the entry before it releases
     /// the lock, so a free lock with a fresh entry means "filled".
-    async fn filled(&self, key: &CacheKey, waited: bool) -> Option<Arc<crate::cache::CacheEntry>> {
+    async fn filled(
+        &self,
+        key: &CacheKey,
+        headers: &http::HeaderMap,
+        waited: bool,
+    ) -> Option<Arc<CacheEntry>> {
         let started = Instant::now();
         let entry = self.shared.get(key).await?;
-        if !entry.freshness(SystemTime::now()).is_fresh() {
+        if !entry.freshness(SystemTime::now()).is_fresh() || !entry.matches_vary(headers) {
             return None;
         }
         if waited {
@@ -141,32 +170,82 @@ impl Coordinator {
         }
     }
 
-    /// Writes a filled entry to the shared tier under `fence` and tells the fleet how
-    /// the fill ended. The write comes first, so an instance woken by the event finds it.
-    pub(crate) async fn publish_outcome(&self, key: &CacheKey, outcome: &FillOutcome, fence: u64) {
+    /// Ends a fleet-wide fill: writes a filled entry to the shared tier (fenced by the
+    /// lease), tells the fleet how the fill ended, and frees the lock. The write comes
+    /// before the event, so an instance woken by it finds the entry. On the single Redis
+    /// the three are one script (one round trip); Redlock's lock is freed on its own
+    /// nodes after. Without a lease (Redis was unavailable at the claim) the entry is
+    /// written with fence 0 and the fleet told, as far as Redis answers now.
+    pub(crate) async fn finish(&self, key: &CacheKey, outcome: &FillOutcome, lease: Option<Lease>) {
+        let fence = lease.as_ref().map_or(0, |l| l.fence);
         let event = match outcome {
-            FillOutcome::Filled(entry) => match self.shared.put(key, entry, fence).await {
-                PutOutcome::Stored => {
-                    let rules = self.cache.local().tag_rules();
-                    let tags = rules.tags_of(key.route(), &entry.headers);
-                    self.shared.tag(key, entry, &tags).await;
-                    FillEvent::Filled(fence)
-                }
-                PutOutcome::Fenced => {
-                    tracing::info!(%key, fence, "a newer lock holder exists; this fill's entry was not written to the shared cache");
-                    return;
-                }
-                PutOutcome::Unavailable => return,
-            },
-            FillOutcome::Uncacheable(r) if r.waiters_retry() => FillEvent::Retry,
-            FillOutcome::Uncacheable(_) => FillEvent::Uncacheable,
-            FillOutcome::Shared(_) | FillOutcome::Failed(_) => FillEvent::Failed,
-            FillOutcome::HolderFailed | FillOutcome::Elsewhere => return,
+            FillOutcome::Filled(_) => Some(FillEvent::Filled(fence)),
+            FillOutcome::Uncacheable(r) if r.waiters_retry() => Some(FillEvent::Retry),
+            FillOutcome::Uncacheable(_) => Some(FillEvent::Uncacheable),
+            FillOutcome::Shared(_) | FillOutcome::Failed(_) => Some(FillEvent::Failed),
+            FillOutcome::HolderFailed | FillOutcome::Elsewhere => None,
         };
-        self.redis.publish(key.as_str(), event).await;
+        let message = event.map(|e| self.redis.event_message(key.as_str(), e));
+        match (outcome, &self.lock, lease) {
+            (FillOutcome::Filled(entry), FleetLock::Single(_), lease) => {
+                self.write(key, entry, fence, message.as_deref(), lease.as_ref())
+                    .await;
+            }
+            (FillOutcome::Filled(entry), FleetLock::Redlock(_), lease) => {
+                self.write(key, entry, fence, message.as_deref(), None)
+                    .await;
+                if let Some(lease) = lease {
+                    self.lock.release(lease).await;
+                }
+            }
+            (_, FleetLock::Single(lock), Some(lease)) => {
+                let message = message.unwrap_or_default();
+                lock.release_telling(lease, self.redis.channel(), message)
+                    .await;
+            }
+            (_, _, mut lease) => {
+                // A pass this request caused frees the lock before telling the fleet to
+                // retry, so the instances that retry find it free.
+                if event == Some(FillEvent::Retry) {
+                    if let Some(lease) = lease.take() {
+                        self.lock.release(lease).await;
+                    }
+                }
+                if let Some(event) = event {
+                    self.redis.publish(key.as_str(), event).await;
+                }
+                if let Some(lease) = lease {
+                    self.lock.release(lease).await;
+                }
+            }
+        }
     }
 
-    pub(crate) async fn release(&self, lease: Lease) {
-        self.lock.release(lease).await;
+    /// The purge tags of a filled entry, then its fenced write, telling the fleet
+    /// (`message`) and freeing `release` (a lease on this Redis) in the same script.
+    async fn write(
+        &self,
+        key: &CacheKey,
+        entry: &CacheEntry,
+        fence: u64,
+        message: Option<&str>,
+        release: Option<&Lease>,
+    ) {
+        // Tags first: once the entry can be read (and waiters are woken to it), a purge
+        // of its tags finds it.
+        let rules = self.cache.local().tag_rules();
+        let tags = rules.tags_of(key.route(), &entry.headers);
+        self.shared.tag(key, entry, &tags).await;
+        let after = AfterWrite {
+            message,
+            release: release.map(|l| (l.lock_key.as_str(), l.token.as_str())),
+        };
+        match self.shared.put_then(key, entry, fence, &after).await {
+            PutOutcome::Stored => {}
+            PutOutcome::Fenced => {
+                tracing::info!(%key, fence, "a newer lock holder exists; this fill's entry was not written to the shared cache");
+            }
+            PutOutcome::Unavailable => {}
+        }
     }
 }

@@ -154,7 +154,12 @@ impl Filler {
         };
         let background = job.kind == FillKind::Refresh;
         let lease = match fleet
-            .claim(fill_key, &WaitPolicy::of(&job.route), background)
+            .claim(
+                fill_key,
+                &job.client_headers,
+                &WaitPolicy::of(&job.route),
+                background,
+            )
             .await
         {
             Claim::Lead(lease) => lease,
@@ -177,19 +182,7 @@ impl Filler {
 
         let end = self.fetch(job, fill_key).await;
 
-        let fence = lease.as_ref().map_or(0, |l| l.fence);
-        let mut lease = lease;
-        // A pass this request caused: free the lock before telling the fleet to
-        // retry, so the instances that retry find it free.
-        if matches!(&end.outcome, FillOutcome::Uncacheable(r) if r.waiters_retry()) {
-            if let Some(lease) = lease.take() {
-                fleet.release(lease).await;
-            }
-        }
-        fleet.publish_outcome(fill_key, &end.outcome, fence).await;
-        if let Some(lease) = lease {
-            fleet.release(lease).await;
-        }
+        fleet.finish(fill_key, &end.outcome, lease).await;
         end
     }
 }

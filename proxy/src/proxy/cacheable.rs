@@ -142,10 +142,13 @@ impl Proxy {
             LockAttempt::Acquired(permit) => permit,
             LockAttempt::Held(waiter) => return CachePhase::Waiting(miss, waiter),
         };
-        // Someone may have filled the key between our lookup and the acquire.
+        // A fill of this instance may have ended between our lookup and the acquire
+        // (it stores before it frees the key). The local tier is enough: a fill of
+        // another instance is found by the fleet claim's first attempt, in the same
+        // round trip as the lock. (Without coalescing there is no claim, and every
+        // request fetches anyway.)
         let now = SystemTime::now();
-        let lookup = self.cache().lookup(key, &req.head.headers, now).await;
-        if let LookupOutcome::Fresh(entry) = lookup.outcome {
+        if let Some(entry) = self.cache().local_fresh(key, &req.head.headers, now) {
             permit.complete(FillOutcome::Filled(Arc::clone(&entry)));
             let status = CacheStatus::hit(ttl_secs(&entry, now));
             return CachePhase::Done(respond(&req.head, &entry), status);

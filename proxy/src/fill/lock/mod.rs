@@ -31,6 +31,9 @@ pub enum LockTry {
     Held,
     /// Redis is unavailable (for Redlock: no quorum of nodes answered).
     Unavailable,
+    /// A fresh entry is in the shared tier (another fill stored it since the caller
+    /// looked): the lock was not tried.
+    Filled,
 }
 
 /// The fleet-wide lock, on the cache's Redis or by Redlock over independent nodes.
@@ -60,6 +63,21 @@ impl FleetLock {
             FleetLock::Single(l) => l.try_acquire(key).await,
             FleetLock::Redlock(l) => l.try_acquire(key).await,
         }
+    }
+
+    /// One attempt of a fill's claim: on the single Redis the same script first looks
+    /// for a fresh entry (`LockTry::Filled`); Redlock's nodes hold no entries, so its
+    /// caller reads the shared tier itself (`checks_entry`).
+    pub(crate) async fn claim_attempt(&self, key: &CacheKey) -> LockTry {
+        match self {
+            FleetLock::Single(l) => l.try_acquire_unless_filled(key).await,
+            FleetLock::Redlock(l) => l.try_acquire(key).await,
+        }
+    }
+
+    /// Whether `claim_attempt` looks at the entry itself.
+    pub(crate) fn checks_entry(&self) -> bool {
+        matches!(self, FleetLock::Single(_))
     }
 
     /// Extends the lease by the TTL; `false` once it is lost.

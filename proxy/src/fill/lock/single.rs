@@ -2,7 +2,10 @@
 //! from `INCR` on each grant, extension and release by compare-and-set scripts.
 //!
 //! Only a local permit holder asks for it (local coalescing stays in front), so one
-//! instance contends with at most one task per key.
+//! instance contends with at most one task per key. A fill's first attempt also looks
+//! for a fresh entry in the same script, and a fill that stores its entry frees the lock
+//! in the write's own script (`cache::shared`), so the lock costs no round trip of its
+//! own on an uncontended miss.
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -36,12 +39,28 @@ local function next_fence(k, retention)
 end
 ";
 
-/// KEYS: lock, fence. ARGV: token, ttl ms, fence retention ms. Returns the fencing
-/// token of the grant, or 0 when the lock is held. Every grant expires, so a lock
+/// KEYS: lock, fence, entry. ARGV: token, ttl ms, fence retention ms, check ("1": first
+/// look at the entry), the caller's clock (Unix ms). Returns the fencing token of the
+/// grant, 0 when the lock is held, or -1 (with `check`) when the entry holds a value
+/// another fill stored that is still fresh by the caller's clock (the clock every other
+/// freshness decision of the instance uses): the caller reads it instead of taking the lock, which spares
+/// it a separate read before every attempt. The freshness read relies on the codec's
+/// fixed layout (`cache::codec`): "CRL", version 2, status, then `received_at` and,
+/// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
 /// without an expiry was not set by corral: it is given the TTL, and ends.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(&format!(
         r"{NEXT_FENCE_LUA}
+        if ARGV[4] == '1' and redis.call('TYPE', KEYS[3])['ok'] == 'string' then
+            local h = redis.call('GETRANGE', KEYS[3], 0, 29)
+            if #h == 30 and string.sub(h, 1, 4) == 'CRL\2' then
+                local function ms(at)
+                    local hi, lo = struct.unpack('>I4I4', string.sub(h, at, at + 7))
+                    return hi * 4294967296 + lo
+                end
+                if ms(7) + ms(23) > tonumber(ARGV[5]) then return -1 end
+            end
+        end
         if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
             if redis.call('PTTL', KEYS[1]) == -1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
             return 0
@@ -68,6 +87,22 @@ pub(crate) static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
     )
 });
 
+/// KEYS: lock. ARGV: token, channel, message. Deletes the lock if it is still ours and
+/// tells the fleet how the fill ended (when `message` is not empty): one round trip,
+/// the release first, so the instances told to retry find the lock free, and a refused
+/// `PUBLISH` leaves it released.
+static NOTIFY_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+        local released = 0
+        if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
+            released = redis.call('DEL', KEYS[1])
+        end
+        if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+        return released",
+    )
+});
+
 /// The fleet lock on the cache's own Redis.
 #[derive(Clone)]
 pub struct RedisLock {
@@ -86,27 +121,46 @@ impl RedisLock {
     }
 
     pub async fn try_acquire(&self, key: &CacheKey) -> LockTry {
+        self.attempt(key, false).await
+    }
+
+    /// Like `try_acquire`, but first looks at the entry in the same script: a fresh one
+    /// stored since the caller looked ends the attempt with `Filled`, lock untouched.
+    pub async fn try_acquire_unless_filled(&self, key: &CacheKey) -> LockTry {
+        self.attempt(key, true).await
+    }
+
+    async fn attempt(&self, key: &CacheKey, check: bool) -> LockTry {
         let keys = self.redis.keys(key.primary(), key.as_str());
         let token = format!("{}:{:016x}", self.redis.instance, rand::random::<u64>());
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
-        let (lock_key, fence_key, t) = (keys.lock.clone(), keys.fence, token.clone());
+        let (lock_key, fence_key, entry_key, t) =
+            (keys.lock.clone(), keys.fence, keys.entry, token.clone());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         let fence = self
             .redis
             .run("lock acquire", |mut c| async move {
                 ACQUIRE
                     .key(lock_key)
                     .key(fence_key)
+                    .key(entry_key)
                     .arg(t)
                     .arg(ttl_ms)
                     .arg(FENCE_RETENTION_MS)
-                    .invoke_async::<u64>(&mut c)
+                    .arg(if check { "1" } else { "0" })
+                    .arg(now_ms)
+                    .invoke_async::<i64>(&mut c)
                     .await
             })
             .await;
         match fence {
             None => LockTry::Unavailable,
-            Some(0) => {
+            Some(-1) => LockTry::Filled,
+            Some(fence) if fence <= 0 => {
                 self.redis.metrics.lock_contended();
                 LockTry::Held
             }
@@ -115,7 +169,7 @@ impl RedisLock {
                 LockTry::Acquired(Lease {
                     lock_key: keys.lock,
                     token,
-                    fence,
+                    fence: fence as u64,
                     // Counted from before the request: the lease may have started then.
                     deadline: started + self.ttl,
                 })
@@ -147,6 +201,24 @@ impl RedisLock {
             self.redis.metrics.lock_lost();
             false
         }
+    }
+
+    /// Publishes `message` (if any) on `channel`, then releases `lease`: one script.
+    pub(crate) async fn release_telling(&self, lease: Lease, channel: String, message: String) {
+        let Lease {
+            lock_key, token, ..
+        } = lease;
+        self.redis
+            .run("lock release", |mut c| async move {
+                NOTIFY_RELEASE
+                    .key(lock_key)
+                    .arg(token)
+                    .arg(channel)
+                    .arg(message)
+                    .invoke_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
     }
 
     pub async fn release(&self, lease: Lease) {
