@@ -40,22 +40,8 @@ cp "$TARGET/release/corral" "$WORK/corral-a"
 cargo build --release -q -p corral -p corral-loadtest
 cp "$TARGET/release/corral" "$WORK/corral-b"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() {
-    for _ in $(seq 200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    echo "nothing listens on $1" >&2
-    exit 1
-}
-cpu_ticks() {
-    local stat fields
-    stat=$(cat "/proc/$1/stat")
-    read -r -a fields <<<"${stat##*) }"
-    echo $((fields[11] + fields[12]))
-}
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 REDIS_PORT=$(free_port)
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null &
@@ -67,16 +53,16 @@ ORIGIN_PORT=$(free_port)
 PIDS+=($!)
 wait_port "$ORIGIN_PORT"
 
-# start NAME BINARY SETTINGS: prints "port pid".
+# start NAME BINARY SETTINGS: starts corral (in this shell, so cleanup stops it) and
+# leaves its port in STARTED_PORT and its pid in STARTED_PID.
 start() {
-    local port
-    port=$(free_port)
+    STARTED_PORT=$(free_port)
     printf 'listen = "127.0.0.1:%s"\n%b\n[[route]]\nname = "bench"\nupstream = "http://127.0.0.1:%s"\n' \
-        "$port" "$3" "$ORIGIN_PORT" >"$WORK/$1.toml"
+        "$STARTED_PORT" "$3" "$ORIGIN_PORT" >"$WORK/$1.toml"
     RUST_LOG=warn "$2" --config "$WORK/$1.toml" >/dev/null &
+    STARTED_PID=$!
     PIDS+=($!)
-    wait_port "$port"
-    echo "$port $!"
+    wait_port "$STARTED_PORT"
 }
 LOCAL='[cache]\nmax_bytes = "256MiB"'
 # A shared-tier hit every time: the local tier keeps nothing longer than 1 ms.
@@ -86,7 +72,9 @@ for side in a b; do
     for tier in local shared; do
         settings=$LOCAL
         [ "$tier" = shared ] && settings=$SHARED
-        read -r "PORT[$side-$tier]" "PID[$side-$tier]" < <(start "$side-$tier" "$WORK/corral-$side" "$settings")
+        start "$side-$tier" "$WORK/corral-$side" "$settings"
+        PORT[$side-$tier]=$STARTED_PORT
+        PID[$side-$tier]=$STARTED_PID
     done
 done
 for name in "${!PORT[@]}"; do

@@ -14,8 +14,8 @@ WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; exit 1; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
 
 ORIGIN=$(free_port); PROXY=$(free_port); ADMIN=$(free_port)
 target/release/corral-loadtest origin --listen "127.0.0.1:$ORIGIN" --delay 0ms --body-size 1024 --cache-control max-age=3600 >/dev/null &
