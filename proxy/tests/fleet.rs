@@ -611,24 +611,6 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
     assert_eq!(held, None, "the lock was left alone");
 }
 
-/// A GET of `path` with `headers`, sent to `server`.
-async fn get_with_from(
-    server: &RunningServer,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> support::Reply {
-    let mut req = http::Request::get(format!("http://{}{}", server.listen_addr(), path));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let req = req.body(http_body_util::Full::default()).unwrap();
-    let res = tokio::time::timeout(DEADLINE, support::client().request(req))
-        .await
-        .expect("answered")
-        .expect("request succeeds");
-    support::Reply::read(res).await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fill_event_goes_out_only_after_the_purge_tags_are_written() {
     let redis = RedisServer::start().await;
@@ -672,12 +654,12 @@ async fn an_instance_that_does_not_know_a_response_varies_fetches_its_own_varian
         .redis(&redis.url())
         .start_fleet(2)
         .await;
-    let en = get_with_from(&h.server, "/v", &[("accept-language", "en")]).await;
+    let en = Harness::get_with_from(&h.server, "/v", &[("accept-language", "en")]).await;
     assert_eq!(en.status, StatusCode::OK);
     assert_eq!(h.origin.requests_for("/v"), 1);
     // The other instance never saw /v: it looks under the primary key, where Redis
     // holds the en variant.
-    let fr = get_with_from(&others[0], "/v", &[("accept-language", "fr")]).await;
+    let fr = Harness::get_with_from(&others[0], "/v", &[("accept-language", "fr")]).await;
     assert_eq!(fr.status, StatusCode::OK);
     assert_eq!(
         h.origin.requests_for("/v"),

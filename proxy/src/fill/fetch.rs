@@ -123,12 +123,7 @@ impl Filler {
         lifetime: Lifetime,
     ) -> FillEnd {
         let code = head.status.as_u16();
-        match job
-            .route
-            .upstream
-            .read_body(body, self.max_object_bytes)
-            .await
-        {
+        match self.read_body(job, body).await {
             Ok(BodyRead::Complete(bytes)) => {
                 let Some(entry) = entry(job, head, bytes, lifetime) else {
                     return unframeable(job);
@@ -165,12 +160,7 @@ impl Filler {
     ) -> FillEnd {
         let code = head.status.as_u16();
         let status = CacheStatus::fetched(job.fwd, code, false);
-        match job
-            .route
-            .upstream
-            .read_body(body, self.max_object_bytes)
-            .await
-        {
+        match self.read_body(job, body).await {
             Ok(BodyRead::Complete(bytes)) => {
                 let lifetime = Lifetime::none(&job.upstream, &head, received_at);
                 let Some(entry) = entry(job, head, bytes, lifetime) else {
@@ -205,6 +195,14 @@ impl Filler {
             FillOutcome::Uncacheable(reason),
             LeaderReply::Response(res, status),
         )
+    }
+
+    /// The response body, read into memory up to `max_object_bytes`.
+    async fn read_body(&self, job: &FillJob, body: Incoming) -> Result<BodyRead, UpstreamError> {
+        job.route
+            .upstream
+            .read_body(body, self.max_object_bytes)
+            .await
     }
 
     /// Hit-for-pass under the fill key: later requests skip the lock. Not for a pass

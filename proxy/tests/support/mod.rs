@@ -224,11 +224,21 @@ impl Harness {
     }
 
     pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut req = Request::get(self.url(path));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        self.send(req.body(Full::default()).unwrap()).await
+        self.send(get_request(&self.url(path), headers)).await
+    }
+
+    /// A GET with `headers` sent to another instance of the fleet.
+    pub async fn get_with_from(
+        server: &RunningServer,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let url = format!("http://{}{}", server.listen_addr(), path);
+        let res = tokio::time::timeout(DEADLINE, client().request(get_request(&url, headers)))
+            .await
+            .expect("response within the deadline")
+            .expect("request succeeds at the HTTP level");
+        Reply::read(res).await
     }
 
     pub async fn request(&self, method: Method, path: &str, body: &'static [u8]) -> Reply {
@@ -372,4 +382,13 @@ pub fn key_for(config: &Config, host: &str, path: &str) -> corral::cache::CacheK
         &path.parse().expect("a path"),
         &HeaderMap::new(),
     )
+}
+
+/// A GET of `url` with `headers`.
+fn get_request(url: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut req = Request::get(url);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    req.body(Full::default()).unwrap()
 }
