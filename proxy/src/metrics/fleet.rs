@@ -42,6 +42,11 @@ pub struct FleetMetrics {
     shared_unreadable: Family<ReasonLabel, Counter>,
     /// Messages on the event channel that were not corral's and were ignored.
     events_ignored: Counter,
+    /// Event messages this instance received (fills, purges; malformed ones too).
+    events_received: Counter,
+    /// Requests to the cache's Redis (one per command, pipeline or script call: each is
+    /// one round trip), subscriptions excluded.
+    redis_round_trips: Counter,
     fallback: Gauge,
     /// Seconds from a fill's event being published to a waiter in another instance
     /// having the entry.
@@ -62,6 +67,8 @@ impl FleetMetrics {
             redis_errors: Counter::default(),
             shared_unreadable: Family::default(),
             events_ignored: Counter::default(),
+            events_received: Counter::default(),
+            redis_round_trips: Counter::default(),
             fallback: Gauge::default(),
             // 0.25 ms to ~4 s.
             wake_latency: Histogram::new(exponential_buckets(0.00025, 2.0, 15)),
@@ -119,6 +126,16 @@ impl FleetMetrics {
                 "fleet_events_ignored",
                 "Messages on the fleet event channel that were malformed and ignored",
                 &self.events_ignored,
+            ),
+            (
+                "fleet_events_received",
+                "Fleet event messages this instance received (fill and purge events)",
+                &self.events_received,
+            ),
+            (
+                "redis_round_trips",
+                "Requests sent to the cache's Redis: commands, pipelines and script calls",
+                &self.redis_round_trips,
             ),
         ];
         for (name, help, counter) in counters {
@@ -183,6 +200,12 @@ impl FleetMetrics {
     }
     pub(crate) fn event_ignored(&self) {
         self.events_ignored.inc();
+    }
+    pub(crate) fn event_received(&self) {
+        self.events_received.inc();
+    }
+    pub(crate) fn redis_round_trip(&self) {
+        self.redis_round_trips.inc();
     }
     pub(crate) fn set_fallback(&self, on: bool) {
         self.fallback.set(i64::from(on));

@@ -130,6 +130,7 @@ impl Redis {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
+        self.metrics.redis_round_trip();
         match tokio::time::timeout(self.settings.command_timeout, f(conn)).await {
             Ok(Ok(value)) => {
                 self.health.success(&self.metrics);
@@ -193,6 +194,7 @@ impl Redis {
     /// ignored. Another instance's events go to the listener (its cached copies), and
     /// every event to this instance's waiter on the key.
     fn dispatch(&self, payload: &[u8]) {
+        self.metrics.event_received();
         let Some((event, from, key)) = parse_event(payload) else {
             self.metrics.event_ignored();
             return;
