@@ -29,7 +29,7 @@ use crate::redis::Redis;
 
 /// KEYS: fence. ARGV: retention ms. The next fencing token (see [`NEXT_FENCE_LUA`]).
 static FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
+    crate::redis::script(&format!(
         "{NEXT_FENCE_LUA}\nreturn next_fence(KEYS[1], ARGV[1])"
     ))
 });
@@ -279,7 +279,7 @@ impl Redlock {
     async fn fence(&self, fence_key: &str) -> Option<u64> {
         let key = fence_key.to_string();
         self.redis
-            .run("fence", |mut c| async move {
+            .run_for(fence_key, "fence", |mut c| async move {
                 FENCE
                     .key(&key)
                     .arg(super::single::FENCE_RETENTION_MS)
