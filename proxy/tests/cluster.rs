@@ -281,6 +281,14 @@ async fn an_uncontended_miss_on_a_cluster_costs_three_round_trips() {
     for path in paths_on_every_master(&h, &cluster, 1).await {
         assert_eq!(h.get(&path).await.status, 200);
     }
+    // Each master got the scripts' bodies (EVAL) on its own: never a SCRIPT LOAD sent to
+    // every node, which fails as a whole while any node is down.
+    for master in cluster.masters() {
+        let stats = corral_testkit::resp::command(master, &["INFO", "commandstats"]).await;
+        let stats = stats.ok().and_then(|r| r.text()).unwrap_or_default();
+        assert!(stats.contains("cmdstat_eval:"), "{master}: {stats}");
+        assert!(!stats.contains("cmdstat_script"), "{master}: {stats}");
+    }
     let trips = "corral_redis_round_trips_total";
     let before = h.metric(trips).await;
     assert_eq!(h.get("/uncontended").await.status, 200);
@@ -292,4 +300,59 @@ async fn an_uncontended_miss_on_a_cluster_costs_three_round_trips() {
         after,
         "a local hit costs no round trip"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_reach_entries_on_every_master_and_every_instance() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let behaviour = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7 catalog".into())],
+        cache_control: Some("max-age=600".into()),
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis_cluster(&cluster.seeds())
+        .route("tag_header = \"surrogate-key\"")
+        .start_fleet(2)
+        .await;
+    // Tagged entries on every master, copies on both instances.
+    let paths = paths_on_every_master(&h, &cluster, 2).await;
+    for path in &paths {
+        assert!(h.get(path).await.text().contains(" v1"));
+        assert!(Harness::get_from(&others[0], path)
+            .await
+            .text()
+            .contains(" v1"));
+    }
+    h.origin.set(|b| b.version = 2);
+    let purged = h.admin_post(Some(&others[0]), "/purge?tag=product-7").await;
+    assert_eq!(
+        purged.text(),
+        format!(
+            "purged tag=product-7 local={} shared={}\n",
+            paths.len(),
+            paths.len()
+        )
+    );
+    for path in &paths {
+        for server in [&h.server, &others[0]] {
+            eventually("the purged entry is refetched", || async {
+                (Harness::get_from(server, path).await.text().contains(" v2")).then_some(())
+            })
+            .await;
+        }
+    }
+    // A soft purge of one URL: stale everywhere, one refresh.
+    let path = &paths[0];
+    let soft = format!("/purge?route=t&host=127.0.0.1&path={path}&soft=true");
+    assert_eq!(h.admin_post(None, &soft).await.status, 200);
+    h.origin.set(|b| b.version = 3);
+    eventually("the soft-purged entry is refreshed", || async {
+        (Harness::get_from(&others[0], path)
+            .await
+            .text()
+            .contains(" v3"))
+        .then_some(())
+    })
+    .await;
 }

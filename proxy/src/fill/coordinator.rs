@@ -181,11 +181,12 @@ impl Coordinator {
         }
         round.waited = true;
         let mut bound = (deadline - now).min(self.lock.ttl() + TAKEOVER_MARGIN);
+        // Still subscribed? (A disconnection may have dropped it; cheap when it holds.)
+        round.subscribed = events.listen().await;
         if round.poll || !round.subscribed {
             // No event will come (no subscription, or the key's node is away): look
             // again soon instead.
             bound = bound.min(POLL_INTERVAL);
-            round.subscribed = events.listen().await;
         }
         match events.next(bound).await {
             Some(FillEvent::Uncacheable) => Some(Claim::Done(FillOutcome::Uncacheable(

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 
-use futures_util::future::{join_all, BoxFuture};
+use futures_util::future::join_all;
 use futures_util::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
@@ -45,7 +45,7 @@ impl ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Commands::Single(c) => c.req_packed_command(cmd),
-            Commands::Cluster(c) => cluster_command(c.clone(), cmd.clone()).boxed(),
+            Commands::Cluster(c) => cluster_command(c, cmd).boxed(),
         }
     }
 
@@ -67,20 +67,19 @@ impl ConnectionLike for Commands {
 }
 
 /// One command on the cluster, a script sent again with its body when the node lacks it.
-fn cluster_command(
-    mut conn: ClusterConnection,
-    cmd: Cmd,
-) -> BoxFuture<'static, RedisResult<Value>> {
-    async move {
-        match conn.req_packed_command(&cmd).await {
-            Err(error) if error.code() == Some("NOSCRIPT") => match with_body(&cmd) {
-                Some(eval) => conn.req_packed_command(&eval).await,
-                None => Err(error),
-            },
-            reply => reply,
-        }
+async fn cluster_command(conn: &mut ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
+    let reply = conn.req_packed_command(cmd).await;
+    // A server error comes back as a value here (a command's caller turns it into an
+    // error), or as an error from some paths of the cluster client: catch both.
+    let no_script = match &reply {
+        Ok(Value::ServerError(e)) => e.code() == "NOSCRIPT",
+        Err(e) => e.code() == Some("NOSCRIPT"),
+        Ok(_) => false,
+    };
+    match no_script.then(|| with_body(cmd)).flatten() {
+        Some(eval) => conn.req_packed_command(&eval).await,
+        None => reply,
     }
-    .boxed()
 }
 
 /// `EVALSHA sha n keys.. args..` as `EVAL body n keys.. args..`, for a corral script.
@@ -163,14 +162,14 @@ async fn cluster_pipeline(conn: ClusterConnection, pipeline: &Pipeline) -> Redis
             if atomic {
                 let mut multi = redis::pipe();
                 multi.atomic();
-                for cmd in &members {
-                    multi.add_command(cmd.clone());
+                for cmd in members {
+                    multi.add_command(cmd);
                 }
                 multi.query_async::<Vec<Value>>(&mut conn).await
             } else {
                 let mut replies = Vec::with_capacity(members.len());
-                for cmd in members {
-                    replies.push(cluster_command(conn.clone(), cmd).await?);
+                for cmd in &members {
+                    replies.push(cluster_command(&mut conn, cmd).await?);
                 }
                 Ok(replies)
             }

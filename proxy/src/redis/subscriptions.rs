@@ -259,6 +259,16 @@ impl Subscriptions {
         }
     }
 
+    /// Subscribes again every wanted channel a failed attempt left unsubscribed (its
+    /// node was reconnecting), waking its waiters when that works.
+    async fn retry_unsubscribed(&self) {
+        let missing: Vec<String> = (self.state().channels.iter())
+            .filter(|(_, c)| c.waiters > 0 && !c.subscribed)
+            .map(|(name, _)| name.clone())
+            .collect();
+        join_all(missing.into_iter().map(|c| self.resubscribe(c))).await;
+    }
+
     /// Unsubscribes the channels idle for longer than the grace.
     async fn sweep(&self) {
         let idle: Vec<String> = {
@@ -368,7 +378,8 @@ pub(super) async fn listen(redis: Weak<Redis>) {
             }
         }
         // Each tick: a purge channel not heard (Redis was away) is subscribed again,
-        // with every wanted channel; idle channels are dropped.
+        // with every wanted channel, as is any wanted channel a failed attempt left
+        // out; idle channels are dropped.
         let mut tick = tokio::time::interval(settings.retry_after.min(IDLE_GRACE));
         loop {
             tokio::select! {
@@ -381,6 +392,7 @@ pub(super) async fn listen(redis: Weak<Redis>) {
                     if !subs.purges_heard() {
                         subs.resubscribe_all(&purge_channel).await;
                     }
+                    subs.retry_unsubscribed().await;
                     subs.sweep().await;
                 }
             }
