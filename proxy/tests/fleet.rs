@@ -688,6 +688,24 @@ async fn fill_events_reach_only_the_instances_that_wait() {
     for server in &others {
         assert_eq!(support::metric_of(server, EVENTS).await, 0.0);
     }
+    let conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let channels = |mut c: redis::aio::MultiplexedConnection| async move {
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        channels
+    };
+    assert_eq!(
+        channels(conn.clone()).await,
+        ["corral:events"],
+        "only the purge channel"
+    );
     // One instance waits on another's fill: it alone is told.
     let leader = tokio::spawn(support::get_url(h.url("/awaited")));
     eventually("the fill reached the origin", || async {
@@ -701,4 +719,11 @@ async fn fill_events_reach_only_the_instances_that_wait() {
     assert_eq!(support::metric_of(&others[0], EVENTS).await, 1.0);
     assert_eq!(support::metric_of(&others[1], EVENTS).await, 0.0);
     assert_eq!(support::metric_of(&h.server, EVENTS).await, 0.0);
+    // The waiter's channel is dropped once idle.
+    assert_eq!(channels(conn.clone()).await.len(), 2);
+    eventually("the idle channel is unsubscribed", || {
+        let conn = conn.clone();
+        async move { (channels(conn).await.len() == 1).then_some(()) }
+    })
+    .await;
 }

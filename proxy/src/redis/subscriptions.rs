@@ -187,9 +187,17 @@ impl Subscriptions {
         };
         match tokio::time::timeout(self.timeout, listener.subscribe(channel)).await {
             Ok(Ok(())) => {
-                if let Some(c) = self.state().channels.get_mut(channel) {
-                    c.subscribed = true;
-                }
+                // The waiter may have left meanwhile: the entry then stays, idle, for
+                // the sweep to unsubscribe.
+                let mut state = self.state();
+                let c = state
+                    .channels
+                    .entry(channel.to_string())
+                    .or_insert_with(|| Channel {
+                        idle_since: Some(Instant::now()),
+                        ..Channel::default()
+                    });
+                c.subscribed = true;
                 true
             }
             Ok(Err(error)) => {
@@ -211,13 +219,17 @@ impl Subscriptions {
     /// After a disconnection: every wanted channel is subscribed again (one command
     /// each: channels of several slots may not share one), and every waiter re-checks.
     async fn resubscribe_all(&self, purge_channel: &str) {
+        // Idle channels are not subscribed again, but kept for the sweep to unsubscribe:
+        // on a cluster only one node's connection may have dropped.
         let wanted: Vec<String> = {
             let mut state = self.state();
-            state.channels.retain(|_, c| c.waiters > 0);
             for c in state.channels.values_mut() {
                 c.subscribed = false;
             }
-            state.channels.keys().cloned().collect()
+            (state.channels.iter())
+                .filter(|(_, c)| c.waiters > 0)
+                .map(|(name, _)| name.clone())
+                .collect()
         };
         self.wake_all();
         // Not heard (Redis still away): the listening task tries again next tick.
@@ -300,10 +312,14 @@ impl Subscriptions {
 }
 
 impl State {
+    /// One waiter of `channel` left. A channel never subscribed (an uncontended fill
+    /// registers too) goes at once; a subscribed one idles for the grace.
     fn release(&mut self, channel: &str) {
         if let Some(c) = self.channels.get_mut(channel) {
             c.waiters = c.waiters.saturating_sub(1);
-            if c.waiters == 0 {
+            if c.waiters == 0 && !c.subscribed {
+                self.channels.remove(channel);
+            } else if c.waiters == 0 {
                 c.idle_since = Some(Instant::now());
             }
         }
