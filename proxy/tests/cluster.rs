@@ -203,7 +203,9 @@ async fn a_dropped_listening_connection_is_subscribed_again_channel_by_channel()
     // Two keys in different slots of one master: redis-rs alone would subscribe both
     // again in one SSUBSCRIBE, which the server refuses (CROSSSLOT).
     let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
-    let (h, others) = Setup::origin(slow_caching(2000))
+    // A fetch long enough to kill the connection and see the channels back while
+    // the waiters still wait.
+    let (h, others) = Setup::origin(slow_caching(4000))
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
         .await;

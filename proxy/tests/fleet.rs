@@ -727,3 +727,31 @@ async fn fill_events_reach_only_the_instances_that_wait() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_woken_by_an_event_that_ends_nothing_waits_again_instead_of_spinning() {
+    let redis = RedisServer::start().await;
+    let h = Setup::default()
+        .redis(&redis.url())
+        .lock("ttl = \"2s\"")
+        .start()
+        .await;
+    let (_fleet, lock, _) = outsider(&h).await;
+    // Another instance holds /held's lock (and will never fill it).
+    let LockTry::Acquired(_lease) = lock.try_acquire(&key_of(&h, "/held")).await else {
+        panic!("lock free")
+    };
+    let waiting = tokio::spawn(support::get_url(h.url("/held")));
+    eventually("the request waits on the holder", || async {
+        (h.metric("corral_lock_contended_total").await >= 1.0).then_some(())
+    })
+    .await;
+    // A purge of the key wakes the waiter; it looks again, finds the lock still held,
+    // and must wait for the next event or its bound, not loop on the old event.
+    let purge = "/purge?route=t&host=127.0.0.1&path=/held";
+    assert_eq!(h.admin_post(None, purge).await.status, StatusCode::OK);
+    let reply = waiting.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "taken over after the TTL");
+    let attempts = h.metric("corral_lock_contended_total").await;
+    assert!(attempts <= 6.0, "{attempts} lock attempts found it held");
+}

@@ -344,15 +344,16 @@ impl EventWait {
 
     /// The next event, or `None` at the timeout (a lost message looks the same: callers
     /// re-check Redis either way).
+    ///
+    /// Each event is returned once: `changed` (not a look at the current value, which
+    /// keeps the last event and would answer every later call at once, spinning the
+    /// waiter through lock attempts) waits for one sent since the last call, or since
+    /// the registration for the first.
     pub(crate) async fn next(&mut self, timeout: Duration) -> Option<FillEvent> {
-        let event =
-            match tokio::time::timeout(timeout, self.receiver.wait_for(Option::is_some)).await {
-                Ok(Ok(event)) => *event,
-                _ => None,
-            };
-        // Seen: the next call waits for a new event.
-        self.receiver.mark_unchanged();
-        event
+        match tokio::time::timeout(timeout, self.receiver.changed()).await {
+            Ok(Ok(())) => *self.receiver.borrow_and_update(),
+            _ => None,
+        }
     }
 }
 
@@ -402,7 +403,9 @@ pub(super) async fn listen(redis: Weak<Redis>) {
                 push = pushes.recv() => {
                     let Some(push) = push else { break };
                     let Some(r) = redis.upgrade() else { return };
-                    on_push(&r, push, &purge_channel).await;
+                    if on_push(&r, push, &purge_channel) == Listening::Reopen {
+                        break;
+                    }
                 }
                 _ = tick.tick() => {
                     if !subs.purges_heard() {
@@ -413,14 +416,26 @@ pub(super) async fn listen(redis: Weak<Redis>) {
                 }
             }
         }
-        // The push sender is gone with the connection: open a new one.
+        // Disconnected: messages sent meanwhile are lost. Every waiter re-checks (and,
+        // Redis being gone, falls back) instead of sleeping out a TTL, and a new
+        // connection subscribes every wanted channel again. A new one, not redis-rs's
+        // reconnection of the node, whose own resubscription races corral's and has
+        // been seen to leave a channel confirmed but not delivered.
         *subs.listener.write().unwrap_or_else(|e| e.into_inner()) = None;
         subs.purges_heard.store(false, Ordering::Release);
         subs.wake_all();
     }
 }
 
-async fn on_push(redis: &Arc<Redis>, push: PushInfo, purge_channel: &str) {
+/// What the listening task does after a push.
+#[derive(PartialEq)]
+enum Listening {
+    Continue,
+    /// The connection (or one of a cluster's node connections) dropped.
+    Reopen,
+}
+
+fn on_push(redis: &Arc<Redis>, push: PushInfo, purge_channel: &str) -> Listening {
     let subs = &redis.subscriptions;
     match push.kind {
         PushKind::Message | PushKind::SMessage => match push.data.get(1) {
@@ -434,13 +449,8 @@ async fn on_push(redis: &Arc<Redis>, push: PushInfo, purge_channel: &str) {
                 }
             }
         }
-        // Messages sent meanwhile are lost: wake every waiter to re-check (and, Redis
-        // being gone, fall back) instead of sleeping out a TTL, and subscribe again
-        // (the connection reconnects by itself on the next request).
-        PushKind::Disconnection => {
-            subs.purges_heard.store(false, Ordering::Release);
-            subs.resubscribe_all(purge_channel).await;
-        }
+        PushKind::Disconnection => return Listening::Reopen,
         _ => {}
     }
+    Listening::Continue
 }
