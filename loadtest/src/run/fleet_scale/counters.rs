@@ -14,8 +14,9 @@ use super::super::HttpClient;
 const ROUND_TRIPS: &str = "corral_redis_round_trips_total";
 /// corral's counter of fleet event messages an instance received.
 const EVENTS: &str = "corral_fleet_events_received_total";
-/// The command the load tool itself sends to read the others: not corral's.
-const OURS: &str = "info";
+/// Commands Redis counts that are not corral's: the load tool's own reads, and a
+/// cluster's replicas acknowledging replication to their masters.
+const NOT_CORRALS: [&str; 2] = ["info", "replconf"];
 
 /// Counter values, or their growth over a phase.
 #[derive(Debug, Clone, Default)]
@@ -39,7 +40,9 @@ impl Counters {
                 *counters.commands.entry(name).or_default() += calls;
             }
         }
-        counters.commands.remove(OURS);
+        for name in NOT_CORRALS {
+            counters.commands.remove(name);
+        }
         Ok(counters)
     }
 
