@@ -30,9 +30,30 @@ use counters::Counters;
 /// script runs inside.
 const SCRIPTS: [&str; 5] = ["evalsha", "eval", "evalsha_ro", "eval_ro", "fcall"];
 
+/// Which phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    /// A: distinct-key misses on one instance.
+    Single,
+    /// B: distinct-key misses on the fleet.
+    Fleet,
+    /// C: hot-key herds on the fleet.
+    Herds,
+}
+
+impl Which {
+    fn as_str(self) -> &'static str {
+        match self {
+            Which::Single => "A: 1 instance, misses",
+            Which::Fleet => "B: fleet, misses",
+            Which::Herds => "C: fleet, hot-key herds",
+        }
+    }
+}
+
 /// What one phase saw.
 struct Phase {
-    name: &'static str,
+    which: Which,
     instances: usize,
     samples: Vec<Sample>,
     /// How much later than their key's leader the waiters were answered (herds).
@@ -56,7 +77,7 @@ pub(super) async fn run(
 
     eprintln!("phase A: 1 instance, distinct keys");
     let single = start_sized(scenario, setup, Some(true), 1).await?;
-    let a = misses(scenario, &single, &client, "A: 1 instance, misses", None).await?;
+    let a = misses(scenario, &single, &client, Which::Single, None).await?;
     drop(single);
 
     let n = scenario.instances;
@@ -64,7 +85,7 @@ pub(super) async fn run(
     eprintln!("phase B: {n} instances on Redis ({topology}), distinct keys");
     let fleet = start_sized(scenario, setup, Some(true), n).await?;
     let start = Counters::settled(&fleet, &client).await?;
-    let b = misses(scenario, &fleet, &client, "B: fleet, misses", Some(&start)).await?;
+    let b = misses(scenario, &fleet, &client, Which::Fleet, Some(&start)).await?;
     let before_c = Counters::settled(&fleet, &client).await?;
 
     eprintln!("phase C: {n} instances, {} hot-key herds", scenario.keys);
@@ -84,15 +105,11 @@ async fn misses(
     scenario: &Scenario,
     started: &Started,
     client: &HttpClient,
-    name: &'static str,
+    which: Which,
     start: Option<&Counters>,
 ) -> anyhow::Result<Phase> {
     let t0 = Instant::now();
-    let tag = &name[..1];
-    let path_of = {
-        let tag = tag.to_string();
-        move |i: u64| format!("/miss/{tag}/{i}")
-    };
+    let path_of = move |i: u64| format!("/miss/{which:?}/{i}");
     let (proxies, concurrency) = (&started.proxies, scenario.concurrency);
     let samples = closed_loop(client, proxies, concurrency, scenario.duration, t0, path_of).await;
     let elapsed_ms = t0.elapsed().as_millis() as u64;
@@ -101,7 +118,7 @@ async fn misses(
         None => None,
     };
     Ok(Phase {
-        name,
+        which,
         instances: proxies.len(),
         samples,
         added: Vec::new(),
@@ -135,7 +152,7 @@ async fn herds(
     let elapsed_ms = t0.elapsed().as_millis() as u64;
     let counters = Counters::settled(fleet, client).await?.since(start);
     Ok(Phase {
-        name: "C: fleet, hot-key herds",
+        which: Which::Herds,
         instances: fleet.proxies.len(),
         samples,
         added,
@@ -147,7 +164,7 @@ async fn herds(
 
 impl Phase {
     fn herds(&self) -> bool {
-        self.name.starts_with('C')
+        self.which == Which::Herds
     }
 
     /// Upstream requests (fills: every one a miss) for the phase's paths.
@@ -207,7 +224,7 @@ impl Phase {
             elapsed_ms: self.elapsed_ms,
         };
         let mut report = seen.report(Some(true), self.instances, self.added.clone(), figures);
-        report.phase = Some(self.name.into());
+        report.phase = Some(self.which.as_str().into());
         if self.herds() {
             report.concurrency = scenario.herd;
             report.upstream_delay_ms = scenario.herd_delay.as_millis() as u64;
