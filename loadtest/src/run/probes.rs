@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Empty};
 
 use super::HttpClient;
 
+#[derive(Default)]
 pub(super) struct OriginStats {
     pub(super) per_path: HashMap<String, u64>,
     pub(super) arrivals_ms: Vec<u64>,

@@ -3,7 +3,8 @@
 //! Phase A: one instance without Redis; `concurrency` clients ask for keys never asked
 //! before (every request a miss) for `duration`, from an origin without delay, so that
 //! corral's own cost dominates. Phase B: the same clients, spread over the fleet
-//! (`instances`, sharing the scenario's Redis topology), the same way. Phase C, on the
+//! (`instances`, sharing the scenario's Redis topology), the same way; A and B take
+//! turns, so that a machine shared with others weighs on both alike. Phase C, on the
 //! same fleet: `keys` hot keys one after another, each asked by `herd` clients at once
 //! across the instances, from an origin slowed to `herd_delay` so that they wait.
 //! Between phases the [`counters`] give Redis round trips per miss (corral's count,
@@ -51,6 +52,9 @@ impl Which {
     }
 }
 
+/// Phases A and B take turns, this many each.
+const TURNS: u32 = 4;
+
 /// What one phase saw.
 struct Phase {
     which: Which,
@@ -59,7 +63,10 @@ struct Phase {
     /// How much later than their key's leader the waiters were answered (herds).
     added: Vec<Duration>,
     stats: OriginStats,
+    /// From the phase's first request to its last answer (its charts' time axis).
     elapsed_ms: u64,
+    /// The time its clients were sending (its own turns, for A and B).
+    busy_ms: u64,
     /// The fleet's counters' growth over the phase; `None` without Redis (phase A).
     counters: Option<Counters>,
 }
@@ -74,21 +81,16 @@ pub(super) async fn run(
         "fleet-scale starts its own instances: it takes no --target"
     );
     let client = client(scenario.concurrency.max(scenario.herd));
-
-    eprintln!("phase A: 1 instance, distinct keys");
-    let single = start_sized(scenario, setup, Some(true), 1).await?;
-    let a = misses(scenario, &single, &client, Which::Single, None).await?;
-    drop(single);
-
     let n = scenario.instances;
     let topology = scenario.redis.as_str();
-    eprintln!("phase B: {n} instances on Redis ({topology}), distinct keys");
+    eprintln!("phases A and B in turns: 1 instance, then {n} on Redis ({topology}); distinct keys");
+    let single = start_sized(scenario, setup, Some(true), 1).await?;
     let fleet = start_sized(scenario, setup, Some(true), n).await?;
-    let start = Counters::settled(&fleet, &client).await?;
-    let b = misses(scenario, &fleet, &client, Which::Fleet, Some(&start)).await?;
-    let before_c = Counters::settled(&fleet, &client).await?;
+    let (a, b) = misses(scenario, &single, &fleet, &client).await?;
+    drop(single);
 
     eprintln!("phase C: {n} instances, {} hot-key herds", scenario.keys);
+    let before_c = Counters::settled(&fleet, &client).await?;
     let c = herds(scenario, &fleet, &client, &b.stats, &before_c).await?;
 
     let a_rate = a.misses_per_s();
@@ -99,33 +101,40 @@ pub(super) async fn run(
     Ok((reports, findings(scenario, &a, &b, &c)))
 }
 
-/// Phases A and B: `concurrency` clients asking for distinct keys, each new, for
-/// `duration`; with `start`, the fleet's counters from before, to give their growth.
+/// Phases A and B: `concurrency` clients asking for distinct keys, each new, on the
+/// single instance and on the fleet in turns of `duration` / [`TURNS`] each (both
+/// running throughout, the one not loaded idle), so that whatever else loads the
+/// machine meanwhile weighs on both alike. The fleet's counters grow in B's turns only.
 async fn misses(
     scenario: &Scenario,
-    started: &Started,
+    single: &Started,
+    fleet: &Started,
     client: &HttpClient,
-    which: Which,
-    start: Option<&Counters>,
-) -> anyhow::Result<Phase> {
+) -> anyhow::Result<(Phase, Phase)> {
+    let start = Counters::settled(fleet, client).await?;
+    let (mut a, mut b) = (
+        Phase::new(Which::Single, 1),
+        Phase::new(Which::Fleet, fleet.proxies.len()),
+    );
+    let turn = scenario.duration / TURNS;
     let t0 = Instant::now();
-    let path_of = move |i: u64| format!("/miss/{which:?}/{i}");
-    let (proxies, concurrency) = (&started.proxies, scenario.concurrency);
-    let samples = closed_loop(client, proxies, concurrency, scenario.duration, t0, path_of).await;
-    let elapsed_ms = t0.elapsed().as_millis() as u64;
-    let counters = match start {
-        Some(start) => Some(Counters::settled(started, client).await?.since(start)),
-        None => None,
-    };
-    Ok(Phase {
-        which,
-        instances: proxies.len(),
-        samples,
-        added: Vec::new(),
-        stats: origin_stats(client, started.origin).await?,
-        elapsed_ms,
-        counters,
-    })
+    for round in 0..TURNS {
+        for (phase, started) in [(&mut a, single), (&mut b, fleet)] {
+            let which = phase.which;
+            let path_of = move |i: u64| format!("/miss/{which:?}/{round}/{i}");
+            let (proxies, concurrency) = (&started.proxies, scenario.concurrency);
+            let begun = Instant::now();
+            let samples = closed_loop(client, proxies, concurrency, turn, t0, path_of).await;
+            phase.busy_ms += begun.elapsed().as_millis() as u64;
+            phase.samples.extend(samples);
+        }
+    }
+    b.counters = Some(Counters::settled(fleet, client).await?.since(&start));
+    for (phase, started) in [(&mut a, single), (&mut b, fleet)] {
+        phase.elapsed_ms = t0.elapsed().as_millis() as u64;
+        phase.stats = origin_stats(client, started.origin).await?;
+    }
+    Ok((a, b))
 }
 
 /// Phase C: a herd per hot key, one key after another, from a slowed origin. The
@@ -158,11 +167,25 @@ async fn herds(
         added,
         stats: origin_stats(client, fleet.origin).await?.after(before),
         elapsed_ms,
+        busy_ms: elapsed_ms,
         counters: Some(counters),
     })
 }
 
 impl Phase {
+    fn new(which: Which, instances: usize) -> Phase {
+        Phase {
+            which,
+            instances,
+            samples: Vec::new(),
+            added: Vec::new(),
+            stats: OriginStats::default(),
+            elapsed_ms: 0,
+            busy_ms: 0,
+            counters: None,
+        }
+    }
+
     fn herds(&self) -> bool {
         self.which == Which::Herds
     }
@@ -173,7 +196,7 @@ impl Phase {
     }
 
     fn misses_per_s(&self) -> f64 {
-        self.fills() / (self.elapsed_ms as f64 / 1000.0).max(0.001)
+        self.fills() / (self.busy_ms as f64 / 1000.0).max(0.001)
     }
 
     /// Per fill, from the counters; NaN without them (no Redis).
