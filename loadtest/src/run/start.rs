@@ -2,6 +2,7 @@
 //! started from the scenario (or the `--target` proxies given instead).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::bail;
@@ -85,8 +86,12 @@ pub(super) async fn start_sized(
         "[[route]]\nname = \"loadtest\"\nupstream = \"http://{origin}\"\ncoalesce = {protection}\nresponse_timeout = \"{}\"\n",
         humantime::format_duration(scenario.response_timeout)
     ));
-    // Generated configs hold this run's ports: scratch, not part of the report.
-    let dir = std::env::temp_dir().join(format!("corral-loadtest-{}", std::process::id()));
+    // Generated configs hold this run's ports: scratch, not part of the report. A dir
+    // per start, as fleet-scale runs two sets of instances at once.
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir()
+        .join(format!("corral-loadtest-{}", std::process::id()))
+        .join(STARTS.fetch_add(1, Ordering::Relaxed).to_string());
     let mut started = Vec::new();
     for i in 0..instances {
         started.push(supervise::corral(&config, &dir, i)?);
