@@ -79,9 +79,13 @@ async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
         .await;
     let instances = all(&h, &others);
     herd_over(&instances, "/s", 3).await; // every instance has the entry
+                                          // The refreshed response stays fresh past its 1.5 s trip (a max-age=1 one would
+                                          // arrive stale and be refreshed again by the next request that sees it): the
+                                          // instances still holding the stale copy find it at their next lock attempt.
     h.origin.set(|b| {
         b.version = 2;
         b.delay = Duration::from_millis(1500);
+        b.cache_control = Some("max-age=60, stale-while-revalidate=60".into());
     });
     h.until(
         "staleness",
@@ -667,4 +671,34 @@ async fn an_instance_that_does_not_know_a_response_varies_fetches_its_own_varian
         "the fr variant was fetched, not served from the en entry (cache-status: {})",
         fr.cache_status()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_events_reach_only_the_instances_that_wait() {
+    const EVENTS: &str = "corral_fleet_events_received_total";
+    let redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(slow(500))
+        .redis(&redis.url())
+        .start_fleet(3)
+        .await;
+    // Uncontended fills: no other instance hears of them.
+    for i in 0..5 {
+        assert_eq!(h.get(&format!("/alone{i}")).await.status, StatusCode::OK);
+    }
+    for server in &others {
+        assert_eq!(support::metric_of(server, EVENTS).await, 0.0);
+    }
+    // One instance waits on another's fill: it alone is told.
+    let leader = tokio::spawn(support::get_url(h.url("/awaited")));
+    eventually("the fill reached the origin", || async {
+        (h.origin.requests_for("/awaited") == 1).then_some(())
+    })
+    .await;
+    let waited = Harness::get_from(&others[0], "/awaited").await;
+    assert_eq!(waited.status, StatusCode::OK);
+    assert_eq!(leader.await.unwrap().status, StatusCode::OK);
+    assert_eq!(h.origin.requests_for("/awaited"), 1);
+    assert_eq!(support::metric_of(&others[0], EVENTS).await, 1.0);
+    assert_eq!(support::metric_of(&others[1], EVENTS).await, 0.0);
+    assert_eq!(support::metric_of(&h.server, EVENTS).await, 0.0);
 }

@@ -28,7 +28,8 @@ use crate::redis::{FillEvent, Redis, RedisKeys};
 /// `KEYS[3]`: the fill's lock; `KEYS[4..]`: where the entry goes. `ARGV[1]`: this write's
 /// fencing token; `ARGV[2]`: the encoded entry; `ARGV[3]`: expiry (Unix ms); `ARGV[4]`:
 /// the lock token to release after ("": none); `ARGV[5]`, `ARGV[6]`: the channel and
-/// message that tell the fleet ("": none). Returns 1 when written, 0 when fenced off
+/// message that tell the waiting instances ("": none); `ARGV[7]`: the publish command
+/// (`SPUBLISH` on a cluster: the channel is in the script's slot). Returns 1 when written, 0 when fenced off
 /// (then nothing is told; the lock is still released if it is ours). One script, so a
 /// fill ends in one round trip, seen by everyone at once: written, unlocked, told (the
 /// `PUBLISH` last, so a refused one, an ACL without channel rights, leaves the write
@@ -37,7 +38,7 @@ use crate::redis::{FillEvent, Redis, RedisKeys};
 /// repairs it; a variant set or lock of another type is replaced or left (none may
 /// fail the script, which would read as a Redis outage).
 static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    crate::redis::script(
         r"
         local function release()
             if ARGV[4] ~= '' and redis.call('TYPE', KEYS[3])['ok'] == 'string'
@@ -55,7 +56,7 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
         end
         if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIREAT', KEYS[2], ARGV[3]) end
         release()
-        if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+        if ARGV[6] ~= '' then redis.call(ARGV[7], ARGV[5], ARGV[6]) end
         return 1",
     )
 });
@@ -76,7 +77,7 @@ const VALUE_HEADROOM: u64 = 1 << 20;
 /// `KEYS[1]`: the primary's variant set; `KEYS[2]`: the primary's entry. Deletes the entry,
 /// every entry the set lists, and the set; returns how many entries existed.
 static HARD_PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    crate::redis::script(
         r"
         local n = redis.call('DEL', KEYS[2])
         for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -137,7 +138,7 @@ impl SharedCache {
         // A missing key reads as an empty string; another type as WRONGTYPE.
         let value: Value = self
             .redis
-            .run("get", |mut c| async move {
+            .run_for(&redis_key.clone(), "get", |mut c| async move {
                 let read = redis::cmd("GETRANGE")
                     .arg(redis_key)
                     .arg(0)
@@ -194,7 +195,10 @@ impl SharedCache {
             .map_or(keys.lock, |(lock, _)| lock.to_string());
         let token = after.release.map_or("", |(_, token)| token).to_string();
         let (channel, message) = match after.message {
-            Some(message) => (self.redis.channel(), message.to_string()),
+            Some(message) => (
+                self.redis.event_channel(fill_key.primary()),
+                message.to_string(),
+            ),
             None => (String::new(), String::new()),
         };
         let mut targets = vec![keys.entry];
@@ -213,9 +217,10 @@ impl SharedCache {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
+        let publish = self.redis.publish_command();
         let written = self
             .redis
-            .run("fenced write", |mut c| async move {
+            .run_for(&fence_key.clone(), "fenced write", |mut c| async move {
                 let mut call = FENCED_WRITE.key(fence_key);
                 call.key(variants_key).key(lock_key);
                 for target in targets {
@@ -223,6 +228,7 @@ impl SharedCache {
                 }
                 call.arg(fence).arg(value.as_ref()).arg(expires_ms);
                 call.arg(token).arg(channel).arg(message);
+                call.arg(publish);
                 call.invoke_async::<i64>(&mut c).await
             })
             .await;
@@ -409,8 +415,8 @@ impl SharedCache {
     /// Appends the purge event of each primary (results ignored).
     fn add_purge_events(&self, pipe: &mut redis::Pipeline, primaries: &[CacheKey]) {
         for primary in primaries {
-            pipe.cmd("PUBLISH")
-                .arg(self.redis.channel())
+            pipe.cmd(self.redis.publish_command())
+                .arg(self.redis.purge_channel())
                 .arg(
                     self.redis
                         .event_message(primary.as_str(), FillEvent::Purged),

@@ -51,7 +51,8 @@ pub(super) struct FileLock {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRedis {
-    pub(super) url: Text,
+    pub(super) url: Option<Text>,
+    pub(super) cluster: Option<Spanned<Vec<String>>>,
     pub(super) key_prefix: Option<Text>,
     pub(super) connect_timeout: Option<Text>,
     pub(super) command_timeout: Option<Text>,

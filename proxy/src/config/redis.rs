@@ -91,8 +91,26 @@ fn check_nodes(
 
 impl FileRedis {
     pub(super) fn validate(&self, src: &Source) -> Result<RedisSettings, ConfigError> {
-        let mut redis = RedisSettings::from_url(self.url.get_ref())
-            .map_err(|message| src.error(self.url.span(), "redis.url", message))?;
+        let mut redis = match (&self.url, &self.cluster) {
+            (Some(url), None) => RedisSettings::from_url(url.get_ref())
+                .map_err(|message| src.error(url.span(), "redis.url", message))?,
+            (None, Some(seeds)) => RedisSettings::from_seeds(seeds.get_ref())
+                .map_err(|message| src.error(seeds.span(), "redis.cluster", message))?,
+            (Some(_), Some(seeds)) => {
+                return Err(src.error(
+                    seeds.span(),
+                    "redis.cluster",
+                    "set either url (one Redis) or cluster (seed nodes of a Redis Cluster), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(src.error(
+                    section_span(src, "[redis]"),
+                    "redis",
+                    "needs url = \"redis://host:port\" (one Redis) or cluster = [\"redis://host:port\", ...] (seed nodes of a Redis Cluster)",
+                ))
+            }
+        };
         if let Some(prefix) = &self.key_prefix {
             if prefix.get_ref().contains(['{', '}']) {
                 return Err(src.error(
@@ -139,4 +157,54 @@ impl RedisSettings {
         })?;
         Ok(RedisSettings::new(url))
     }
+
+    /// The Redis Cluster reached through `seeds` (each trimmed and checked as for
+    /// `url`). They must agree on scheme (TLS or not) and credentials, as one cluster's
+    /// nodes do, and name database 0: a cluster has no other.
+    pub(crate) fn from_seeds(seeds: &[String]) -> Result<RedisSettings, String> {
+        if seeds.is_empty() {
+            return Err("lists no seed node; write e.g. [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]".into());
+        }
+        let seeds: Vec<String> = seeds.iter().map(|s| s.trim().to_string()).collect();
+        let mut first = None;
+        for (i, seed) in seeds.iter().enumerate() {
+            redis_url(seed).map_err(|e| format!("seed {} is not a Redis URL ({e})", i + 1))?;
+            let info = ::redis::IntoConnectionInfo::into_connection_info(seed.as_str())
+                .map_err(|e| format!("seed {} is not a Redis URL ({e})", i + 1))?;
+            let settings = info.redis_settings();
+            if settings.db() != 0 {
+                return Err(format!(
+                    "seed {} names database {}; a Redis Cluster has only database 0",
+                    i + 1,
+                    settings.db()
+                ));
+            }
+            let identity = (
+                seed.starts_with("rediss:"),
+                settings.username().map(str::to_string),
+                settings.password().map(str::to_string),
+            );
+            match &first {
+                None => first = Some(identity),
+                Some(first) if *first != identity => {
+                    return Err(format!("seed {} differs from seed 1 in TLS or credentials; the seeds of one cluster share both", i + 1));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(RedisSettings::new_cluster(seeds))
+    }
+}
+
+/// The span of the line `header` (a table header such as `[redis]`), for errors about
+/// the table as a whole.
+fn section_span(src: &Source, header: &str) -> Range<usize> {
+    let mut offset = 0;
+    for line in src.text.split_inclusive('\n') {
+        if line.trim() == header {
+            return offset..offset + line.len();
+        }
+        offset += line.len();
+    }
+    0..0
 }

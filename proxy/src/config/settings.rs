@@ -14,8 +14,11 @@ use serde::Deserialize;
 #[derive(Debug, Clone)]
 #[cfg_attr(test, derive(PartialEq))]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. Empty for a
+    /// cluster.
     pub(crate) url: String,
+    /// Seed nodes of a Redis Cluster (same URL form, database 0); empty for one Redis.
+    pub(crate) cluster: Vec<String>,
     /// Prefixed to every key and channel, so fleets can share one Redis.
     pub(crate) key_prefix: String,
     pub(crate) connect_timeout: Duration,
@@ -33,12 +36,29 @@ impl RedisSettings {
     pub(crate) fn new(url: impl Into<String>) -> RedisSettings {
         RedisSettings {
             url: url.into(),
+            cluster: Vec::new(),
             key_prefix: "corral:".to_string(),
             connect_timeout: Duration::from_secs(1),
             command_timeout: Duration::from_millis(250),
             retry_after: Duration::from_secs(1),
             local_ttl: Duration::from_secs(5),
         }
+    }
+}
+
+impl RedisSettings {
+    /// The Redis Cluster reached through `seeds` (not checked here), with every other
+    /// setting at its default.
+    pub(crate) fn new_cluster(seeds: Vec<String>) -> RedisSettings {
+        RedisSettings {
+            cluster: seeds,
+            ..RedisSettings::new("")
+        }
+    }
+
+    /// Whether the cache lives on a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        !self.cluster.is_empty()
     }
 }
 

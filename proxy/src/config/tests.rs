@@ -242,6 +242,61 @@ fn bad_redis_url_is_refused() {
     assert_eq!(e.line(), Some(3));
 }
 
+/// A config whose `[redis]` section is `redis` (lines).
+fn with_redis(redis: &str) -> String {
+    format!(
+        "listen = \"127.0.0.1:8080\"\n[redis]\n{redis}\n{}",
+        &MINIMAL[MINIMAL.find('[').unwrap()..]
+    )
+}
+
+#[test]
+fn a_cluster_is_given_by_its_seed_nodes() {
+    let c = Config::parse(
+        &with_redis("cluster = [\"redis://10.0.0.1:6379\", \" redis://10.0.0.2:6379 \"]"),
+        "t",
+    )
+    .unwrap();
+    let r = c.redis.unwrap();
+    assert!(r.is_cluster());
+    assert_eq!(
+        r.cluster,
+        ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]
+    );
+    assert_eq!(r.url, "");
+    assert_eq!(r.key_prefix, "corral:");
+}
+
+#[test]
+fn a_cluster_and_a_url_together_or_neither_are_refused() {
+    let both = with_redis("url = \"redis://a:1\"\ncluster = [\"redis://b:2\"]");
+    let e = err(&both);
+    assert_eq!(e.key(), Some("redis.cluster"), "{e}");
+    assert!(e.to_string().contains("not both"), "{e}");
+    let e = err(&with_redis("key_prefix = \"x:\""));
+    assert_eq!((e.key(), e.line()), (Some("redis"), Some(2)), "{e}");
+}
+
+#[test]
+fn bad_cluster_seeds_are_refused_without_their_passwords() {
+    for (seeds, says) in [
+        ("[]", "no seed"),
+        ("[\"http://a:1\"]", "seed 1"),
+        ("[\"redis://a:1\", \"nope\"]", "seed 2"),
+        ("[\"redis://a:1/2\"]", "database 2"),
+        ("[\"redis://a:1\", \"rediss://b:2\"]", "TLS or credentials"),
+        (
+            "[\"redis://:secret1@a:1\", \"redis://:secret2@b:2\"]",
+            "TLS or credentials",
+        ),
+    ] {
+        let e = err(&with_redis(&format!("cluster = {seeds}")));
+        assert_eq!(e.key(), Some("redis.cluster"), "{seeds}: {e}");
+        assert!(e.to_string().contains(says), "{seeds}: {e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+    }
+}
+
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
 
 fn env(token: &str) -> Environment {

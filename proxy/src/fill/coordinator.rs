@@ -9,7 +9,7 @@ use super::{FillOutcome, WaitPolicy};
 use crate::cache::shared::{AfterWrite, PutOutcome, SharedCache};
 use crate::cache::{Cache, CacheEntry, CacheKey, PassReason};
 use crate::config::{LockSettings, OnWaitTimeout};
-use crate::redis::{FillEvent, Redis};
+use crate::redis::{EventWait, FillEvent, Redis};
 use crate::upstream::FailureKind;
 
 /// How a fleet-wide claim on a fill ended.
@@ -34,6 +34,25 @@ pub(crate) struct Coordinator {
 /// Extra wait past a lock's TTL before a waiter concludes the holder died.
 const TAKEOVER_MARGIN: Duration = Duration::from_millis(250);
 
+/// How often a waiter that cannot count on an event looks again.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where a claim stands between its attempts.
+#[derive(Default)]
+struct Round {
+    /// Read the shared tier before the next attempt.
+    read_first: bool,
+    /// A wait has happened: the next look is a re-check after it.
+    waited: bool,
+    /// When the lock was last seen held by another instance.
+    held_at: Option<Instant>,
+    /// Asked to listen on the key's channel; `subscribed` when that worked.
+    listening: bool,
+    subscribed: bool,
+    /// The last attempt found the key's Redis node away: poll.
+    poll: bool,
+}
+
 impl Coordinator {
     /// `None` when `cache` has no shared tier (single instance): nothing to coordinate.
     pub(crate) fn new(redis: Arc<Redis>, lock: &LockSettings, cache: Cache) -> Option<Coordinator> {
@@ -57,12 +76,11 @@ impl Coordinator {
     /// refreshes. An entry of another variant found under the key is not this request's
     /// fill.
     ///
-    /// Order: register for events, then re-check Redis, then try the lock, then wait;
-    /// so a fill that lands between the check and the wait still wakes us. The first
-    /// re-check and the first attempt are one script on the single Redis (a fresh entry
-    /// there ends the attempt with `Filled`), so an uncontended miss costs one round
-    /// trip here, not two. Every wait is bounded by the lock TTL (a dead holder's lock
-    /// expires) and the route's `wait_timeout`.
+    /// Order: try the lock (the first attempt also looks for a fresh entry, in the same
+    /// script: an uncontended miss costs one round trip here); when it is held, listen
+    /// on the key's channel, then re-check and try again, then wait; so a fill that
+    /// lands between the check and the wait still wakes us. Every wait is bounded by
+    /// the lock TTL (a dead holder's lock expires) and the route's `wait_timeout`.
     pub(crate) async fn claim(
         &self,
         key: &CacheKey,
@@ -71,26 +89,34 @@ impl Coordinator {
         background: bool,
     ) -> Claim {
         let deadline = Instant::now() + wait.timeout;
-        let mut events = self.redis.watch(key.as_str());
-        let mut waited = false;
-        // Whether the shared tier must be read before the lock is tried: after a wait
-        // (the event said filled, or a holder died), when the lock cannot look at the
-        // entry itself (Redlock), or when it said a fresh entry is there.
-        let mut read_first = !self.lock.checks_entry();
+        let mut events = self.redis.watch(key.as_str(), key.primary());
+        // The single Redis lock looks at the entry in the same script as the attempt
+        // (no window between a look and the attempt in which a fill can end). Redlock
+        // cannot: the shared tier is read before each of its attempts.
+        let checks = self.lock.checks_entry();
+        let mut round = Round {
+            read_first: !checks,
+            ..Round::default()
+        };
         loop {
-            if read_first || waited {
-                if let Some(entry) = self.filled(key, headers, waited).await {
+            let read = std::mem::replace(&mut round.read_first, !checks);
+            if read {
+                if let Some(entry) = self.filled(key, headers, round.waited).await {
                     return Claim::Done(FillOutcome::Filled(entry));
                 }
             }
-            let attempt = if read_first || waited {
+            // After a read that found nothing to serve, a plain attempt: the entry the
+            // script would call fresh is not this request's (stale by this instance's
+            // clock, another variant).
+            let attempt = if read {
                 self.lock.try_acquire(key).await
             } else {
                 self.lock.claim_attempt(key).await
             };
+            round.poll = false;
             match attempt {
                 LockTry::Acquired(lease) => {
-                    if waited {
+                    if round.waited {
                         self.redis.metrics.lock_takeover();
                     }
                     return Claim::Lead(Some(lease));
@@ -98,37 +124,84 @@ impl Coordinator {
                 // Read it at the top (once: the next attempt takes the lock if the
                 // entry turns out unreadable or stale by this instance's clock).
                 LockTry::Filled => {
-                    read_first = true;
+                    round.read_first = true;
                     continue;
                 }
+                // The key's cluster node away while a holder was seen (a failover:
+                // the holder's lock and entry reach the promoted replica): keep
+                // polling for up to a lock TTL, as for a holder that died. One Redis
+                // away is an outage: fall back at once.
+                LockTry::Unavailable if self.holder_may_finish(&round) => round.poll = true,
                 LockTry::Unavailable => return Claim::Lead(None),
                 LockTry::Held if background => return Claim::Done(FillOutcome::Elsewhere),
-                LockTry::Held => {}
+                LockTry::Held => round.held_at = Some(Instant::now()),
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return match wait.timed_out() {
-                    OnWaitTimeout::Fetch => Claim::Lead(None),
-                    OnWaitTimeout::Error => Claim::Done(FillOutcome::Failed(FailureKind::Timeout)),
-                };
-            }
-            waited = true;
-            let bound = (deadline - now).min(self.lock.ttl() + TAKEOVER_MARGIN);
-            match events.next(bound).await {
-                Some(FillEvent::Uncacheable) => {
-                    return Claim::Done(FillOutcome::Uncacheable(PassReason::NotStorable))
+            // Listen on the key's channel from now on, then look again: a fill that
+            // ended before the subscription took effect is found there.
+            if !round.listening {
+                round.listening = true;
+                round.subscribed = events.listen().await;
+                if round.subscribed {
+                    continue;
                 }
-                Some(FillEvent::Failed) => {
-                    return Claim::Done(FillOutcome::Failed(FailureKind::Protocol))
-                }
-                // Filled: read it at the top. Purged or nothing (timeout, lost
-                // message, dead holder): re-check and try the lock again.
-                Some(FillEvent::Filled(_))
-                | Some(FillEvent::Retry)
-                | Some(FillEvent::Purged)
-                | Some(FillEvent::Lost)
-                | None => {}
             }
+            if let Some(ended) = self
+                .wait_round(&mut events, &mut round, deadline, wait)
+                .await
+            {
+                return ended;
+            }
+        }
+    }
+
+    /// On a cluster, whether a holder seen recently may still store its entry although
+    /// the key's node does not answer now.
+    fn holder_may_finish(&self, round: &Round) -> bool {
+        self.redis.is_cluster()
+            && round
+                .held_at
+                .is_some_and(|at| at.elapsed() < self.lock.ttl() + TAKEOVER_MARGIN)
+    }
+
+    /// Waits for the next event of the key (or the bound): `Some` when the wait ended
+    /// the claim, `None` to look again.
+    async fn wait_round(
+        &self,
+        events: &mut EventWait,
+        round: &mut Round,
+        deadline: Instant,
+        wait: &WaitPolicy<'_>,
+    ) -> Option<Claim> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Some(match wait.timed_out() {
+                OnWaitTimeout::Fetch => Claim::Lead(None),
+                OnWaitTimeout::Error => Claim::Done(FillOutcome::Failed(FailureKind::Timeout)),
+            });
+        }
+        round.waited = true;
+        let mut bound = (deadline - now).min(self.lock.ttl() + TAKEOVER_MARGIN);
+        // Still subscribed? (A disconnection may have dropped it; cheap when it holds.)
+        round.subscribed = events.listen().await;
+        if round.poll || !round.subscribed {
+            // No event will come (no subscription, or the key's node is away): look
+            // again soon instead.
+            bound = bound.min(POLL_INTERVAL);
+        }
+        match events.next(bound).await {
+            Some(FillEvent::Uncacheable) => Some(Claim::Done(FillOutcome::Uncacheable(
+                PassReason::NotStorable,
+            ))),
+            Some(FillEvent::Failed) => {
+                Some(Claim::Done(FillOutcome::Failed(FailureKind::Protocol)))
+            }
+            // Filled: read it at the top. Purged or nothing (timeout, lost message,
+            // dead holder): re-check and try the lock again.
+            Some(FillEvent::Filled(_))
+            | Some(FillEvent::Retry)
+            | Some(FillEvent::Purged)
+            | Some(FillEvent::Lost)
+            | None => None,
         }
     }
 
@@ -200,7 +273,7 @@ impl Coordinator {
             }
             (_, FleetLock::Single(lock), Some(lease)) => {
                 let message = message.unwrap_or_default();
-                lock.release_telling(lease, self.redis.channel(), message)
+                lock.release_telling(lease, self.redis.event_channel(key.primary()), message)
                     .await;
             }
             (_, _, mut lease) => {
@@ -212,7 +285,7 @@ impl Coordinator {
                     }
                 }
                 if let Some(event) = event {
-                    self.redis.publish(key.as_str(), event).await;
+                    self.redis.publish(key.as_str(), key.primary(), event).await;
                 }
                 if let Some(lease) = lease {
                     self.lock.release(lease).await;

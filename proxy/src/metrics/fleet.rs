@@ -75,8 +75,9 @@ impl FleetMetrics {
         }
     }
 
-    pub(super) fn register(&self, registry: &mut Registry) {
-        let counters = [
+    /// Every plain counter: name, help, counter.
+    fn counters(&self) -> [(&'static str, &'static str, &Counter); 12] {
+        [
             (
                 "lock_acquired",
                 "Fleet fill locks granted to this instance",
@@ -137,8 +138,11 @@ impl FleetMetrics {
                 "Requests sent to the cache's Redis: commands, pipelines and script calls",
                 &self.redis_round_trips,
             ),
-        ];
-        for (name, help, counter) in counters {
+        ]
+    }
+
+    pub(super) fn register(&self, registry: &mut Registry) {
+        for (name, help, counter) in self.counters() {
             registry.register(name, help, counter.clone());
         }
         for reason in UNREADABLE_REASONS {

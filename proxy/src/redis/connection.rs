@@ -1,14 +1,16 @@
-//! The connections to Redis: the command connection, opened again whenever a command
-//! finds it broken, and the event subscription (RESP3 pushes on a connection of its
-//! own), opened again after every disconnection.
+//! Opening the connections to Redis: the command connection, opened again whenever a
+//! command finds it broken, and the listening connection (RESP3 pushes, on a
+//! connection of its own: see `subscriptions`). Each to one Redis or to a cluster.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use redis::cluster::ClusterClientBuilder;
+use redis::{ProtocolVersion, PushInfo};
 use tokio::sync::mpsc;
 
+use super::commands::Commands;
+use super::subscriptions::Listener;
 use super::Redis;
 use crate::config::RedisSettings;
 
@@ -16,7 +18,7 @@ use crate::config::RedisSettings;
 /// found it broken (`broken` is notified). Until then commands are skipped, which is
 /// single-instance behaviour.
 pub(super) async fn connect(fleet: Weak<Redis>) {
-    tokio::spawn(listen(fleet.clone()));
+    tokio::spawn(super::subscriptions::listen(fleet.clone()));
     loop {
         let Some(f) = fleet.upgrade() else { return };
         let (settings, metrics, broken) =
@@ -32,53 +34,15 @@ pub(super) async fn connect(fleet: Weak<Redis>) {
                 let Some(f) = fleet.upgrade() else { return };
                 *f.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn);
                 f.health.success(&metrics);
-                tracing::info!(url = %redacted(&settings.url), "connected to redis");
+                tracing::info!(redis = %described(&settings), "connected to redis");
             }
             Err(error) => {
                 if let Some(f) = fleet.upgrade() {
-                    f.health.failure("connect", &error, &metrics);
+                    f.health.failure("connect", &error, &metrics, None);
                 }
                 tokio::time::sleep(settings.retry_after).await;
             }
         }
-    }
-}
-
-/// Keeps the event subscription up: RESP3 push messages on a connection of its own,
-/// opened again after every disconnection.
-async fn listen(fleet: Weak<Redis>) {
-    loop {
-        let Some(f) = fleet.upgrade() else { return };
-        let settings = f.settings.clone();
-        let channel = f.channel();
-        drop(f);
-        let (sender, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
-        if let Ok(events) = open_events(&settings, sender, &channel).await {
-            if let Some(f) = fleet.upgrade() {
-                f.subscribed.store(true, Ordering::Release);
-            }
-            while let Some(push) = pushes.recv().await {
-                let Some(f) = fleet.upgrade() else { return };
-                match push.kind {
-                    PushKind::Message => match push.data.get(1) {
-                        Some(Value::BulkString(payload)) => f.dispatch(payload),
-                        _ => f.metrics.event_ignored(),
-                    },
-                    // Messages sent meanwhile are lost: wake every waiter to re-check
-                    // (and, Redis being gone, fall back) instead of sleeping out a TTL.
-                    PushKind::Disconnection => {
-                        f.waiters.wake_all();
-                        break;
-                    }
-                    _ => {}
-                }
-            }
-            drop(events);
-            if let Some(f) = fleet.upgrade() {
-                f.subscribed.store(false, Ordering::Release);
-            }
-        }
-        tokio::time::sleep(settings.retry_after).await;
     }
 }
 
@@ -90,18 +54,51 @@ fn connection_config(settings: &RedisSettings) -> ConnectionManagerConfig {
         .set_max_delay(settings.retry_after)
 }
 
-async fn open(settings: &RedisSettings) -> redis::RedisResult<ConnectionManager> {
-    let client = redis::Client::open(settings.url.as_str())?;
-    client
-        .get_connection_manager_with_config(connection_config(settings))
-        .await
+/// The cluster client: redis-rs follows `MOVED`/`ASK` and rides out `TRYAGAIN` and
+/// `CLUSTERDOWN` with a few quick retries (its defaults wait 1.28 s and more between
+/// up to 16 attempts, far beyond a request's patience), every node request bounded by
+/// the command timeout. corral's own timeout and breaker stay around each call.
+fn cluster_client(
+    settings: &RedisSettings,
+    push: Option<mpsc::UnboundedSender<PushInfo>>,
+) -> redis::RedisResult<redis::cluster::ClusterClient> {
+    let mut builder = ClusterClientBuilder::new(settings.cluster.iter().map(String::as_str))
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(200)
+        .connection_timeout(settings.connect_timeout)
+        .response_timeout(settings.command_timeout)
+        .overall_response_timeout(Some(settings.command_timeout));
+    if let Some(sender) = push {
+        builder = builder
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(sender);
+    }
+    builder.build()
 }
 
-async fn open_events(
+pub(super) async fn open(settings: &RedisSettings) -> redis::RedisResult<Commands> {
+    if settings.is_cluster() {
+        let client = cluster_client(settings, None)?;
+        return Ok(Commands::Cluster(client.get_async_connection().await?));
+    }
+    let client = redis::Client::open(settings.url.as_str())?;
+    let conn = client
+        .get_connection_manager_with_config(connection_config(settings))
+        .await?;
+    Ok(Commands::Single(conn))
+}
+
+/// The listening connection: RESP3, its pushes (messages, subscription changes,
+/// disconnections) sent to `sender`.
+pub(super) async fn open_listener(
     settings: &RedisSettings,
     sender: mpsc::UnboundedSender<PushInfo>,
-    channel: &str,
-) -> redis::RedisResult<ConnectionManager> {
+) -> redis::RedisResult<Listener> {
+    if settings.is_cluster() {
+        let client = cluster_client(settings, Some(sender))?;
+        return Ok(Listener::Cluster(client.get_async_connection().await?));
+    }
     let info = redis::IntoConnectionInfo::into_connection_info(settings.url.as_str())?;
     let redis_settings = info
         .redis_settings()
@@ -110,11 +107,9 @@ async fn open_events(
     let client = redis::Client::open(info.set_redis_settings(redis_settings))?;
     let config = connection_config(settings)
         .set_push_sender(sender)
-        .set_automatic_resubscription()
         .set_response_timeout(None);
-    let mut conn = client.get_connection_manager_with_config(config).await?;
-    conn.subscribe(channel).await?;
-    Ok(conn)
+    let conn: ConnectionManager = client.get_connection_manager_with_config(config).await?;
+    Ok(Listener::Single(conn))
 }
 
 /// Whether a command failed on the value it met (another type under the key, a reply
@@ -124,6 +119,16 @@ async fn open_events(
 /// bytes.)
 pub(super) fn about_one_value(error: &redis::RedisError) -> bool {
     error.code() == Some("WRONGTYPE") || error.kind() == redis::ErrorKind::UnexpectedReturnType
+}
+
+/// Where the cache's Redis is, without passwords, for logs.
+pub(super) fn described(settings: &RedisSettings) -> String {
+    if settings.is_cluster() {
+        let seeds: Vec<String> = settings.cluster.iter().map(|s| redacted(s)).collect();
+        format!("cluster [{}]", seeds.join(", "))
+    } else {
+        redacted(&settings.url)
+    }
 }
 
 /// The URL without its password, for logs.
@@ -147,5 +152,11 @@ mod tests {
             "redis://***@host:6379/0"
         );
         assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+        let cluster =
+            RedisSettings::new_cluster(vec!["redis://:s1@a:1".into(), "redis://b:2".into()]);
+        assert_eq!(
+            described(&cluster),
+            "cluster [redis://***@a:1, redis://b:2]"
+        );
     }
 }

@@ -1,14 +1,8 @@
 //! The fleet's event messages: how an instance tells the others that a key's fill
-//! ended or that it was purged, as one Redis pub/sub message, how a message is read
-//! back, and who in this instance is waiting for one. Anything on the channel is
-//! untrusted (the key prefix may be shared).
+//! ended or that it was purged, as one Redis pub/sub message, and how a message is read
+//! back. Anything on a channel is untrusted (the key prefix may be shared).
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use tokio::sync::watch;
 
 /// What another instance said about a key's fill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,81 +82,6 @@ pub(super) fn parse_event(payload: &[u8]) -> Option<(FillEvent, &str, &str)> {
 /// What the cache layer does with another instance's event (drop a local copy); called
 /// on the event task, so it must not block.
 pub(crate) type EventListener = Box<dyn Fn(FillEvent, &str) + Send + Sync>;
-
-/// The fills this instance waits on, by cache key.
-///
-/// Invariant: only the local fill task of a key registers (local coalescing stays in
-/// front), and its [`EventWait`] removes the registration when dropped; the event task
-/// only sends. A `watch` channel, not `Notify`: an event sent between a registration
-/// and the wait is kept, not lost.
-#[derive(Default)]
-pub(super) struct Waiters {
-    by_key: Mutex<HashMap<String, watch::Sender<Option<FillEvent>>>>,
-}
-
-impl Waiters {
-    pub(super) fn watch(self: &Arc<Self>, key: &str) -> EventWait {
-        let (sender, receiver) = watch::channel(None);
-        self.lock().insert(key.to_string(), sender);
-        EventWait {
-            waiters: Arc::clone(self),
-            key: key.to_string(),
-            receiver,
-        }
-    }
-
-    /// Tells the waiter of `key`, if any, that `event` happened.
-    pub(super) fn notify(&self, key: &str, event: FillEvent) {
-        if let Some(waiter) = self.lock().get(key) {
-            waiter.send_replace(Some(event));
-        }
-    }
-
-    /// Wakes every waiter with [`FillEvent::Lost`].
-    pub(super) fn wake_all(&self) {
-        for waiter in self.lock().values() {
-            waiter.send_replace(Some(FillEvent::Lost));
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<Option<FillEvent>>>> {
-        self.by_key.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// A registration for one key's fill events; deregisters on drop.
-pub(crate) struct EventWait {
-    waiters: Arc<Waiters>,
-    key: String,
-    receiver: watch::Receiver<Option<FillEvent>>,
-}
-
-impl EventWait {
-    /// The next event, or `None` at the timeout (a lost message looks the same: callers
-    /// re-check Redis either way).
-    pub(crate) async fn next(&mut self, timeout: Duration) -> Option<FillEvent> {
-        let event =
-            match tokio::time::timeout(timeout, self.receiver.wait_for(Option::is_some)).await {
-                Ok(Ok(event)) => *event,
-                _ => None,
-            };
-        // Seen: the next call waits for a new event.
-        self.receiver.mark_unchanged();
-        event
-    }
-}
-
-impl Drop for EventWait {
-    fn drop(&mut self) {
-        let mut waiting = self.waiters.lock();
-        if waiting
-            .get(&self.key)
-            .is_some_and(|s| self.receiver.same_channel(&s.subscribe()))
-        {
-            waiting.remove(&self.key);
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! The names corral gives things in Redis: per cache key its entry, lock, fence counter
-//! and variant set; per tag its set; the event channel. Every name starts with the
+//! and variant set; per tag its set; the event channels. Every name starts with the
 //! configured prefix, so fleets can share one Redis.
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -34,7 +34,14 @@ pub(super) fn tag_key(prefix: &str, tag: &str) -> String {
     format!("{prefix}tag:{tag}")
 }
 
-/// The channel fill and purge events go out on.
-pub(super) fn channel(prefix: &str) -> String {
+/// The channel a primary key's fill events go out on: in the slot of its keys, so the
+/// script that writes the entry can publish on it, also on a cluster.
+pub(super) fn event_channel(prefix: &str, primary: &str) -> String {
+    let tag = xxh3_128(primary.as_bytes());
+    format!("{prefix}{{{tag:032x}}}:ev")
+}
+
+/// The channel purge events go out on; every instance listens to it.
+pub(super) fn purge_channel(prefix: &str) -> String {
     format!("{prefix}events")
 }

@@ -1,6 +1,6 @@
-//! Fleet mode's connection to Redis: commands under a timeout behind an outage breaker,
-//! the names of corral's keys, and the event channel that tells instances about each
-//! other's fills and purges.
+//! Fleet mode's connection to Redis (one server or a cluster): commands under a
+//! timeout behind an outage breaker, the names of corral's keys, and the event channels
+//! that tell instances about each other's fills and purges.
 //!
 //! Redis faults never fail a request. Every command runs under the configured timeout;
 //! a failure opens a breaker for `retry_after`, during which corral behaves as a single
@@ -10,41 +10,42 @@
 //! This layer knows keys only as strings: it sits below the cache, which hands it an
 //! [`EventListener`] for the events that concern cached copies.
 
+mod commands;
 mod connection;
 mod events;
 mod health;
 mod keys;
+mod subscriptions;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-
-use redis::aio::ConnectionManager;
 
 use crate::config::RedisSettings;
 use crate::metrics::FleetMetrics;
 use connection::about_one_value;
-use events::{parse_event, Waiters};
+use events::parse_event;
 use health::RedisHealth;
+use subscriptions::Subscriptions;
 
+pub(crate) use commands::script;
+pub use commands::Commands;
+pub(crate) use events::EventListener;
 pub use events::FillEvent;
-pub(crate) use events::{EventListener, EventWait};
 pub use keys::RedisKeys;
+pub(crate) use subscriptions::EventWait;
 
 /// The fleet's connection to Redis.
 pub struct Redis {
     settings: RedisSettings,
     /// Set once the first connection succeeds; the manager reconnects by itself after.
-    conn: RwLock<Option<ConnectionManager>>,
+    conn: RwLock<Option<Commands>>,
     health: RedisHealth,
-    waiters: Arc<Waiters>,
+    subscriptions: Arc<Subscriptions>,
     /// Told about every event another instance sends.
     listener: EventListener,
     /// This instance's id in event messages and lock tokens: 16 hex digits.
     pub(crate) instance: String,
     pub(crate) metrics: FleetMetrics,
-    /// The event subscription is up (fill events from other instances arrive).
-    subscribed: AtomicBool,
     /// Notified when a command finds the connection broken, to open a new one.
     broken: Arc<tokio::sync::Notify>,
 }
@@ -57,16 +58,16 @@ impl Redis {
         metrics: FleetMetrics,
         listener: EventListener,
     ) -> Arc<Redis> {
-        let retry_after = settings.retry_after;
+        let health = RedisHealth::new(settings.retry_after, settings.is_cluster());
+        let subscriptions = Arc::new(Subscriptions::new(settings.command_timeout));
         let redis = Arc::new(Redis {
             settings,
             conn: RwLock::new(None),
-            health: RedisHealth::new(retry_after),
-            waiters: Arc::default(),
+            health,
+            subscriptions,
             listener,
             instance: format!("{:016x}", rand::random::<u64>()),
             metrics,
-            subscribed: AtomicBool::new(false),
             broken: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(connection::connect(Arc::downgrade(&redis)));
@@ -90,9 +91,24 @@ impl Redis {
         keys::tag_key(&self.settings.key_prefix, tag)
     }
 
-    /// The channel fill and purge events go out on.
-    pub(crate) fn channel(&self) -> String {
-        keys::channel(&self.settings.key_prefix)
+    /// The channel the fill events of `primary`'s keys go out on.
+    pub(crate) fn event_channel(&self, primary: &str) -> String {
+        keys::event_channel(&self.settings.key_prefix, primary)
+    }
+
+    /// The channel purge events go out on.
+    pub(crate) fn purge_channel(&self) -> String {
+        keys::purge_channel(&self.settings.key_prefix)
+    }
+
+    /// The command that publishes on corral's channels: sharded on a cluster, so a
+    /// message stays in its channel's shard (and can be sent from a script there).
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.settings.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// The message that tells the fleet `event` happened to the cache key `key`.
@@ -100,9 +116,14 @@ impl Redis {
         events::message(event, &self.instance, key)
     }
 
-    /// Connected for commands and subscribed to events.
+    /// Whether the cache's Redis is a cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.settings.is_cluster()
+    }
+
+    /// Connected for commands and listening for purges.
     pub fn ready(&self) -> bool {
-        self.available() && self.subscribed.load(Ordering::Acquire)
+        self.available() && self.subscriptions.purges_heard()
     }
 
     /// Whether Redis is usable now (connected, breaker closed).
@@ -119,10 +140,29 @@ impl Redis {
     /// unavailable or the operation failed (which opens the breaker).
     pub async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Option<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Commands) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        if self.health.is_open() {
+        self.run_on(None, op, f).await
+    }
+
+    /// [`Redis::run`] for an operation on `key` (and keys of its slot): on a cluster,
+    /// its failure leaves only that slot alone.
+    pub async fn run_for<T, F, Fut>(&self, key: &str, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(Commands) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let slot = self.settings.is_cluster().then(|| health::slot_of(key));
+        self.run_on(slot, op, f).await
+    }
+
+    async fn run_on<T, F, Fut>(&self, slot: Option<u16>, op: &'static str, f: F) -> Option<T>
+    where
+        F: FnOnce(Commands) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.health.is_open_for(slot) {
             return None;
         }
         let conn = self
@@ -145,20 +185,23 @@ impl Redis {
                 None
             }
             Ok(Err(error)) => {
-                self.health.failure(op, &error, &self.metrics);
-                if error.is_io_error()
+                self.health.failure(op, &error, &self.metrics, slot);
+                // A cluster connection reconnects its nodes by itself.
+                let broken = error.is_io_error()
                     || error.is_connection_dropped()
                     || error.is_connection_refusal()
-                    || error.is_timeout()
-                {
+                    || error.is_timeout();
+                if broken && !self.settings.is_cluster() {
                     self.drop_connection();
                 }
                 None
             }
             Err(_) => {
                 let error = format!("no reply within {:?}", self.settings.command_timeout);
-                self.health.failure(op, &error, &self.metrics);
-                self.drop_connection();
+                self.health.failure(op, &error, &self.metrics, slot);
+                if !self.settings.is_cluster() {
+                    self.drop_connection();
+                }
                 None
             }
         }
@@ -170,12 +213,14 @@ impl Redis {
         self.broken.notify_one();
     }
 
-    /// Tells the fleet `event` happened to the cache key `key`.
-    pub(crate) async fn publish(&self, key: &str, event: FillEvent) {
+    /// Tells the instances waiting on `key` (of primary key `primary`) that `event`
+    /// happened.
+    pub(crate) async fn publish(&self, key: &str, primary: &str, event: FillEvent) {
         let message = self.event_message(key, event);
-        let channel = self.channel();
-        self.run("publish", |mut c| async move {
-            redis::cmd("PUBLISH")
+        let channel = self.event_channel(primary);
+        let command = self.publish_command();
+        self.run_for(&channel.clone(), "publish", |mut c| async move {
+            redis::cmd(command)
                 .arg(channel)
                 .arg(message)
                 .query_async::<i64>(&mut c)
@@ -184,10 +229,11 @@ impl Redis {
         .await;
     }
 
-    /// Registers interest in `key`'s fill events. Register *before* re-checking Redis,
-    /// so that an event sent between the check and the wait is not missed.
-    pub(crate) fn watch(&self, key: &str) -> EventWait {
-        self.waiters.watch(key)
+    /// Registers interest in `key`'s fill events (`primary`: its primary key, whose
+    /// channel carries them). Register, and [`EventWait::listen`], *before* re-checking
+    /// Redis, so that an event sent between the check and the wait is not missed.
+    pub(crate) fn watch(&self, key: &str, primary: &str) -> EventWait {
+        self.subscriptions.watch(key, self.event_channel(primary))
     }
 
     /// Acts on one message from the event channel; a malformed one is counted and
@@ -202,6 +248,6 @@ impl Redis {
         if from != self.instance {
             (self.listener)(event, key);
         }
-        self.waiters.notify(key, event);
+        self.subscriptions.notify(key, event);
     }
 }

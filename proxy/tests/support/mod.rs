@@ -121,6 +121,16 @@ impl Setup {
         self
     }
 
+    /// Fleet mode on the Redis Cluster reached through `seeds`.
+    pub fn redis_cluster(mut self, seeds: &[String]) -> Setup {
+        let seeds: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        self.redis = format!(
+            "[redis]\ncluster = [{}]\ncommand_timeout = \"500ms\"\nretry_after = \"200ms\"\n",
+            seeds.join(", ")
+        );
+        self
+    }
+
     fn config(&self, upstream: &str) -> Config {
         let text = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n{}\n\
@@ -343,6 +353,18 @@ pub async fn get_url(url: String) -> Reply {
         .await
         .expect("request succeeds");
     Reply::read(res).await
+}
+
+/// The value of the metric line of `server` that starts with `series`.
+pub async fn metric_of(server: &RunningServer, series: &str) -> f64 {
+    let addr = server.admin_addr().expect("admin listener configured");
+    let text = get_url(format!("http://{addr}/metrics")).await.text();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
 }
 
 /// `n` GETs for `path`, spread round-robin over `servers` as a load balancer would,

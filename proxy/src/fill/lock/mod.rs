@@ -3,6 +3,7 @@
 //! shared tier's write checks, so a holder whose lease expired cannot overwrite a
 //! newer holder's entry.
 
+mod compare_delete;
 pub mod redlock;
 pub mod single;
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use super::compare_delete::{unknown_command, CompareDelete, DetectedCompareDelete};
 use super::single::{EXTEND, NEXT_FENCE_LUA, RELEASE};
 use super::{Lease, LockTry};
 use crate::cache::CacheKey;
@@ -29,7 +30,7 @@ use crate::redis::Redis;
 
 /// KEYS: fence. ARGV: retention ms. The next fencing token (see [`NEXT_FENCE_LUA`]).
 static FENCE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
+    crate::redis::script(&format!(
         "{NEXT_FENCE_LUA}\nreturn next_fence(KEYS[1], ARGV[1])"
     ))
 });
@@ -40,6 +41,8 @@ struct Node {
     timeout: Duration,
     conn: RwLock<Option<ConnectionManager>>,
     connecting: AtomicBool,
+    /// The node's own compare-and-delete, found when the connection opens.
+    compare_delete: DetectedCompareDelete,
 }
 
 /// How one node answered.
@@ -63,10 +66,15 @@ impl Node {
                     .set_connection_timeout(Some(node.timeout * 4))
                     .set_response_timeout(Some(node.timeout))
                     .set_number_of_retries(0);
-                let conn = match redis::Client::open(node.url.as_str()) {
+                let mut conn = match redis::Client::open(node.url.as_str()) {
                     Ok(client) => client.get_connection_manager_with_config(config).await.ok(),
                     Err(_) => None,
                 };
+                if let Some(conn) = conn.as_mut() {
+                    let found = tokio::time::timeout(node.timeout, CompareDelete::detect(conn));
+                    node.compare_delete
+                        .set(found.await.unwrap_or(CompareDelete::Lua));
+                }
                 *node.conn.write().unwrap_or_else(|e| e.into_inner()) = conn;
                 node.connecting.store(false, Ordering::Release);
             });
@@ -97,6 +105,25 @@ impl Node {
                 Reply::Unreachable
             }
             Err(_) => Reply::Unreachable,
+        }
+    }
+
+    /// Deletes `key` if it holds `token`: natively where the node can, else by script.
+    async fn release(self: &Arc<Self>, key: &str, token: &str) -> Reply {
+        let Some(native) = self.compare_delete.get().command(key, token) else {
+            return self.script(&RELEASE, key, &[token]).await;
+        };
+        let Some(mut conn) = self.connection() else {
+            return Reply::Unreachable;
+        };
+        match tokio::time::timeout(self.timeout, native.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(1)) => Reply::Yes,
+            Ok(Ok(_)) => Reply::No,
+            Ok(Err(e)) if unknown_command(&e) => {
+                self.compare_delete.set(CompareDelete::Lua);
+                self.script(&RELEASE, key, &[token]).await
+            }
+            Ok(Err(_)) | Err(_) => Reply::Unreachable,
         }
     }
 
@@ -155,6 +182,7 @@ impl Redlock {
                     timeout: settings.node_timeout,
                     conn: RwLock::new(None),
                     connecting: AtomicBool::new(false),
+                    compare_delete: DetectedCompareDelete::default(),
                 });
                 node.connection(); // start connecting now
                 node
@@ -271,15 +299,14 @@ impl Redlock {
     }
 
     async fn release_all(&self, key: &str, token: &str) {
-        let args = [token];
-        join_all(self.nodes.iter().map(|n| n.script(&RELEASE, key, &args))).await;
+        join_all(self.nodes.iter().map(|n| n.release(key, token))).await;
     }
 
     /// The grant's fencing token, from the cache's Redis, where the fenced write runs.
     async fn fence(&self, fence_key: &str) -> Option<u64> {
         let key = fence_key.to_string();
         self.redis
-            .run("fence", |mut c| async move {
+            .run_for(fence_key, "fence", |mut c| async move {
                 FENCE
                     .key(&key)
                     .arg(super::single::FENCE_RETENTION_MS)

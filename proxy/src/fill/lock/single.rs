@@ -49,7 +49,7 @@ end
 /// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
 /// without an expiry was not set by corral: it is given the TTL, and ends.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&format!(
+    crate::redis::script(&format!(
         r"{NEXT_FENCE_LUA}
         if ARGV[4] == '1' and redis.call('TYPE', KEYS[3])['ok'] == 'string' then
             local h = redis.call('GETRANGE', KEYS[3], 0, 29)
@@ -71,7 +71,7 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
 
 /// KEYS: lock. ARGV: token, ttl ms. 1 when extended, 0 when the lock is no longer ours.
 pub(crate) static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    crate::redis::script(
         r"
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
         return 0",
@@ -80,25 +80,26 @@ pub(crate) static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| {
 
 /// KEYS: lock. ARGV: token. Deletes the lock only if it is still ours.
 pub(crate) static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    crate::redis::script(
         r"
         if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
         return 0",
     )
 });
 
-/// KEYS: lock. ARGV: token, channel, message. Deletes the lock if it is still ours and
-/// tells the fleet how the fill ended (when `message` is not empty): one round trip,
+/// KEYS: lock. ARGV: token, channel, message, publish command. Deletes the lock if it is
+/// still ours and tells the waiting instances how the fill ended (when `message` is not
+/// empty): one round trip,
 /// the release first, so the instances told to retry find the lock free, and a refused
 /// `PUBLISH` leaves it released.
 static NOTIFY_RELEASE: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    crate::redis::script(
         r"
         local released = 0
         if redis.call('TYPE', KEYS[1])['ok'] == 'string' and redis.call('GET', KEYS[1]) == ARGV[1] then
             released = redis.call('DEL', KEYS[1])
         end
-        if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+        if ARGV[3] ~= '' then redis.call(ARGV[4], ARGV[2], ARGV[3]) end
         return released",
     )
 });
@@ -143,7 +144,7 @@ impl RedisLock {
             .as_millis() as u64;
         let fence = self
             .redis
-            .run("lock acquire", |mut c| async move {
+            .run_for(&keys.lock, "lock acquire", |mut c| async move {
                 ACQUIRE
                     .key(lock_key)
                     .key(fence_key)
@@ -184,7 +185,7 @@ impl RedisLock {
         let (key, token) = (lease.lock_key.clone(), lease.token.clone());
         let extended = self
             .redis
-            .run("lock extend", |mut c| async move {
+            .run_for(&lease.lock_key, "lock extend", |mut c| async move {
                 EXTEND
                     .key(key)
                     .arg(token)
@@ -208,13 +209,15 @@ impl RedisLock {
         let Lease {
             lock_key, token, ..
         } = lease;
+        let publish = self.redis.publish_command();
         self.redis
-            .run("lock release", |mut c| async move {
+            .run_for(&lock_key.clone(), "lock release", |mut c| async move {
                 NOTIFY_RELEASE
                     .key(lock_key)
                     .arg(token)
                     .arg(channel)
                     .arg(message)
+                    .arg(publish)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
@@ -226,7 +229,7 @@ impl RedisLock {
             lock_key, token, ..
         } = lease;
         self.redis
-            .run("lock release", |mut c| async move {
+            .run_for(&lock_key.clone(), "lock release", |mut c| async move {
                 RELEASE
                     .key(lock_key)
                     .arg(token)

@@ -1,0 +1,358 @@
+//! Fleet mode on a real Redis Cluster (3 masters, 3 replicas, spawned on free ports):
+//! herds coalesce across instances on keys of every master, a master killed mid-herd
+//! fails no request, a slot migrated under waiting instances still wakes them, and a
+//! dropped subscription connection is subscribed again channel by channel.
+
+mod support;
+
+use std::time::Duration;
+
+use corral_testkit::{eventually, slot_of, ClusterOptions, RedisCluster};
+use support::{herd_over, metric_of, Harness, OriginBehaviour, Setup};
+
+const EVENTS: &str = "corral_fleet_events_received_total";
+
+fn slow_caching(ms: u64) -> OriginBehaviour {
+    OriginBehaviour {
+        delay: Duration::from_millis(ms),
+        cache_control: Some("max-age=600".into()),
+        ..OriginBehaviour::default()
+    }
+}
+
+/// The hash slot of `path`'s entry in Redis.
+fn slot_of_path(h: &Harness, path: &str) -> u16 {
+    let key = support::key_for(&h.config, "127.0.0.1", path);
+    let shared = h.server.proxy().cache().shared().expect("fleet mode");
+    slot_of(shared.keys(&key).entry.as_bytes())
+}
+
+/// `per_master` paths on each master of `cluster` (by their entries' slots).
+async fn paths_on_every_master(
+    h: &Harness,
+    cluster: &RedisCluster,
+    per_master: usize,
+) -> Vec<String> {
+    let mut by_master: std::collections::HashMap<u16, Vec<String>> = Default::default();
+    for master in cluster.masters() {
+        by_master.insert(master, Vec::new());
+    }
+    for i in 0.. {
+        let path = format!("/k{i}");
+        let master = cluster.master_of(slot_of_path(h, &path)).await;
+        let paths = by_master.get_mut(&master).expect("a master");
+        if paths.len() < per_master {
+            paths.push(path);
+        }
+        if by_master.values().all(|p| p.len() == per_master) {
+            break;
+        }
+    }
+    let mut paths: Vec<String> = by_master.into_values().flatten().collect();
+    paths.sort();
+    paths
+}
+
+/// Herds of `n` GETs on each of `paths`, all at once, over `h` and `others`.
+async fn herds(
+    h: &Harness,
+    others: &[corral::server::RunningServer],
+    paths: &[String],
+    n: usize,
+) -> Vec<support::Reply> {
+    let instances: Vec<_> = std::iter::once(&h.server).chain(others.iter()).collect();
+    let herds = paths.iter().map(|p| herd_over(&instances, p, n));
+    futures_util::future::join_all(herds)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_across_three_instances_fetches_each_key_once_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let (h, others) = Setup::origin(slow_caching(300))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(3)
+        .await;
+    let paths = paths_on_every_master(&h, &cluster, 3).await;
+    let replies = herds(&h, &others, &paths, 30).await;
+    assert_eq!(replies.len(), 270);
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for path in &paths {
+        assert_eq!(
+            h.origin.requests_for(path),
+            1,
+            "{path}: one upstream request fleet-wide"
+        );
+    }
+    // Events reach only the instances that waited: at most the two non-leaders per key.
+    let mut events = metric_of(&h.server, EVENTS).await;
+    for other in &others {
+        events += metric_of(other, EVENTS).await;
+    }
+    assert!(
+        events <= 2.0 * paths.len() as f64,
+        "{events} events for {} fills",
+        paths.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_fill_on_a_cluster_sends_no_event_to_other_instances() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let (h, others) = Setup::origin(slow_caching(0))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(3)
+        .await;
+    for i in 0..20 {
+        assert_eq!(h.get(&format!("/solo{i}")).await.status, 200);
+    }
+    for other in &others {
+        assert_eq!(metric_of(other, EVENTS).await, 0.0);
+    }
+    assert_eq!(metric_of(&h.server, EVENTS).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_master_mid_herd_fails_no_request() {
+    let mut cluster = RedisCluster::start(3, 1).await;
+    let (h, others) = Setup::origin(slow_caching(1500))
+        .lock("ttl = \"3s\"")
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(3)
+        .await;
+    let paths = paths_on_every_master(&h, &cluster, 2).await;
+    let victim = slot_of_path(&h, &paths[0]);
+    let herd = {
+        let (h, others, paths) = (&h, &others, &paths);
+        async move { herds(h, others, paths, 30).await }
+    };
+    let kill = async {
+        eventually("every fill reached the origin", || async {
+            paths
+                .iter()
+                .all(|p| h.origin.requests_for(p) >= 1)
+                .then_some(())
+        })
+        .await;
+        cluster.kill_master_of(victim).await
+    };
+    let (replies, _promoted) = tokio::join!(herd, kill);
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for path in &paths {
+        let fetched = h.origin.requests_for(path);
+        assert!(
+            fetched <= 2,
+            "{path}: {fetched} upstream requests (at most one extra)"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_after_their_keys_slot_migrates() {
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let (h, others) = Setup::origin(slow_caching(1500))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(3)
+        .await;
+    let path = "/moving".to_string();
+    let slot = slot_of_path(&h, &path);
+    let from = cluster.master_of(slot).await;
+    let to = (cluster.masters().into_iter())
+        .find(|&m| m != from)
+        .expect("another master");
+    let herd = {
+        let (h, others, path) = (&h, &others, &path);
+        async move { herds(h, others, std::slice::from_ref(path), 30).await }
+    };
+    let migrate = async {
+        eventually("the fill reached the origin", || async {
+            (h.origin.requests_for(&path) >= 1).then_some(())
+        })
+        .await;
+        // Let the waiters subscribe before the slot moves under them.
+        let channel = shard_channel(&h, &path);
+        eventually("both other instances listen", || {
+            let channel = channel.clone();
+            async move { (shard_subscribers(from, &channel).await >= 2).then_some(()) }
+        })
+        .await;
+        cluster.migrate_slot(slot, from, to).await;
+        eventually("the waiters listen on the new owner", || {
+            let channel = channel.clone();
+            async move { (shard_subscribers(to, &channel).await >= 2).then_some(()) }
+        })
+        .await;
+    };
+    let (replies, ()) = tokio::join!(herd, migrate);
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let fetched = h.origin.requests_for(&path);
+    assert!(fetched <= 2, "{fetched} upstream requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_listening_connection_is_subscribed_again_channel_by_channel() {
+    // Two keys in different slots of one master: redis-rs alone would subscribe both
+    // again in one SSUBSCRIBE, which the server refuses (CROSSSLOT).
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let (h, others) = Setup::origin(slow_caching(2000))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(2)
+        .await;
+    let master = cluster.master_of(slot_of_path(&h, "/a0")).await;
+    let mut paths = vec!["/a0".to_string()];
+    for i in 1.. {
+        let path = format!("/a{i}");
+        let slot = slot_of_path(&h, &path);
+        if slot != slot_of_path(&h, "/a0") && cluster.master_of(slot).await == master {
+            paths.push(path);
+            break;
+        }
+    }
+    let herd = {
+        let (h, others, paths) = (&h, &others, &paths);
+        async move { herds(h, others, paths, 4).await }
+    };
+    let kill = async {
+        for path in &paths {
+            let channel = shard_channel(&h, path);
+            eventually("the other instance listens", || {
+                let channel = channel.clone();
+                async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
+            })
+            .await;
+        }
+        corral_testkit::resp::command(master, &["CLIENT", "KILL", "TYPE", "pubsub"])
+            .await
+            .expect("CLIENT KILL");
+        for path in &paths {
+            let channel = shard_channel(&h, path);
+            eventually("subscribed again", || {
+                let channel = channel.clone();
+                async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
+            })
+            .await;
+        }
+    };
+    let (replies, ()) = tokio::join!(herd, kill);
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for path in &paths {
+        assert_eq!(h.origin.requests_for(path), 1, "{path}");
+    }
+}
+
+/// The shard channel `path`'s fill events go out on.
+fn shard_channel(h: &Harness, path: &str) -> String {
+    let key = support::key_for(&h.config, "127.0.0.1", path);
+    let shared = h.server.proxy().cache().shared().expect("fleet mode");
+    let entry = shared.keys(&key).entry;
+    let tag_end = entry.find('}').expect("a hash tag");
+    format!("{}:ev", &entry[..=tag_end])
+}
+
+/// `PUBSUB SHARDNUMSUB channel` on the node at `port`.
+async fn shard_subscribers(port: u16, channel: &str) -> i64 {
+    let reply = corral_testkit::resp::command(port, &["PUBSUB", "SHARDNUMSUB", channel]).await;
+    let counts = reply.map(|r| r.into_array()).unwrap_or_default();
+    match counts.get(1) {
+        Some(corral_testkit::resp::Reply::Int(n)) => *n,
+        _ => 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncontended_miss_on_a_cluster_costs_three_round_trips() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let h = Setup::origin(slow_caching(0))
+        .redis_cluster(&cluster.seeds())
+        .start()
+        .await;
+    // Every master runs corral's scripts once (a node that lacks one gets its body).
+    for path in paths_on_every_master(&h, &cluster, 1).await {
+        assert_eq!(h.get(&path).await.status, 200);
+    }
+    // Each master got the scripts' bodies (EVAL) on its own: never a SCRIPT LOAD sent to
+    // every node, which fails as a whole while any node is down.
+    for master in cluster.masters() {
+        let stats = corral_testkit::resp::command(master, &["INFO", "commandstats"]).await;
+        let stats = stats.ok().and_then(|r| r.text()).unwrap_or_default();
+        assert!(stats.contains("cmdstat_eval:"), "{master}: {stats}");
+        assert!(!stats.contains("cmdstat_script"), "{master}: {stats}");
+    }
+    let trips = "corral_redis_round_trips_total";
+    let before = h.metric(trips).await;
+    assert_eq!(h.get("/uncontended").await.status, 200);
+    let after = h.metric(trips).await;
+    assert!(after - before <= 3.0, "{} round trips", after - before);
+    assert!(h.get("/uncontended").await.cache_status().contains("hit"));
+    assert_eq!(
+        h.metric(trips).await,
+        after,
+        "a local hit costs no round trip"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_reach_entries_on_every_master_and_every_instance() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let behaviour = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7 catalog".into())],
+        cache_control: Some("max-age=600".into()),
+        ..OriginBehaviour::default()
+    };
+    let (h, others) = Setup::origin(behaviour)
+        .redis_cluster(&cluster.seeds())
+        .route("tag_header = \"surrogate-key\"")
+        .start_fleet(2)
+        .await;
+    // Tagged entries on every master, copies on both instances.
+    let paths = paths_on_every_master(&h, &cluster, 2).await;
+    for path in &paths {
+        assert!(h.get(path).await.text().contains(" v1"));
+        assert!(Harness::get_from(&others[0], path)
+            .await
+            .text()
+            .contains(" v1"));
+    }
+    h.origin.set(|b| b.version = 2);
+    let purged = h.admin_post(Some(&others[0]), "/purge?tag=product-7").await;
+    assert_eq!(
+        purged.text(),
+        format!(
+            "purged tag=product-7 local={} shared={}\n",
+            paths.len(),
+            paths.len()
+        )
+    );
+    for path in &paths {
+        for server in [&h.server, &others[0]] {
+            eventually("the purged entry is refetched", || async {
+                (Harness::get_from(server, path).await.text().contains(" v2")).then_some(())
+            })
+            .await;
+        }
+    }
+    // A soft purge of one URL: stale everywhere, one refresh.
+    let path = &paths[0];
+    let soft = format!("/purge?route=t&host=127.0.0.1&path={path}&soft=true");
+    assert_eq!(h.admin_post(None, &soft).await.status, 200);
+    h.origin.set(|b| b.version = 3);
+    eventually("the soft-purged entry is refreshed", || async {
+        (Harness::get_from(&others[0], path)
+            .await
+            .text()
+            .contains(" v3"))
+        .then_some(())
+    })
+    .await;
+}
