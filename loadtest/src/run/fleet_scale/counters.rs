@@ -12,6 +12,8 @@ use super::super::HttpClient;
 /// corral's counter of requests to the cache's Redis (commands, pipelines and script
 /// calls: one round trip each; subscriptions excluded).
 const ROUND_TRIPS: &str = "corral_redis_round_trips_total";
+/// corral's counter of Redis commands that failed or timed out.
+const ERRORS: &str = "corral_redis_errors_total";
 /// corral's counter of fleet event messages an instance received.
 const EVENTS: &str = "corral_fleet_events_received_total";
 /// Commands Redis counts that are not corral's: the load tool's own reads, and a
@@ -23,6 +25,7 @@ const NOT_CORRALS: [&str; 2] = ["info", "replconf"];
 pub(super) struct Counters {
     pub(super) round_trips: f64,
     pub(super) events: f64,
+    pub(super) errors: f64,
     /// Calls per Redis command name (commands inside Lua scripts included).
     pub(super) commands: HashMap<String, u64>,
 }
@@ -34,6 +37,7 @@ impl Counters {
             let text = admin_metrics(client, instance.admin).await?;
             counters.round_trips += metric_sum(&text, ROUND_TRIPS);
             counters.events += metric_sum(&text, EVENTS);
+            counters.errors += metric_sum(&text, ERRORS);
         }
         for port in redis_ports(started) {
             for (name, calls) in redis_commandstats(port).await? {
@@ -61,6 +65,7 @@ impl Counters {
             let now = Counters::read(started, client).await?;
             let still = now.round_trips == last.round_trips
                 && now.events == last.events
+                && now.errors == last.errors
                 && now.commands == last.commands;
             if still || tokio::time::Instant::now() > deadline {
                 return Ok(now);
@@ -78,6 +83,7 @@ impl Counters {
         Counters {
             round_trips: self.round_trips - before.round_trips,
             events: self.events - before.events,
+            errors: self.errors - before.errors,
             commands: commands.filter(|(_, calls)| *calls > 0).collect(),
         }
     }

@@ -236,6 +236,10 @@ impl Phase {
                 self.per_fill(|c| c.commands.values().sum::<u64>() as f64),
             ),
             ("messages / fill".into(), self.per_fill(|c| c.events)),
+            (
+                "Redis errors".into(),
+                self.counters.as_ref().map_or(f64::NAN, |c| c.errors),
+            ),
             ("other instances waiting / key".into(), waiting),
         ];
         let counts = Counts::of(&self.samples, &self.stats);
@@ -306,11 +310,12 @@ fn findings(scenario: &Scenario, a: &Phase, b: &Phase, c: &Phase) -> Vec<String>
             humantime::format_duration(scenario.upstream_delay),
         ),
         format!(
-            "Redis round trips per uncontended miss (phase B, corral's {}): {:.2} (target <= 3). Redis's INFO commandstats per miss (calls; a script's commands counted under their own names as well as the script call): {}. Script calls per miss: {:.2}.",
+            "Redis round trips per uncontended miss (phase B, corral's {}): {:.2} (target <= 3). Redis's INFO commandstats per miss (calls; a script's commands counted under their own names as well as the script call): {}. Script calls per miss: {:.2}. Redis commands that failed or timed out (corral_redis_errors_total): {:.0} (a miss that meets a failing or slow Redis may make fewer calls).",
             "corral_redis_round_trips_total",
             per_miss(&|c| c.round_trips),
             b.commandstats(),
             per_miss(&|c| c.calls(&SCRIPTS) as f64),
+            b.counters.as_ref().map_or(0.0, |c| c.errors),
         ),
         format!(
             "Messages delivered per uncontended fill (phase B, corral_fleet_events_received_total over the {n} instances): {:.2} (target ~0).",
