@@ -13,8 +13,8 @@ fn figure<'a>(run: &'a Value, name: &str) -> &'a Value {
     &found.unwrap_or_else(|| panic!("no figure {name:?}"))[1]
 }
 
-#[test]
-fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
+/// Runs a tiny fleet-scale scenario on `redis` and gives its report.
+fn tiny_run(redis: &str) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let scenario = dir.path().join("tiny.toml");
     std::fs::write(
@@ -25,7 +25,7 @@ fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
     let out = Command::new(env!("CARGO_BIN_EXE_corral-loadtest"))
         .arg("run")
         .arg(&scenario)
-        .arg("--out")
+        .args(["--redis", redis, "--out"])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -36,11 +36,13 @@ fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Fleet miss throughput"), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(dir.path().join("tiny/report.json")).unwrap())
+        .unwrap()
+}
 
-    let report: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("tiny/report.json")).unwrap(),
-    )
-    .unwrap();
+#[test]
+fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
+    let report = tiny_run("single");
     let runs = report["runs"].as_array().unwrap();
     let phases: Vec<&str> = runs.iter().map(|r| r["phase"].as_str().unwrap()).collect();
     assert_eq!(phases.len(), 3, "{phases:?}");
@@ -72,4 +74,25 @@ fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
         .as_f64()
         .is_some());
     assert_eq!(report["summary"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn tiny_fleet_scale_runs_on_a_redis_cluster() {
+    let report = tiny_run("cluster");
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 3);
+    let (b, c) = (&runs[1], &runs[2]);
+    assert_eq!(b["failed_requests"], 0);
+    assert!(
+        figure(b, "Redis round trips / miss").as_f64().unwrap() >= 1.0,
+        "counted on the cluster"
+    );
+    assert!(
+        figure(b, "Redis commands / miss").as_f64().unwrap() >= 1.0,
+        "commandstats summed over the masters"
+    );
+    assert_eq!(
+        c["upstream_requests"], 2,
+        "one upstream request per hot key"
+    );
 }
