@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use corral::origin::{Behaviour, Origin};
-use scenario::{Overrides, Protection, Scenario};
+use scenario::{Overrides, Protection, Scenario, Topology};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,9 @@ struct RunArgs {
     /// Run corral with its fill lock and coalescing, without, or both.
     #[arg(long, value_enum)]
     protection: Option<Protection>,
+    /// What a fleet shares: one redis-server, or a Redis Cluster (3 masters, 3 replicas).
+    #[arg(long, value_enum)]
+    redis: Option<Topology>,
     /// Send the load to these proxies (started by you, in front of the origin on
     /// --origin-port) instead of corral instances started here.
     #[arg(long = "target")]
@@ -130,6 +133,7 @@ async fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
         upstream_delay: args.upstream_delay,
         protection: args.protection,
         duration: args.duration,
+        redis: args.redis,
     };
     let loaded = Scenario::load(&args.scenario, &overrides)?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -203,7 +207,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
 
 /// The demo's "try it yourself": corral keeps running, with curl lines to try, until Ctrl-C.
 async fn serve_until_ctrl_c(scenario: &Scenario, setup: &run::Setup) -> anyhow::Result<()> {
-    let running = run::serve(scenario, setup)?;
+    let running = run::serve(scenario, setup).await?;
     println!("\ncorral is running (Ctrl-C to stop). Try it:");
     println!("  curl -si http://{}/demo/hello | grep -iE '^(HTTP|age|cache-status)'   # run twice: miss, then hit", running.proxies[0]);
     for proxy in &running.proxies[1..] {

@@ -14,6 +14,10 @@ use crate::stats::Percentiles;
 /// One run of a scenario: protection on or off.
 #[derive(Debug, Serialize)]
 pub struct RunReport {
+    /// What this run is, when it is not told by its protection alone (the phases of
+    /// `fleet-scale`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
     pub protection: bool,
     pub instances: usize,
     pub keys: usize,
@@ -44,6 +48,21 @@ pub struct Report {
     pub command: String,
     pub machine: String,
     pub runs: Vec<RunReport>,
+    /// The findings in sentences, under the table (`fleet-scale`: each figure against
+    /// its target).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub summary: Vec<String>,
+}
+
+impl RunReport {
+    /// The run's name in the table and the charts: its phase, or its protection.
+    fn label(&self) -> String {
+        match &self.phase {
+            Some(phase) => phase.clone(),
+            None if self.protection => "protection on".into(),
+            None => "protection off".into(),
+        }
+    }
 }
 
 pub const INTERVAL_MS: u64 = 50;
@@ -63,7 +82,9 @@ impl Report {
         let extra: Vec<&str> = self.runs.first().map_or(Vec::new(), |r| {
             r.figures.iter().map(|(k, _)| k.as_str()).collect()
         });
-        out.push_str("| protection | instances | client requests | upstream requests | per key (mean / max) | herd reduction | p50 | p99 | max | waiters added p50 / p99 | failed |");
+        let phases = self.runs.iter().any(|r| r.phase.is_some());
+        out.push_str(if phases { "| phase" } else { "| protection" });
+        out.push_str(" | instances | client requests | upstream requests | per key (mean / max) | herd reduction | p50 | p99 | max | waiters added p50 / p99 | failed |");
         for name in &extra {
             let _ = write!(out, " {name} |");
         }
@@ -74,7 +95,11 @@ impl Report {
             let _ = writeln!(
                 out,
                 "| {} | {} | {} | {} | {:.2} / {} | {:.1}x | {:.1} ms | {:.1} ms | {:.1} ms | {:.2} / {:.2} ms | {} |{}",
-                if r.protection { "on" } else { "off" },
+                match &r.phase {
+                    Some(phase) => phase.as_str(),
+                    None if r.protection => "on",
+                    None => "off",
+                },
                 r.instances,
                 r.client_requests,
                 r.upstream_requests,
@@ -89,6 +114,9 @@ impl Report {
                 r.failed_requests,
                 r.figures.iter().map(|(_, v)| format!(" {} |", figure(*v))).collect::<String>()
             );
+        }
+        for line in &self.summary {
+            let _ = write!(out, "\n{line}\n");
         }
         out
     }
@@ -106,7 +134,7 @@ impl Report {
     fn timeline_chart(&self) -> String {
         let mut series = Vec::new();
         for r in &self.runs {
-            let label = if r.protection { "on" } else { "off" };
+            let label = r.label();
             let points = |counts: &[u64]| {
                 counts
                     .iter()
@@ -115,12 +143,12 @@ impl Report {
                     .collect::<Vec<_>>()
             };
             series.push((
-                format!("client requests (protection {label})"),
+                format!("client requests ({label})"),
                 points(&r.client_per_interval),
                 true,
             ));
             series.push((
-                format!("upstream requests (protection {label})"),
+                format!("upstream requests ({label})"),
                 points(&r.upstream_per_interval),
                 false,
             ));
@@ -138,13 +166,7 @@ impl Report {
         let series: Vec<_> = self
             .runs
             .iter()
-            .map(|r| {
-                (
-                    format!("protection {}", if r.protection { "on" } else { "off" }),
-                    r.cdf.clone(),
-                    r.protection,
-                )
-            })
+            .map(|r| (r.label(), r.cdf.clone(), r.protection && r.phase.is_none()))
             .collect();
         line_chart(
             &format!("{}: client latency CDF", self.scenario),
@@ -329,8 +351,12 @@ impl Frame {
     }
 }
 
+/// A figure in the table; "-" for one that does not apply to the run (NaN, which
+/// the JSON file holds as `null`).
 fn figure(v: f64) -> String {
-    if v == v.trunc() && v.abs() < 1e12 {
+    if v.is_nan() {
+        "-".into()
+    } else if v == v.trunc() && v.abs() < 1e12 {
         format!("{v:.0}")
     } else {
         format!("{v:.2}")

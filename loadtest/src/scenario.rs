@@ -23,6 +23,27 @@ pub enum Kind {
     RedisOutage,
     /// The upstream fails (500s, then timeouts) for a while under load.
     UpstreamOutage,
+    /// Distinct-key misses on one instance, then on a fleet; then hot-key herds on the
+    /// fleet: miss throughput, Redis round trips per miss, messages per fill.
+    FleetScale,
+}
+
+/// The Redis a fleet shares: one redis-server, or a Redis Cluster (3 masters with a
+/// replica each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    Single,
+    Cluster,
+}
+
+impl Topology {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topology::Single => "single",
+            Topology::Cluster => "cluster",
+        }
+    }
 }
 
 /// Whether corral runs with its fill lock and coalescing, without, or both in turn.
@@ -68,6 +89,9 @@ struct File {
     fault_for: Option<String>,
     lock_ttl: Option<String>,
     response_timeout: Option<String>,
+    redis: Option<Topology>,
+    herd: Option<usize>,
+    herd_delay: Option<String>,
 }
 
 fn duration_of(what: &str, value: Option<&String>, default: &str) -> anyhow::Result<Duration> {
@@ -110,6 +134,12 @@ pub struct Scenario {
     pub fault_for: Duration,
     pub lock_ttl: Duration,
     pub response_timeout: Duration,
+    /// What the fleet shares (fleets only).
+    pub redis: Topology,
+    /// `fleet-scale`: concurrent clients per hot key.
+    pub herd: usize,
+    /// `fleet-scale`: the origin's delay during the hot-key herds, so that a herd forms.
+    pub herd_delay: Duration,
 }
 
 impl Scenario {
@@ -129,6 +159,7 @@ pub struct Overrides {
     pub upstream_delay: Option<Duration>,
     pub protection: Option<Protection>,
     pub duration: Option<Duration>,
+    pub redis: Option<Topology>,
 }
 
 impl Scenario {
@@ -169,6 +200,9 @@ impl Scenario {
                 file.response_timeout.as_ref(),
                 "30s",
             )?,
+            redis: overrides.redis.or(file.redis).unwrap_or(Topology::Single),
+            herd: file.herd.unwrap_or(200),
+            herd_delay: duration_of("herd_delay", file.herd_delay.as_ref(), "100ms")?,
         };
         if !(1..=5000).contains(&scenario.rate) {
             bail!(
@@ -183,9 +217,15 @@ impl Scenario {
         if outage && scenario.fault_after + scenario.fault_for >= scenario.duration {
             bail!("the fault (fault_after + fault_for) must end before the run (duration)");
         }
-        if matches!(scenario.kind, Kind::RedisOutage | Kind::HolderCrash) && scenario.instances < 2
-        {
+        let fleet_kinds = [Kind::RedisOutage, Kind::HolderCrash, Kind::FleetScale];
+        if fleet_kinds.contains(&scenario.kind) && scenario.instances < 2 {
             bail!("{:?} needs at least 2 instances", scenario.kind);
+        }
+        if scenario.kind == Kind::RedisOutage && scenario.redis == Topology::Cluster {
+            bail!("redis-outage stops one redis-server: it needs redis = \"single\"");
+        }
+        if !(1..=2000).contains(&scenario.herd) {
+            bail!("herd must be 1 to 2000 clients, not {}", scenario.herd);
         }
         if !(0.0..=5.0).contains(&scenario.zipf_exponent) {
             bail!("zipf_exponent must be between 0 and 5");
@@ -203,8 +243,8 @@ impl Scenario {
         if !(1..=100_000).contains(&scenario.keys) {
             bail!("keys must be 1 to 100000, not {}", scenario.keys);
         }
-        if scenario.upstream_delay > Duration::from_secs(30) {
-            bail!("upstream_delay must be at most 30s");
+        if scenario.upstream_delay.max(scenario.herd_delay) > Duration::from_secs(30) {
+            bail!("upstream_delay and herd_delay must be at most 30s");
         }
         Ok(scenario)
     }
@@ -244,6 +284,27 @@ mod tests {
             &Overrides::default()
         )
         .is_err());
+    }
+
+    #[test]
+    fn redis_topology_from_file_or_command_line() {
+        let s = Scenario::parse(COLD, &Overrides::default()).unwrap();
+        assert_eq!(s.redis, Topology::Single);
+        let text = format!("{COLD}redis = \"cluster\"\n");
+        assert_eq!(
+            Scenario::parse(&text, &Overrides::default()).unwrap().redis,
+            Topology::Cluster
+        );
+        let o = Overrides {
+            redis: Some(Topology::Single),
+            ..Overrides::default()
+        };
+        assert_eq!(Scenario::parse(&text, &o).unwrap().redis, Topology::Single);
+        let outage = text.replace("cold-herd", "redis-outage");
+        assert!(
+            Scenario::parse(&outage, &Overrides::default()).is_err(),
+            "the outage stops one redis-server"
+        );
     }
 
     #[test]

@@ -38,11 +38,17 @@ pub fn cdf(samples: &[Duration]) -> Vec<(f64, f64)> {
     let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
     ms.sort_by(f64::total_cmp);
     let n = ms.len() as f64;
+    // No finer than the chart's pixels: a closed-loop run has 100k samples.
+    let step = (ms.len() / CDF_POINTS).max(1);
     ms.iter()
         .enumerate()
+        .filter(|(i, _)| (i + 1) % step == 0 || i + 1 == ms.len())
         .map(|(i, v)| (*v, (i + 1) as f64 / n))
         .collect()
 }
+
+/// The most points [`cdf`] gives (about: the last one is always kept).
+const CDF_POINTS: usize = 1000;
 
 /// How many of `at_ms` fall in each `bucket_ms` interval from 0 to `until_ms`.
 pub fn per_interval(at_ms: &[u64], bucket_ms: u64, until_ms: u64) -> Vec<u64> {
@@ -81,6 +87,17 @@ mod tests {
             points,
             vec![(10.0, 1.0 / 3.0), (20.0, 2.0 / 3.0), (30.0, 1.0)]
         );
+    }
+
+    #[test]
+    fn cdf_of_many_samples_is_thinned_and_still_ends_at_one() {
+        let samples: Vec<Duration> = (1..=100_000).map(Duration::from_micros).collect();
+        let points = cdf(&samples);
+        assert!(points.len() <= CDF_POINTS + 1, "{} points", points.len());
+        assert_eq!(points.last(), Some(&(100.0, 1.0)));
+        assert!(points
+            .windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use corral_testkit::{free_port, wait_listening};
+use corral_testkit::free_port;
 
 /// A child process killed on drop.
 pub struct Process {
@@ -97,12 +97,18 @@ pub fn corral(config: &str, dir: &std::path::Path, index: usize) -> anyhow::Resu
         .stdout(Stdio::null())
         .spawn()
         .context("starting a corral instance")?;
-    let process = Process { child };
-    wait_listening(admin, Duration::from_secs(10), "corral")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut process = Process { child };
+    let deadline = Instant::now() + Duration::from_secs(20);
     while !ready(admin) {
+        // A config it refuses ends it at once: say so rather than wait out the deadline.
+        if let Some(status) = process.child.try_wait()? {
+            bail!(
+                "corral ({}) exited: {status}; its error is above",
+                path.display()
+            );
+        }
         if Instant::now() > deadline {
-            bail!("corral at {addr} not ready (Redis connection) within 10s");
+            bail!("corral at {addr} not ready (listening, Redis connection) within 20s");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

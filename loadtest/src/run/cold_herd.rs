@@ -44,7 +44,7 @@ pub(super) async fn load(
 /// waiters' responses completed.
 /// With `other_instances`, only the waiters on instances other than the leader's
 /// (woken through Redis).
-fn added_over_leader(batch: &[Sample], other_instances: bool) -> Vec<Duration> {
+pub(super) fn added_over_leader(batch: &[Sample], other_instances: bool) -> Vec<Duration> {
     let Some(leader) = batch
         .iter()
         .find(|s| s.cache_status.contains("fwd=miss") && !s.cache_status.contains("collapsed"))

@@ -1,7 +1,8 @@
 //! Sending requests: one GET measured as a client sees it, a herd of concurrent GETs,
-//! and a steady rate with bounded concurrency.
+//! a steady rate with bounded concurrency, and a closed loop of clients for a while.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -116,5 +117,38 @@ pub(super) async fn steady(
         }
     }
     bar.finish();
+    samples
+}
+
+/// `concurrency` clients, each sending its next request as soon as its last one is
+/// answered, until `duration` is over (then the requests in flight finish); client `c`
+/// sends to instance `c` mod N. A closed loop: the rate is what the instances sustain.
+pub(super) async fn closed_loop(
+    client: &HttpClient,
+    proxies: &[SocketAddr],
+    concurrency: usize,
+    duration: Duration,
+    t0: Instant,
+    path_of: impl Fn(u64) -> String + Send + Sync + 'static,
+) -> Vec<Sample> {
+    let path_of = Arc::new(path_of);
+    let next = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + duration;
+    let clients = (0..concurrency).map(|c| {
+        let (client, path_of, next) = (client.clone(), Arc::clone(&path_of), Arc::clone(&next));
+        let (instance, proxy) = (c % proxies.len(), proxies[c % proxies.len()]);
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while Instant::now() < end {
+                let path = path_of(next.fetch_add(1, Ordering::Relaxed));
+                samples.push(get(&client, proxy, instance, path, t0).await);
+            }
+            samples
+        })
+    });
+    let mut samples = Vec::new();
+    for done in futures_util::future::join_all(clients.collect::<Vec<_>>()).await {
+        samples.extend(done.unwrap_or_default());
+    }
     samples
 }

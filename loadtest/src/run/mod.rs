@@ -4,9 +4,10 @@
 //! One run is three phases: [`start`] the processes, the load of the scenario's kind
 //! ([`cold_herd`], [`holder_crash`], or [`steady`] for the steady-rate kinds, all
 //! sending through [`load`]), then the [`summary`] of what the clients and the origin
-//! ([`probes`]) saw.
+//! ([`probes`]) saw. [`fleet_scale`] runs its own three phases instead.
 
 mod cold_herd;
+mod fleet_scale;
 mod holder_crash;
 mod load;
 mod probes;
@@ -75,15 +76,20 @@ pub async fn run(
     } else {
         vec![None]
     };
-    let mut runs = Vec::new();
-    for (i, protection) in modes.into_iter().enumerate() {
-        runs.push(one_run(scenario, setup, protection, i).await?);
+    let (mut runs, mut summary) = (Vec::new(), Vec::new());
+    if scenario.kind == Kind::FleetScale {
+        (runs, summary) = fleet_scale::run(scenario, setup).await?;
+    } else {
+        for (i, protection) in modes.into_iter().enumerate() {
+            runs.push(one_run(scenario, setup, protection, i).await?);
+        }
     }
     let report = Report {
         scenario: scenario.name.clone(),
         command,
         machine: machine(),
         runs,
+        summary,
     };
     report.write(out)?;
     Ok(report)
@@ -130,7 +136,7 @@ async fn one_run(
     protection: Option<bool>,
     run: usize,
 ) -> anyhow::Result<RunReport> {
-    let mut started = start::start(scenario, setup, protection)?;
+    let mut started = start::start(scenario, setup, protection).await?;
     let client = client(scenario.concurrency);
     let t0 = Instant::now();
     let Load {

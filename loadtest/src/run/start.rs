@@ -2,12 +2,14 @@
 //! started from the scenario (or the `--target` proxies given instead).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use corral_testkit::{RedisOptions, RedisServer};
+use anyhow::bail;
+use corral_testkit::{RedisCluster, RedisOptions, RedisServer};
 
 use super::Setup;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, Topology};
 use crate::supervise::{self, Instance, Process};
 
 /// The origin, Redis and corral processes of one run; all killed when dropped.
@@ -16,14 +18,27 @@ pub(super) struct Started {
     pub(super) origin: SocketAddr,
     /// Redis for fleets; the outage fault takes the process out and puts a new one in.
     pub(super) redis: Option<(Arc<std::sync::Mutex<Option<RedisServer>>>, SocketAddr)>,
+    /// The Redis Cluster of fleets with `redis = "cluster"`.
+    pub(super) cluster: Option<RedisCluster>,
     pub(super) instances: Vec<Instance>,
     pub(super) proxies: Vec<SocketAddr>,
 }
 
-pub(super) fn start(
+pub(super) async fn start(
     scenario: &Scenario,
     setup: &Setup,
     protection: Option<bool>,
+) -> anyhow::Result<Started> {
+    start_sized(scenario, setup, protection, scenario.instances).await
+}
+
+/// [`start`] with `instances` corral instances instead of the scenario's (a fleet, sharing
+/// the scenario's Redis topology, when more than one).
+pub(super) async fn start_sized(
+    scenario: &Scenario,
+    setup: &Setup,
+    protection: Option<bool>,
+    instances: usize,
 ) -> anyhow::Result<Started> {
     let (origin_process, origin) = supervise::origin(
         scenario.upstream_delay,
@@ -36,6 +51,7 @@ pub(super) fn start(
             _origin: origin_process,
             origin,
             redis: None,
+            cluster: None,
             instances: Vec::new(),
             proxies: setup.targets.clone(),
         });
@@ -45,40 +61,71 @@ pub(super) fn start(
         scenario.local_cache,
         humantime::format_duration(scenario.lock_ttl)
     );
-    let redis = if scenario.instances > 1 {
-        let process = RedisServer::spawn(RedisOptions::default())?;
-        let addr = process.addr();
-        config.push_str(&format!(
-            "[redis]\nurl = \"redis://{addr}\"\nretry_after = \"500ms\"\n"
-        ));
-        Some((Arc::new(std::sync::Mutex::new(Some(process))), addr))
-    } else {
-        None
-    };
+    let (mut redis, mut cluster) = (None, None);
+    match scenario.redis {
+        _ if instances < 2 => {}
+        Topology::Single => {
+            let process = RedisServer::spawn(RedisOptions::default())?;
+            let addr = process.addr();
+            config.push_str(&format!(
+                "[redis]\nurl = \"redis://{addr}\"\nretry_after = \"500ms\"\n"
+            ));
+            redis = Some((Arc::new(std::sync::Mutex::new(Some(process))), addr));
+        }
+        Topology::Cluster => {
+            let started = start_cluster().await?;
+            let seeds: Vec<String> = started.seeds().iter().map(|s| format!("{s:?}")).collect();
+            config.push_str(&format!(
+                "[redis]\ncluster = [{}]\nretry_after = \"500ms\"\n",
+                seeds.join(", ")
+            ));
+            cluster = Some(started);
+        }
+    }
     config.push_str(&format!(
         "[[route]]\nname = \"loadtest\"\nupstream = \"http://{origin}\"\ncoalesce = {protection}\nresponse_timeout = \"{}\"\n",
         humantime::format_duration(scenario.response_timeout)
     ));
-    // Generated configs hold this run's ports: scratch, not part of the report.
-    let dir = std::env::temp_dir().join(format!("corral-loadtest-{}", std::process::id()));
-    let mut instances = Vec::new();
-    for i in 0..scenario.instances {
-        instances.push(supervise::corral(&config, &dir, i)?);
+    // Generated configs hold this run's ports: scratch, not part of the report. A dir
+    // per start, as fleet-scale runs two sets of instances at once.
+    static STARTS: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir()
+        .join(format!("corral-loadtest-{}", std::process::id()))
+        .join(STARTS.fetch_add(1, Ordering::Relaxed).to_string());
+    let mut started = Vec::new();
+    for i in 0..instances {
+        started.push(supervise::corral(&config, &dir, i)?);
     }
-    let proxies = instances.iter().map(|i| i.addr).collect();
+    let proxies = started.iter().map(|i| i.addr).collect();
     Ok(Started {
         _origin: origin_process,
         origin,
         redis,
-        instances,
+        cluster,
+        instances: started,
         proxies,
     })
 }
 
+/// 3 masters with a replica each. The launcher panics when it cannot start one (as the
+/// tests want): check first what it needs, to report an error instead.
+async fn start_cluster() -> anyhow::Result<RedisCluster> {
+    let cli = std::process::Command::new("redis-cli")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !corral_testkit::redis::installed() || !cli {
+        bail!(
+            "redis = \"cluster\" needs redis-server and redis-cli (Debian's redis-server package)"
+        );
+    }
+    Ok(RedisCluster::start(3, 1).await)
+}
+
 /// Starts the scenario's processes with protection on and leaves them running until
 /// the returned value is dropped (the demo's "try it yourself").
-pub fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running> {
-    let started = start(scenario, setup, Some(true))?;
+pub async fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running> {
+    let started = start(scenario, setup, Some(true)).await?;
     Ok(Running {
         proxies: started.proxies.clone(),
         _started: started,

@@ -16,8 +16,8 @@ pub(super) struct Counts<'a> {
     /// Every path requested, sorted, once each.
     requested: Vec<&'a str>,
     /// Upstream requests per path of `requested`.
-    per_key: Vec<u64>,
-    upstream_requests: u64,
+    pub(super) per_key: Vec<u64>,
+    pub(super) upstream_requests: u64,
 }
 
 impl Counts<'_> {
@@ -73,7 +73,7 @@ impl Seen<'_> {
             Kind::UpstreamOutage => self.upstream_outage(),
             Kind::RedisOutage => self.redis_outage(started.proxies.len()),
             Kind::Zipf => self.zipf(started, client).await?,
-            Kind::ColdHerd | Kind::HolderCrash => Vec::new(),
+            Kind::ColdHerd | Kind::HolderCrash | Kind::FleetScale => Vec::new(),
         })
     }
 
@@ -187,6 +187,7 @@ impl Seen<'_> {
         let upstream_requests = counts.upstream_requests;
         let sent_at: Vec<u64> = samples.iter().map(|s| s.sent_ms).collect();
         RunReport {
+            phase: None,
             protection: protection.unwrap_or(true),
             instances,
             keys: counts.requested.len(),
