@@ -358,3 +358,281 @@ async fn purges_reach_entries_on_every_master_and_every_instance() {
     })
     .await;
 }
+
+/// Two paths whose channels are in different slots of one master.
+async fn two_slots_of_one_master(h: &Harness, cluster: &RedisCluster) -> (u16, Vec<String>) {
+    let master = cluster.master_of(slot_of_path(h, "/r0")).await;
+    let mut paths = vec!["/r0".to_string()];
+    for i in 1.. {
+        let path = format!("/r{i}");
+        let slot = slot_of_path(h, &path);
+        if slot != slot_of_path(h, "/r0") && cluster.master_of(slot).await == master {
+            paths.push(path);
+            break;
+        }
+    }
+    (master, paths)
+}
+
+/// Polls `check` until it holds or `within` passes; whether it held.
+async fn holds_within<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// One instance waits on two keys whose channels are in two slots of one master; its
+/// listening connection to that master is killed. Both channels are subscribed again
+/// (redis-rs alone resubscribes them in one SSUBSCRIBE, refused with CROSSSLOT, and its
+/// node reconnection races corral's), and the waiter is woken by the fill, not by the
+/// lock TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_slot_channels_of_one_waiter_survive_a_dropped_listener() {
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let (h, others) = Setup::origin(slow_caching(4000))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(2)
+        .await;
+    let (master, paths) = two_slots_of_one_master(&h, &cluster).await;
+    // others[0] leads both fills; h waits on both (so h alone holds both channels).
+    let timed =
+        |server: &'static str, reply: support::Reply| (server, reply, tokio::time::Instant::now());
+    let leads: Vec<_> = paths
+        .iter()
+        .map(|p| {
+            let (server, p) = (&others[0], p.clone());
+            async move { timed("leader", support::Harness::get_from(server, &p).await) }
+        })
+        .collect();
+    let leads = futures_util::future::join_all(leads);
+    let waits = async {
+        for path in &paths {
+            eventually("the leader fetches", || async {
+                (h.origin.requests_for(path) == 1).then_some(())
+            })
+            .await;
+        }
+        let hr = &h;
+        let gets = paths
+            .iter()
+            .map(|p| async move { timed("waiter", hr.get(p).await) });
+        let waiting = futures_util::future::join_all(gets);
+        let kill = async {
+            for path in &paths {
+                let channel = shard_channel(&h, path);
+                eventually("h listens", || {
+                    let channel = channel.clone();
+                    async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
+                })
+                .await;
+            }
+            corral_testkit::resp::command(master, &["CLIENT", "KILL", "TYPE", "pubsub"])
+                .await
+                .expect("CLIENT KILL");
+            let mut lost = Vec::new();
+            for path in &paths {
+                let channel = shard_channel(&h, path);
+                let again = holds_within(Duration::from_millis(2500), || {
+                    let channel = channel.clone();
+                    async move { shard_subscribers(master, &channel).await >= 1 }
+                })
+                .await;
+                if !again {
+                    let mut elsewhere = Vec::new();
+                    for m in cluster.masters() {
+                        elsewhere.push((m, shard_subscribers(m, &channel).await));
+                    }
+                    eprintln!("lost {channel} on {master}; per master: {elsewhere:?}");
+                    lost.push(channel);
+                }
+            }
+            lost
+        };
+        tokio::join!(waiting, kill)
+    };
+    let (led, (waited, lost)) = tokio::join!(leads, waits);
+    for c in &lost {
+        eprintln!(
+            "after the fills: {c} has {} on {master}",
+            shard_subscribers(master, c).await
+        );
+    }
+    for (_, reply, _) in led.iter().chain(waited.iter()) {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let filled = led.iter().map(|(_, _, at)| *at).max().expect("two leads");
+    let late: Vec<Duration> = waited
+        .iter()
+        .map(|(_, _, at)| at.saturating_duration_since(filled))
+        .collect();
+    eprintln!("waiters served after the last fill ended: {late:?}; lost channels: {lost:?}");
+    assert!(lost.is_empty(), "channels never subscribed again: {lost:?}");
+    assert!(
+        late.iter().all(|d| *d < Duration::from_millis(1500)),
+        "waiters woken late: {late:?}"
+    );
+}
+
+/// A waiter's channel, idle after its fill, is unsubscribed after the idle grace, also
+/// when the listening connection to *another* node dropped meanwhile (the idle channel
+/// must not be forgotten still subscribed, hearing every later fill of its key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_is_unsubscribed_even_after_another_nodes_disconnection() {
+    idle_channel_case(true).await;
+}
+
+/// Control for the test above: without the disconnection the idle channel goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_channel_is_unsubscribed_after_the_grace() {
+    idle_channel_case(false).await;
+}
+
+async fn idle_channel_case(disconnect_elsewhere: bool) {
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let (h, others) = Setup::origin(slow_caching(1500))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(2)
+        .await;
+    let entry = {
+        let key = support::key_for(&h.config, "127.0.0.1", "/r0");
+        h.server
+            .proxy()
+            .cache()
+            .shared()
+            .expect("fleet")
+            .keys(&key)
+            .entry
+    };
+    let prefix = &entry[..entry.find('{').expect("hash tag")];
+    let purge_channel = format!("{prefix}events");
+    let purge_master = cluster.master_of(slot_of(purge_channel.as_bytes())).await;
+    let mut path = String::new();
+    let mut master = 0;
+    for i in 0.. {
+        let p = format!("/r{i}");
+        let m = cluster.master_of(slot_of_path(&h, &p)).await;
+        if m != purge_master {
+            (path, master) = (p, m);
+            break;
+        }
+    }
+    let channel = shard_channel(&h, &path);
+    let lead = support::Harness::get_from(&others[0], &path);
+    let wait = async {
+        eventually("the leader fetches", || async {
+            (h.origin.requests_for(&path) == 1).then_some(())
+        })
+        .await;
+        h.get(&path).await
+    };
+    let (led, waited) = tokio::join!(lead, wait);
+    assert_eq!(led.status, 200);
+    assert_eq!(waited.status, 200);
+    assert_eq!(h.origin.requests_for(&path), 1);
+    assert_eq!(shard_subscribers(master, &channel).await, 1, "h listened");
+    if disconnect_elsewhere {
+        corral_testkit::resp::command(purge_master, &["CLIENT", "KILL", "TYPE", "pubsub"])
+            .await
+            .expect("CLIENT KILL");
+    }
+    // Idle grace 5 s plus a sweep tick.
+    let gone = holds_within(Duration::from_secs(12), || {
+        let channel = channel.clone();
+        async move { shard_subscribers(master, &channel).await == 0 }
+    })
+    .await;
+    assert!(
+        gone,
+        "{channel} still subscribed 12 s after its last waiter left"
+    );
+}
+
+/// A purge on a cluster: the purge event (SPUBLISH, in a slot of its own) goes out only
+/// after the writes of the other slots, as in the one-Redis pipeline. An instance told
+/// of the purge before the write landed would re-read the old entry, cache it again and
+/// serve it after the purge answered 200. (CLIENT PAUSE WRITE on the entry's master
+/// widens the window; reads go on.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster() {
+    purge_case(true).await;
+}
+
+/// Control for the test above: without the paused writes the purge reaches the victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purge_reaches_another_instance_on_a_cluster() {
+    purge_case(false).await;
+}
+
+async fn purge_case(pause_writes: bool) {
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let (h, others) = Setup::origin(slow_caching(0))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(2)
+        .await;
+    let entry = {
+        let key = support::key_for(&h.config, "127.0.0.1", "/q0");
+        h.server
+            .proxy()
+            .cache()
+            .shared()
+            .expect("fleet")
+            .keys(&key)
+            .entry
+    };
+    let prefix = &entry[..entry.find('{').expect("hash tag")];
+    let purge_master = cluster
+        .master_of(slot_of(format!("{prefix}events").as_bytes()))
+        .await;
+    let mut found = None;
+    for i in 0.. {
+        let p = format!("/q{i}");
+        let m = cluster.master_of(slot_of_path(&h, &p)).await;
+        if m != purge_master {
+            found = Some((p, m));
+            break;
+        }
+    }
+    let (path, master) = found.expect("a path");
+    // A soft purge (a hard one fails on a cluster: see the test below); same pipeline split.
+    let purge_path = format!("/purge?route=t&host=127.0.0.1&path={path}&soft=true");
+    assert!(h.get(&path).await.text().contains("v1"));
+    let victim = &others[0];
+    assert!(support::Harness::get_from(victim, &path)
+        .await
+        .cache_status()
+        .contains("hit"));
+    h.origin.set(|b| b.version = 2);
+    let received = metric_of(victim, EVENTS).await;
+    if pause_writes {
+        corral_testkit::resp::command(master, &["CLIENT", "PAUSE", "300", "WRITE"])
+            .await
+            .expect("CLIENT PAUSE");
+    }
+    let purge = h.admin_post(None, &purge_path);
+    let race = async {
+        eventually("the victim hears the purge", || async {
+            (metric_of(victim, EVENTS).await > received).then_some(())
+        })
+        .await;
+        support::Harness::get_from(victim, &path).await
+    };
+    let (purged, during) = tokio::join!(purge, race);
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    let after = support::Harness::get_from(victim, &path).await;
+    assert!(
+        after.text().contains("v2"),
+        "served {:?} ({}) after the purge answered; during the purge: {:?}",
+        after.text(),
+        after.cache_status(),
+        during.text()
+    );
+}

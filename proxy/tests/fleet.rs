@@ -755,3 +755,71 @@ async fn a_waiter_woken_by_an_event_that_ends_nothing_waits_again_instead_of_spi
     let attempts = h.metric("corral_lock_contended_total").await;
     assert!(attempts <= 6.0, "{attempts} lock attempts found it held");
 }
+
+/// After a Redis restart every instance listens for purges again (and says so in
+/// `/readyz` only then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_are_heard_again_after_a_redis_restart() {
+    let mut redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(caching("max-age=60"))
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    let entry = shared_entry_name(&h, "/rr");
+    let purge_channel = format!("{}events", &entry[..entry.find('{').expect("hash tag")]);
+    let port = redis.addr().port();
+    let numsub = |channel: String| async move {
+        let reply = corral_testkit::resp::command(port, &["PUBSUB", "NUMSUB", &channel]).await;
+        match reply.map(|r| r.into_array()).unwrap_or_default().get(1) {
+            Some(corral_testkit::resp::Reply::Int(n)) => *n,
+            _ => -1,
+        }
+    };
+    assert_eq!(numsub(purge_channel.clone()).await, 2);
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.restart().await;
+    for server in all(&h, &others) {
+        h.wait_for_fleet(server).await;
+    }
+    eventually("both instances listen for purges again", || {
+        let c = purge_channel.clone();
+        async move { (numsub(c).await == 2).then_some(()) }
+    })
+    .await;
+    // A purge on one instance reaches the other's local copy.
+    assert!(Harness::get_from(&others[0], "/rr")
+        .await
+        .text()
+        .starts_with("/rr v1"));
+    assert!(Harness::get_from(&others[0], "/rr")
+        .await
+        .cache_status()
+        .contains("hit"));
+    h.origin.set(|b| b.version = 2);
+    eventually("a purge goes through", || async {
+        let purged = h
+            .admin_post(None, "/purge?route=t&host=127.0.0.1&path=/rr")
+            .await;
+        (purged.status == StatusCode::OK).then_some(())
+    })
+    .await;
+    eventually("the purge reaches the other instance", || async {
+        Harness::get_from(&others[0], "/rr")
+            .await
+            .text()
+            .starts_with("/rr v2")
+            .then_some(())
+    })
+    .await;
+}
+
+fn shared_entry_name(h: &Harness, path: &str) -> String {
+    h.server
+        .proxy()
+        .cache()
+        .shared()
+        .expect("fleet mode")
+        .keys(&key_of(h, path))
+        .entry
+}

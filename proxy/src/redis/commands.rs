@@ -141,7 +141,10 @@ pub(super) fn hash_tag(key: &[u8]) -> &[u8] {
 
 /// A pipeline on the cluster, split by slot (see the module doc). Keyless commands
 /// (`SCRIPT LOAD` put in front of scripts) are not sent: a script the node lacks is
-/// sent again with its body instead; their replies are `OK`.
+/// sent again with its body instead; their replies are `OK`. Publications go last, once
+/// every other group has answered: on one Redis a pipeline's `PUBLISH` after its
+/// writes is only delivered after them, and an instance told of a purge must not read
+/// the entry it purges.
 async fn cluster_pipeline(conn: ClusterConnection, pipeline: &Pipeline) -> RedisResult<Vec<Value>> {
     let cmds: Vec<&Cmd> = pipeline.cmd_iter().collect();
     let mut groups: Vec<(Vec<u8>, Vec<usize>)> = Vec::new();
@@ -155,36 +158,52 @@ async fn cluster_pipeline(conn: ClusterConnection, pipeline: &Pipeline) -> Redis
         }
     }
     let atomic = pipeline.is_transaction();
-    let runs = groups.iter().map(|(_, members)| {
-        let mut conn = conn.clone();
-        let members: Vec<Cmd> = members.iter().map(|&i| cmds[i].clone()).collect();
-        async move {
-            if atomic {
-                let mut multi = redis::pipe();
-                multi.atomic();
-                for cmd in members {
-                    multi.add_command(cmd);
-                }
-                multi.query_async::<Vec<Value>>(&mut conn).await
-            } else {
-                let mut replies = Vec::with_capacity(members.len());
-                for cmd in &members {
-                    replies.push(cluster_command(&mut conn, cmd).await?);
-                }
-                Ok(replies)
-            }
-        }
-    });
+    let (last, first): (Vec<_>, Vec<_>) = groups
+        .into_iter()
+        .partition(|(_, members)| members.iter().all(|&i| is_publish(cmds[i])));
     let mut replies = vec![Value::Okay; cmds.len()];
-    for ((_, members), group_replies) in groups.iter().zip(join_all(runs).await) {
-        for (&i, reply) in members.iter().zip(group_replies?) {
-            replies[i] = reply;
+    for stage in [first, last] {
+        let runs = stage.iter().map(|(_, members)| {
+            let members: Vec<Cmd> = members.iter().map(|&i| cmds[i].clone()).collect();
+            run_group(conn.clone(), members, atomic)
+        });
+        for ((_, members), group_replies) in stage.iter().zip(join_all(runs).await) {
+            for (&i, reply) in members.iter().zip(group_replies?) {
+                replies[i] = reply;
+            }
         }
     }
     Ok(if atomic {
         vec![Value::Array(replies)]
     } else {
         replies
+    })
+}
+
+/// One slot's commands in their order: one `MULTI` when the pipeline was atomic.
+async fn run_group(
+    mut conn: ClusterConnection,
+    members: Vec<Cmd>,
+    atomic: bool,
+) -> RedisResult<Vec<Value>> {
+    if atomic {
+        let mut multi = redis::pipe();
+        multi.atomic();
+        for cmd in members {
+            multi.add_command(cmd);
+        }
+        return multi.query_async::<Vec<Value>>(&mut conn).await;
+    }
+    let mut replies = Vec::with_capacity(members.len());
+    for cmd in &members {
+        replies.push(cluster_command(&mut conn, cmd).await?);
+    }
+    Ok(replies)
+}
+
+fn is_publish(cmd: &Cmd) -> bool {
+    cmd.args_iter().next().map(arg_bytes).is_some_and(|name| {
+        name.eq_ignore_ascii_case(b"PUBLISH") || name.eq_ignore_ascii_case(b"SPUBLISH")
     })
 }
 

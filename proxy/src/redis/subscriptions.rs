@@ -69,6 +69,9 @@ impl Listener {
 struct Channel {
     waiters: usize,
     subscribed: bool,
+    /// Bumped when Redis drops the subscription, so that a subscription confirmed
+    /// before the drop but seen after it does not mark the channel subscribed.
+    generation: u64,
     /// Since when no waiter has been left, for the idle sweep.
     idle_since: Option<Instant>,
 }
@@ -174,14 +177,16 @@ impl Subscriptions {
 
     /// Subscribes to `channel` unless already subscribed. `false` when it failed.
     async fn ensure(&self, channel: &str) -> bool {
-        if self
-            .state()
-            .channels
-            .get(channel)
-            .is_some_and(|c| c.subscribed)
-        {
-            return true;
-        }
+        self.subscribe(channel, false).await
+    }
+
+    /// Sends the subscription (when `force`, even if it is thought to hold).
+    async fn subscribe(&self, channel: &str, force: bool) -> bool {
+        let generation = match self.state().channels.get(channel) {
+            Some(c) if c.subscribed && !force => return true,
+            Some(c) => c.generation,
+            None => 0,
+        };
         let Some(mut listener) = self.listener() else {
             return false;
         };
@@ -197,7 +202,10 @@ impl Subscriptions {
                         idle_since: Some(Instant::now()),
                         ..Channel::default()
                     });
-                c.subscribed = true;
+                // Dropped since it was sent: the resubscription under way settles it.
+                if c.generation == generation {
+                    c.subscribed = true;
+                }
                 true
             }
             Ok(Err(error)) => {
@@ -211,7 +219,7 @@ impl Subscriptions {
     /// Subscribes `channel` again after Redis dropped it, then wakes its waiters to
     /// re-check what they may have missed.
     async fn resubscribe(&self, channel: String) {
-        if self.ensure(&channel).await {
+        if self.subscribe(&channel, true).await {
             self.wake_channel(&channel);
         }
     }
@@ -225,6 +233,7 @@ impl Subscriptions {
             let mut state = self.state();
             for c in state.channels.values_mut() {
                 c.subscribed = false;
+                c.generation += 1;
             }
             (state.channels.iter())
                 .filter(|(_, c)| c.waiters > 0)
@@ -261,6 +270,7 @@ impl Subscriptions {
         let wanted = match self.state().channels.get_mut(&channel) {
             Some(c) => {
                 c.subscribed = false;
+                c.generation += 1;
                 c.waiters > 0
             }
             None => false,
