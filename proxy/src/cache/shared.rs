@@ -29,7 +29,10 @@ use crate::redis::{FillEvent, Redis, RedisKeys};
 /// fencing token; `ARGV[2]`: the encoded entry; `ARGV[3]`: expiry (Unix ms); `ARGV[4]`:
 /// the lock token to release after ("": none); `ARGV[5]`, `ARGV[6]`: the channel and
 /// message that tell the waiting instances ("": none); `ARGV[7]`: the publish command
-/// (`SPUBLISH` on a cluster: the channel is in the script's slot). Returns 1 when written, 0 when fenced off
+/// (`SPUBLISH` on a cluster: the channel is in the script's slot); `ARGV[8]`: "1" when
+/// the variant set must list the targets (any target other than the primary's own
+/// entry, which purges find without it). Values are read with `pcall`, so a key of
+/// another type reads as an error value instead of failing the script. Returns 1 when written, 0 when fenced off
 /// (then nothing is told; the lock is still released if it is ours). One script, so a
 /// fill ends in one round trip, seen by everyone at once: written, unlocked, told (the
 /// `PUBLISH` last, so a refused one, an ACL without channel rights, leaves the write
@@ -41,20 +44,22 @@ static FENCED_WRITE: LazyLock<redis::Script> = LazyLock::new(|| {
     crate::redis::script(
         r"
         local function release()
-            if ARGV[4] ~= '' and redis.call('TYPE', KEYS[3])['ok'] == 'string'
-                and redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+            if ARGV[4] ~= '' and redis.pcall('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
         end
-        local kind = redis.call('TYPE', KEYS[1])['ok']
+        local fence = redis.pcall('GET', KEYS[1])
         local granted = 0
-        if kind ~= 'none' then granted = kind == 'string' and tonumber(redis.call('GET', KEYS[1])) end
+        if fence then granted = type(fence) == 'string' and tonumber(fence) end
         if not granted or tonumber(ARGV[1]) < granted then release() return 0 end
-        kind = redis.call('TYPE', KEYS[2])['ok']
-        if kind ~= 'none' and kind ~= 'set' then redis.call('DEL', KEYS[2]) end
+        local index = ARGV[8] == '1'
+        if index then
+            local kind = redis.call('TYPE', KEYS[2])['ok']
+            if kind ~= 'none' and kind ~= 'set' then redis.call('DEL', KEYS[2]) end
+        end
         for i = 4, #KEYS do
             redis.call('SET', KEYS[i], ARGV[2], 'PXAT', ARGV[3])
-            redis.call('SADD', KEYS[2], KEYS[i])
+            if index then redis.call('SADD', KEYS[2], KEYS[i]) end
         end
-        if redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIREAT', KEYS[2], ARGV[3]) end
+        if index and redis.call('PEXPIRETIME', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIREAT', KEYS[2], ARGV[3]) end
         release()
         if ARGV[6] ~= '' then redis.call(ARGV[7], ARGV[5], ARGV[6]) end
         return 1",
@@ -201,6 +206,7 @@ impl SharedCache {
             ),
             None => (String::new(), String::new()),
         };
+        let primary_entry = self.keys(&fill_key.primary_key()).entry;
         let mut targets = vec![keys.entry];
         if !entry.vary.is_empty() {
             let primary = fill_key.primary_key();
@@ -211,6 +217,8 @@ impl SharedCache {
                 }
             }
         }
+        // Only a target other than the primary's own entry needs listing for purges.
+        let index = targets.iter().any(|t| *t != primary_entry);
         let value = codec::encode(entry, fill_key, fence);
         let expires_ms = entry
             .keep_until()
@@ -228,7 +236,7 @@ impl SharedCache {
                 }
                 call.arg(fence).arg(value.as_ref()).arg(expires_ms);
                 call.arg(token).arg(channel).arg(message);
-                call.arg(publish);
+                call.arg(publish).arg(if index { "1" } else { "0" });
                 call.invoke_async::<i64>(&mut c).await
             })
             .await;

@@ -26,9 +26,8 @@ pub(crate) const FENCE_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// holder's token passes the fenced write.
 pub(crate) const NEXT_FENCE_LUA: &str = r"
 local function next_fence(k, retention)
-    local kind = redis.call('TYPE', k)['ok']
-    local n = kind == 'string' and redis.call('GET', k)
-    if kind ~= 'none' and not (n and #n <= 15 and string.match(n, '^%d+$')) then
+    local n = redis.pcall('GET', k)
+    if n and not (type(n) == 'string' and #n <= 15 and string.match(n, '^%d+$')) then
         local now = redis.call('TIME')
         redis.call('DEL', k)
         redis.call('SET', k, string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000)))
@@ -51,9 +50,9 @@ end
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
     crate::redis::script(&format!(
         r"{NEXT_FENCE_LUA}
-        if ARGV[4] == '1' and redis.call('TYPE', KEYS[3])['ok'] == 'string' then
-            local h = redis.call('GETRANGE', KEYS[3], 0, 29)
-            if #h == 30 and string.sub(h, 1, 4) == 'CRL\2' then
+        if ARGV[4] == '1' then
+            local h = redis.pcall('GETRANGE', KEYS[3], 0, 29)
+            if type(h) == 'string' and #h == 30 and string.sub(h, 1, 4) == 'CRL\2' then
                 local function ms(at)
                     local hi, lo = struct.unpack('>I4I4', string.sub(h, at, at + 7))
                     return hi * 4294967296 + lo
