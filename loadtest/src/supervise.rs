@@ -17,6 +17,10 @@ pub struct Process {
 }
 
 impl Process {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL now, as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -73,7 +73,13 @@ fn tiny_fleet_scale_reports_throughput_round_trips_and_messages_per_phase() {
     assert!(figure(c, "other instances waiting / key")
         .as_f64()
         .is_some());
-    assert_eq!(report["summary"].as_array().unwrap().len(), 4);
+    assert!(figure(a, "corral CPU µs / miss").as_f64().is_some());
+    assert!(figure(b, "Redis CPU µs / miss").as_f64().is_some());
+    assert!(
+        figure(c, "corral CPU µs / miss").is_null(),
+        "no per-miss CPU for herds"
+    );
+    assert_eq!(report["summary"].as_array().unwrap().len(), 5);
 }
 
 #[test]

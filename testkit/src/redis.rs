@@ -157,6 +157,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
     pub fn freeze(&self) {
         self.signal("-STOP");

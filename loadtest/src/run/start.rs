@@ -24,6 +24,22 @@ pub(super) struct Started {
     pub(super) proxies: Vec<SocketAddr>,
 }
 
+impl Started {
+    /// The process ids of its corral instances.
+    pub(super) fn pids(&self) -> Vec<u32> {
+        self.instances.iter().map(|i| i.process.pid()).collect()
+    }
+
+    /// The process id of its one Redis, if it has one (not a cluster's nodes).
+    pub(super) fn redis_pid(&self) -> Vec<u32> {
+        let Some((server, _)) = &self.redis else {
+            return Vec::new();
+        };
+        let server = server.lock().unwrap_or_else(|e| e.into_inner());
+        server.as_ref().and_then(|s| s.pid()).into_iter().collect()
+    }
+}
+
 pub(super) async fn start(
     scenario: &Scenario,
     setup: &Setup,

@@ -11,6 +11,7 @@
 //! Redis's commandstats as a cross-check) and fleet messages per fill.
 
 mod counters;
+mod cpu;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -69,6 +70,10 @@ struct Phase {
     busy_ms: u64,
     /// The fleet's counters' growth over the phase; `None` without Redis (phase A).
     counters: Option<Counters>,
+    /// CPU milliseconds used in the phase's turns by its corral processes, and by its
+    /// Redis (one server; `NaN` for a cluster or none).
+    corral_cpu_ms: f64,
+    redis_cpu_ms: f64,
 }
 
 /// The three phases' reports and the findings against the targets.
@@ -123,9 +128,13 @@ async fn misses(
             let which = phase.which;
             let path_of = move |i: u64| format!("/miss/{which:?}/{round}/{i}");
             let (proxies, concurrency) = (&started.proxies, scenario.concurrency);
+            let (corral, redis) = (started.pids(), started.redis_pid());
+            let cpu = (cpu::used_ms(&corral), cpu::used_ms(&redis));
             let begun = Instant::now();
             let samples = closed_loop(client, proxies, concurrency, turn, t0, path_of).await;
             phase.busy_ms += begun.elapsed().as_millis() as u64;
+            phase.corral_cpu_ms += cpu::used_ms(&corral) - cpu.0;
+            phase.redis_cpu_ms += cpu::used_ms(&redis) - cpu.1;
             phase.samples.extend(samples);
         }
     }
@@ -169,6 +178,8 @@ async fn herds(
         elapsed_ms,
         busy_ms: elapsed_ms,
         counters: Some(counters),
+        corral_cpu_ms: f64::NAN,
+        redis_cpu_ms: f64::NAN,
     })
 }
 
@@ -183,6 +194,8 @@ impl Phase {
             elapsed_ms: 0,
             busy_ms: 0,
             counters: None,
+            corral_cpu_ms: 0.0,
+            redis_cpu_ms: 0.0,
         }
     }
 
@@ -241,6 +254,11 @@ impl Phase {
                 self.counters.as_ref().map_or(f64::NAN, |c| c.errors),
             ),
             ("other instances waiting / key".into(), waiting),
+            (
+                "corral CPU µs / miss".into(),
+                self.cpu_per_miss(self.corral_cpu_ms),
+            ),
+            ("Redis CPU µs / miss".into(), self.redis_cpu_per_miss()),
         ];
         let counts = Counts::of(&self.samples, &self.stats);
         let seen = Seen {
@@ -257,6 +275,22 @@ impl Phase {
             report.upstream_delay_ms = scenario.herd_delay.as_millis() as u64;
         }
         report
+    }
+
+    /// Microseconds of `cpu_ms` per miss (phases A and B).
+    fn cpu_per_miss(&self, cpu_ms: f64) -> f64 {
+        if self.herds() {
+            return f64::NAN;
+        }
+        cpu_ms * 1000.0 / self.fills().max(1.0)
+    }
+
+    /// Phase A has no Redis; a cluster's nodes are not counted.
+    fn redis_cpu_per_miss(&self) -> f64 {
+        match self.which {
+            Which::Fleet if self.redis_cpu_ms > 0.0 => self.cpu_per_miss(self.redis_cpu_ms),
+            _ => f64::NAN,
+        }
     }
 
     /// Per key, how many instances other than the leader's had waiters: those a fill
@@ -316,6 +350,13 @@ fn findings(scenario: &Scenario, a: &Phase, b: &Phase, c: &Phase) -> Vec<String>
             b.commandstats(),
             per_miss(&|c| c.calls(&SCRIPTS) as f64),
             b.counters.as_ref().map_or(0.0, |c| c.errors),
+        ),
+        format!(
+            "CPU per miss (from /proc, the phases' turns only): corral's own processes {:.1} µs on one instance, {:.1} µs summed over the {n} instances; Redis {:.1} µs (one server; not counted for a cluster). corral's per-miss cost on instances and Redis with cores of their own (no clients, origin or neighbours on them) would put one fleet instance at {:.2}x one instance's miss throughput.",
+            a.cpu_per_miss(a.corral_cpu_ms),
+            b.cpu_per_miss(b.corral_cpu_ms),
+            b.redis_cpu_per_miss(),
+            a.cpu_per_miss(a.corral_cpu_ms) / b.cpu_per_miss(b.corral_cpu_ms).max(f64::MIN_POSITIVE),
         ),
         format!(
             "Messages delivered per uncontended fill (phase B, corral_fleet_events_received_total over the {n} instances): {:.2} (target ~0).",
