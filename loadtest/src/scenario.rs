@@ -28,13 +28,16 @@ pub enum Kind {
     FleetScale,
 }
 
-/// The Redis a fleet shares: one redis-server, or a Redis Cluster (3 masters with a
-/// replica each).
+/// The Redis a fleet shares: one redis-server, a Redis Cluster (3 masters with a
+/// replica each), or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Topology {
     Single,
     Cluster,
+    /// No Redis: the instances run independently (for fleet-scale, what many
+    /// instances on one machine cost without any coordination).
+    None,
 }
 
 impl Topology {
@@ -42,6 +45,7 @@ impl Topology {
         match self {
             Topology::Single => "single",
             Topology::Cluster => "cluster",
+            Topology::None => "none",
         }
     }
 }

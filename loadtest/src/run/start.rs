@@ -80,6 +80,7 @@ pub(super) async fn start_sized(
     let (mut redis, mut cluster) = (None, None);
     match scenario.redis {
         _ if instances < 2 => {}
+        Topology::None => {}
         Topology::Single => {
             let process = RedisServer::spawn(RedisOptions::default())?;
             let addr = process.addr();

@@ -352,11 +352,11 @@ fn findings(scenario: &Scenario, a: &Phase, b: &Phase, c: &Phase) -> Vec<String>
             b.counters.as_ref().map_or(0.0, |c| c.errors),
         ),
         format!(
-            "CPU per miss (from /proc, the phases' turns only): corral's own processes {:.1} µs on one instance, {:.1} µs summed over the {n} instances; Redis {:.1} µs (one server; not counted for a cluster). corral's per-miss cost on instances and Redis with cores of their own (no clients, origin or neighbours on them) would put one fleet instance at {:.2}x one instance's miss throughput.",
+            "CPU per miss (from /proc, the phases' turns only): corral's own processes {:.1} µs on one instance, {:.1} µs summed over the {n} instances ({:.2}x; the fleet's figure includes what {n} runtimes cost when idle); Redis {:.1} µs (one server; not counted for a cluster).",
             a.cpu_per_miss(a.corral_cpu_ms),
             b.cpu_per_miss(b.corral_cpu_ms),
+            b.cpu_per_miss(b.corral_cpu_ms) / a.cpu_per_miss(a.corral_cpu_ms).max(f64::MIN_POSITIVE),
             b.redis_cpu_per_miss(),
-            a.cpu_per_miss(a.corral_cpu_ms) / b.cpu_per_miss(b.corral_cpu_ms).max(f64::MIN_POSITIVE),
         ),
         format!(
             "Messages delivered per uncontended fill (phase B, corral_fleet_events_received_total over the {n} instances): {:.2} (target ~0).",
