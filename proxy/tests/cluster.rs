@@ -89,13 +89,17 @@ async fn a_herd_across_three_instances_fetches_each_key_once_on_a_cluster() {
             "{path}: one upstream request fleet-wide"
         );
     }
-    // Events reach only the instances that waited: at most the two non-leaders per key.
+    // Events reach only the instances that waited: the two non-leaders per key, not the
+    // whole fleet (a broadcast would be 3 per fill). Under a loaded machine a
+    // subscription renewed after a timed-out attempt can deliver one event twice, hence
+    // "fewer than a broadcast" rather than an exact count (exact on one Redis:
+    // `fleet::fill_events_reach_only_the_instances_that_wait`).
     let mut events = metric_of(&h.server, EVENTS).await;
     for other in &others {
         events += metric_of(other, EVENTS).await;
     }
     assert!(
-        events <= 2.0 * paths.len() as f64,
+        events < 3.0 * paths.len() as f64,
         "{events} events for {} fills",
         paths.len()
     );
