@@ -17,8 +17,9 @@
 //! - [`route`]: which route (upstream and cache policy) serves a request.
 //! - [`upstream`]: the pooled client per route, timeouts, bounded body reads, outage logs.
 //! - [`metrics`]: the Prometheus registry and per-route counters.
-//! - [`redis`]: fleet mode's connection to Redis: commands behind an outage breaker,
-//!   key names, and the event channel (invalidations reach the cache by a callback).
+//! - [`redis`]: fleet mode's connection to one Redis or a Redis Cluster: commands
+//!   behind an outage breaker (per hash slot on a cluster), key names, and the event
+//!   channels with who listens on which (purges reach the cache by a callback).
 //! - [`cache`]: keys, entries (with their prebuilt HTTP/1.1 heads, and large bodies in
 //!   sealed memory files), storage policy, the Redis codec, and the tiers a lookup
 //!   walks (local, then shared in Redis in fleet mode).
