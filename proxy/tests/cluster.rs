@@ -606,7 +606,7 @@ async fn purge_case(pause_writes: bool) {
         }
     }
     let (path, master) = found.expect("a path");
-    // A soft purge (a hard one fails on a cluster: see the test below); same pipeline split.
+    // A soft purge (a hard one: `a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster`).
     let purge_path = format!("/purge?route=t&host=127.0.0.1&path={path}&soft=true");
     assert!(h.get(&path).await.text().contains("v1"));
     let victim = &others[0];
@@ -639,4 +639,144 @@ async fn purge_case(pause_writes: bool) {
         after.cache_status(),
         during.text()
     );
+}
+
+/// A hard purge on a cluster (its scripts sent with their bodies to nodes that lack
+/// them): its event too goes out only after the entry's master deleted the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster() {
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let (h, others) = Setup::origin(slow_caching(0))
+        .redis_cluster(&cluster.seeds())
+        .start_fleet(2)
+        .await;
+    let entry = {
+        let key = support::key_for(&h.config, "127.0.0.1", "/q0");
+        h.server
+            .proxy()
+            .cache()
+            .shared()
+            .expect("fleet")
+            .keys(&key)
+            .entry
+    };
+    let prefix = &entry[..entry.find('{').expect("hash tag")];
+    let purge_master = cluster
+        .master_of(slot_of(format!("{prefix}events").as_bytes()))
+        .await;
+    let mut found = None;
+    for i in 0.. {
+        let p = format!("/q{i}");
+        let m = cluster.master_of(slot_of_path(&h, &p)).await;
+        if m != purge_master {
+            found = Some((p, m));
+            break;
+        }
+    }
+    let (path, master) = found.expect("a path");
+    let victim = &others[0];
+    for round in 0..2 {
+        // Round 0: the purge script is new to the node (NOSCRIPT, then EVAL).
+        let version = round + 2;
+        assert!(h.get(&path).await.status == 200);
+        assert!(support::Harness::get_from(victim, &path)
+            .await
+            .cache_status()
+            .contains("hit"));
+        h.origin.set(|b| b.version = version);
+        corral_testkit::resp::command(master, &["CLIENT", "PAUSE", "300", "WRITE"])
+            .await
+            .expect("CLIENT PAUSE");
+        let purged = h
+            .admin_post(None, &format!("/purge?route=t&host=127.0.0.1&path={path}"))
+            .await;
+        assert_eq!(purged.status, 200, "{}", purged.text());
+        let after = support::Harness::get_from(victim, &path).await;
+        assert!(
+            after.text().contains(&format!("v{version}")),
+            "round {round}: served {:?} ({}) after the purge answered",
+            after.text(),
+            after.cache_status()
+        );
+    }
+}
+
+/// A tag purge whose entries lie on two masters, one of which does not answer within
+/// the command timeout: the purge answers 503, and the entry the other master deleted
+/// is still dropped by every instance (its event goes out whatever the writes did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_failing_on_one_master_still_tells_the_fleet_of_the_others() {
+    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let behaviour = OriginBehaviour {
+        headers: vec![("surrogate-key".into(), "product-7".into())],
+        cache_control: Some("max-age=600".into()),
+        ..OriginBehaviour::default()
+    };
+    let mut setup = Setup::origin(behaviour)
+        .redis_cluster(&cluster.seeds())
+        .route("tag_header = \"surrogate-key\"");
+    setup.redis.push_str("local_ttl = \"60s\"\n");
+    let (h, others) = setup.start_fleet(2).await;
+    let entry = {
+        let key = support::key_for(&h.config, "127.0.0.1", "/t0");
+        h.server
+            .proxy()
+            .cache()
+            .shared()
+            .expect("fleet")
+            .keys(&key)
+            .entry
+    };
+    let prefix = &entry[..entry.find('{').expect("hash tag")];
+    let purge_master = cluster
+        .master_of(slot_of(format!("{prefix}events").as_bytes()))
+        .await;
+    let tag_master = cluster
+        .master_of(slot_of(format!("{prefix}tag:product-7").as_bytes()))
+        .await;
+    let slow = *cluster
+        .masters()
+        .iter()
+        .find(|m| **m != purge_master && **m != tag_master)
+        .expect("a third master");
+    let (mut on_slow, mut elsewhere) = (None, None);
+    for i in 0.. {
+        let p = format!("/t{i}");
+        let m = cluster.master_of(slot_of_path(&h, &p)).await;
+        if m == slow && on_slow.is_none() {
+            on_slow = Some(p);
+        } else if m != slow && elsewhere.is_none() {
+            elsewhere = Some(p);
+        }
+        if on_slow.is_some() && elsewhere.is_some() {
+            break;
+        }
+    }
+    let (on_slow, elsewhere) = (on_slow.unwrap(), elsewhere.unwrap());
+    let victim = &others[0];
+    for path in [&on_slow, &elsewhere] {
+        assert!(h.get(path).await.text().contains(" v1"));
+        assert!(Harness::get_from(victim, path)
+            .await
+            .cache_status()
+            .contains("hit"));
+    }
+    h.origin.set(|b| b.version = 2);
+    // Longer than the command timeout (500 ms): the purge's group on `slow` fails.
+    corral_testkit::resp::command(slow, &["CLIENT", "PAUSE", "1500", "ALL"])
+        .await
+        .expect("CLIENT PAUSE");
+    let purged = h.admin_post(None, "/purge?tag=product-7").await;
+    assert_eq!(purged.status, 503, "{}", purged.text());
+    eventually(
+        "the victim drops its copy of the entry deleted on a healthy master",
+        || async {
+            Harness::get_from(victim, &elsewhere)
+                .await
+                .text()
+                .contains(" v2")
+                .then_some(())
+        },
+    )
+    .await;
 }

@@ -172,6 +172,8 @@ impl Coordinator {
         deadline: Instant,
         wait: &WaitPolicy<'_>,
     ) -> Option<Claim> {
+        // Still subscribed? (A disconnection may have dropped it; cheap when it holds.)
+        round.subscribed = events.listen().await;
         let now = Instant::now();
         if now >= deadline {
             return Some(match wait.timed_out() {
@@ -181,8 +183,6 @@ impl Coordinator {
         }
         round.waited = true;
         let mut bound = (deadline - now).min(self.lock.ttl() + TAKEOVER_MARGIN);
-        // Still subscribed? (A disconnection may have dropped it; cheap when it holds.)
-        round.subscribed = events.listen().await;
         if round.poll || !round.subscribed {
             // No event will come (no subscription, or the key's node is away): look
             // again soon instead.

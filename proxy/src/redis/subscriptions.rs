@@ -362,7 +362,13 @@ impl EventWait {
     pub(crate) async fn next(&mut self, timeout: Duration) -> Option<FillEvent> {
         match tokio::time::timeout(timeout, self.receiver.changed()).await {
             Ok(Ok(())) => *self.receiver.borrow_and_update(),
-            _ => None,
+            // The registration was replaced (not expected: one waiter per key): no
+            // event will come, so sleep out the bound rather than spin.
+            Ok(Err(_)) => {
+                tokio::time::sleep(timeout).await;
+                None
+            }
+            Err(_) => None,
         }
     }
 }
@@ -393,6 +399,7 @@ pub(super) async fn listen(redis: Weak<Redis>) {
         );
         drop(r);
         let (sender, mut pushes) = mpsc::unbounded_channel::<PushInfo>();
+        let opened = Instant::now();
         match super::connection::open_listener(&settings, sender).await {
             Ok(listener) => {
                 *subs.listener.write().unwrap_or_else(|e| e.into_inner()) = Some(listener);
@@ -434,6 +441,11 @@ pub(super) async fn listen(redis: Weak<Redis>) {
         *subs.listener.write().unwrap_or_else(|e| e.into_inner()) = None;
         subs.purges_heard.store(false, Ordering::Release);
         subs.wake_all();
+        // A connection that drops as soon as it opens is not reopened in a tight loop.
+        let since = opened.elapsed();
+        if since < settings.retry_after {
+            tokio::time::sleep(settings.retry_after - since).await;
+        }
     }
 }
 

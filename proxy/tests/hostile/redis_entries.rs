@@ -443,3 +443,74 @@ async fn a_command_refused_for_one_keys_value_does_not_switch_the_fleet_off() {
     assert_eq!(res.status, 200);
     assert_eq!(p.metric("corral_redis_fallback").await, 0.0);
 }
+
+/// A non-set planted under a primary's variant set key (it has no TTL, and a fill
+/// stored under the primary's own entry does not touch the set) does not make purges
+/// of that URL fail: it reads as no variants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variant_set_of_another_type_does_not_fail_purges_after_a_fill() {
+    let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
+    let proxy = p.front.server.proxy();
+    let keys = proxy.cache().shared().unwrap().keys(&p.key("/plain"));
+    // `RedisKeys::variants` is crate-private: `{prefix}{tag}:v`, next to the entry.
+    let variants = format!("{}:v", &keys.entry[..keys.entry.find("}:").unwrap() + 1]);
+    redis::cmd("SET")
+        .arg(&variants)
+        .arg("not a set")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    let res = exchange(p.front.addr(), &get("/plain")).await;
+    assert!(res.text().contains("GET /plain"), "{res:?}");
+    let stored: bool = redis::cmd("EXISTS")
+        .arg(&keys.entry)
+        .query_async(&mut p.redis)
+        .await
+        .unwrap();
+    assert!(stored, "the fill reached Redis");
+    for query in [
+        "route=t&host=a&path=/plain&soft=true",
+        "route=t&host=a&path=/plain",
+    ] {
+        let raw =
+            format!("POST /purge?{query} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n");
+        let purged = exchange(p.front.admin_addr(), raw.as_bytes()).await;
+        assert_eq!(purged.status, 200, "{query}: {}", purged.text());
+    }
+}
+
+/// A set planted under a primary's variant set key (the prefix may be shared) cannot
+/// make a purge of that URL delete keys that are not that primary's entries: only
+/// members named `{prefix}{tag}:e:...` are deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_deletes_only_corrals_entries_of_that_key() {
+    let mut p = Planting::start(Setup::default().route("ttl = \"60s\"")).await;
+    let proxy = p.front.server.proxy();
+    let keys = proxy.cache().shared().unwrap().keys(&p.key("/plain"));
+    let variants = format!("{}:v", &keys.entry[..keys.entry.find("}:").unwrap() + 1]);
+    redis::cmd("SET")
+        .arg("someone-elses:precious")
+        .arg("data")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    redis::cmd("SADD")
+        .arg(&variants)
+        .arg("someone-elses:precious")
+        .query_async::<()>(&mut p.redis)
+        .await
+        .unwrap();
+    let raw = "POST /purge?route=t&host=a&path=/plain HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\n\r\n";
+    let purged = exchange(p.front.admin_addr(), raw.as_bytes()).await;
+    assert_eq!(purged.status, 200, "{}", purged.text());
+    let kept: bool = redis::cmd("EXISTS")
+        .arg("someone-elses:precious")
+        .query_async(&mut p.redis)
+        .await
+        .unwrap();
+    assert!(
+        kept,
+        "a purge deleted a key outside corral's prefix ({})",
+        purged.text()
+    );
+}

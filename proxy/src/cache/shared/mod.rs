@@ -22,7 +22,9 @@ use redis::Value;
 use super::codec;
 use super::entry::CacheEntry;
 use super::key::CacheKey;
-use crate::redis::{FillEvent, Redis, RedisKeys};
+use crate::redis::{Redis, RedisKeys};
+
+mod purge;
 
 /// `KEYS[1]`: the fence counter of the filled key; `KEYS[2]`: the primary's variant set;
 /// `KEYS[3]`: the fill's lock; `KEYS[4..]`: where the entry goes. `ARGV[1]`: this write's
@@ -78,24 +80,6 @@ pub(crate) struct AfterWrite<'a> {
 
 /// Room in a value for what is not body: key, `Vary` values, headers.
 const VALUE_HEADROOM: u64 = 1 << 20;
-
-/// `KEYS[1]`: the primary's variant set; `KEYS[2]`: the primary's entry. Deletes the entry,
-/// every entry the set lists, and the set; returns how many entries existed.
-static HARD_PURGE: LazyLock<redis::Script> = LazyLock::new(|| {
-    crate::redis::script(
-        r"
-        local n = redis.call('DEL', KEYS[2])
-        for _, k in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-            if k ~= KEYS[2] then n = n + redis.call('DEL', k) end
-        end
-        redis.call('DEL', KEYS[1])
-        return n",
-    )
-});
-
-/// Primary keys purged per pipeline: one round trip each, small enough to stay well
-/// within the command timeout.
-const PURGE_PIPELINE: usize = 256;
 
 /// How a write to the shared tier went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,161 +268,6 @@ impl SharedCache {
             })
             .await;
     }
-
-    /// Purges every entry tagged `tag` in Redis, and the primaries in `also` (found
-    /// tagged in the local tier); returns the primaries Redis listed, and how many
-    /// values were removed (`None`: Redis unavailable). A hard purge drops the tag's
-    /// set; a soft one keeps it, as the entries stay.
-    pub(crate) async fn purge_tag(
-        &self,
-        tag: &str,
-        also: &[CacheKey],
-        soft: bool,
-    ) -> (Vec<CacheKey>, Option<usize>) {
-        let tag_key = self.redis.tag_key(tag);
-        // Members as bytes: one that is not text (planted by anything sharing the
-        // prefix) is skipped, not a reply error that would read as a Redis outage.
-        let members: Option<Vec<Vec<u8>>> = self
-            .redis
-            .run("tag members", |mut c| async move {
-                let mut pipe = redis::pipe();
-                pipe.cmd("SMEMBERS").arg(&tag_key);
-                if !soft {
-                    pipe.cmd("DEL").arg(&tag_key).ignore();
-                }
-                let (members,): (Vec<Vec<u8>>,) = pipe.query_async(&mut c).await?;
-                Ok(members)
-            })
-            .await;
-        let Some(members) = members else {
-            return (Vec::new(), None);
-        };
-        let tagged: Vec<CacheKey> = text_members(members)
-            .map(|k| CacheKey::from_raw(&k))
-            .collect();
-        let mut all: Vec<CacheKey> = tagged.iter().chain(also).cloned().collect();
-        all.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        all.dedup();
-        (tagged, self.purge_many(&all, soft).await)
-    }
-
-    /// Drops (hard) or marks stale (soft) `primary` and its variants in Redis, and tells
-    /// every instance to drop its local copies; returns how many values it removed
-    /// (hard) or marked (soft), `None` when Redis was unavailable.
-    pub(crate) async fn purge(&self, primary: &CacheKey, soft: bool) -> Option<usize> {
-        self.purge_many(std::slice::from_ref(primary), soft).await
-    }
-
-    /// [`SharedCache::purge`] for many primaries, a few round trips per batch.
-    async fn purge_many(&self, primaries: &[CacheKey], soft: bool) -> Option<usize> {
-        let mut total = 0;
-        for batch in primaries.chunks(PURGE_PIPELINE) {
-            total += if soft {
-                self.soft_purge_batch(batch).await?
-            } else {
-                self.hard_purge_batch(batch).await?
-            };
-        }
-        Some(total)
-    }
-
-    /// One round trip: every primary's script, then every purge event.
-    async fn hard_purge_batch(&self, primaries: &[CacheKey]) -> Option<usize> {
-        let mut pipe = redis::pipe();
-        // Pipelined scripts are not loaded on demand: load it first, in the same trip.
-        pipe.load_script(&HARD_PURGE).ignore();
-        for primary in primaries {
-            let keys = self.keys(primary);
-            pipe.invoke_script(HARD_PURGE.key(keys.variants).key(keys.entry));
-        }
-        self.add_purge_events(&mut pipe, primaries);
-        let removed: Vec<i64> = self
-            .redis
-            .run(
-                "purge",
-                |mut c| async move { pipe.query_async(&mut c).await },
-            )
-            .await?;
-        Some(removed.iter().map(|n| *n as usize).sum())
-    }
-
-    /// Three round trips: the variant sets, the entries, the stale rewrites (with the
-    /// purge events).
-    async fn soft_purge_batch(&self, primaries: &[CacheKey]) -> Option<usize> {
-        let mut members = redis::pipe();
-        for primary in primaries {
-            members.cmd("SMEMBERS").arg(self.keys(primary).variants);
-        }
-        let sets: Vec<Vec<Vec<u8>>> = self
-            .redis
-            .run("purge members", |mut c| async move {
-                members.query_async(&mut c).await
-            })
-            .await?;
-        // Each value is checked against the primary it was stored for.
-        let mut targets: Vec<(String, &CacheKey)> = Vec::new();
-        for (primary, set) in primaries.iter().zip(sets) {
-            targets.push((self.keys(primary).entry, primary));
-            targets.extend(text_members(set).map(|member| (member, primary)));
-        }
-        targets.sort_by(|a, b| a.0.cmp(&b.0));
-        targets.dedup_by(|a, b| a.0 == b.0);
-        let mut reads = redis::pipe();
-        for (target, _) in &targets {
-            reads.cmd("GET").arg(target);
-        }
-        let values: Vec<Option<Vec<u8>>> = self
-            .redis
-            .run(
-                "get",
-                |mut c| async move { reads.query_async(&mut c).await },
-            )
-            .await?;
-        let now = std::time::SystemTime::now();
-        let mut writes = redis::pipe();
-        for ((target, primary), value) in targets.iter().zip(values) {
-            let Some(Ok(entry)) =
-                value.map(|v| codec::decode(Bytes::from(v), primary, self.max_body))
-            else {
-                continue;
-            };
-            let stale = codec::encode(&entry.soft_purged(now), primary, entry.fence());
-            writes
-                .cmd("SET")
-                .arg(target)
-                .arg(stale.as_ref())
-                .arg("KEEPTTL")
-                .arg("XX");
-        }
-        self.add_purge_events(&mut writes, primaries);
-        let written: Vec<Option<String>> = self
-            .redis
-            .run("soft purge", |mut c| async move {
-                writes.query_async(&mut c).await
-            })
-            .await?;
-        Some(written.iter().filter(|w| w.is_some()).count())
-    }
-
-    /// Appends the purge event of each primary (results ignored).
-    fn add_purge_events(&self, pipe: &mut redis::Pipeline, primaries: &[CacheKey]) {
-        for primary in primaries {
-            pipe.cmd(self.redis.publish_command())
-                .arg(self.redis.purge_channel())
-                .arg(
-                    self.redis
-                        .event_message(primary.as_str(), FillEvent::Purged),
-                )
-                .ignore();
-        }
-    }
-}
-
-/// The members of a Redis set that are text; corral writes no others.
-fn text_members(members: Vec<Vec<u8>>) -> impl Iterator<Item = String> {
-    members
-        .into_iter()
-        .filter_map(|m| String::from_utf8(m).ok())
 }
 
 /// What was found instead of an entry.
