@@ -62,19 +62,25 @@ fn cluster_client(
     settings: &RedisSettings,
     push: Option<mpsc::UnboundedSender<PushInfo>>,
 ) -> redis::RedisResult<redis::cluster::ClusterClient> {
-    let mut builder = ClusterClientBuilder::new(settings.cluster.iter().map(String::as_str))
+    let builder = ClusterClientBuilder::new(settings.cluster.iter().map(String::as_str))
         .retries(3)
         .min_retry_wait(10)
         .max_retry_wait(200)
-        .connection_timeout(settings.connect_timeout)
-        .response_timeout(settings.command_timeout)
-        .overall_response_timeout(Some(settings.command_timeout));
-    if let Some(sender) = push {
-        builder = builder
+        .connection_timeout(settings.connect_timeout);
+    match push {
+        None => builder
+            .response_timeout(settings.command_timeout)
+            .overall_response_timeout(Some(settings.command_timeout)),
+        // The listener: no response timeout of redis-rs's. corral bounds each
+        // subscription itself, and a slow answer under load is then never taken by
+        // redis-rs for a dead node whose connection, replaced while it still holds
+        // subscriptions, could deliver a message twice (the likely cause of one
+        // duplicate delivery seen on a loaded machine).
+        Some(sender) => builder
             .use_protocol(ProtocolVersion::RESP3)
-            .push_sender(sender);
+            .push_sender(sender),
     }
-    builder.build()
+    .build()
 }
 
 pub(super) async fn open(settings: &RedisSettings) -> redis::RedisResult<Commands> {
