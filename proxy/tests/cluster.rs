@@ -11,6 +11,8 @@ use corral_testkit::{eventually, slot_of, ClusterOptions, RedisCluster};
 use support::{herd_over, metric_of, Harness, OriginBehaviour, Setup};
 
 const EVENTS: &str = "corral_fleet_events_received_total";
+/// The purge channel under the default key prefix.
+const PURGE_CHANNEL: &str = "corral:events";
 
 fn slow_caching(ms: u64) -> OriginBehaviour {
     OriginBehaviour {
@@ -582,30 +584,7 @@ async fn purge_case(pause_writes: bool) {
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
         .await;
-    let entry = {
-        let key = support::key_for(&h.config, "127.0.0.1", "/q0");
-        h.server
-            .proxy()
-            .cache()
-            .shared()
-            .expect("fleet")
-            .keys(&key)
-            .entry
-    };
-    let prefix = &entry[..entry.find('{').expect("hash tag")];
-    let purge_master = cluster
-        .master_of(slot_of(format!("{prefix}events").as_bytes()))
-        .await;
-    let mut found = None;
-    for i in 0.. {
-        let p = format!("/q{i}");
-        let m = cluster.master_of(slot_of_path(&h, &p)).await;
-        if m != purge_master {
-            found = Some((p, m));
-            break;
-        }
-    }
-    let (path, master) = found.expect("a path");
+    let (path, master) = path_off_the_purge_master(&h, &cluster).await;
     // A soft purge (a hard one: `a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster`).
     let purge_path = format!("/purge?route=t&host=127.0.0.1&path={path}&soft=true");
     assert!(h.get(&path).await.text().contains("v1"));
@@ -650,30 +629,7 @@ async fn a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
         .await;
-    let entry = {
-        let key = support::key_for(&h.config, "127.0.0.1", "/q0");
-        h.server
-            .proxy()
-            .cache()
-            .shared()
-            .expect("fleet")
-            .keys(&key)
-            .entry
-    };
-    let prefix = &entry[..entry.find('{').expect("hash tag")];
-    let purge_master = cluster
-        .master_of(slot_of(format!("{prefix}events").as_bytes()))
-        .await;
-    let mut found = None;
-    for i in 0.. {
-        let p = format!("/q{i}");
-        let m = cluster.master_of(slot_of_path(&h, &p)).await;
-        if m != purge_master {
-            found = Some((p, m));
-            break;
-        }
-    }
-    let (path, master) = found.expect("a path");
+    let (path, master) = path_off_the_purge_master(&h, &cluster).await;
     let victim = &others[0];
     for round in 0..2 {
         // Round 0: the purge script is new to the node (NOSCRIPT, then EVAL).
@@ -717,23 +673,8 @@ async fn a_purge_failing_on_one_master_still_tells_the_fleet_of_the_others() {
         .route("tag_header = \"surrogate-key\"");
     setup.redis.push_str("local_ttl = \"60s\"\n");
     let (h, others) = setup.start_fleet(2).await;
-    let entry = {
-        let key = support::key_for(&h.config, "127.0.0.1", "/t0");
-        h.server
-            .proxy()
-            .cache()
-            .shared()
-            .expect("fleet")
-            .keys(&key)
-            .entry
-    };
-    let prefix = &entry[..entry.find('{').expect("hash tag")];
-    let purge_master = cluster
-        .master_of(slot_of(format!("{prefix}events").as_bytes()))
-        .await;
-    let tag_master = cluster
-        .master_of(slot_of(format!("{prefix}tag:product-7").as_bytes()))
-        .await;
+    let purge_master = cluster.master_of(slot_of(PURGE_CHANNEL)).await;
+    let tag_master = cluster.master_of(slot_of("corral:tag:product-7")).await;
     let slow = *cluster
         .masters()
         .iter()
@@ -779,4 +720,17 @@ async fn a_purge_failing_on_one_master_still_tells_the_fleet_of_the_others() {
         },
     )
     .await;
+}
+
+/// A path whose entry lives on another master than the purge channel, and that master.
+async fn path_off_the_purge_master(h: &Harness, cluster: &RedisCluster) -> (String, u16) {
+    let purge_master = cluster.master_of(slot_of(PURGE_CHANNEL)).await;
+    for i in 0.. {
+        let path = format!("/q{i}");
+        let master = cluster.master_of(slot_of_path(h, &path)).await;
+        if master != purge_master {
+            return (path, master);
+        }
+    }
+    unreachable!("some path lives on another master")
 }
