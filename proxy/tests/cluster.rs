@@ -230,25 +230,11 @@ async fn a_dropped_listening_connection_is_subscribed_again_channel_by_channel()
         async move { herds(h, others, paths, 4).await }
     };
     let kill = async {
-        for path in &paths {
-            let channel = shard_channel(&h, path);
-            eventually("the other instance listens", || {
-                let channel = channel.clone();
-                async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
-            })
-            .await;
-        }
+        listened_on(&h, master, &paths, "the other instance listens").await;
         corral_testkit::resp::command(master, &["CLIENT", "KILL", "TYPE", "pubsub"])
             .await
             .expect("CLIENT KILL");
-        for path in &paths {
-            let channel = shard_channel(&h, path);
-            eventually("subscribed again", || {
-                let channel = channel.clone();
-                async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
-            })
-            .await;
-        }
+        listened_on(&h, master, &paths, "subscribed again").await;
     };
     let (replies, ()) = tokio::join!(herd, kill);
     for reply in &replies {
@@ -433,14 +419,7 @@ async fn two_slot_channels_of_one_waiter_survive_a_dropped_listener() {
             .map(|p| async move { timed("waiter", hr.get(p).await) });
         let waiting = futures_util::future::join_all(gets);
         let kill = async {
-            for path in &paths {
-                let channel = shard_channel(&h, path);
-                eventually("h listens", || {
-                    let channel = channel.clone();
-                    async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
-                })
-                .await;
-            }
+            listened_on(&h, master, &paths, "h listens").await;
             corral_testkit::resp::command(master, &["CLIENT", "KILL", "TYPE", "pubsub"])
                 .await
                 .expect("CLIENT KILL");
@@ -733,4 +712,16 @@ async fn path_off_the_purge_master(h: &Harness, cluster: &RedisCluster) -> (Stri
         }
     }
     unreachable!("some path lives on another master")
+}
+
+/// Waits until the channel of every one of `paths` has a subscriber on `master`.
+async fn listened_on(h: &Harness, master: u16, paths: &[String], what: &str) {
+    for path in paths {
+        let channel = shard_channel(h, path);
+        eventually(what, || {
+            let channel = channel.clone();
+            async move { (shard_subscribers(master, &channel).await >= 1).then_some(()) }
+        })
+        .await;
+    }
 }
