@@ -487,29 +487,8 @@ async fn idle_channel_case(disconnect_elsewhere: bool) {
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
         .await;
-    let entry = {
-        let key = support::key_for(&h.config, "127.0.0.1", "/r0");
-        h.server
-            .proxy()
-            .cache()
-            .shared()
-            .expect("fleet")
-            .keys(&key)
-            .entry
-    };
-    let prefix = &entry[..entry.find('{').expect("hash tag")];
-    let purge_channel = format!("{prefix}events");
-    let purge_master = cluster.master_of(slot_of(purge_channel.as_bytes())).await;
-    let mut path = String::new();
-    let mut master = 0;
-    for i in 0.. {
-        let p = format!("/r{i}");
-        let m = cluster.master_of(slot_of_path(&h, &p)).await;
-        if m != purge_master {
-            (path, master) = (p, m);
-            break;
-        }
-    }
+    let (path, master) = path_off_the_purge_master(&h, &cluster).await;
+    let purge_master = cluster.master_of(slot_of(PURGE_CHANNEL)).await;
     let channel = shard_channel(&h, &path);
     let lead = support::Harness::get_from(&others[0], &path);
     let wait = async {
