@@ -1,33 +1,17 @@
 //! A tiny cold-herd run end to end: real origin, Redis and corral processes.
 
+mod support;
+
 use std::process::Command;
 
 #[test]
 fn tiny_cold_herd_reports_one_upstream_request_per_key_with_protection() {
     let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tiny.toml");
-    std::fs::write(
-        &scenario,
+    let (_, report) = support::run_tiny(
+        dir.path(),
         "name = \"tiny\"\nkind = \"cold-herd\"\ninstances = 2\nkeys = 3\nconcurrency = 20\nupstream_delay = \"100ms\"\nprotection = \"both\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_corral-loadtest"))
-        .arg("run")
-        .arg(&scenario)
-        .arg("--out")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[],
     );
-
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("tiny/report.json")).unwrap(),
-    )
-    .unwrap();
     let runs = report["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     let on = &runs[0];

@@ -1,7 +1,7 @@
 //! A tiny fleet-scale run end to end: real origin, Redis and corral processes, the
 //! three phases and their figures.
 
-use std::process::Command;
+mod support;
 
 use serde_json::Value;
 
@@ -16,28 +16,13 @@ fn figure<'a>(run: &'a Value, name: &str) -> &'a Value {
 /// Runs a tiny fleet-scale scenario on `redis` and gives its report.
 fn tiny_run(redis: &str) -> Value {
     let dir = tempfile::tempdir().unwrap();
-    let scenario = dir.path().join("tiny.toml");
-    std::fs::write(
-        &scenario,
+    let (stdout, report) = support::run_tiny(
+        dir.path(),
         "name = \"tiny\"\nkind = \"fleet-scale\"\ninstances = 2\nconcurrency = 4\nduration = \"1s\"\nupstream_delay = \"0ms\"\nkeys = 2\nherd = 10\nherd_delay = \"100ms\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_corral-loadtest"))
-        .arg("run")
-        .arg(&scenario)
-        .args(["--redis", redis, "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &["--redis", redis],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Fleet miss throughput"), "{stdout}");
-    serde_json::from_str(&std::fs::read_to_string(dir.path().join("tiny/report.json")).unwrap())
-        .unwrap()
+    report
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::CacheKey;
 use corral::fill::lock::single::RedisLock;
-use corral::fill::lock::LockTry;
+use corral::fill::lock::{Lease, LockTry};
 use corral::redis::Redis;
 use corral::RunningServer;
 use http::StatusCode;
@@ -42,6 +42,25 @@ async fn outsider(h: &Harness) -> (Arc<Redis>, RedisLock, SharedCache) {
         RedisLock::new(Arc::clone(&fleet), h.config.lock.ttl),
         SharedCache::new(fleet, u64::from(u32::MAX)),
     )
+}
+
+/// One instance whose fleet lock lasts `ttl`, and the lock of `path` taken by another
+/// instance that will never fill it (held while the returned lease and client live).
+async fn with_orphaned_lock(
+    redis: &RedisServer,
+    ttl: &str,
+    path: &str,
+) -> (Harness, (Arc<Redis>, Lease)) {
+    let h = Setup::default()
+        .redis(&redis.url())
+        .lock(&format!("ttl = \"{ttl}\""))
+        .start()
+        .await;
+    let (fleet, lock, _) = outsider(&h).await;
+    let LockTry::Acquired(lease) = lock.try_acquire(&key_of(&h, path)).await else {
+        panic!("lock free")
+    };
+    (h, (fleet, lease))
 }
 
 /// The cache key corral derives for a plain GET of `path` on the test route.
@@ -113,16 +132,8 @@ async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_holder_is_taken_over_after_the_lock_ttl() {
     let redis = RedisServer::start().await;
-    let h = Setup::default()
-        .redis(&redis.url())
-        .lock("ttl = \"1s\"")
-        .start()
-        .await;
-    let (_fleet, lock, _) = outsider(&h).await;
     // An instance took the lock for /orphan and died before filling it.
-    let LockTry::Acquired(_lease) = lock.try_acquire(&key_of(&h, "/orphan")).await else {
-        panic!("lock free")
-    };
+    let (h, _holder) = with_orphaned_lock(&redis, "1s", "/orphan").await;
 
     let reply = h.get("/orphan").await;
     assert_eq!(reply.status, StatusCode::OK);
@@ -731,16 +742,8 @@ async fn fill_events_reach_only_the_instances_that_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_woken_by_an_event_that_ends_nothing_waits_again_instead_of_spinning() {
     let redis = RedisServer::start().await;
-    let h = Setup::default()
-        .redis(&redis.url())
-        .lock("ttl = \"2s\"")
-        .start()
-        .await;
-    let (_fleet, lock, _) = outsider(&h).await;
     // Another instance holds /held's lock (and will never fill it).
-    let LockTry::Acquired(_lease) = lock.try_acquire(&key_of(&h, "/held")).await else {
-        panic!("lock free")
-    };
+    let (h, _holder) = with_orphaned_lock(&redis, "2s", "/held").await;
     let waiting = tokio::spawn(support::get_url(h.url("/held")));
     eventually("the request waits on the holder", || async {
         (h.metric("corral_lock_contended_total").await >= 1.0).then_some(())
