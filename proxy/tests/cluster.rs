@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use corral_testkit::{eventually, slot_of, ClusterOptions, RedisCluster};
+use corral_testkit::{eventually, slot_of, RedisCluster};
 use support::{herd_over, metric_of, Harness, OriginBehaviour, Setup};
 
 const EVENTS: &str = "corral_fleet_events_received_total";
@@ -208,7 +208,7 @@ async fn waiters_are_woken_after_their_keys_slot_migrates() {
 async fn a_dropped_listening_connection_is_subscribed_again_channel_by_channel() {
     // Two keys in different slots of one master: redis-rs alone would subscribe both
     // again in one SSUBSCRIBE, which the server refuses (CROSSSLOT).
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     // A fetch long enough to kill the connection and see the channels back while
     // the waiters still wait.
     let (h, others) = Setup::origin(slow_caching(4000))
@@ -389,7 +389,7 @@ where
 /// lock TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_slot_channels_of_one_waiter_survive_a_dropped_listener() {
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     let (h, others) = Setup::origin(slow_caching(4000))
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
@@ -482,7 +482,7 @@ async fn an_idle_channel_is_unsubscribed_after_the_grace() {
 }
 
 async fn idle_channel_case(disconnect_elsewhere: bool) {
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     let (h, others) = Setup::origin(slow_caching(1500))
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
@@ -537,7 +537,7 @@ async fn a_soft_purge_reaches_another_instance_on_a_cluster() {
 }
 
 async fn purge_case(pause_writes: bool) {
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     let (h, others) = Setup::origin(slow_caching(0))
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
@@ -582,7 +582,7 @@ async fn purge_case(pause_writes: bool) {
 /// them): its event too goes out only after the entry's master deleted the entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster() {
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     let (h, others) = Setup::origin(slow_caching(0))
         .redis_cluster(&cluster.seeds())
         .start_fleet(2)
@@ -620,7 +620,7 @@ async fn a_hard_purge_event_goes_out_only_after_the_entry_is_purged_on_a_cluster
 /// is still dropped by every instance (its event goes out whatever the writes did).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_failing_on_one_master_still_tells_the_fleet_of_the_others() {
-    let cluster = RedisCluster::start_with(ClusterOptions::new(3, 0)).await;
+    let cluster = RedisCluster::start(3, 0).await;
     let behaviour = OriginBehaviour {
         headers: vec![("surrogate-key".into(), "product-7".into())],
         cache_control: Some("max-age=600".into()),
