@@ -28,12 +28,14 @@ static REFUSED: AtomicBool = AtomicBool::new(false);
 pub(crate) struct BodyFile {
     fd: OwnedFd,
     len: u64,
+    /// The file mapped read-only: the body for every use but `sendfile`.
+    mapped: Bytes,
 }
 
 impl BodyFile {
-    /// `body` in a sealed file, and the bytes to keep in its place (a mapping of the
-    /// file). `None` when the body is small, the cap is reached or the kernel refuses.
-    pub(crate) fn store(body: &[u8]) -> Option<(Arc<BodyFile>, Bytes)> {
+    /// `body` in a sealed file, mapped ([`BodyFile::bytes`]). `None` when the body is
+    /// small, the cap is reached or the kernel refuses.
+    pub(crate) fn store(body: &[u8]) -> Option<Arc<BodyFile>> {
         if body.len() < MIN_BYTES || LIVE.load(Ordering::Relaxed) >= cap() {
             return None;
         }
@@ -54,6 +56,11 @@ impl BodyFile {
                 None
             }
         }
+    }
+
+    /// The body, read from the file's mapping (no copy).
+    pub(crate) fn bytes(&self) -> &Bytes {
+        &self.mapped
     }
 
     /// The body's length in bytes.
@@ -92,7 +99,7 @@ fn cap() -> usize {
 }
 
 #[cfg(target_os = "linux")]
-fn create(body: &[u8]) -> std::io::Result<(Arc<BodyFile>, Bytes)> {
+fn create(body: &[u8]) -> std::io::Result<Arc<BodyFile>> {
     use rustix::fs::{MemfdFlags, SealFlags};
     use std::io::Write;
 
@@ -110,15 +117,15 @@ fn create(body: &[u8]) -> std::io::Result<(Arc<BodyFile>, Bytes)> {
     // neither change under a reader nor lose pages (no SIGBUS).
     let map = unsafe { memmap2::Mmap::map(&file)? };
     let fd = OwnedFd::from(file);
-    let file = BodyFile {
+    Ok(Arc::new(BodyFile {
         fd,
         len: body.len() as u64,
-    };
-    Ok((Arc::new(file), Bytes::from_owner(map)))
+        mapped: Bytes::from_owner(map),
+    }))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn create(_body: &[u8]) -> std::io::Result<(Arc<BodyFile>, Bytes)> {
+fn create(_body: &[u8]) -> std::io::Result<Arc<BodyFile>> {
     Err(std::io::ErrorKind::Unsupported.into())
 }
 
@@ -129,8 +136,8 @@ mod tests {
     #[test]
     fn a_large_body_is_kept_once_in_a_sealed_file() {
         let body: Vec<u8> = (0..MIN_BYTES * 2).map(|i| (i % 251) as u8).collect();
-        let (file, bytes) = BodyFile::store(&body).expect("a large body gets a file");
-        assert_eq!(&bytes[..], &body[..], "the mapping reads the body");
+        let file = BodyFile::store(&body).expect("a large body gets a file");
+        assert_eq!(&file.bytes()[..], &body[..], "the mapping reads the body");
         assert_eq!(file.size(), body.len() as u64);
         // Sealed: nobody can write to it or shrink it.
         let dup = std::fs::File::from(file.fd.try_clone().unwrap());

@@ -80,7 +80,7 @@ impl DecodeError {
 pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
     let l = entry.lifetime();
     let primary = key.primary().as_bytes();
-    let mut out = BytesMut::with_capacity(entry.body.len() + primary.len() + 512);
+    let mut out = BytesMut::with_capacity(entry.body().len() + primary.len() + 512);
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
     out.put_u16(entry.status.as_u16());
@@ -96,14 +96,14 @@ pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
     }
     out.put_u64(fence);
     put_bytes(&mut out, primary);
-    put_bytes(&mut out, entry.vary_values.as_bytes());
-    out.put_u32(entry.headers.len() as u32);
-    for (name, value) in &entry.headers {
-        out.put_u16(name.as_str().len() as u16);
-        out.put_slice(name.as_str().as_bytes());
-        put_bytes(&mut out, value.as_bytes());
+    put_bytes(&mut out, entry.vary_values().as_bytes());
+    out.put_u32(entry.fields().count() as u32);
+    for (name, value) in entry.fields() {
+        out.put_u16(name.len() as u16);
+        out.put_slice(name);
+        put_bytes(&mut out, value);
     }
-    put_bytes(&mut out, &entry.body);
+    put_bytes(&mut out, entry.body());
     out.freeze()
 }
 
@@ -128,8 +128,9 @@ pub fn decode(mut buf: Bytes, key: &CacheKey, max_body: u64) -> Result<CacheEntr
     if bytes_(&mut buf, "key")? != key.primary().as_bytes() {
         return Err(DecodeError::OtherKey);
     }
-    let vary_values = String::from_utf8(bytes_(&mut buf, "vary")?.to_vec())
-        .map_err(|_| DecodeError::Corrupt("vary"))?;
+    let vary_values = std::str::from_utf8(&bytes_(&mut buf, "vary")?)
+        .map_err(|_| DecodeError::Corrupt("vary"))?
+        .into();
     let headers = headers(&mut buf)?;
     let body = bytes_(&mut buf, "body")?;
     if buf.has_remaining() {
@@ -262,11 +263,11 @@ mod tests {
         let original = entry();
         let decoded = decode(encode(&original, &key(), original.fence()), &key(), MAX).unwrap();
         assert_eq!(decoded.status, original.status);
-        assert_eq!(decoded.headers, original.headers);
-        assert_eq!(decoded.http1_head, original.http1_head);
-        assert_eq!(decoded.body, original.body);
-        assert_eq!(decoded.vary, original.vary);
-        assert_eq!(decoded.vary_values, original.vary_values);
+        assert_eq!(decoded.headers(), original.headers());
+        assert_eq!(decoded.http1_head(), original.http1_head());
+        assert_eq!(decoded.body(), original.body());
+        assert_eq!(decoded.vary(), original.vary());
+        assert_eq!(decoded.vary_values(), original.vary_values());
         assert_eq!(decoded.fence(), 7);
         let now = SystemTime::now();
         assert_eq!(
@@ -445,7 +446,7 @@ mod tests {
         #[test]
         fn any_decoded_entry_has_a_well_framed_head(c in crafted()) {
             let Ok(entry) = decode(c.bytes(), &key(), MAX) else { return Ok(()) };
-            let (status, fields) = parsed_head(&entry.http1_head);
+            let (status, fields) = parsed_head(entry.http1_head());
             prop_assert!((200..=599).contains(&status));
             let lengths: Vec<&str> = fields
                 .iter()
@@ -454,9 +455,9 @@ mod tests {
                 .collect();
             if status == 204 || status == 304 {
                 prop_assert!(lengths.is_empty());
-                prop_assert!(entry.body.is_empty());
+                prop_assert!(entry.body().is_empty());
             } else {
-                let body_len = entry.body.len().to_string();
+                let body_len = entry.body().len().to_string();
                 prop_assert_eq!(lengths, vec![body_len.as_str()]);
             }
             for banned in ["transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer", "proxy-connection", "set-cookie"] {
@@ -489,9 +490,9 @@ mod tests {
             let original = CacheEntry::new(head, Bytes::from(body), lifetime, &HeaderMap::new()).unwrap();
             let decoded = decode(encode(&original, &key(), 9), &key(), MAX).unwrap();
             prop_assert_eq!(decoded.status, original.status);
-            prop_assert_eq!(&decoded.headers, &original.headers);
-            prop_assert_eq!(&decoded.http1_head, &original.http1_head);
-            prop_assert_eq!(&decoded.body, &original.body);
+            prop_assert_eq!(decoded.headers(), original.headers());
+            prop_assert_eq!(&decoded.http1_head(), &original.http1_head());
+            prop_assert_eq!(&decoded.body(), &original.body());
             prop_assert_eq!(decoded.keep_until(), original.keep_until());
             prop_assert_eq!(decoded.fence(), 9);
         }

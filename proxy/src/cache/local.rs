@@ -14,6 +14,7 @@ use super::index::{KeyIndex, Label};
 use super::key::CacheKey;
 use super::policy::PassReason;
 use super::tags::TagRules;
+use super::weight;
 use crate::redis::{EventListener, FillEvent};
 
 /// What the local tier holds under a key.
@@ -42,15 +43,19 @@ impl LocalObject {
         }
     }
 
+    /// What the object costs the process under `key`: its own allocations, the key's
+    /// text, and moka's records for it (see [`weight`]).
     fn weight(&self, key: &CacheKey) -> u32 {
         let own = match self {
-            LocalObject::Entry(e) => e.weight(),
+            LocalObject::Entry(e) => e.weight() as usize,
             LocalObject::Variants { vary, .. } => {
-                128 + vary.iter().map(|n| n.as_str().len() as u32).sum::<u32>()
+                weight::allocation(weight::ARC_HEADER + std::mem::size_of_val(&**vary))
+                    + vary.iter().map(weight::header_name).sum::<usize>()
             }
-            LocalObject::Pass { .. } => 64,
+            LocalObject::Pass { .. } => 0,
         };
-        own.saturating_add(key.as_str().len() as u32)
+        let key = weight::allocation(weight::ARC_HEADER + key.as_str().len());
+        u32::try_from(own + key + weight::MOKA_RECORDS).unwrap_or(u32::MAX)
     }
 }
 
@@ -86,9 +91,12 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
 }
 
 /// What one index record costs, added to its entry's weight so that the byte bound
-/// of the cache also bounds the index (a record: a key handle and a stamp in a hash
-/// map, under a label that may be shared).
-const RECORD_WEIGHT: u32 = 64;
+/// of the cache also bounds the index. A tag record: a key handle and a stamp in a
+/// hash map, under a label most entries share.
+const TAG_RECORD_WEIGHT: u32 = 64;
+/// A variant's record opens a label of its own per primary key (a slot in the outer
+/// map and a map of its own): measured by `tests/memory.rs`.
+const VARIANT_RECORD_WEIGHT: u32 = 256;
 
 /// The in-process tier. Cheap to clone; clones share the cache. moka's synchronous
 /// cache: its operations never wait on I/O, and a hit skips the future machinery of
@@ -113,9 +121,9 @@ fn stamp(entry: &Arc<CacheEntry>) -> usize {
 /// The index labels of `entry` stored under `key`; `storing`: count dropped tags.
 fn labels(rules: &TagRules, key: &CacheKey, entry: &CacheEntry, storing: bool) -> Vec<Label> {
     let tags = if storing {
-        rules.tags_to_store(key.route(), &entry.headers)
+        rules.tags_to_store(key.route(), entry)
     } else {
-        rules.tags_of(key.route(), &entry.headers)
+        rules.tags_of(key.route(), entry)
     };
     let mut labels: Vec<Label> = tags.into_iter().map(|t| Label::Tag(t.into())).collect();
     if key.is_variant() {
@@ -138,14 +146,20 @@ impl LocalCache {
         let objects = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(move |k: &CacheKey, v: &LocalObject| {
+                // The index records `labels` files the entry under (none without
+                // tags or variants).
                 let records = match v {
-                    LocalObject::Entry(e) if !weigh_rules.is_empty() => {
-                        weigh_rules.tags_of(k.route(), &e.headers).len() as u32 + 1
+                    LocalObject::Entry(e) => {
+                        let tags = if weigh_rules.is_empty() {
+                            0
+                        } else {
+                            weigh_rules.tags_of(k.route(), e).len() as u32
+                        };
+                        tags * TAG_RECORD_WEIGHT + u32::from(k.is_variant()) * VARIANT_RECORD_WEIGHT
                     }
-                    _ => 1,
+                    _ => 0,
                 };
-                v.weight(k)
-                    .saturating_add(records.saturating_mul(RECORD_WEIGHT))
+                v.weight(k).saturating_add(records)
             })
             .expire_after(UntilExpiry { cap })
             // Runs once for every object that leaves, on the thread that removed it,

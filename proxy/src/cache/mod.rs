@@ -12,6 +12,7 @@ pub mod policy;
 pub mod shared;
 pub mod tags;
 mod tiers;
+pub(crate) mod weight;
 
 use std::sync::Arc;
 

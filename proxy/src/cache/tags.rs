@@ -9,6 +9,7 @@ use http::header::HeaderName;
 use http::HeaderMap;
 use prometheus_client::metrics::counter::Counter;
 
+use super::entry::CacheEntry;
 use crate::config::RouteConfig;
 use crate::metrics::Metrics;
 
@@ -19,10 +20,13 @@ pub(crate) const MAX_TAG_LEN: usize = 1024;
 /// The tags a response carries in `header` (space- or comma-separated, as
 /// `Surrogate-Key` and `Cache-Tag` write them), unbounded: see [`TagRules::tags_of`].
 pub fn tags<'h>(headers: &'h HeaderMap, header: &HeaderName) -> impl Iterator<Item = &'h str> {
-    headers
-        .get_all(header)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    split_tags(headers.get_all(header).iter().map(|v| v.as_bytes()))
+}
+
+/// The tags in the values of a tag header.
+fn split_tags<'h>(values: impl Iterator<Item = &'h [u8]>) -> impl Iterator<Item = &'h str> {
+    values
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split([' ', ',']))
         .filter(|t| !t.is_empty())
 }
@@ -71,14 +75,14 @@ impl TagRules {
 
     /// The distinct tags of a response stored for `route`: the first `max_tags` of at
     /// most [`MAX_TAG_LEN`] bytes.
-    pub(crate) fn tags_of<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
-        self.select(route, headers).0
+    pub(crate) fn tags_of<'h>(&self, route: &str, entry: &'h CacheEntry) -> Vec<&'h str> {
+        self.select(route, entry).0
     }
 
     /// [`TagRules::tags_of`] for a response being stored: the tags dropped are counted,
     /// and the first time for a route, logged.
-    pub(crate) fn tags_to_store<'h>(&self, route: &str, headers: &'h HeaderMap) -> Vec<&'h str> {
-        let (kept, dropped) = self.select(route, headers);
+    pub(crate) fn tags_to_store<'h>(&self, route: &str, entry: &'h CacheEntry) -> Vec<&'h str> {
+        let (kept, dropped) = self.select(route, entry);
         if let (Some(rule), true) = (self.by_route.get(route), dropped > 0) {
             rule.dropped.inc_by(dropped);
             if !rule.warned.swap(true, Ordering::Relaxed) {
@@ -95,14 +99,14 @@ impl TagRules {
     }
 
     /// The tags kept, and how many were dropped.
-    fn select<'h>(&self, route: &str, headers: &'h HeaderMap) -> (Vec<&'h str>, u64) {
+    fn select<'h>(&self, route: &str, entry: &'h CacheEntry) -> (Vec<&'h str>, u64) {
         let Some(rule) = self.by_route.get(route) else {
             return (Vec::new(), 0);
         };
         let mut kept = Vec::new();
         let mut seen = HashSet::new();
         let mut dropped = 0u64;
-        for tag in tags(headers, &rule.header) {
+        for tag in split_tags(entry.header_values(&rule.header)) {
             if !seen.insert(tag) {
                 continue;
             }
@@ -138,10 +142,14 @@ mod tests {
         TagRules::from_routes(&[route], &Metrics::new())
     }
 
-    fn headers(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("surrogate-key", value.parse().unwrap());
-        h
+    /// An entry whose response carried `Surrogate-Key: value`.
+    fn headers(value: &str) -> CacheEntry {
+        let (req, ()) = http::Request::new(()).into_parts();
+        let (mut res, ()) = http::Response::new(()).into_parts();
+        res.headers.insert("surrogate-key", value.parse().unwrap());
+        let lifetime =
+            crate::cache::policy::Lifetime::none(&req, &res, std::time::SystemTime::now());
+        CacheEntry::new(res, bytes::Bytes::new(), lifetime, &HeaderMap::new()).unwrap()
     }
 
     #[test]

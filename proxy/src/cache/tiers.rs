@@ -121,7 +121,7 @@ impl Cache {
             return Some((entry, key.clone()));
         }
         let primary = key.primary_key();
-        let variant = primary.variant(&key::vary_values(&entry.vary, req_headers));
+        let variant = primary.variant(&key::vary_values(entry.vary(), req_headers));
         let entry = shared.get(&variant).await?;
         entry.matches_vary(req_headers).then_some((entry, variant))
     }
@@ -129,7 +129,7 @@ impl Cache {
     /// Stores `entry` for the primary `key`: directly, or under its variant key with a
     /// `Vary` index at the primary key.
     pub fn store(&self, key: &CacheKey, entry: Arc<CacheEntry>) {
-        if entry.vary.is_empty() {
+        if entry.vary().is_empty() {
             self.local.insert(key.clone(), LocalObject::Entry(entry));
             return;
         }
@@ -141,10 +141,10 @@ impl Cache {
             until = until.max(existing);
         }
         let index = LocalObject::Variants {
-            vary: entry.vary.clone().into(),
+            vary: entry.vary().into(),
             until,
         };
-        let variant = key.variant(&entry.vary_values);
+        let variant = key.variant(entry.vary_values());
         // The variant first: a reader that sees the index must find the entry.
         self.local.insert(variant, LocalObject::Entry(entry));
         self.local.insert(key.clone(), index);

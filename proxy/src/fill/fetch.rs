@@ -10,7 +10,6 @@ use hyper::body::Incoming;
 
 use super::task::{FillEnd, FillJob, Filler};
 use super::{stale_if_error, FillOutcome, LeaderReply};
-use crate::cache::key::vary_values;
 use crate::cache::policy::{self, Lifetime, PassReason, Verdict};
 use crate::cache::{CacheEntry, CacheKey};
 use crate::http::body::ProxyBody;
@@ -95,9 +94,8 @@ impl Filler {
     ) -> Option<FillEnd> {
         let stale = job.stale.as_ref()?;
         match stale.renewed(&job.route.config, &job.upstream, head, received_at) {
-            Ok(mut renewed) => {
-                renewed.vary_values = vary_values(&renewed.vary, &job.client_headers);
-                let entry = Arc::new(renewed);
+            Ok(renewed) => {
+                let entry = Arc::new(renewed.for_request(&job.client_headers));
                 self.cache.store(&job.key, Arc::clone(&entry));
                 let reply = LeaderReply::Entry(Arc::clone(&entry), CacheStatus::revalidated());
                 Some(FillEnd::new(FillOutcome::Filled(entry), reply))
@@ -129,7 +127,7 @@ impl Filler {
                     return unframeable(job);
                 };
                 self.cache.store(&job.key, Arc::clone(&entry));
-                tracing::debug!(status = code, bytes = entry.body.len(), "stored");
+                tracing::debug!(status = code, bytes = entry.body().len(), "stored");
                 let status = CacheStatus::fetched(job.fwd, code, true);
                 let reply = LeaderReply::Entry(Arc::clone(&entry), status);
                 FillEnd::new(FillOutcome::Filled(entry), reply)

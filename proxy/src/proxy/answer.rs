@@ -59,11 +59,11 @@ pub fn respond(req: &request::Parts, entry: &CacheEntry) -> Response<ProxyBody> 
         let body = if req.method == Method::HEAD {
             ProxyBody::empty()
         } else {
-            ProxyBody::full(entry.body.clone())
+            ProxyBody::full(entry.body_bytes())
         };
         let mut res = Response::new(body);
         *res.status_mut() = entry.status;
-        *res.headers_mut() = entry.headers.clone();
+        *res.headers_mut() = entry.headers();
         res
     };
     res.headers_mut()

@@ -352,14 +352,14 @@ async fn write_hit(
     match &hit.entry.body_file {
         Some(file) if !head_only => {
             // The head with MSG_MORE, so it leaves in the body's first segment.
-            let mut head = [IoSlice::new(&hit.entry.http1_head), IoSlice::new(tail)];
+            let mut head = [IoSlice::new(hit.entry.http1_head()), IoSlice::new(tail)];
             write_all(stream, &mut head, true, http).await?;
             send_file(stream, file, http).await
         }
         _ => {
-            let body: &[u8] = if head_only { &[] } else { &hit.entry.body };
+            let body: &[u8] = if head_only { &[] } else { hit.entry.body() };
             let mut slices = [
-                IoSlice::new(&hit.entry.http1_head),
+                IoSlice::new(hit.entry.http1_head()),
                 IoSlice::new(tail),
                 IoSlice::new(body),
             ];
@@ -584,7 +584,7 @@ pub fn write_hit_lines(hit: &LocalHit, out: &mut Vec<u8>, closing: bool) {
     use std::io::Write as _;
     // Writing to a Vec cannot fail.
     let _ = write!(out, "age: {}\r\ncache-status: {}\r\n", hit.age, hit.status);
-    if !hit.entry.headers.contains_key(header::DATE) {
+    if !hit.entry.has_date() {
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
         out.extend_from_slice(b"\r\n");

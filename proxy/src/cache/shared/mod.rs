@@ -192,9 +192,9 @@ impl SharedCache {
         };
         let primary_entry = self.keys(&fill_key.primary_key()).entry;
         let mut targets = vec![keys.entry];
-        if !entry.vary.is_empty() {
+        if !entry.vary().is_empty() {
             let primary = fill_key.primary_key();
-            for key in [primary.clone(), primary.variant(&entry.vary_values)] {
+            for key in [primary.clone(), primary.variant(entry.vary_values())] {
                 let target = self.keys(&key).entry;
                 if !targets.contains(&target) {
                     targets.push(target);
