@@ -193,3 +193,31 @@ proptest::proptest! {
         proptest::prop_assert!(res.headers.iter().all(|h| !["transfer-encoding", "connection", "upgrade"].contains(&h.name)));
     }
 }
+
+/// A large body lives in a sealed file: the entry weighs the file's pages as the
+/// kernel allocated them, the head's own allocation, and no copy of the body.
+#[test]
+fn a_large_entry_weighs_its_files_pages_and_no_heap_copy() {
+    let len = crate::cache::body_file::MIN_BYTES * 4 + 1;
+    let entry = CacheEntry::new(
+        head(200, &[("etag", "\"v1\"")]),
+        Bytes::from(vec![b'x'; len]),
+        lifetime(),
+        &HeaderMap::new(),
+    )
+    .unwrap();
+    let file = entry.body_file.as_ref().expect("a large body gets a file");
+    assert_eq!(entry.body().len(), len);
+    assert_eq!(
+        entry.data.len(),
+        entry.http1_head().len(),
+        "no heap copy of the body"
+    );
+    let pages = rustix::fs::fstat(file).unwrap().st_blocks as usize * 512;
+    assert!(pages >= len);
+    let weight = entry.weight() as usize;
+    assert!(
+        weight >= pages + entry.http1_head().len() && weight <= pages + 4096,
+        "weight {weight}, file pages {pages}"
+    );
+}
