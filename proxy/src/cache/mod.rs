@@ -1,5 +1,6 @@
 //! The cache: keys, entries, storage policy, and the tiers a lookup walks: the local
 //! in-process cache first, then (fleet mode) the shared one in Redis, whose hits fill
+//! the local tier; and what a stored object costs in memory (`weight`), which bounds
 //! the local tier.
 
 pub(crate) mod body_file;
