@@ -90,13 +90,30 @@ impl Expiry<CacheKey, LocalObject> for UntilExpiry {
     }
 }
 
-/// What one index record costs, added to its entry's weight so that the byte bound
-/// of the cache also bounds the index. A tag record: a key handle and a stamp in a
-/// hash map, under a label most entries share.
-const TAG_RECORD_WEIGHT: u32 = 64;
-/// A variant's record opens a label of its own per primary key (a slot in the outer
-/// map and a map of its own): measured by `tests/memory.rs`.
-const VARIANT_RECORD_WEIGHT: u32 = 256;
+/// What an index record costs beside its label's text, added to its entry's weight so
+/// that the byte bound of the cache also bounds the index: counted as a label of its
+/// own (a slot in the outer map, and a map holding the one record), which is what an
+/// object's own tag and every variant's record cost (measured by `tests/memory.rs`). A
+/// tag shared by many entries costs less, so those are somewhat overcounted.
+const LABEL_WEIGHT: usize = 256;
+
+/// What the index records of `entry` stored under `key` cost: a label and a copy of its
+/// text (a tag, or for a variant its primary key) each; see [`labels`].
+fn index_weight(rules: &TagRules, key: &CacheKey, entry: &CacheEntry) -> usize {
+    let label = |text: usize| LABEL_WEIGHT + weight::allocation(weight::ARC_HEADER + text);
+    let tags: usize = if rules.is_empty() {
+        0
+    } else {
+        let tags = rules.tags_of(key.route(), entry);
+        tags.iter().map(|t| label(t.len())).sum()
+    };
+    let variant = if key.is_variant() {
+        label(key.primary().len())
+    } else {
+        0
+    };
+    tags + variant
+}
 
 /// The in-process tier. Cheap to clone; clones share the cache. moka's synchronous
 /// cache: its operations never wait on I/O, and a hit skips the future machinery of
@@ -146,20 +163,12 @@ impl LocalCache {
         let objects = Moka::builder()
             .max_capacity(max_bytes)
             .weigher(move |k: &CacheKey, v: &LocalObject| {
-                // The index records `labels` files the entry under (none without
-                // tags or variants).
                 let records = match v {
-                    LocalObject::Entry(e) => {
-                        let tags = if weigh_rules.is_empty() {
-                            0
-                        } else {
-                            weigh_rules.tags_of(k.route(), e).len() as u32
-                        };
-                        tags * TAG_RECORD_WEIGHT + u32::from(k.is_variant()) * VARIANT_RECORD_WEIGHT
-                    }
+                    LocalObject::Entry(e) => index_weight(&weigh_rules, k, e),
                     _ => 0,
                 };
-                v.weight(k).saturating_add(records)
+                v.weight(k)
+                    .saturating_add(u32::try_from(records).unwrap_or(u32::MAX))
             })
             .expire_after(UntilExpiry { cap })
             // Runs once for every object that leaves, on the thread that removed it,

@@ -17,13 +17,15 @@ pub fn allocated() -> usize {
     tikv_jemalloc_ctl::stats::allocated::read().unwrap()
 }
 
-/// A response's shape: body size, header fields beside the usual five, and whether it
-/// varies on `Accept-Language`.
+/// A response's shape: body size, header fields beside the usual five, whether it
+/// varies on `Accept-Language`, and how many purge tags of its own it carries in
+/// `Surrogate-Key` (an object id each, as that header is commonly used).
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
     pub body: usize,
     pub extra_fields: usize,
     pub vary: bool,
+    pub unique_tags: usize,
 }
 
 impl Shape {
@@ -31,6 +33,7 @@ impl Shape {
         body: 1024,
         extra_fields: 0,
         vary: false,
+        unique_tags: 0,
     };
 }
 
@@ -62,6 +65,13 @@ pub fn sample_entry(route: &RouteConfig, shape: Shape, i: usize) -> CacheEntry {
         let name = HeaderName::from_bytes(format!("x-field-{f}").as_bytes()).unwrap();
         let value = HeaderValue::from_str(&format!("value {i} {f}")).unwrap();
         res.headers.append(name, value);
+    }
+    if shape.unique_tags > 0 {
+        let tags: Vec<String> = (0..shape.unique_tags)
+            .map(|t| format!("obj-{i:06}-{t:02}"))
+            .collect();
+        let value = HeaderValue::from_str(&tags.join(" ")).unwrap();
+        res.headers.append("surrogate-key", value);
     }
     let mut req_headers = HeaderMap::new();
     if shape.vary {
