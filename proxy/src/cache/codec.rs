@@ -97,7 +97,7 @@ pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
     out.put_u64(fence);
     put_bytes(&mut out, primary);
     put_bytes(&mut out, entry.vary_values().as_bytes());
-    out.put_u32(entry.fields().count() as u32);
+    out.put_u32(entry.fields().len() as u32);
     for (name, value) in entry.fields() {
         out.put_u16(name.len() as u16);
         out.put_slice(name);

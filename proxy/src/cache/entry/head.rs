@@ -58,18 +58,23 @@ pub(crate) fn fields(head: &[u8]) -> Fields<'_> {
     }
 }
 
-/// The index just past the first CRLF of `bytes` (its length without one).
+/// The index just past the first line end of `bytes` (its length without one). Every
+/// line of a head ends in CRLF, and no value holds an LF: the LF ends the line.
 fn line_end(bytes: &[u8]) -> usize {
-    bytes
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map_or(bytes.len(), |at| at + 2)
+    memchr::memchr(b'\n', bytes).map_or(bytes.len(), |at| at + 1)
 }
 
 /// Iterator over a head's fields; see [`fields`].
 #[derive(Clone)]
 pub(crate) struct Fields<'a> {
     rest: &'a [u8],
+}
+
+impl Fields<'_> {
+    /// How many fields are left (one per line end).
+    pub(crate) fn len(&self) -> usize {
+        memchr::memchr_iter(b'\n', self.rest).count()
+    }
 }
 
 impl<'a> Iterator for Fields<'a> {
@@ -85,7 +90,7 @@ impl<'a> Iterator for Fields<'a> {
             .unwrap_or(&self.rest[..end]);
         self.rest = &self.rest[end..];
         // Names hold no colon; the value starts after exactly ": ".
-        let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+        let colon = memchr::memchr(b':', line).unwrap_or(line.len());
         let value = line.get(colon + 2..).unwrap_or_default();
         Some((&line[..colon], value))
     }
@@ -94,7 +99,7 @@ impl<'a> Iterator for Fields<'a> {
 /// The fields of `head` as a map whose values are slices of `head` (no copy).
 pub(super) fn header_map(head: &Bytes) -> HeaderMap {
     let fields = fields(head);
-    let mut map = HeaderMap::with_capacity(fields.clone().count() + 3);
+    let mut map = HeaderMap::with_capacity(fields.len() + 3);
     for (name, value) in fields {
         // Both were a valid name and value when the head was written.
         if let (Ok(name), Ok(value)) = (
