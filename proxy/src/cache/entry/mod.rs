@@ -283,10 +283,10 @@ impl CacheEntry {
     }
 
     pub fn freshness(&self, now: SystemTime) -> Freshness {
-        match self.times.fresh_until().duration_since(now) {
+        match self.times.fresh_left(now) {
             Ok(ttl) if !ttl.is_zero() => Freshness::Fresh { ttl },
             Ok(_) => Freshness::Stale { by: Duration::ZERO },
-            Err(e) => Freshness::Stale { by: e.duration() },
+            Err(by) => Freshness::Stale { by },
         }
     }
 
@@ -307,10 +307,10 @@ impl CacheEntry {
 
     /// The `Age` to send, in seconds.
     pub fn age(&self, now: SystemTime) -> u64 {
-        let resident = now
-            .duration_since(self.times.received_at())
-            .unwrap_or_default();
-        self.times.age().saturating_add(resident).as_secs()
+        self.times
+            .age()
+            .saturating_add(self.times.resident(now))
+            .as_secs()
     }
 
     /// What the entry costs the process, in bytes, as the allocator counts it: the

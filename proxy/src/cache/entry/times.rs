@@ -63,8 +63,25 @@ impl Times {
         UNIX_EPOCH.checked_add(at).unwrap_or(UNIX_EPOCH)
     }
 
-    pub(super) fn fresh_until(&self) -> SystemTime {
-        self.after(self.fresh_for)
+    /// How long after `now` the instant `span` milliseconds after receipt is (`Ok`),
+    /// or how long before `now` it was (`Err`). Asked on every hit, so reckoned in
+    /// durations since the epoch: building a `SystemTime` per instant cost a hit about
+    /// 55 ns (hot_path bench).
+    fn left(&self, span: u64, now: SystemTime) -> Result<Duration, Duration> {
+        let until = Duration::from_millis(self.received_at.saturating_add(span));
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        until.checked_sub(now).ok_or_else(|| now - until)
+    }
+
+    /// See [`Times::left`]: until the entry stops being fresh.
+    pub(super) fn fresh_left(&self, now: SystemTime) -> Result<Duration, Duration> {
+        self.left(self.fresh_for, now)
+    }
+
+    /// How long the entry has been here at `now`.
+    pub(super) fn resident(&self, now: SystemTime) -> Duration {
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        now.saturating_sub(Duration::from_millis(self.received_at))
     }
 
     pub(super) fn stale_while_revalidate_until(&self) -> SystemTime {
