@@ -826,3 +826,32 @@ fn shared_entry_name(h: &Harness, path: &str) -> String {
         .keys(&key_of(h, path))
         .entry
 }
+
+/// An entry keeps how long its fetch took (what early refresh weighs its odds by), on
+/// the instance that filled it and on one that read it from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_keeps_its_fetch_time_through_redis() {
+    let redis = RedisServer::start().await;
+    let (h, others) = Setup::origin(slow(300))
+        .redis(&redis.url())
+        .start_fleet(2)
+        .await;
+    assert_eq!(h.get("/timed").await.status, StatusCode::OK);
+    let reader = &others[0];
+    assert_eq!(
+        Harness::get_from(reader, "/timed").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(h.origin.requests_for("/timed"), 1, "the second read Redis");
+    for server in [&h.server, reader] {
+        let local = server.proxy().cache().local().get(&key_of(&h, "/timed"));
+        let Some(corral::cache::LocalObject::Entry(entry)) = local else {
+            panic!("stored")
+        };
+        let took = entry.fetch_time();
+        assert!(
+            took >= Duration::from_millis(300) && took < DEADLINE,
+            "fetch time {took:?}"
+        );
+    }
+}

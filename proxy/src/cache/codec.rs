@@ -4,8 +4,8 @@
 //! entries or treat them as misses, never as garbage. Layout (integers big-endian):
 //!
 //! ```text
-//! "CRL" version:u8(=2) status:u16 received_at_ms:u64 age_ms:u64 fresh_for_ms:u64
-//! swr_ms:u64 sie_ms:u64 keep_ms:u64 fence:u64 primary_key:(u32 len, bytes)
+//! "CRL" version:u8(=3) status:u16 received_at_ms:u64 age_ms:u64 fresh_for_ms:u64
+//! swr_ms:u64 sie_ms:u64 keep_ms:u64 fence:u64 fetch_ms:u32 primary_key:(u32 len, bytes)
 //! vary_values:(u32 len, bytes)
 //! headers:(u32 count, [u16 name len, name, u32 value len, value]...) body:(u32 len, bytes)
 //! ```
@@ -14,7 +14,9 @@
 //! on every instance whatever its clock reads now. The first 30 bytes are read by the
 //! fleet lock's script too (`fill/lock/single.rs`: is a fresh entry there already?):
 //! a new version must keep `received_at` and `fresh_for` where they are, or change the
-//! script with it.
+//! script with it. Version 2 (without `fetch_ms`) is still read, as an entry whose fetch
+//! time is unknown; an instance of an older version reads a version 3 entry as a miss
+//! (during a rolling upgrade, its fills are not shared with the newer instances).
 //!
 //! A value read back is untrusted: the key prefix may be shared with other software,
 //! and Redis is another process. Decoding checks every length against what is left
@@ -36,7 +38,8 @@ use super::policy::Lifetime;
 
 const MAGIC: &[u8; 3] = b"CRL";
 /// 2: the primary key is stored, so an entry found under another key is refused.
-const VERSION: u8 = 2;
+/// 3: how long the fetch took (`fetch_ms`, for early refresh), after the fence.
+const VERSION: u8 = 3;
 /// More header fields than any upstream response corral stores (hyper's client reads at
 /// most 100); a value declaring more is not an entry.
 const MAX_HEADERS: u32 = 256;
@@ -83,7 +86,7 @@ pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
     let mut out = BytesMut::with_capacity(entry.body().len() + primary.len() + 512);
     out.put_slice(MAGIC);
     out.put_u8(VERSION);
-    out.put_u16(entry.status.as_u16());
+    out.put_u16(entry.status().as_u16());
     out.put_u64(unix_ms(l.received_at));
     for d in [
         l.age,
@@ -95,6 +98,7 @@ pub fn encode(entry: &CacheEntry, key: &CacheKey, fence: u64) -> Bytes {
         out.put_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     }
     out.put_u64(fence);
+    out.put_u32(u32::try_from(entry.fetch_time().as_millis()).unwrap_or(u32::MAX));
     put_bytes(&mut out, primary);
     put_bytes(&mut out, entry.vary_values().as_bytes());
     out.put_u32(entry.fields().len() as u32);
@@ -115,7 +119,7 @@ pub fn decode(mut buf: Bytes, key: &CacheKey, max_body: u64) -> Result<CacheEntr
     }
     buf.advance(3);
     let version = buf.get_u8();
-    if version != VERSION {
+    if version != VERSION && version != 2 {
         return Err(DecodeError::UnknownVersion(version));
     }
     let status = StatusCode::from_u16(u16_(&mut buf, "status")?)
@@ -125,6 +129,11 @@ pub fn decode(mut buf: Bytes, key: &CacheKey, max_body: u64) -> Result<CacheEntr
     let (age, fresh_for) = (ms("age")?, ms("fresh_for")?);
     let (swr, sie, keep) = (ms("swr")?, ms("sie")?, ms("keep")?);
     let fence = u64_(&mut buf, "fence")?;
+    let fetch_time = if version == 2 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(u64::from(u32_(&mut buf, "fetch_ms")?))
+    };
     if bytes_(&mut buf, "key")? != key.primary().as_bytes() {
         return Err(DecodeError::OtherKey);
     }
@@ -150,14 +159,8 @@ pub fn decode(mut buf: Bytes, key: &CacheKey, max_body: u64) -> Result<CacheEntr
         stale_if_error: sie,
         keep,
     };
-    Ok(CacheEntry::restored(
-        status,
-        headers,
-        body,
-        lifetime,
-        vary_values,
-        fence,
-    )?)
+    let entry = CacheEntry::restored(status, headers, body, lifetime, vary_values, fence)?;
+    Ok(entry.fetched_in(fetch_time))
 }
 
 /// The header fields, each name and value checked as hyper checks a received one (no
@@ -256,19 +259,21 @@ mod tests {
         CacheEntry::new(res, Bytes::from_static(b"hello"), *lifetime, &req.headers)
             .unwrap()
             .with_fence(7)
+            .fetched_in(Duration::from_millis(1234))
     }
 
     #[test]
     fn round_trip_keeps_what_serving_needs() {
         let original = entry();
         let decoded = decode(encode(&original, &key(), original.fence()), &key(), MAX).unwrap();
-        assert_eq!(decoded.status, original.status);
+        assert_eq!(decoded.status(), original.status());
         assert_eq!(decoded.headers(), original.headers());
         assert_eq!(decoded.http1_head(), original.http1_head());
         assert_eq!(decoded.body(), original.body());
         assert_eq!(decoded.vary(), original.vary());
         assert_eq!(decoded.vary_values(), original.vary_values());
         assert_eq!(decoded.fence(), 7);
+        assert_eq!(decoded.fetch_time(), Duration::from_millis(1234));
         let now = SystemTime::now();
         assert_eq!(
             decoded.freshness(now).is_fresh(),
@@ -325,6 +330,24 @@ mod tests {
             decode(value, &key(), 4).unwrap_err(),
             DecodeError::TooLarge { len: 5, max: 4 }
         );
+    }
+
+    /// An entry an instance of the previous version wrote (version 2, no fetch time)
+    /// is still read, its fetch time unknown.
+    #[test]
+    fn a_version_2_entry_is_read_without_a_fetch_time() {
+        let received = unix_ms(SystemTime::now());
+        let old = Crafted {
+            status: 200,
+            times: [received, 0, 60_000, 0, 0, 0],
+            headers: vec![("etag".into(), b"\"v\"".to_vec())],
+            declared_body: None,
+            body: b"old".to_vec(),
+        };
+        let entry = decode(old.bytes(), &key(), MAX).unwrap();
+        assert_eq!(entry.fetch_time(), Duration::ZERO);
+        assert_eq!(entry.body(), b"old");
+        assert!(entry.freshness(SystemTime::now()).is_fresh());
     }
 
     /// A value as anything else might write it: every field chosen by the writer.
@@ -489,7 +512,7 @@ mod tests {
             };
             let original = CacheEntry::new(head, Bytes::from(body), lifetime, &HeaderMap::new()).unwrap();
             let decoded = decode(encode(&original, &key(), 9), &key(), MAX).unwrap();
-            prop_assert_eq!(decoded.status, original.status);
+            prop_assert_eq!(decoded.status(), original.status());
             prop_assert_eq!(decoded.headers(), original.headers());
             prop_assert_eq!(&decoded.http1_head(), &original.http1_head());
             prop_assert_eq!(&decoded.body(), &original.body());

@@ -3,7 +3,7 @@
 //! failed (served stale within `stale-if-error` where there is a stale copy).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use http::{response, Method, Response, StatusCode};
 use hyper::body::Incoming;
@@ -23,6 +23,8 @@ impl Filler {
     pub(super) async fn fetch(&self, job: &FillJob, fill_key: &CacheKey) -> FillEnd {
         let route = &job.route;
         route.metrics.upstream_request(job.kind.upstream_reason());
+        // How long the entry takes to make (request to whole body), kept with it.
+        let started = Instant::now();
         let upstream_req = route.upstream.request(
             Method::GET,
             job.upstream.uri.path_and_query(),
@@ -49,7 +51,7 @@ impl Filler {
         headers::strip_hop_by_hop(&mut head.headers);
 
         if head.status == StatusCode::NOT_MODIFIED {
-            if let Some(end) = self.revalidated(job, fill_key, &head, received_at) {
+            if let Some(end) = self.revalidated(job, fill_key, &head, (received_at, started)) {
                 return end;
             }
         }
@@ -69,12 +71,14 @@ impl Filler {
             content_length(&head.headers).is_some_and(|len| len > self.max_object_bytes);
         match verdict {
             Verdict::Store(lifetime) if !too_large => {
-                self.store(job, fill_key, head, body, *lifetime).await
+                self.store(job, fill_key, head, body, (*lifetime, started))
+                    .await
             }
             Verdict::Pass(reason)
                 if head.status.is_server_error() && !too_large && !reason.is_request_specific() =>
             {
-                self.share_error(job, head, body, received_at).await
+                self.share_error(job, head, body, (received_at, started))
+                    .await
             }
             Verdict::Pass(reason) => self.pass_on(job, fill_key, head, body, reason),
             Verdict::Store(_) => self.pass_on(job, fill_key, head, body, PassReason::TooLarge),
@@ -90,11 +94,12 @@ impl Filler {
         job: &FillJob,
         fill_key: &CacheKey,
         head: &response::Parts,
-        received_at: SystemTime,
+        (received_at, started): (SystemTime, Instant),
     ) -> Option<FillEnd> {
         let stale = job.stale.as_ref()?;
         match stale.renewed(&job.route.config, &job.upstream, head, received_at) {
             Ok(renewed) => {
+                let renewed = renewed.fetched_in(started.elapsed());
                 let entry = Arc::new(renewed.for_request(&job.client_headers));
                 self.cache.store(&job.key, Arc::clone(&entry));
                 let reply = LeaderReply::Entry(Arc::clone(&entry), CacheStatus::revalidated());
@@ -118,12 +123,12 @@ impl Filler {
         fill_key: &CacheKey,
         head: response::Parts,
         body: Incoming,
-        lifetime: Lifetime,
+        (lifetime, started): (Lifetime, Instant),
     ) -> FillEnd {
         let code = head.status.as_u16();
         match self.read_body(job, body).await {
             Ok(BodyRead::Complete(bytes)) => {
-                let Some(entry) = entry(job, head, bytes, lifetime) else {
+                let Some(entry) = entry(job, head, bytes, (lifetime, started)) else {
                     return unframeable(job);
                 };
                 self.cache.store(&job.key, Arc::clone(&entry));
@@ -154,14 +159,14 @@ impl Filler {
         job: &FillJob,
         head: response::Parts,
         body: Incoming,
-        received_at: SystemTime,
+        (received_at, started): (SystemTime, Instant),
     ) -> FillEnd {
         let code = head.status.as_u16();
         let status = CacheStatus::fetched(job.fwd, code, false);
         match self.read_body(job, body).await {
             Ok(BodyRead::Complete(bytes)) => {
                 let lifetime = Lifetime::none(&job.upstream, &head, received_at);
-                let Some(entry) = entry(job, head, bytes, lifetime) else {
+                let Some(entry) = entry(job, head, bytes, (lifetime, started)) else {
                     return unframeable(job);
                 };
                 let reply = LeaderReply::Entry(Arc::clone(&entry), status);
@@ -227,10 +232,10 @@ fn entry(
     job: &FillJob,
     head: response::Parts,
     body: bytes::Bytes,
-    lifetime: Lifetime,
+    (lifetime, started): (Lifetime, Instant),
 ) -> Option<Arc<CacheEntry>> {
     match CacheEntry::new(head, body, lifetime, &job.client_headers) {
-        Ok(entry) => Some(Arc::new(entry)),
+        Ok(entry) => Some(Arc::new(entry.fetched_in(started.elapsed()))),
         Err(err) => {
             tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
             job.route.metrics.upstream_error(FailureKind::Protocol);

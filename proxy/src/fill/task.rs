@@ -193,7 +193,7 @@ fn remote_reply(outcome: &FillOutcome, job: &FillJob) -> LeaderReply {
     let fwd = job.fwd;
     match outcome {
         FillOutcome::Filled(entry) | FillOutcome::Shared(entry) => {
-            let status = CacheStatus::fetched(fwd, entry.status.as_u16(), true).collapsed();
+            let status = CacheStatus::fetched(fwd, entry.status().as_u16(), true).collapsed();
             LeaderReply::Entry(Arc::clone(entry), status)
         }
         FillOutcome::Uncacheable(reason) => {

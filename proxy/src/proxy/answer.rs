@@ -62,7 +62,7 @@ pub fn respond(req: &request::Parts, entry: &CacheEntry) -> Response<ProxyBody> 
             ProxyBody::full(entry.body_bytes())
         };
         let mut res = Response::new(body);
-        *res.status_mut() = entry.status;
+        *res.status_mut() = entry.status();
         *res.headers_mut() = entry.headers();
         res
     };

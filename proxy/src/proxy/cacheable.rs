@@ -220,7 +220,7 @@ impl Proxy {
         let fwd = miss.fwd;
         let (res, status) = match outcome {
             FillOutcome::Filled(entry) if entry.matches_vary(&req.head.headers) => {
-                let status = CacheStatus::fetched(fwd, entry.status.as_u16(), true);
+                let status = CacheStatus::fetched(fwd, entry.status().as_u16(), true);
                 (respond(&req.head, &entry), status.collapsed())
             }
             // A variant for other header values, or the holder died (or left the key
@@ -237,7 +237,7 @@ impl Proxy {
                 return CachePhase::Lookup { waited: true }
             }
             FillOutcome::Shared(entry) => {
-                let status = CacheStatus::fetched(fwd, entry.status.as_u16(), false);
+                let status = CacheStatus::fetched(fwd, entry.status().as_u16(), false);
                 (respond(&req.head, &entry), status.collapsed())
             }
             FillOutcome::Uncacheable(reason) => {

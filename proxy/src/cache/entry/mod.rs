@@ -36,7 +36,9 @@ pub struct CacheEntry {
     /// [`frame`]). Then the body, unless it lives in `body_file`.
     data: Bytes,
     head_len: u32,
-    pub(crate) status: StatusCode,
+    /// How long the fetch that made this entry took, in milliseconds (saturating at
+    /// about 65 s): what early refresh weighs its odds by.
+    fetch_ms: u16,
     /// Whether the stored fields include `Date` (a hit adds one when they do not).
     has_date: bool,
     /// A large body's sealed file, which a hit sends without copying.
@@ -165,7 +167,7 @@ impl CacheEntry {
         CacheEntry {
             data,
             head_len,
-            status,
+            fetch_ms: 0,
             has_date: headers.contains_key(header::DATE),
             body_file,
             vary,
@@ -183,6 +185,27 @@ impl CacheEntry {
     #[cfg(test)]
     pub(crate) fn with_fence(mut self, fence: u64) -> CacheEntry {
         self.fence = fence;
+        self
+    }
+
+    /// The response's status, read from the head's status line (the head always
+    /// starts with `HTTP/1.1 ` and three digits: see [`head::write`]).
+    pub(crate) fn status(&self) -> StatusCode {
+        self.data
+            .get(9..12)
+            .and_then(|code| StatusCode::from_bytes(code).ok())
+            .unwrap_or(StatusCode::OK)
+    }
+
+    /// How long the fetch that made this entry took (to the millisecond; zero when
+    /// unknown, as for an entry written by an older instance).
+    pub fn fetch_time(&self) -> Duration {
+        Duration::from_millis(u64::from(self.fetch_ms))
+    }
+
+    /// This entry, made by a fetch that took `took`.
+    pub(crate) fn fetched_in(mut self, took: Duration) -> CacheEntry {
+        self.fetch_ms = u16::try_from(took.as_millis()).unwrap_or(u16::MAX);
         self
     }
 
@@ -273,7 +296,7 @@ impl CacheEntry {
         CacheEntry {
             data: self.data.clone(),
             head_len: self.head_len,
-            status: self.status,
+            fetch_ms: self.fetch_ms,
             has_date: self.has_date,
             body_file: self.body_file.clone(),
             vary: self.vary.clone(),

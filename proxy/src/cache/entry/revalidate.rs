@@ -26,7 +26,7 @@ impl CacheEntry {
     /// Whether a client's conditional request is satisfied by this entry, so that it
     /// gets `304 Not Modified` (RFC 9110 §13.1.2 and §13.1.3; `If-None-Match` wins).
     pub(crate) fn satisfies_conditional(&self, req_headers: &HeaderMap) -> bool {
-        if !self.status.is_success() {
+        if !self.status().is_success() {
             return false;
         }
         if let Some(inm) = req_headers.get(header::IF_NONE_MATCH) {
@@ -97,7 +97,7 @@ impl CacheEntry {
         // The stored exchange as the policy crate sees it, rebuilt here rather than kept
         // with every entry: only this rare merge needs it, and it costs kilobytes.
         let mut stored = http::Response::new(());
-        *stored.status_mut() = self.status;
+        *stored.status_mut() = self.status();
         *stored.headers_mut() = policy::clamped(&self.headers());
         let mut not_modified = not_modified.clone();
         not_modified.headers = policy::clamped(&not_modified.headers);
@@ -113,7 +113,7 @@ impl CacheEntry {
         else {
             return Err(None);
         };
-        merged.status = self.status;
+        merged.status = self.status();
         // The crate adds the Age it computed; our own Age is added per response.
         merged.headers.remove(header::AGE);
         match policy::evaluate(route, req, &merged, received_at) {

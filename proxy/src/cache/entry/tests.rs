@@ -178,6 +178,7 @@ proptest::proptest! {
         let bodiless = status == 204 || status == 304;
         let body = if bodiless { Bytes::new() } else { Bytes::from(body) };
         let entry = CacheEntry::new(head(status, &fields), body, lifetime(), &HeaderMap::new()).unwrap();
+        proptest::prop_assert_eq!(entry.status().as_u16(), status);
         let mut wire = entry.http1_head().to_vec();
         wire.extend_from_slice(b"\r\n");
         let mut parsed = [httparse::EMPTY_HEADER; 16];

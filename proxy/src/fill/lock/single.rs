@@ -44,7 +44,7 @@ end
 /// another fill stored that is still fresh by the caller's clock (the clock every other
 /// freshness decision of the instance uses): the caller reads it instead of taking the lock, which spares
 /// it a separate read before every attempt. The freshness read relies on the codec's
-/// fixed layout (`cache::codec`): "CRL", version 2, status, then `received_at` and,
+/// fixed layout (`cache::codec`): "CRL", version 2 or 3, status, then `received_at` and,
 /// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
 /// without an expiry was not set by corral: it is given the TTL, and ends.
 static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
@@ -52,7 +52,8 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
         r"{NEXT_FENCE_LUA}
         if ARGV[4] == '1' then
             local h = redis.pcall('GETRANGE', KEYS[3], 0, 29)
-            if type(h) == 'string' and #h == 30 and string.sub(h, 1, 4) == 'CRL\2' then
+            local v = type(h) == 'string' and #h == 30 and string.sub(h, 1, 3) == 'CRL' and string.byte(h, 4)
+            if v == 2 or v == 3 then
                 local function ms(at)
                     local hi, lo = struct.unpack('>I4I4', string.sub(h, at, at + 7))
                     return hi * 4294967296 + lo
