@@ -111,14 +111,14 @@ impl CacheEntry {
         req_headers: &HeaderMap,
     ) -> Result<CacheEntry, Unframeable> {
         frame(head.status, &mut head.headers, body.len())?;
-        let vary = vary_names(&head.headers);
-        let vary_values = vary_values(&vary, req_headers);
+        let names = vary_names(&head.headers);
+        let values = vary_values(&names, req_headers).into();
         Ok(CacheEntry::from_parts(
             head.status,
             &head.headers,
             &body,
             &lifetime,
-            vary_values.into(),
+            (names, values),
             0,
         ))
     }
@@ -134,30 +134,31 @@ impl CacheEntry {
         fence: u64,
     ) -> Result<CacheEntry, Unframeable> {
         frame(status, &mut headers, body.len())?;
+        let names = vary_names(&headers);
         Ok(CacheEntry::from_parts(
             status,
             &headers,
             &body,
             &lifetime,
-            vary_values,
+            (names, vary_values),
             fence,
         ))
     }
 
-    /// An entry from parts whose headers went through [`frame`]. A large body gets a
-    /// sealed file.
+    /// An entry from parts whose headers went through [`frame`], with the names they
+    /// vary on and the filling request's values of them. A large body gets a sealed
+    /// file.
     fn from_parts(
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
         lifetime: &Lifetime,
-        vary_values: Box<str>,
+        (names, vary_values): (Box<[HeaderName]>, Box<str>),
         fence: u64,
     ) -> CacheEntry {
         let body_file = BodyFile::store(body);
         let in_buffer = if body_file.is_some() { &[][..] } else { body };
         let (data, head_len) = head_and_body(status, headers, in_buffer);
-        let names = vary_names(headers);
         let vary = (!names.is_empty() || !vary_values.is_empty()).then(|| {
             Box::new(Vary {
                 names,
