@@ -81,6 +81,8 @@ pub(super) struct FileRoute {
     pub(super) cacheable_statuses: Option<Spanned<Vec<u16>>>,
     pub(super) cache: Option<bool>,
     pub(super) coalesce: Option<bool>,
+    pub(super) early_refresh: Option<bool>,
+    pub(super) early_refresh_beta: Option<Spanned<f64>>,
     pub(super) allow_authorization: Option<bool>,
     pub(super) allow_set_cookie: Option<bool>,
     pub(super) allow_private: Option<bool>,

@@ -14,6 +14,10 @@ use super::values::{
     cookie_names, duration, header_name, optional, positive_duration, route_host, upstream_uri,
 };
 
+/// The largest `early_refresh_beta`: at 10, a hit 200 fetch times before expiry may
+/// already refresh; more would refresh nearly always.
+const MAX_BETA: f64 = 10.0;
+
 /// The most `max_tags` may be set to.
 const MAX_TAGS_LIMIT: u32 = 4096;
 
@@ -135,6 +139,24 @@ impl FileRoute {
         }
         route.cache = self.cache.unwrap_or(route.cache);
         route.coalesce = self.coalesce.unwrap_or(route.coalesce);
+        if let Some(beta) = &self.early_refresh_beta {
+            if !(0.0..=MAX_BETA).contains(beta.get_ref()) {
+                return Err(src.error(
+                    beta.span(),
+                    k("early_refresh_beta"),
+                    format_args!("must be a number from 0 (off) to {MAX_BETA}"),
+                ));
+            }
+        }
+        let beta = self
+            .early_refresh_beta
+            .as_ref()
+            .map_or(route.early_refresh_beta, |b| *b.get_ref());
+        route.early_refresh_beta = if self.early_refresh == Some(false) {
+            0.0
+        } else {
+            beta
+        };
         route.allow_authorization = self
             .allow_authorization
             .unwrap_or(route.allow_authorization);

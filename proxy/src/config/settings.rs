@@ -185,6 +185,9 @@ pub struct RouteConfig {
     /// `false` keeps caching but turns coalescing and the fill lock off: every miss
     /// goes upstream. Only useful as a baseline to measure the herd corral absorbs.
     pub(crate) coalesce: bool,
+    /// How early hot entries are refreshed before they expire (XFetch's beta; the
+    /// `early_refresh` and `early_refresh_beta` keys): 0 is off.
+    pub(crate) early_refresh_beta: f64,
     pub(crate) allow_authorization: bool,
     pub(crate) allow_set_cookie: bool,
     pub(crate) allow_private: bool,
@@ -248,6 +251,7 @@ impl RouteConfig {
             cacheable_statuses: DEFAULT_CACHEABLE_STATUSES.to_vec(),
             cache: true,
             coalesce: true,
+            early_refresh_beta: 1.0,
             allow_authorization: false,
             allow_set_cookie: false,
             allow_private: false,

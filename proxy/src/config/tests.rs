@@ -470,3 +470,24 @@ fn default_statuses_leave_method_errors_out_and_206_is_refused() {
 fn no_routes_is_refused() {
     assert_eq!(err("listen = \"127.0.0.1:8080\"\n").key(), Some("route"));
 }
+
+#[test]
+fn early_refresh_is_on_with_beta_1_and_turns_off_either_way() {
+    let beta = |extra: &str| {
+        Config::parse(&format!("{MINIMAL}{extra}"), "t")
+            .unwrap()
+            .routes[0]
+            .early_refresh_beta
+    };
+    assert_eq!(beta(""), 1.0);
+    assert_eq!(beta("early_refresh_beta = 2.5\n"), 2.5);
+    assert_eq!(beta("early_refresh_beta = 0.0\n"), 0.0);
+    assert_eq!(
+        beta("early_refresh = false\nearly_refresh_beta = 2.0\n"),
+        0.0
+    );
+    for bad in ["-1.0", "11.0", "nan", "inf"] {
+        let e = err(&format!("{MINIMAL}early_refresh_beta = {bad}\n"));
+        assert_eq!(e.key(), Some("route[0].early_refresh_beta"), "{bad}: {e}");
+    }
+}

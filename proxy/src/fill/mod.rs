@@ -15,6 +15,7 @@
 //! waiters `HolderFailed`, so one of them takes over instead of hanging.
 
 pub(crate) mod coordinator;
+pub(crate) mod early;
 mod fetch;
 pub mod lock;
 pub(crate) mod permit;
