@@ -6,6 +6,7 @@
 //! Run: `cargo bench -p corral --bench hot_path` (the lock group needs `redis-server`
 //! and is skipped without it).
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +21,9 @@ use corral::metrics::Metrics;
 use corral::proxy::Proxy;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use http::{HeaderMap, Request, Response};
+
+/// The peer the fast path is asked for.
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 fn config() -> Config {
     Config::parse(
@@ -109,9 +113,9 @@ fn hit_path(c: &mut Criterion) {
     );
     c.bench_function(
         "fast path hit decision (route, key, lookup, conditionals)",
-        |b| b.iter(|| proxy.local_hit(&head).expect("a hit")),
+        |b| b.iter(|| proxy.local_hit(&head, CLIENT).expect("a hit")),
     );
-    let hit = proxy.local_hit(&head).expect("a hit");
+    let hit = proxy.local_hit(&head, CLIENT).expect("a hit");
     let mut lines = Vec::with_capacity(256);
     c.bench_function("fast path per-hit header lines (Age, Cache-Status)", |b| {
         b.iter(|| {

@@ -96,6 +96,7 @@ struct File {
     redis: Option<Topology>,
     herd: Option<usize>,
     herd_delay: Option<String>,
+    early_refresh: Option<Protection>,
 }
 
 fn duration_of(what: &str, value: Option<&String>, default: &str) -> anyhow::Result<Duration> {
@@ -144,6 +145,9 @@ pub struct Scenario {
     pub herd: usize,
     /// `fleet-scale`: the origin's delay during the hot-key herds, so that a herd forms.
     pub herd_delay: Duration,
+    /// Runs with corral's early refresh on, off, or both (then instead of protection
+    /// on and off); `None`: corral's default (on).
+    pub early_refresh: Option<Protection>,
 }
 
 impl Scenario {
@@ -207,6 +211,7 @@ impl Scenario {
             redis: overrides.redis.or(file.redis).unwrap_or(Topology::Single),
             herd: file.herd.unwrap_or(200),
             herd_delay: duration_of("herd_delay", file.herd_delay.as_ref(), "100ms")?,
+            early_refresh: file.early_refresh,
         };
         if !(1..=5000).contains(&scenario.rate) {
             bail!(

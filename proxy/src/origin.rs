@@ -191,6 +191,15 @@ impl Origin {
         self.state.not_modified.load(Ordering::SeqCst)
     }
 
+    /// When each request arrived, in milliseconds since the origin started, in order.
+    pub fn arrivals_ms(&self) -> Vec<u64> {
+        self.state
+            .arrivals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The most requests that were in progress at once.
     pub fn max_in_flight(&self) -> u64 {
         self.state.max_in_flight.load(Ordering::SeqCst)

@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::CacheKey;
@@ -590,7 +590,8 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
     let key = key_of(&h, "/landed");
     assert!(
         matches!(
-            lock.try_acquire_unless_filled(&key).await,
+            lock.try_acquire_unless_filled(&key, SystemTime::now())
+                .await,
             LockTry::Acquired(_)
         ),
         "nothing stored: the attempt takes the lock"
@@ -609,8 +610,23 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
         "written under a key never locked"
     );
     assert!(
-        matches!(lock.try_acquire_unless_filled(&key).await, LockTry::Filled),
+        matches!(
+            lock.try_acquire_unless_filled(&key, SystemTime::now())
+                .await,
+            LockTry::Filled
+        ),
         "a fresh entry there: the attempt says so and takes no lock"
+    );
+    // An early refresh asks for an entry fresher than the copy it replaces: the same
+    // entry is not, a copy that expires sooner is.
+    let copy_until = stored.fresh_until();
+    assert!(
+        matches!(
+            lock.try_acquire_unless_filled(&key, copy_until - Duration::from_millis(1))
+                .await,
+            LockTry::Filled
+        ),
+        "an entry fresher than the caller's copy: adopted"
     );
     let keys = shared.keys(&key);
     let mut conn = redis::Client::open(redis.url())
@@ -624,6 +640,13 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
         .await
         .unwrap();
     assert_eq!(held, None, "the lock was left alone");
+    assert!(
+        matches!(
+            lock.try_acquire_unless_filled(&key, copy_until).await,
+            LockTry::Acquired(_)
+        ),
+        "the caller's own copy is what Redis holds: the refresh takes the lock"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

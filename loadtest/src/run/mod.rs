@@ -52,6 +52,53 @@ struct Sample {
     cache_status: String,
 }
 
+/// How corral runs in one run of a scenario: with its protection (fill lock and
+/// coalescing) or without (`None`: the `--target` proxies, not started here), and the
+/// route lines a scenario varies between runs, under the run's name.
+#[derive(Debug, Clone)]
+pub(crate) struct Mode {
+    pub(crate) protection: Option<bool>,
+    /// The run's name in the report, when the runs differ in more than protection.
+    pub(crate) phase: Option<String>,
+    /// Lines added to the route's TOML.
+    pub(crate) route: String,
+}
+
+impl Mode {
+    pub(crate) fn protected() -> Mode {
+        Mode::plain(Some(true))
+    }
+
+    fn plain(protection: Option<bool>) -> Mode {
+        Mode {
+            protection,
+            phase: None,
+            route: String::new(),
+        }
+    }
+
+    /// The runs `scenario` asks for: early refresh on and off (with protection), or
+    /// protection on and off; one run against `--target` proxies.
+    fn runs(scenario: &Scenario, setup: &Setup) -> Vec<Mode> {
+        if !setup.targets.is_empty() {
+            return vec![Mode::plain(None)];
+        }
+        if let Some(early) = scenario.early_refresh {
+            return early
+                .runs()
+                .iter()
+                .map(|on| Mode {
+                    protection: Some(true),
+                    phase: Some(format!("early refresh {}", if *on { "on" } else { "off" })),
+                    route: format!("early_refresh = {on}\n"),
+                })
+                .collect();
+        }
+        let runs = scenario.protection.runs().iter();
+        runs.map(|p| Mode::plain(Some(*p))).collect()
+    }
+}
+
 /// What the load phase of a run gives: every sample, how much later than their leader
 /// the waiters were answered (cold herds), and the figures measured during the load.
 struct Load {
@@ -66,22 +113,13 @@ pub async fn run(
     command: String,
     out: &Path,
 ) -> anyhow::Result<Report> {
-    let modes: Vec<Option<bool>> = if setup.targets.is_empty() {
-        scenario
-            .protection
-            .runs()
-            .iter()
-            .map(|p| Some(*p))
-            .collect()
-    } else {
-        vec![None]
-    };
+    let modes = Mode::runs(scenario, setup);
     let (mut runs, mut summary) = (Vec::new(), Vec::new());
     if scenario.kind == Kind::FleetScale {
         (runs, summary) = fleet_scale::run(scenario, setup).await?;
     } else {
-        for (i, protection) in modes.into_iter().enumerate() {
-            runs.push(one_run(scenario, setup, protection, i).await?);
+        for (i, mode) in modes.iter().enumerate() {
+            runs.push(one_run(scenario, setup, mode, i).await?);
         }
     }
     let report = Report {
@@ -128,15 +166,16 @@ fn progress(len: u64, protection: Option<bool>) -> ProgressBar {
         .with_message(label)
 }
 
-/// One run (protection on, off, or the `--target` proxies): start, load, summary. The
+/// One run (`mode`: protection on, off, or the `--target` proxies): start, load, summary. The
 /// processes live until the summary has read corral's metrics.
 async fn one_run(
     scenario: &Scenario,
     setup: &Setup,
-    protection: Option<bool>,
+    mode: &Mode,
     run: usize,
 ) -> anyhow::Result<RunReport> {
-    let mut started = start::start(scenario, setup, protection).await?;
+    let protection = mode.protection;
+    let mut started = start::start(scenario, setup, mode).await?;
     let client = client(scenario.concurrency);
     let t0 = Instant::now();
     let Load {
@@ -164,5 +203,7 @@ async fn one_run(
         elapsed_ms,
     };
     figures.extend(seen.kind_figures(&started, &client).await?);
-    Ok(seen.report(protection, started.proxies.len(), added, figures))
+    let mut report = seen.report(protection, started.proxies.len(), added, figures);
+    report.phase = mode.phase.clone();
+    Ok(report)
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::bail;
 use corral_testkit::{RedisCluster, RedisOptions, RedisServer};
 
-use super::Setup;
+use super::{Mode, Setup};
 use crate::scenario::{Scenario, Topology};
 use crate::supervise::{self, Instance, Process};
 
@@ -43,9 +43,9 @@ impl Started {
 pub(super) async fn start(
     scenario: &Scenario,
     setup: &Setup,
-    protection: Option<bool>,
+    mode: &Mode,
 ) -> anyhow::Result<Started> {
-    start_sized(scenario, setup, protection, scenario.instances).await
+    start_sized(scenario, setup, mode, scenario.instances).await
 }
 
 /// [`start`] with `instances` corral instances instead of the scenario's (a fleet, sharing
@@ -53,9 +53,10 @@ pub(super) async fn start(
 pub(super) async fn start_sized(
     scenario: &Scenario,
     setup: &Setup,
-    protection: Option<bool>,
+    mode: &Mode,
     instances: usize,
 ) -> anyhow::Result<Started> {
+    let protection = mode.protection;
     let (origin_process, origin) = supervise::origin(
         scenario.upstream_delay,
         setup.origin_port,
@@ -100,8 +101,9 @@ pub(super) async fn start_sized(
         }
     }
     config.push_str(&format!(
-        "[[route]]\nname = \"loadtest\"\nupstream = \"http://{origin}\"\ncoalesce = {protection}\nresponse_timeout = \"{}\"\n",
-        humantime::format_duration(scenario.response_timeout)
+        "[[route]]\nname = \"loadtest\"\nupstream = \"http://{origin}\"\ncoalesce = {protection}\nresponse_timeout = \"{}\"\n{}",
+        humantime::format_duration(scenario.response_timeout),
+        mode.route
     ));
     // Generated configs hold this run's ports: scratch, not part of the report. A dir
     // per start, as fleet-scale runs two sets of instances at once.
@@ -142,7 +144,7 @@ async fn start_cluster() -> anyhow::Result<RedisCluster> {
 /// Starts the scenario's processes with protection on and leaves them running until
 /// the returned value is dropped (the demo's "try it yourself").
 pub async fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running> {
-    let started = start(scenario, setup, Some(true)).await?;
+    let started = start(scenario, setup, &Mode::protected()).await?;
     Ok(Running {
         proxies: started.proxies.clone(),
         _started: started,

@@ -83,8 +83,21 @@ impl Cache {
         req_headers: &HeaderMap,
         now: SystemTime,
     ) -> Option<Arc<CacheEntry>> {
-        match self.local_lookup(key, req_headers).0 {
-            Some(LocalObject::Entry(entry)) if entry.freshness(now).is_fresh() => Some(entry),
+        self.local_fresh_keyed(key, req_headers, now)
+            .map(|(entry, _)| entry)
+    }
+
+    /// [`Cache::local_fresh`], with the key a fill of the entry uses (its variant's).
+    pub(crate) fn local_fresh_keyed(
+        &self,
+        key: &CacheKey,
+        req_headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Option<(Arc<CacheEntry>, CacheKey)> {
+        match self.local_lookup(key, req_headers) {
+            (Some(LocalObject::Entry(entry)), fill_key, _) if entry.freshness(now).is_fresh() => {
+                Some((entry, fill_key))
+            }
             _ => None,
         }
     }

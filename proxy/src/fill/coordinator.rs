@@ -21,6 +21,32 @@ pub(crate) enum Claim {
     Done(FillOutcome),
 }
 
+/// Which entry in the shared tier a claim takes instead of fetching: for a miss or a
+/// stale entry, any that is fresh now; for an early refresh, only one fresh beyond
+/// the copy it replaces (that copy is still fresh, and is what Redis holds until some
+/// instance refreshes it: once one has, the others adopt its entry, so the fleet
+/// fetches a key once per lifetime).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Adopt {
+    FreshNow,
+    FresherThan(SystemTime),
+}
+
+impl Adopt {
+    /// The instant an entry must be fresh beyond to be adopted.
+    pub(crate) fn threshold(self) -> SystemTime {
+        let now = SystemTime::now();
+        match self {
+            Adopt::FreshNow => now,
+            Adopt::FresherThan(until) => until.max(now),
+        }
+    }
+
+    fn accepts(self, entry: &CacheEntry) -> bool {
+        entry.fresh_until() > self.threshold()
+    }
+}
+
 /// Fleet-wide fills: who fetches a key across instances, and how the others learn.
 pub(crate) struct Coordinator {
     redis: Arc<Redis>,
@@ -74,7 +100,7 @@ impl Coordinator {
     /// the one that is. Called only by this instance's local permit holder. A
     /// `background` refresh does not wait: if another instance holds the lock, that one
     /// refreshes. An entry of another variant found under the key is not this request's
-    /// fill.
+    /// fill; an entry is taken instead of fetching as `adopt` says.
     ///
     /// Order: try the lock (the first attempt also looks for a fresh entry, in the same
     /// script: an uncontended miss costs one round trip here); when it is held, listen
@@ -87,6 +113,7 @@ impl Coordinator {
         headers: &http::HeaderMap,
         wait: &WaitPolicy<'_>,
         background: bool,
+        adopt: Adopt,
     ) -> Claim {
         let deadline = Instant::now() + wait.timeout;
         let mut events = self.redis.watch(key.as_str(), key.primary());
@@ -101,7 +128,7 @@ impl Coordinator {
         loop {
             let read = std::mem::replace(&mut round.read_first, !checks);
             if read {
-                if let Some(entry) = self.filled(key, headers, round.waited).await {
+                if let Some(entry) = self.filled(key, headers, round.waited, adopt).await {
                     return Claim::Done(FillOutcome::Filled(entry));
                 }
             }
@@ -111,7 +138,7 @@ impl Coordinator {
             let attempt = if read {
                 self.lock.try_acquire(key).await
             } else {
-                self.lock.claim_attempt(key).await
+                self.lock.claim_attempt(key, adopt.threshold()).await
             };
             round.poll = false;
             match attempt {
@@ -205,7 +232,7 @@ impl Coordinator {
         }
     }
 
-    /// A fresh entry another instance stored for `key` that serves a request with
+    /// An entry (fresh as `adopt` says) another instance stored for `key` that serves a request with
     /// `headers` (an instance that does not yet know the response varies looks under
     /// the primary key, where any variant may be), copied to the local tier.
     ///
@@ -216,10 +243,11 @@ impl Coordinator {
         key: &CacheKey,
         headers: &http::HeaderMap,
         waited: bool,
+        adopt: Adopt,
     ) -> Option<Arc<CacheEntry>> {
         let started = Instant::now();
         let entry = self.shared.get(key).await?;
-        if !entry.freshness(SystemTime::now()).is_fresh() || !entry.matches_vary(headers) {
+        if !adopt.accepts(&entry) || !entry.matches_vary(headers) {
             return None;
         }
         if waited {

@@ -7,8 +7,9 @@
 //! rising as expiry nears, sooner for entries that are slow to make. One refresh per
 //! key runs at a time, fleet-wide, under the fill lock.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use crate::cache::{CacheEntry, Freshness};
 use crate::config::RouteConfig;
 
 /// A route's early-refresh setting: `beta` scales how early (0: never).
@@ -26,8 +27,6 @@ const HORIZON: f64 = 20.0;
 const MIN_DELTA: Duration = Duration::from_millis(1);
 
 impl EarlyRefresh {
-    pub(crate) const OFF: EarlyRefresh = EarlyRefresh { beta: 0.0 };
-
     /// The route's setting (`early_refresh`, `early_refresh_beta`).
     pub(crate) fn of(route: &RouteConfig) -> EarlyRefresh {
         EarlyRefresh::new(route.early_refresh_beta)
@@ -42,6 +41,17 @@ impl EarlyRefresh {
 
     pub(crate) fn is_on(self) -> bool {
         self.beta > 0.0
+    }
+
+    /// Whether a hit at `now` on `entry` refreshes it now (a fresh entry only).
+    pub(crate) fn due_for(self, entry: &CacheEntry, now: SystemTime) -> bool {
+        if !self.is_on() {
+            return false;
+        }
+        match entry.freshness(now) {
+            Freshness::Fresh { ttl } => self.due(ttl, entry.fetch_time(), draw),
+            Freshness::Stale { .. } => false,
+        }
     }
 
     /// Whether a hit on an entry fresh for `ttl` more, whose fetch took `delta`,
@@ -75,8 +85,8 @@ mod tests {
     #[test]
     fn off_never_refreshes_and_draws_nothing() {
         for off in [
-            EarlyRefresh::OFF,
             EarlyRefresh::new(0.0),
+            EarlyRefresh::new(-1.0),
             EarlyRefresh::new(f64::NAN),
         ] {
             assert!(!off.due(Duration::ZERO, SEC, || panic!("no draw")));

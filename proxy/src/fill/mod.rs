@@ -120,6 +120,9 @@ pub(crate) enum FillKind {
     Revalidate,
     /// A stale entry refreshed in the background (stale-while-revalidate).
     Refresh,
+    /// A fresh entry refreshed in the background before it expires (`early`): in
+    /// the fleet, an entry newer than it in the shared tier is adopted instead.
+    EarlyRefresh,
 }
 
 impl FillKind {
@@ -128,7 +131,13 @@ impl FillKind {
             FillKind::Miss => UpstreamReason::Fill,
             FillKind::Revalidate => UpstreamReason::Revalidate,
             FillKind::Refresh => UpstreamReason::Refresh,
+            FillKind::EarlyRefresh => UpstreamReason::EarlyRefresh,
         }
+    }
+
+    /// Whether nobody waits on the fill (its client was served already).
+    pub(crate) fn is_background(self) -> bool {
+        matches!(self, FillKind::Refresh | FillKind::EarlyRefresh)
     }
 }
 

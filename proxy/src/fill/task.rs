@@ -14,7 +14,7 @@ use http::{request, HeaderMap};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use super::coordinator::{Claim, Coordinator};
+use super::coordinator::{Adopt, Claim, Coordinator};
 use super::{FillKind, FillOutcome, FillPermit, LeaderReply, WaitPolicy};
 use crate::cache::{Cache, CacheEntry, CacheKey, PassReason};
 use crate::http::cache_status::{CacheStatus, Fwd};
@@ -100,6 +100,7 @@ impl Filler {
         let (reply, answer) = oneshot::channel();
         let span = match job.kind {
             FillKind::Refresh => tracing::debug_span!("background_refresh"),
+            FillKind::EarlyRefresh => tracing::debug_span!("early_refresh"),
             FillKind::Miss | FillKind::Revalidate => tracing::debug_span!("upstream"),
         };
         tokio::spawn(Arc::clone(self).run(job, permit, reply).instrument(span));
@@ -152,13 +153,17 @@ impl Filler {
         let Some(fleet) = fleet else {
             return self.fetch(job, fill_key).await;
         };
-        let background = job.kind == FillKind::Refresh;
+        let adopt = match (job.kind, &job.stale) {
+            (FillKind::EarlyRefresh, Some(current)) => Adopt::FresherThan(current.fresh_until()),
+            _ => Adopt::FreshNow,
+        };
         let lease = match fleet
             .claim(
                 fill_key,
                 &job.client_headers,
                 &WaitPolicy::of(&job.route),
-                background,
+                job.kind.is_background(),
+                adopt,
             )
             .await
         {

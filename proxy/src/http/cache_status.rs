@@ -4,6 +4,7 @@
 //! | what happened | header |
 //! |---|---|
 //! | fresh hit | `corral; hit; ttl=42` |
+//! | fresh hit that started the entry's early refresh | `corral; hit; ttl=1; detail=early-refresh` |
 //! | stale served while one background refresh runs | `corral; hit; ttl=-3; detail=stale-while-revalidate` |
 //! | miss, fetched and stored | `corral; fwd=miss; fwd-status=200; stored` |
 //! | waited on another request's fetch | `...; collapsed` added |
@@ -90,6 +91,8 @@ impl Fwd {
 pub(crate) enum Detail {
     StaleWhileRevalidate,
     StaleIfError,
+    /// A fresh hit that started its entry's refresh before expiry.
+    EarlyRefresh,
     /// The key was recently uncacheable: forwarded without waiting.
     HitForPass,
     /// The wait for another request's fill ran out (`on_wait_timeout = "fetch"`).
@@ -111,6 +114,7 @@ impl Detail {
         match self {
             Detail::StaleWhileRevalidate => "stale-while-revalidate",
             Detail::StaleIfError => "stale-if-error",
+            Detail::EarlyRefresh => "early-refresh",
             Detail::HitForPass => "hit-for-pass",
             Detail::WaitTimeout => "wait-timeout",
             Detail::RetriesExhausted => "retries-exhausted",
@@ -212,7 +216,8 @@ impl CacheStatus {
         }
     }
 
-    /// Adds why the cache stood aside (`request-body`, `rewriting-header`).
+    /// Adds why the cache stood aside (`request-body`, `rewriting-header`), or what a
+    /// hit started (`early-refresh`).
     pub(crate) fn with_detail(mut self, detail: Detail) -> CacheStatus {
         self.detail = Some(detail);
         self
@@ -291,6 +296,12 @@ mod tests {
         assert_eq!(
             CacheStatus::stale_while_revalidate(3).header_value(),
             "corral; hit; ttl=-3; detail=stale-while-revalidate"
+        );
+        assert_eq!(
+            CacheStatus::hit(1)
+                .with_detail(Detail::EarlyRefresh)
+                .header_value(),
+            "corral; hit; ttl=1; detail=early-refresh"
         );
         assert_eq!(
             CacheStatus::revalidated().header_value(),

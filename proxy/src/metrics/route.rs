@@ -41,15 +41,18 @@ pub(crate) enum UpstreamReason {
     Revalidate,
     /// A stale entry refreshed in the background (stale-while-revalidate).
     Refresh,
+    /// A fresh entry refreshed in the background before it expires (early refresh).
+    EarlyRefresh,
     /// Not cacheable: forwarded as is.
     Pass,
 }
 
 impl UpstreamReason {
-    const ALL: [UpstreamReason; 4] = [
+    const ALL: [UpstreamReason; 5] = [
         UpstreamReason::Fill,
         UpstreamReason::Revalidate,
         UpstreamReason::Refresh,
+        UpstreamReason::EarlyRefresh,
         UpstreamReason::Pass,
     ];
 
@@ -58,6 +61,7 @@ impl UpstreamReason {
             UpstreamReason::Fill => "fill",
             UpstreamReason::Revalidate => "revalidate",
             UpstreamReason::Refresh => "refresh",
+            UpstreamReason::EarlyRefresh => "early-refresh",
             UpstreamReason::Pass => "pass",
         }
     }
@@ -78,6 +82,7 @@ pub(super) struct RouteFamilies {
     upstream_requests: Family<UpstreamLabels, Counter>,
     coalesced_waiters: Family<RouteLabel, Counter>,
     wait_timeouts: Family<RouteLabel, Counter>,
+    early_refreshes: Family<RouteLabel, Counter>,
     stale_served: Family<UpstreamLabels, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
 }
@@ -103,6 +108,11 @@ impl RouteFamilies {
             "wait_timeouts",
             "Waiters that gave up on another request's fetch after the route's wait_timeout",
             self.wait_timeouts.clone(),
+        );
+        registry.register(
+            "early_refreshes",
+            "Early refreshes hits started before their entry expired (each one fetches, or adopts a newer entry another instance stored)",
+            self.early_refreshes.clone(),
         );
         registry.register(
             "stale_served",
@@ -164,6 +174,7 @@ impl RouteFamilies {
                 .collect(),
             waiters: counter(&self.coalesced_waiters, label()),
             wait_timeouts: counter(&self.wait_timeouts, label()),
+            early_refreshes: counter(&self.early_refreshes, label()),
             stale_swr: counter(
                 &self.stale_served,
                 by_reason(Served::StaleWhileRevalidate.as_str()),
@@ -181,6 +192,7 @@ pub(crate) struct RouteMetrics {
     errors: Vec<Counter>,
     waiters: Counter,
     wait_timeouts: Counter,
+    early_refreshes: Counter,
     stale_swr: Counter,
     stale_sie: Counter,
 }
@@ -206,6 +218,10 @@ impl RouteMetrics {
     pub(crate) fn upstream_error(&self, kind: FailureKind) {
         let i = FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
         self.errors[i].inc();
+    }
+
+    pub(crate) fn early_refresh(&self) {
+        self.early_refreshes.inc();
     }
 
     pub(crate) fn coalesced_waiter(&self) {

@@ -15,6 +15,7 @@ use crate::cache::key::keyed_target;
 use crate::cache::policy;
 use crate::cache::{CacheEntry, CacheKey, LookupOutcome};
 use crate::config::OnWaitTimeout;
+use crate::fill::early::EarlyRefresh;
 use crate::fill::{
     stale_if_error, FillJob, FillKind, FillOutcome, FillPermit, FillWaiter, LeaderReply,
     LocalFillLock, LockAttempt, WaitPolicy,
@@ -94,7 +95,13 @@ impl Proxy {
         let lookup = self.cache().lookup(key, &req.head.headers, now).await;
         let stale = match lookup.outcome {
             LookupOutcome::Fresh(entry) => {
-                let status = CacheStatus::hit(ttl_secs(&entry, now));
+                let mut status = CacheStatus::hit(ttl_secs(&entry, now));
+                if EarlyRefresh::of(&route.config).due_for(&entry, now) {
+                    let kind = FillKind::EarlyRefresh;
+                    if self.refresh_in_background(route, req, key, &lookup.fill_key, &entry, kind) {
+                        status = status.with_detail(Detail::EarlyRefresh);
+                    }
+                }
                 return CachePhase::Done(respond(&req.head, &entry), status);
             }
             LookupOutcome::Pass => {
@@ -103,7 +110,8 @@ impl Proxy {
                 return CachePhase::Done(res, status);
             }
             LookupOutcome::Stale(entry) if entry.within_stale_while_revalidate(now) => {
-                self.refresh_in_background(route, req, key, &lookup.fill_key, &entry);
+                let kind = FillKind::Refresh;
+                self.refresh_in_background(route, req, key, &lookup.fill_key, &entry, kind);
                 let status = CacheStatus::stale_while_revalidate(-ttl_secs(&entry, now));
                 return CachePhase::Done(respond(&req.head, &entry), status);
             }
@@ -281,22 +289,29 @@ impl Proxy {
         }
     }
 
-    /// Starts one background refresh of a stale entry, unless one is running.
-    fn refresh_in_background(
+    /// Starts one background refresh (`kind`) of an entry, stale or (early refresh)
+    /// about to be, unless a fill of its key is running here; whether it started.
+    pub(super) fn refresh_in_background(
         &self,
         route: &Arc<Route>,
         req: &ClientRequest,
         key: &CacheKey,
         fill_key: &CacheKey,
-        stale: &Arc<CacheEntry>,
-    ) {
+        current: &Arc<CacheEntry>,
+        kind: FillKind,
+    ) -> bool {
         let Some(permit) = self.fills.try_acquire(fill_key) else {
-            return;
+            return false;
         };
-        let stale = Some(Arc::clone(stale));
-        let job = fill_job(route, req, key, stale, Fwd::Stale, FillKind::Refresh);
-        // Nobody waits on its reply: the client was served the stale entry.
+        if kind == FillKind::EarlyRefresh {
+            route.metrics.early_refresh();
+        }
+        // Its validators go with the fetch (a 304 renews it); a failure serves it.
+        let current = Some(Arc::clone(current));
+        let job = fill_job(route, req, key, current, Fwd::Stale, kind);
+        // Nobody waits on its reply: the client was served the entry.
         drop(self.filler.spawn(job, permit));
+        true
     }
 }
 

@@ -30,7 +30,8 @@ use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, TagRules};
 use crate::config::{AdminToken, Config, EncodedSlashes};
 use crate::fill::coordinator::Coordinator;
-use crate::fill::{Filler, LocalFillLock};
+use crate::fill::early::EarlyRefresh;
+use crate::fill::{FillKind, Filler, LocalFillLock};
 use crate::http::body::ProxyBody;
 use crate::http::cache_status::{CacheStatus, Detail, Fwd};
 use crate::http::headers;
@@ -73,6 +74,28 @@ struct ClientRequest {
 }
 
 impl ClientRequest {
+    /// A request the fast path took, as [`Proxy::handle`] would have prepared it: the
+    /// target normalised (`uri`), the canonical `host`; its headers are as sanitising
+    /// would leave them (the fast path takes no other). Built only for a hit that
+    /// starts an early refresh.
+    fn from_fast_path(
+        req: &request::Parts,
+        uri: &http::Uri,
+        host: Option<&str>,
+        client: IpAddr,
+    ) -> ClientRequest {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = req.method.clone();
+        head.uri = uri.clone();
+        head.version = req.version;
+        head.headers = req.headers.clone();
+        ClientRequest {
+            head,
+            original_host: host.and_then(|h| HeaderValue::from_str(h).ok()),
+            client,
+        }
+    }
+
     /// The client's headers as the upstream gets them. Built only when a request goes
     /// upstream: a hit never pays for it.
     fn forwarded_headers(&self) -> http::HeaderMap {
@@ -234,7 +257,10 @@ impl Proxy {
     /// normalisation; requests whose headers `handle` would change before keying
     /// (`Connection`-named headers, forwarding headers a route keys on) or that would
     /// bypass the cache are left to it.
-    pub fn local_hit(&self, req: &request::Parts) -> Option<LocalHit> {
+    ///
+    /// A hit that draws its entry due for an early refresh (`fill::early`) starts it
+    /// here, from the request as `handle` would have prepared it (`client`: the peer).
+    pub fn local_hit(&self, req: &request::Parts, client: IpAddr) -> Option<LocalHit> {
         if cacheable_request(&req.method, &req.headers).is_err()
             || !client_request::already_sanitized(&req.headers)
         {
@@ -257,11 +283,24 @@ impl Proxy {
         }
         let key = CacheKey::for_request(&route.config, host.as_deref(), uri, &req.headers);
         let now = SystemTime::now();
-        let entry = self.cache().local_fresh(&key, &req.headers, now)?;
+        let (entry, fill_key) = self.cache().local_fresh_keyed(&key, &req.headers, now)?;
         if entry.satisfies_conditional(&req.headers) {
             return None;
         }
-        let status = CacheStatus::hit(ttl_secs(&entry, now));
+        let mut status = CacheStatus::hit(ttl_secs(&entry, now));
+        if EarlyRefresh::of(&route.config).due_for(&entry, now) {
+            let req = ClientRequest::from_fast_path(req, uri, host.as_deref(), client);
+            if self.refresh_in_background(
+                route,
+                &req,
+                &key,
+                &fill_key,
+                &entry,
+                FillKind::EarlyRefresh,
+            ) {
+                status = status.with_detail(Detail::EarlyRefresh);
+            }
+        }
         route.metrics.served(status.served);
         Some(LocalHit {
             age: entry.age(now),

@@ -83,7 +83,7 @@ pub(super) async fn serve(
 
         let closing = !head.keep_alive || *stopped.borrow();
         let hit = if head.body_len == 0 && !head.expects {
-            proxy.local_hit(&head.parts)
+            proxy.local_hit(&head.parts, peer.ip())
         } else {
             None
         };

@@ -23,7 +23,7 @@ use super::load::{closed_loop, herd};
 use super::probes::{origin_set, origin_stats, OriginStats};
 use super::start::{start_sized, Started};
 use super::summary::{Counts, Seen};
-use super::{client, progress, HttpClient, Sample, Setup};
+use super::{client, progress, HttpClient, Mode, Sample, Setup};
 use crate::report::RunReport;
 use crate::scenario::Scenario;
 use counters::Counters;
@@ -89,8 +89,8 @@ pub(super) async fn run(
     let n = scenario.instances;
     let topology = scenario.redis.as_str();
     eprintln!("phases A and B in turns: 1 instance, then {n} on Redis ({topology}); distinct keys");
-    let single = start_sized(scenario, setup, Some(true), 1).await?;
-    let fleet = start_sized(scenario, setup, Some(true), n).await?;
+    let single = start_sized(scenario, setup, &Mode::protected(), 1).await?;
+    let fleet = start_sized(scenario, setup, &Mode::protected(), n).await?;
     let (a, b) = misses(scenario, &single, &fleet, &client).await?;
     drop(single);
 

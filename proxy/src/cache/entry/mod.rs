@@ -314,6 +314,11 @@ impl CacheEntry {
         }
     }
 
+    /// When the entry stops being fresh.
+    pub fn fresh_until(&self) -> SystemTime {
+        self.times.fresh_until()
+    }
+
     /// Whether a stale copy may be served at once while a refresh runs.
     pub(crate) fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
         now < self.times.stale_while_revalidate_until()

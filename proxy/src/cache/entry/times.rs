@@ -84,6 +84,12 @@ impl Times {
         now.saturating_sub(Duration::from_millis(self.received_at))
     }
 
+    /// When the entry stops being fresh (as the shared tier's encoding reckons it:
+    /// receipt plus freshness lifetime, in milliseconds).
+    pub(super) fn fresh_until(&self) -> SystemTime {
+        self.after(self.fresh_for)
+    }
+
     pub(super) fn stale_while_revalidate_until(&self) -> SystemTime {
         self.after(self.fresh_for + self.stale_while_revalidate)
     }

@@ -8,7 +8,7 @@ pub mod redlock;
 pub mod single;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::cache::CacheKey;
 use crate::config::{LockMode, LockSettings};
@@ -67,11 +67,11 @@ impl FleetLock {
     }
 
     /// One attempt of a fill's claim: on the single Redis the same script first looks
-    /// for a fresh entry (`LockTry::Filled`); Redlock's nodes hold no entries, so its
-    /// caller reads the shared tier itself (`checks_entry`).
-    pub(crate) async fn claim_attempt(&self, key: &CacheKey) -> LockTry {
+    /// for an entry fresh beyond `fresh_beyond` (`LockTry::Filled`); Redlock's nodes
+    /// hold no entries, so its caller reads the shared tier itself (`checks_entry`).
+    pub(crate) async fn claim_attempt(&self, key: &CacheKey, fresh_beyond: SystemTime) -> LockTry {
         match self {
-            FleetLock::Single(l) => l.try_acquire_unless_filled(key).await,
+            FleetLock::Single(l) => l.try_acquire_unless_filled(key, fresh_beyond).await,
             FleetLock::Redlock(l) => l.try_acquire(key).await,
         }
     }

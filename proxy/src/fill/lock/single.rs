@@ -39,11 +39,12 @@ end
 ";
 
 /// KEYS: lock, fence, entry. ARGV: token, ttl ms, fence retention ms, check ("1": first
-/// look at the entry), the caller's clock (Unix ms). Returns the fencing token of the
-/// grant, 0 when the lock is held, or -1 (with `check`) when the entry holds a value
-/// another fill stored that is still fresh by the caller's clock (the clock every other
-/// freshness decision of the instance uses): the caller reads it instead of taking the lock, which spares
-/// it a separate read before every attempt. The freshness read relies on the codec's
+/// look at the entry), an instant by the caller's clock (Unix ms). Returns the fencing
+/// token of the grant, 0 when the lock is held, or -1 (with `check`) when the entry
+/// holds a value another fill stored that is fresh beyond that instant (for a miss the
+/// caller's now, the clock every other freshness decision of the instance uses; for an
+/// early refresh the expiry of the copy it replaces): the caller reads it instead of
+/// taking the lock, which spares it a separate read before every attempt. The freshness read relies on the codec's
 /// fixed layout (`cache::codec`): "CRL", version 2 or 3, status, then `received_at` and,
 /// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
 /// without an expiry was not set by corral: it is given the TTL, and ends.
@@ -122,23 +123,29 @@ impl RedisLock {
     }
 
     pub async fn try_acquire(&self, key: &CacheKey) -> LockTry {
-        self.attempt(key, false).await
+        self.attempt(key, None).await
     }
 
-    /// Like `try_acquire`, but first looks at the entry in the same script: a fresh one
-    /// stored since the caller looked ends the attempt with `Filled`, lock untouched.
-    pub async fn try_acquire_unless_filled(&self, key: &CacheKey) -> LockTry {
-        self.attempt(key, true).await
+    /// Like `try_acquire`, but first looks at the entry in the same script: one fresh
+    /// beyond `fresh_beyond` (say, now), stored since the caller looked, ends the attempt
+    /// with `Filled`, lock untouched.
+    pub async fn try_acquire_unless_filled(
+        &self,
+        key: &CacheKey,
+        fresh_beyond: std::time::SystemTime,
+    ) -> LockTry {
+        self.attempt(key, Some(fresh_beyond)).await
     }
 
-    async fn attempt(&self, key: &CacheKey, check: bool) -> LockTry {
+    async fn attempt(&self, key: &CacheKey, check: Option<std::time::SystemTime>) -> LockTry {
         let keys = self.redis.keys(key.primary(), key.as_str());
         let token = format!("{}:{:016x}", self.redis.instance, rand::random::<u64>());
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (lock_key, fence_key, entry_key, t) =
             (keys.lock.clone(), keys.fence, keys.entry, token.clone());
-        let now_ms = std::time::SystemTime::now()
+        let beyond_ms = check
+            .unwrap_or(std::time::UNIX_EPOCH)
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis() as u64;
@@ -152,8 +159,8 @@ impl RedisLock {
                     .arg(t)
                     .arg(ttl_ms)
                     .arg(FENCE_RETENTION_MS)
-                    .arg(if check { "1" } else { "0" })
-                    .arg(now_ms)
+                    .arg(if check.is_some() { "1" } else { "0" })
+                    .arg(beyond_ms)
                     .invoke_async::<i64>(&mut c)
                     .await
             })
