@@ -26,6 +26,9 @@ pub enum Kind {
     /// Distinct-key misses on one instance, then on a fleet; then hot-key herds on the
     /// fleet: miss throughput, Redis round trips per miss, messages per fill.
     FleetScale,
+    /// Many distinct cold keys at once (a restart, a flush, a crawler): the origin's
+    /// peak concurrency, with and without upstream caps.
+    ColdRestart,
 }
 
 /// The Redis a fleet shares: one redis-server, a Redis Cluster (3 masters with a
@@ -97,6 +100,8 @@ struct File {
     herd: Option<usize>,
     herd_delay: Option<String>,
     early_refresh: Option<Protection>,
+    caps: Option<Protection>,
+    fleet_cap: Option<u32>,
 }
 
 fn duration_of(what: &str, value: Option<&String>, default: &str) -> anyhow::Result<Duration> {
@@ -148,6 +153,11 @@ pub struct Scenario {
     /// Runs with corral's early refresh on, off, or both (then instead of protection
     /// on and off); `None`: corral's default (on).
     pub early_refresh: Option<Protection>,
+    /// Runs with the upstream caps on, off, or both (then instead of protection on
+    /// and off).
+    pub caps: Option<Protection>,
+    /// The route's `fleet_upstream_concurrency` when caps are on.
+    pub fleet_cap: u32,
 }
 
 impl Scenario {
@@ -212,6 +222,8 @@ impl Scenario {
             herd: file.herd.unwrap_or(200),
             herd_delay: duration_of("herd_delay", file.herd_delay.as_ref(), "100ms")?,
             early_refresh: file.early_refresh,
+            caps: file.caps,
+            fleet_cap: file.fleet_cap.unwrap_or(50),
         };
         if !(1..=5000).contains(&scenario.rate) {
             bail!(
@@ -248,6 +260,9 @@ impl Scenario {
                 "concurrency must be 1 to 2000, not {}",
                 scenario.concurrency
             );
+        }
+        if !(1..=100_000).contains(&scenario.fleet_cap) {
+            bail!("fleet_cap must be 1 to 100000, not {}", scenario.fleet_cap);
         }
         if !(1..=100_000).contains(&scenario.keys) {
             bail!("keys must be 1 to 100000, not {}", scenario.keys);

@@ -6,11 +6,15 @@
 //! match whole path segments (`/api` matches `/api` and `/api/x`, not `/apix`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 
-use crate::config::RouteConfig;
-use crate::metrics::RouteMetrics;
+use crate::config::{RouteConfig, UpstreamCaps};
+use crate::metrics::{CapMetrics, RouteMetrics};
+use crate::redis::Redis;
+use crate::upstream::cap::UpstreamCap;
+use crate::upstream::fleet_cap::FleetCap;
 use crate::upstream::{FailureKind, Upstream, UpstreamError};
 
 /// A route with what serving it needs at run time.
@@ -24,9 +28,19 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    pub(crate) fn new(config: RouteConfig, metrics: RouteMetrics) -> Route {
+    /// `redis`: the fleet's, where a fleet cap keeps its leases (each lasting
+    /// `lease_ttl` unless renewed).
+    pub(crate) fn new(
+        config: RouteConfig,
+        metrics: RouteMetrics,
+        redis: Option<&Arc<Redis>>,
+        lease_ttl: Duration,
+    ) -> Route {
+        let cap = config
+            .upstream_caps
+            .map(|caps| upstream_cap(&config.name, caps, redis, lease_ttl, metrics.cap.clone()));
         Route {
-            upstream: Upstream::new(&config),
+            upstream: Upstream::new(&config, cap),
             keys_forwarding_headers: config
                 .key_headers
                 .iter()
@@ -36,8 +50,12 @@ impl Route {
         }
     }
 
-    /// Counts an upstream failure and logs it (once per outage).
+    /// Counts an upstream failure and logs it (once per outage). A request the caps
+    /// refused never reached the upstream: counted by the cap, not here.
     pub(crate) fn note_upstream_error(&self, err: &UpstreamError) {
+        if let UpstreamError::Shed(_) = err {
+            return;
+        }
         self.metrics.upstream_error(err.kind());
         self.upstream
             .faults
@@ -54,6 +72,26 @@ impl Route {
             self.upstream.faults.success(name, upstream);
         }
     }
+}
+
+/// The cap of route `name`: in the fleet when there is one (leases in Redis); without
+/// Redis the fleet is this instance, so its share is the fleet's whole cap.
+fn upstream_cap(
+    name: &str,
+    mut caps: UpstreamCaps,
+    redis: Option<&Arc<Redis>>,
+    lease_ttl: Duration,
+    metrics: CapMetrics,
+) -> Arc<UpstreamCap> {
+    let fleet = match (caps.fleet, redis) {
+        (Some(n), Some(redis)) => Some(FleetCap::new(Arc::clone(redis), name, n, lease_ttl)),
+        (Some(n), None) => {
+            caps.instance = caps.instance.min(n);
+            None
+        }
+        (None, _) => None,
+    };
+    UpstreamCap::new(&caps, fleet, metrics)
 }
 
 /// All routes, ordered most specific first so the first match is the best.

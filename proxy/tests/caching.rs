@@ -37,7 +37,9 @@ async fn second_request_is_a_hit_with_age() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    // Early refresh off: this is about what happens at expiry.
     let h = Setup::origin(cc("max-age=1, stale-while-revalidate=60"))
+        .route("early_refresh = false")
         .start()
         .await;
     h.get("/swr").await;
@@ -111,7 +113,7 @@ async fn serves_stale_if_error(
 
 #[tokio::test]
 async fn stale_if_error_on_upstream_500() {
-    let setup = Setup::origin(cc("max-age=1, stale-if-error=60"));
+    let setup = Setup::origin(cc("max-age=1, stale-if-error=60")).route("early_refresh = false");
     let h = serves_stale_if_error(setup, "/sie", |h| {
         h.origin
             .set(|b| b.status = StatusCode::INTERNAL_SERVER_ERROR)
@@ -127,8 +129,8 @@ async fn stale_if_error_on_upstream_500() {
 
 #[tokio::test]
 async fn stale_if_error_on_upstream_timeout() {
-    let setup =
-        Setup::origin(cc("max-age=1, stale-if-error=60")).route("response_timeout = \"300ms\"");
+    let setup = Setup::origin(cc("max-age=1, stale-if-error=60"))
+        .route("response_timeout = \"300ms\"\nearly_refresh = false");
     let h = serves_stale_if_error(setup, "/sie", |h| {
         h.origin.set(|b| b.delay = Duration::from_secs(5))
     })
@@ -141,7 +143,7 @@ async fn stale_if_error_on_upstream_timeout() {
 
 #[tokio::test]
 async fn stale_if_error_on_refused_connection() {
-    let setup = Setup::origin(cc("max-age=1, stale-if-error=60"));
+    let setup = Setup::origin(cc("max-age=1, stale-if-error=60")).route("early_refresh = false");
     let h = serves_stale_if_error(setup, "/sie", |h| h.origin.stop()).await;
     assert_eq!(h.get("/never-cached").await.status, StatusCode::BAD_GATEWAY);
     // The upstream comes back: the next request revalidates and stores again.
@@ -313,7 +315,11 @@ async fn upstream_304_renews_the_entry_without_the_body() {
         body_size: 5000,
         ..cc("max-age=1")
     };
-    let h = Setup::origin(behaviour).start().await;
+    // Early refresh off: the 304 must come from the revalidation at expiry.
+    let h = Setup::origin(behaviour)
+        .route("early_refresh = false")
+        .start()
+        .await;
     let first = h.get("/r").await;
     let renewed = h
         .until(

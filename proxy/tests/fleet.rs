@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use corral::cache::shared::{PutOutcome, SharedCache};
 use corral::cache::CacheKey;
@@ -93,6 +93,7 @@ async fn three_instances_send_one_upstream_request_for_a_cold_herd() {
 async fn stale_entry_means_no_waiting_and_one_refresh_fleet_wide() {
     let redis = RedisServer::start().await;
     let (h, others) = Setup::origin(caching("max-age=1, stale-while-revalidate=60"))
+        .route("early_refresh = false")
         .redis(&redis.url())
         .start_fleet(3)
         .await;
@@ -590,7 +591,7 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
     let key = key_of(&h, "/landed");
     assert!(
         matches!(
-            lock.try_acquire_unless_filled(&key, SystemTime::now())
+            lock.try_acquire_unless_filled(&key, (SystemTime::now(), UNIX_EPOCH))
                 .await,
             LockTry::Acquired(_)
         ),
@@ -611,22 +612,22 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
     );
     assert!(
         matches!(
-            lock.try_acquire_unless_filled(&key, SystemTime::now())
+            lock.try_acquire_unless_filled(&key, (SystemTime::now(), UNIX_EPOCH))
                 .await,
             LockTry::Filled
         ),
         "a fresh entry there: the attempt says so and takes no lock"
     );
-    // An early refresh asks for an entry fresher than the copy it replaces: the same
-    // entry is not, a copy that expires sooner is.
-    let copy_until = stored.fresh_until();
+    // An early refresh asks for an entry fetched after the copy it replaces: the same
+    // entry is not, one received later is.
+    let copy_received = stored.received_at() - Duration::from_millis(1);
     assert!(
         matches!(
-            lock.try_acquire_unless_filled(&key, copy_until - Duration::from_millis(1))
+            lock.try_acquire_unless_filled(&key, (SystemTime::now(), copy_received))
                 .await,
             LockTry::Filled
         ),
-        "an entry fresher than the caller's copy: adopted"
+        "an entry fetched after the caller's copy: adopted"
     );
     let keys = shared.keys(&key);
     let mut conn = redis::Client::open(redis.url())
@@ -642,7 +643,8 @@ async fn a_lock_attempt_finds_a_fresh_entry_stored_since_the_lookup_and_leaves_t
     assert_eq!(held, None, "the lock was left alone");
     assert!(
         matches!(
-            lock.try_acquire_unless_filled(&key, copy_until).await,
+            lock.try_acquire_unless_filled(&key, (SystemTime::now(), stored.received_at()))
+                .await,
             LockTry::Acquired(_)
         ),
         "the caller's own copy is what Redis holds: the refresh takes the lock"

@@ -62,6 +62,8 @@ pub(crate) struct Mode {
     pub(crate) phase: Option<String>,
     /// Lines added to the route's TOML.
     pub(crate) route: String,
+    /// The route's `fleet_upstream_concurrency`, when the run sets one.
+    pub(crate) fleet_cap: Option<u32>,
 }
 
 impl Mode {
@@ -74,6 +76,7 @@ impl Mode {
             protection,
             phase: None,
             route: String::new(),
+            fleet_cap: None,
         }
     }
 
@@ -83,6 +86,30 @@ impl Mode {
         if !setup.targets.is_empty() {
             return vec![Mode::plain(None)];
         }
+        if let Some(caps) = scenario.caps {
+            return caps
+                .runs()
+                .iter()
+                .map(|on| Mode {
+                    protection: Some(true),
+                    phase: Some(if *on {
+                        format!("fleet cap {}", scenario.fleet_cap)
+                    } else {
+                        "no cap".into()
+                    }),
+                    route: if *on {
+                        // Waits are bounded by the run (each request by 60 s).
+                        format!(
+                            "fleet_upstream_concurrency = {}\nupstream_queue_timeout = \"60s\"\n",
+                            scenario.fleet_cap
+                        )
+                    } else {
+                        String::new()
+                    },
+                    fleet_cap: on.then_some(scenario.fleet_cap),
+                })
+                .collect();
+        }
         if let Some(early) = scenario.early_refresh {
             return early
                 .runs()
@@ -91,6 +118,7 @@ impl Mode {
                     protection: Some(true),
                     phase: Some(format!("early refresh {}", if *on { "on" } else { "off" })),
                     route: format!("early_refresh = {on}\n"),
+                    fleet_cap: None,
                 })
                 .collect();
         }
@@ -201,6 +229,7 @@ async fn one_run(
         counts: &counts,
         stats: &stats,
         elapsed_ms,
+        fleet_cap: mode.fleet_cap,
     };
     figures.extend(seen.kind_figures(&started, &client).await?);
     let mut report = seen.report(protection, started.proxies.len(), added, figures);

@@ -13,6 +13,8 @@ use super::HttpClient;
 pub(super) struct OriginStats {
     pub(super) per_path: HashMap<String, u64>,
     pub(super) arrivals_ms: Vec<u64>,
+    /// The most requests the origin had in progress at once, over its life.
+    pub(super) max_in_flight: u64,
 }
 
 impl OriginStats {
@@ -56,6 +58,7 @@ pub(super) async fn origin_stats(
     Ok(OriginStats {
         per_path,
         arrivals_ms,
+        max_in_flight: json["max_in_flight"].as_u64().unwrap_or(0),
     })
 }
 

@@ -31,6 +31,8 @@ pub(super) async fn load(
         // Each key is cold once and then asked a few times across instances, so
         // misses keep happening all through the Redis outage.
         Kind::RedisOutage => format!("/fresh/{run}/{}", i / per_key),
+        // Every request a key of its own, cold.
+        Kind::ColdRestart => format!("/cold/{run}/{i}"),
         _ => format!("/hot/{run}/{}", i % keys),
     };
     let fault = spawn_fault(scenario, started, client);

@@ -45,6 +45,8 @@ pub(super) struct Seen<'a> {
     pub(super) counts: &'a Counts<'a>,
     pub(super) stats: &'a OriginStats,
     pub(super) elapsed_ms: u64,
+    /// The fleet's cap on requests in flight to the origin, if the run has one.
+    pub(super) fleet_cap: Option<u32>,
 }
 
 impl Seen<'_> {
@@ -73,6 +75,7 @@ impl Seen<'_> {
             Kind::UpstreamOutage => self.upstream_outage(),
             Kind::RedisOutage => self.redis_outage(started.proxies.len()),
             Kind::Zipf => self.zipf(started, client).await?,
+            Kind::ColdRestart => self.cold_restart(),
             Kind::ColdHerd | Kind::HolderCrash | Kind::FleetScale => Vec::new(),
         })
     }
@@ -105,6 +108,38 @@ impl Seen<'_> {
                 "served stale %".into(),
                 self.share(&|s| s.cache_status.contains("detail=stale-"), &|_| true),
             ),
+        ]
+    }
+
+    /// The origin's peak concurrency; the time from the first request sent to the
+    /// last answered, against the best the run allows (every key one origin delay, at
+    /// most the fleet cap at a time, none before it is sent); the throughput.
+    fn cold_restart(&self) -> Vec<(String, f64)> {
+        let scenario = self.scenario;
+        let first = self.samples.iter().map(|s| s.sent_ms).min().unwrap_or(0) as f64;
+        let last = self
+            .samples
+            .iter()
+            .map(|s| s.sent_ms as f64 + s.latency.as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max);
+        let total_ms = (last - first).max(1.0);
+        let keys = self.counts.requested.len() as f64;
+        let delay_ms = scenario.upstream_delay.as_secs_f64() * 1000.0;
+        let sent_ms = self.samples.iter().map(|s| s.sent_ms).max().unwrap_or(0) as f64 - first;
+        let capped_ms = self
+            .fleet_cap
+            .map_or(0.0, |cap| (keys / f64::from(cap)).ceil() * delay_ms);
+        let ideal_ms = capped_ms.max(sent_ms + delay_ms);
+        let answered = self.samples.iter().filter(|s| s.ok).count() as f64;
+        vec![
+            (
+                "origin peak in flight".into(),
+                self.stats.max_in_flight as f64,
+            ),
+            ("total ms".into(), total_ms),
+            ("ideal ms".into(), ideal_ms),
+            ("total / ideal".into(), total_ms / ideal_ms),
+            ("throughput req/s".into(), answered * 1000.0 / total_ms),
         ]
     }
 

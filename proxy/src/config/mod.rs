@@ -36,6 +36,7 @@ pub use settings::LockSettings;
 pub use settings::RedisSettings;
 pub use settings::RouteConfig;
 pub use settings::TokenSource;
+pub use settings::UpstreamCaps;
 pub(crate) use settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode, ADMIN_TOKEN_ENV};
 pub use source::ConfigError;
 

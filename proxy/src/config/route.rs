@@ -2,21 +2,28 @@
 //! A route starts as [`RouteConfig::new`] (every default) and takes what the file sets.
 
 use std::collections::HashSet;
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use http::StatusCode;
 
 use super::file::FileRoute;
-use super::settings::{OnWaitTimeout, RouteConfig};
+use super::settings::{
+    OnWaitTimeout, RouteConfig, UpstreamCaps, DEFAULT_QUEUE_TIMEOUT, DEFAULT_UPSTREAM_QUEUE,
+};
 use super::source::Text;
 use super::source::{ConfigError, Source};
 use super::values::{
     cookie_names, duration, header_name, optional, positive_duration, route_host, upstream_uri,
 };
+use toml::Spanned;
 
 /// The largest `early_refresh_beta`: at 10, a hit 200 fetch times before expiry may
 /// already refresh; more would refresh nearly always.
 const MAX_BETA: f64 = 10.0;
+
+/// The most an upstream cap or queue may be set to.
+const MAX_CAP: u32 = 100_000;
 
 /// The most `max_tags` may be set to.
 const MAX_TAGS_LIMIT: u32 = 4096;
@@ -58,6 +65,7 @@ impl FileRoute {
         self.timings(src, &k, &mut route)?;
         self.keying(src, &k, &mut route)?;
         self.storing(src, &k, &mut route)?;
+        route.upstream_caps = self.caps(src, &k)?;
         route.on_wait_timeout = self.on_wait_timeout.unwrap_or(on_wait_timeout);
         route.encoded_slashes = self.encoded_slashes.unwrap_or(route.encoded_slashes);
         Ok(route)
@@ -164,6 +172,58 @@ impl FileRoute {
         route.allow_private = self.allow_private.unwrap_or(route.allow_private);
         route.preserve_host = self.preserve_host.unwrap_or(route.preserve_host);
         Ok(())
+    }
+}
+
+impl FileRoute {
+    /// The caps on requests in flight to the upstream: none unless a concurrency is
+    /// set. With only the fleet's, an instance may use all of it (and keeps to it
+    /// alone while Redis is away).
+    fn caps(&self, src: &Source, k: Keys) -> Result<Option<UpstreamCaps>, ConfigError> {
+        let count =
+            |field: &str, value: &Option<Spanned<u32>>, range: RangeInclusive<u32>| match value {
+                Some(n) if !range.contains(n.get_ref()) => Err(src.error(
+                    n.span(),
+                    k(field),
+                    format_args!("must be between {} and {}", range.start(), range.end()),
+                )),
+                Some(n) => Ok(Some(*n.get_ref())),
+                None => Ok(None),
+            };
+        let instance = count(
+            "upstream_concurrency",
+            &self.upstream_concurrency,
+            1..=MAX_CAP,
+        )?;
+        let fleet = count(
+            "fleet_upstream_concurrency",
+            &self.fleet_upstream_concurrency,
+            1..=MAX_CAP,
+        )?;
+        let queue = count("upstream_queue", &self.upstream_queue, 0..=MAX_CAP)?;
+        let queue_timeout = optional(
+            src,
+            &k("upstream_queue_timeout"),
+            &self.upstream_queue_timeout,
+            DEFAULT_QUEUE_TIMEOUT,
+            positive_duration,
+        )?;
+        let Some(instance) = instance.or(fleet) else {
+            if let Some(n) = &self.upstream_queue {
+                return Err(src.error(
+                    n.span(),
+                    k("upstream_queue"),
+                    "needs upstream_concurrency or fleet_upstream_concurrency",
+                ));
+            }
+            return Ok(None);
+        };
+        Ok(Some(UpstreamCaps {
+            instance,
+            fleet,
+            queue: queue.unwrap_or(DEFAULT_UPSTREAM_QUEUE),
+            queue_timeout,
+        }))
     }
 }
 

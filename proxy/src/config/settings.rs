@@ -188,6 +188,8 @@ pub struct RouteConfig {
     /// How early hot entries are refreshed before they expire (XFetch's beta; the
     /// `early_refresh` and `early_refresh_beta` keys): 0 is off.
     pub(crate) early_refresh_beta: f64,
+    /// Caps on the requests in flight to the upstream; `None`: uncapped.
+    pub(crate) upstream_caps: Option<UpstreamCaps>,
     pub(crate) allow_authorization: bool,
     pub(crate) allow_set_cookie: bool,
     pub(crate) allow_private: bool,
@@ -205,6 +207,26 @@ pub struct RouteConfig {
     /// refused with `400` otherwise.
     pub(crate) encoded_slashes: EncodedSlashes,
 }
+
+/// A route's caps on requests in flight to its upstream (`upstream_concurrency`,
+/// `fleet_upstream_concurrency`, `upstream_queue`, `upstream_queue_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamCaps {
+    /// In flight from this instance; also each instance's bound while Redis is away.
+    pub(crate) instance: u32,
+    /// In flight from the whole fleet, counted in Redis.
+    pub(crate) fleet: Option<u32>,
+    /// Requests that may wait for a slot; more are refused at once.
+    pub(crate) queue: u32,
+    /// How long a request may wait for a slot.
+    pub(crate) queue_timeout: Duration,
+}
+
+/// Requests that may wait for an upstream slot, unless the route says.
+pub(super) const DEFAULT_UPSTREAM_QUEUE: u32 = 1024;
+
+/// How long a request waits for an upstream slot, unless the route says.
+pub(super) const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request waits on another's fill, unless its route or `[lock]` says.
 pub(super) const DEFAULT_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -252,6 +274,7 @@ impl RouteConfig {
             cache: true,
             coalesce: true,
             early_refresh_beta: 1.0,
+            upstream_caps: None,
             allow_authorization: false,
             allow_set_cookie: false,
             allow_private: false,

@@ -491,3 +491,49 @@ fn early_refresh_is_on_with_beta_1_and_turns_off_either_way() {
         assert_eq!(e.key(), Some("route[0].early_refresh_beta"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn upstream_caps_are_off_unless_a_concurrency_is_set() {
+    let caps = |extra: &str| {
+        Config::parse(&format!("{MINIMAL}{extra}"), "t")
+            .unwrap()
+            .routes[0]
+            .upstream_caps
+    };
+    assert_eq!(caps(""), None);
+    let instance = caps("upstream_concurrency = 8\n").unwrap();
+    assert_eq!(
+        (instance.instance, instance.fleet, instance.queue),
+        (8, None, 1024)
+    );
+    assert_eq!(instance.queue_timeout, Duration::from_secs(10));
+    // The fleet's cap alone: an instance may use all of it.
+    let fleet = caps(
+        "fleet_upstream_concurrency = 30\nupstream_queue = 0\nupstream_queue_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        (fleet.instance, fleet.fleet, fleet.queue),
+        (30, Some(30), 0)
+    );
+    assert_eq!(fleet.queue_timeout, Duration::from_secs(2));
+    for (bad, key) in [
+        ("upstream_concurrency = 0", "upstream_concurrency"),
+        (
+            "fleet_upstream_concurrency = 100001",
+            "fleet_upstream_concurrency",
+        ),
+        (
+            "upstream_concurrency = 4\nupstream_queue_timeout = \"0s\"",
+            "upstream_queue_timeout",
+        ),
+        ("upstream_queue = 10", "upstream_queue"),
+    ] {
+        let e = err(&format!("{MINIMAL}{bad}\n"));
+        assert_eq!(
+            e.key(),
+            Some(format!("route[0].{key}").as_str()),
+            "{bad}: {e}"
+        );
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::lock::{FleetLock, Lease, LockTry};
-use super::{FillOutcome, WaitPolicy};
+use super::{early, FillOutcome, WaitPolicy};
 use crate::cache::shared::{AfterWrite, PutOutcome, SharedCache};
 use crate::cache::{Cache, CacheEntry, CacheKey, PassReason};
 use crate::config::{LockSettings, OnWaitTimeout};
@@ -22,28 +22,38 @@ pub(crate) enum Claim {
 }
 
 /// Which entry in the shared tier a claim takes instead of fetching: for a miss or a
-/// stale entry, any that is fresh now; for an early refresh, only one fresh beyond
+/// stale entry, any that is fresh now; for an early refresh, only one fetched after
 /// the copy it replaces (that copy is still fresh, and is what Redis holds until some
 /// instance refreshes it: once one has, the others adopt its entry, so the fleet
 /// fetches a key once per lifetime).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) enum Adopt {
     FreshNow,
-    FresherThan(SystemTime),
+    /// Fetched after `copy` was.
+    NewerThan(Arc<CacheEntry>),
 }
 
 impl Adopt {
-    /// The instant an entry must be fresh beyond to be adopted.
-    pub(crate) fn threshold(self) -> SystemTime {
-        let now = SystemTime::now();
+    /// The receipt an entry must come after to be adopted (the epoch: any).
+    pub(crate) fn received_after(&self) -> SystemTime {
         match self {
-            Adopt::FreshNow => now,
-            Adopt::FresherThan(until) => until.max(now),
+            Adopt::FreshNow => SystemTime::UNIX_EPOCH,
+            Adopt::NewerThan(copy) => copy.received_at(),
         }
     }
 
-    fn accepts(self, entry: &CacheEntry) -> bool {
-        entry.fresh_until() > self.threshold()
+    fn accepts(&self, entry: &CacheEntry) -> bool {
+        entry.freshness(SystemTime::now()).is_fresh() && entry.received_at() > self.received_after()
+    }
+
+    /// An adopted entry, counted as refreshed already when it does not renew the copy
+    /// an early refresh was to replace ([`early::renews`]): it is that refresh's
+    /// result, and a due hit must not fetch it again.
+    fn adopted(&self, entry: CacheEntry) -> CacheEntry {
+        match self {
+            Adopt::NewerThan(copy) if !early::renews(copy, &entry) => entry.early_refreshed(),
+            _ => entry,
+        }
     }
 }
 
@@ -128,7 +138,7 @@ impl Coordinator {
         loop {
             let read = std::mem::replace(&mut round.read_first, !checks);
             if read {
-                if let Some(entry) = self.filled(key, headers, round.waited, adopt).await {
+                if let Some(entry) = self.filled(key, headers, round.waited, &adopt).await {
                     return Claim::Done(FillOutcome::Filled(entry));
                 }
             }
@@ -138,7 +148,10 @@ impl Coordinator {
             let attempt = if read {
                 self.lock.try_acquire(key).await
             } else {
-                self.lock.claim_attempt(key, adopt.threshold()).await
+                let received_after = adopt.received_after();
+                self.lock
+                    .claim_attempt(key, SystemTime::now(), received_after)
+                    .await
             };
             round.poll = false;
             match attempt {
@@ -243,13 +256,14 @@ impl Coordinator {
         key: &CacheKey,
         headers: &http::HeaderMap,
         waited: bool,
-        adopt: Adopt,
+        adopt: &Adopt,
     ) -> Option<Arc<CacheEntry>> {
         let started = Instant::now();
         let entry = self.shared.get(key).await?;
         if !adopt.accepts(&entry) || !entry.matches_vary(headers) {
             return None;
         }
+        let entry = adopt.adopted(entry);
         if waited {
             self.redis
                 .metrics

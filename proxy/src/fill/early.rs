@@ -43,13 +43,19 @@ impl EarlyRefresh {
         self.beta > 0.0
     }
 
-    /// Whether a hit at `now` on `entry` refreshes it now (a fresh entry only).
+    /// Whether a hit at `now` draws `entry` due for its early refresh (a fresh copy
+    /// whose refresh has not started; the caller starts it with
+    /// [`CacheEntry::start_early_refresh`]).
     pub(crate) fn due_for(self, entry: &CacheEntry, now: SystemTime) -> bool {
         if !self.is_on() {
             return false;
         }
         match entry.freshness(now) {
-            Freshness::Fresh { ttl } => self.due(ttl, entry.fetch_time(), draw),
+            Freshness::Fresh { ttl } => {
+                self.due(ttl, entry.fetch_time(), draw)
+                    && !entry.early_refresh_started()
+                    && !from_another_cache(entry)
+            }
             Freshness::Stale { .. } => false,
         }
     }
@@ -69,6 +75,29 @@ impl EarlyRefresh {
         // now - scale * ln(u) >= now + ttl  <=>  -ln(u) >= distance  <=>  u <= e^-distance
         draw() <= (-distance).exp()
     }
+}
+
+/// Whether `new`, the result of `old`'s early refresh, is a lifetime of its own: it
+/// expires later, and is fresh for at least half as long as `old` was. Otherwise (an
+/// upstream that is itself a cache, whose `Age` grows; a fixed `Expires`; a lifetime
+/// cut to a boundary) refreshing it again would fetch the same thing: it counts as
+/// refreshed already ([`CacheEntry::early_refreshed`]), and the key waits for expiry.
+pub(crate) fn renews(old: &CacheEntry, new: &CacheEntry) -> bool {
+    let span = |e: &CacheEntry| {
+        e.fresh_until()
+            .duration_since(e.received_at())
+            .unwrap_or_default()
+    };
+    new.fresh_until() > old.fresh_until() && span(new) * 2 >= span(old)
+}
+
+/// Whether `entry` came from another cache (a CDN, a Varnish in front of the origin):
+/// it arrived with an `Age` of a second or more (beyond its own fetch time, which the
+/// received age includes). Its expiry is that cache's copy's: a refresh before it
+/// would fetch the same copy, expiring at the same instant, so it is not refreshed
+/// early. Read from the entry itself, this holds across the fleet and Redis.
+fn from_another_cache(entry: &CacheEntry) -> bool {
+    entry.age_at_receipt().saturating_sub(entry.fetch_time()) >= Duration::from_secs(1)
 }
 
 /// A uniform draw in (0, 1] from the thread's generator.

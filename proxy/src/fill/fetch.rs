@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use crate::http::body::UpstreamBody;
 use http::{response, Method, Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::task::{FillEnd, FillJob, Filler};
-use super::{stale_if_error, FillOutcome, LeaderReply};
+use super::{early, stale_if_error, FillKind, FillOutcome, LeaderReply};
 use crate::cache::policy::{self, Lifetime, PassReason, Verdict};
 use crate::cache::{CacheEntry, CacheKey};
 use crate::http::body::ProxyBody;
@@ -33,7 +33,7 @@ impl Filler {
             route.config.preserve_host,
             ProxyBody::empty(),
         );
-        let res = match route.upstream.send(upstream_req).await {
+        let res = match route.upstream.send(upstream_req, job.kind.priority()).await {
             Ok(res) => res,
             Err(err) => {
                 route.note_upstream_error(&err);
@@ -99,7 +99,7 @@ impl Filler {
         let stale = job.stale.as_ref()?;
         match stale.renewed(&job.route.config, &job.upstream, head, received_at) {
             Ok(renewed) => {
-                let renewed = renewed.fetched_in(started.elapsed());
+                let renewed = refreshed(job, renewed.fetched_in(started.elapsed()));
                 let entry = Arc::new(renewed.for_request(&job.client_headers));
                 self.cache.store(&job.key, Arc::clone(&entry));
                 let reply = LeaderReply::Entry(Arc::clone(&entry), CacheStatus::revalidated());
@@ -122,7 +122,7 @@ impl Filler {
         job: &FillJob,
         fill_key: &CacheKey,
         head: response::Parts,
-        body: Incoming,
+        body: UpstreamBody,
         (lifetime, started): (Lifetime, Instant),
     ) -> FillEnd {
         let code = head.status.as_u16();
@@ -139,8 +139,7 @@ impl Filler {
             }
             Ok(BodyRead::TooLarge(prefix, rest)) => {
                 let reason = PassReason::TooLarge;
-                self.cache
-                    .mark_pass(fill_key, reason, job.route.config.hit_for_pass);
+                self.mark_pass(job, fill_key, reason);
                 let status = CacheStatus::pass(job.fwd, reason).with_fwd_status(code);
                 let res = forwarded(head, ProxyBody::resumed(prefix, rest));
                 FillEnd::new(
@@ -158,7 +157,7 @@ impl Filler {
         &self,
         job: &FillJob,
         head: response::Parts,
-        body: Incoming,
+        body: UpstreamBody,
         (received_at, started): (SystemTime, Instant),
     ) -> FillEnd {
         let code = head.status.as_u16();
@@ -188,7 +187,7 @@ impl Filler {
         job: &FillJob,
         fill_key: &CacheKey,
         head: response::Parts,
-        body: Incoming,
+        body: UpstreamBody,
         reason: PassReason,
     ) -> FillEnd {
         self.mark_pass(job, fill_key, reason);
@@ -201,7 +200,11 @@ impl Filler {
     }
 
     /// The response body, read into memory up to `max_object_bytes`.
-    async fn read_body(&self, job: &FillJob, body: Incoming) -> Result<BodyRead, UpstreamError> {
+    async fn read_body(
+        &self,
+        job: &FillJob,
+        body: UpstreamBody,
+    ) -> Result<BodyRead, UpstreamError> {
         job.route
             .upstream
             .read_body(body, self.max_object_bytes)
@@ -210,9 +213,10 @@ impl Filler {
 
     /// Hit-for-pass under the fill key: later requests skip the lock. Not for a pass
     /// this request caused (its credentials): one client must not turn caching off for
-    /// everyone.
-    fn mark_pass(&self, job: &FillJob, fill_key: &CacheKey, reason: PassReason) {
-        if !reason.is_request_specific() {
+    /// everyone. Not for an early refresh either: the copy it was to replace is still
+    /// fresh, and serves until it expires (the miss then finds out again).
+    pub(super) fn mark_pass(&self, job: &FillJob, fill_key: &CacheKey, reason: PassReason) {
+        if !reason.is_request_specific() && job.kind != FillKind::EarlyRefresh {
             self.cache
                 .mark_pass(fill_key, reason, job.route.config.hit_for_pass);
         }
@@ -235,12 +239,27 @@ fn entry(
     (lifetime, started): (Lifetime, Instant),
 ) -> Option<Arc<CacheEntry>> {
     match CacheEntry::new(head, body, lifetime, &job.client_headers) {
-        Ok(entry) => Some(Arc::new(entry.fetched_in(started.elapsed()))),
+        Ok(entry) => Some(Arc::new(refreshed(
+            job,
+            entry.fetched_in(started.elapsed()),
+        ))),
         Err(err) => {
             tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
             job.route.metrics.upstream_error(FailureKind::Protocol);
             None
         }
+    }
+}
+
+/// An early refresh's entry that does not renew the copy it replaces (see
+/// [`early::renews`]) counts as refreshed already: otherwise every due hit would fetch
+/// it again.
+fn refreshed(job: &FillJob, entry: CacheEntry) -> CacheEntry {
+    match (&job.stale, job.kind) {
+        (Some(old), FillKind::EarlyRefresh) if !early::renews(old, &entry) => {
+            entry.early_refreshed()
+        }
+        _ => entry,
     }
 }
 

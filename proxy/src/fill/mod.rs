@@ -32,6 +32,7 @@ use crate::http::body::ProxyBody;
 use crate::http::cache_status::{CacheStatus, Fwd};
 use crate::metrics::{RouteMetrics, UpstreamReason};
 use crate::route::Route;
+use crate::upstream::cap::Priority;
 use crate::upstream::FailureKind;
 
 pub use permit::FillPermit;
@@ -132,6 +133,15 @@ impl FillKind {
             FillKind::Revalidate => UpstreamReason::Revalidate,
             FillKind::Refresh => UpstreamReason::Refresh,
             FillKind::EarlyRefresh => UpstreamReason::EarlyRefresh,
+        }
+    }
+
+    /// Where the fill waits under the route's upstream caps: refreshes of cached
+    /// entries go before new keys.
+    pub(crate) fn priority(self) -> Priority {
+        match self {
+            FillKind::Miss => Priority::Request,
+            FillKind::Revalidate | FillKind::Refresh | FillKind::EarlyRefresh => Priority::Refresh,
         }
     }
 

@@ -154,7 +154,7 @@ impl Filler {
             return self.fetch(job, fill_key).await;
         };
         let adopt = match (job.kind, &job.stale) {
-            (FillKind::EarlyRefresh, Some(current)) => Adopt::FresherThan(current.fresh_until()),
+            (FillKind::EarlyRefresh, Some(current)) => Adopt::NewerThan(Arc::clone(current)),
             _ => Adopt::FreshNow,
         };
         let lease = match fleet
@@ -171,8 +171,7 @@ impl Filler {
             Claim::Done(outcome) => {
                 if let FillOutcome::Uncacheable(reason) = &outcome {
                     // Hit-for-pass here too: later requests skip both locks.
-                    self.cache
-                        .mark_pass(fill_key, *reason, job.route.config.hit_for_pass);
+                    self.mark_pass(job, fill_key, *reason);
                 }
                 let reply = remote_reply(&outcome, job);
                 return FillEnd::new(outcome, reply);

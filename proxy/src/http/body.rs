@@ -36,7 +36,7 @@ pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         Full { data: Option<Bytes> },
-        Streaming { prefix: Option<Bytes>, #[pin] rest: Incoming },
+        Streaming { prefix: Option<Bytes>, #[pin] rest: UpstreamBody },
         /// A client's request body, watched by `state`; `timer` is armed while the body
         /// waits on the client (boxed: only client bodies pay for it).
         FromClient {
@@ -59,7 +59,7 @@ impl ProxyBody {
         }
     }
 
-    pub(crate) fn streaming(rest: Incoming) -> ProxyBody {
+    pub(crate) fn streaming(rest: UpstreamBody) -> ProxyBody {
         ProxyBody::Streaming { prefix: None, rest }
     }
 
@@ -84,11 +84,60 @@ impl ProxyBody {
     }
 
     /// A stream of which `prefix` was already read.
-    pub(crate) fn resumed(prefix: Bytes, rest: Incoming) -> ProxyBody {
+    pub(crate) fn resumed(prefix: Bytes, rest: UpstreamBody) -> ProxyBody {
         ProxyBody::Streaming {
             prefix: (!prefix.is_empty()).then_some(prefix),
             rest,
         }
+    }
+}
+
+pin_project! {
+    /// A response body from the upstream, holding what its exchange holds (its slot
+    /// under the route's upstream caps) until the body ends, fails or is dropped: the
+    /// upstream's connection is busy until then.
+    pub(crate) struct UpstreamBody {
+        #[pin]
+        body: Incoming,
+        // Boxed twice: a thin pointer keeps every response body as small as before.
+        held: Option<Box<Box<dyn Send + Sync>>>,
+    }
+}
+
+impl UpstreamBody {
+    pub(crate) fn holding<T: Send + Sync + 'static>(
+        body: Incoming,
+        held: Option<T>,
+    ) -> UpstreamBody {
+        UpstreamBody {
+            body,
+            held: held.map(|h| Box::new(Box::new(h) as Box<dyn Send + Sync>)),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let frame = std::task::ready!(this.body.as_mut().poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) || this.body.is_end_stream() {
+            *this.held = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

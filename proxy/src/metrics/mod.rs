@@ -20,8 +20,8 @@ use prometheus_client::registry::Registry;
 
 pub(crate) use connection::ConnectionMetrics;
 pub use fleet::FleetMetrics;
+pub(crate) use route::{CapMetrics, RouteMetrics, UpstreamReason};
 use route::{RouteFamilies, RouteLabel};
-pub(crate) use route::{RouteMetrics, UpstreamReason};
 
 /// The registry and the metric families.
 pub struct Metrics {

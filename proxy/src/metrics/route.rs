@@ -4,9 +4,11 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::http::cache_status::Served;
+use crate::upstream::cap::Shed;
 use crate::upstream::FailureKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +87,17 @@ pub(super) struct RouteFamilies {
     early_refreshes: Family<RouteLabel, Counter>,
     stale_served: Family<UpstreamLabels, Counter>,
     upstream_errors: Family<ErrorLabels, Counter>,
+    caps: CapFamilies,
+}
+
+/// The upstream caps' families (`upstream_concurrency`, `fleet_upstream_concurrency`).
+#[derive(Default)]
+struct CapFamilies {
+    in_flight: Family<RouteLabel, Gauge>,
+    queued: Family<RouteLabel, Gauge>,
+    shed: Family<UpstreamLabels, Counter>,
+    unleased: Family<RouteLabel, Counter>,
+    leases_lost: Family<RouteLabel, Counter>,
 }
 
 impl RouteFamilies {
@@ -111,7 +124,7 @@ impl RouteFamilies {
         );
         registry.register(
             "early_refreshes",
-            "Early refreshes hits started before their entry expired (each one fetches, or adopts a newer entry another instance stored)",
+            "Early refreshes started by hits before their entry expired, at most one per cached copy (each fetches, adopts a newer entry another instance stored, or leaves the key to the instance refreshing it)",
             self.early_refreshes.clone(),
         );
         registry.register(
@@ -123,6 +136,32 @@ impl RouteFamilies {
             "upstream_errors",
             "Upstream failures by route and kind",
             self.upstream_errors.clone(),
+        );
+        let caps = &self.caps;
+        registry.register(
+            "upstream_in_flight",
+            "Requests in flight to a capped route's upstream from this instance",
+            caps.in_flight.clone(),
+        );
+        registry.register(
+            "upstream_queued",
+            "Requests waiting for a slot under a route's upstream caps",
+            caps.queued.clone(),
+        );
+        registry.register(
+            "upstream_shed",
+            "Requests refused a slot under a route's upstream caps, by reason (queue-full, queue-timeout)",
+            caps.shed.clone(),
+        );
+        registry.register(
+            "upstream_unleased",
+            "Requests let through without a fleet lease because Redis was unavailable (each instance then keeps to its own cap)",
+            caps.unleased.clone(),
+        );
+        registry.register(
+            "upstream_leases_lost",
+            "Fleet leases that lapsed while their requests were still in flight",
+            caps.leases_lost.clone(),
         );
     }
 
@@ -180,6 +219,14 @@ impl RouteFamilies {
                 by_reason(Served::StaleWhileRevalidate.as_str()),
             ),
             stale_sie: counter(&self.stale_served, by_reason(Served::StaleIfError.as_str())),
+            cap: CapMetrics {
+                in_flight: self.caps.in_flight.get_or_create(&label()).clone(),
+                queued: self.caps.queued.get_or_create(&label()).clone(),
+                queue_full: counter(&self.caps.shed, by_reason(Shed::QueueFull.as_str())),
+                queue_timeout: counter(&self.caps.shed, by_reason(Shed::QueueTimeout.as_str())),
+                unleased: counter(&self.caps.unleased, label()),
+                leases_lost: counter(&self.caps.leases_lost, label()),
+            },
         }
     }
 }
@@ -195,6 +242,35 @@ pub(crate) struct RouteMetrics {
     early_refreshes: Counter,
     stale_swr: Counter,
     stale_sie: Counter,
+    pub(crate) cap: CapMetrics,
+}
+
+/// One route's upstream cap counters.
+#[derive(Clone)]
+pub(crate) struct CapMetrics {
+    pub(crate) in_flight: Gauge,
+    pub(crate) queued: Gauge,
+    queue_full: Counter,
+    queue_timeout: Counter,
+    unleased: Counter,
+    leases_lost: Counter,
+}
+
+impl CapMetrics {
+    pub(crate) fn shed(&self, why: Shed) {
+        match why {
+            Shed::QueueFull => self.queue_full.inc(),
+            Shed::QueueTimeout => self.queue_timeout.inc(),
+        };
+    }
+
+    pub(crate) fn unleased(&self, n: usize) {
+        self.unleased.inc_by(n as u64);
+    }
+
+    pub(crate) fn leases_lost(&self, n: usize) {
+        self.leases_lost.inc_by(n as u64);
+    }
 }
 
 impl RouteMetrics {

@@ -96,7 +96,7 @@ impl Proxy {
         let stale = match lookup.outcome {
             LookupOutcome::Fresh(entry) => {
                 let mut status = CacheStatus::hit(ttl_secs(&entry, now));
-                if EarlyRefresh::of(&route.config).due_for(&entry, now) {
+                if starts_early_refresh(route, &req.head.headers, &entry, now) {
                     let kind = FillKind::EarlyRefresh;
                     if self.refresh_in_background(route, req, key, &lookup.fill_key, &entry, kind) {
                         status = status.with_detail(Detail::EarlyRefresh);
@@ -313,6 +313,20 @@ impl Proxy {
         drop(self.filler.spawn(job, permit));
         true
     }
+}
+
+/// Whether this hit starts `entry`'s early refresh: drawn due, from a request without
+/// credentials (a refresh must be one anyone could make: a pass for this request
+/// alone would leave the entry due), and the first to start this copy's.
+pub(super) fn starts_early_refresh(
+    route: &Route,
+    headers: &http::HeaderMap,
+    entry: &CacheEntry,
+    now: SystemTime,
+) -> bool {
+    EarlyRefresh::of(&route.config).due_for(entry, now)
+        && !policy::has_credentials(&route.config, headers)
+        && entry.start_early_refresh()
 }
 
 /// The fill of `key` for this request: the request as the upstream gets it (the

@@ -55,6 +55,8 @@ impl ProxyError {
             FailureKind::Connect | FailureKind::Protocol | FailureKind::Status => {
                 StatusCode::BAD_GATEWAY
             }
+            // Refused by the route's upstream caps, before anything was sent.
+            FailureKind::QueueFull | FailureKind::QueueTimeout => StatusCode::SERVICE_UNAVAILABLE,
         };
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -99,6 +101,7 @@ pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
         ProxyError::ClientBodyTimeout => "request body timed out\n",
         ProxyError::Overloaded => "too many requests in progress; retry shortly\n",
         ProxyError::MethodNotAllowed => "method not allowed\n",
+        _ if status == StatusCode::SERVICE_UNAVAILABLE => "upstream busy; retry shortly\n",
         _ if status == StatusCode::GATEWAY_TIMEOUT => "upstream timed out\n",
         _ => "upstream unavailable\n",
     };
@@ -114,8 +117,9 @@ pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
             HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
         );
     }
-    if let ProxyError::Overloaded = err {
-        // The requests in progress are short-lived (each is bounded by its timeouts).
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        // Too many requests in progress here, or queued for the upstream: each is
+        // short-lived (bounded by its timeouts), so a place comes free soon.
         res.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

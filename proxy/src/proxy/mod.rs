@@ -30,7 +30,6 @@ use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, TagRules};
 use crate::config::{AdminToken, Config, EncodedSlashes};
 use crate::fill::coordinator::Coordinator;
-use crate::fill::early::EarlyRefresh;
 use crate::fill::{FillKind, Filler, LocalFillLock};
 use crate::http::body::ProxyBody;
 use crate::http::cache_status::{CacheStatus, Detail, Fwd};
@@ -89,6 +88,8 @@ impl ClientRequest {
         head.uri = uri.clone();
         head.version = req.version;
         head.headers = req.headers.clone();
+        // The one header the fast path takes that sanitising removes.
+        head.headers.remove(header::CONNECTION);
         ClientRequest {
             head,
             original_host: host.and_then(|h| HeaderValue::from_str(h).ok()),
@@ -109,11 +110,6 @@ impl Proxy {
     /// Builds the tiers bottom up: the local tier, Redis (told to drop local copies on
     /// other instances' events), the shared tier on it, the coordinator on both.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Proxy {
-        let routes = config
-            .routes
-            .iter()
-            .map(|rc| Route::new(rc.clone(), metrics.for_route(&rc.name)))
-            .collect();
         let local_ttl = config.redis.as_ref().map(|r| r.local_ttl);
         let tags = TagRules::from_routes(&config.routes, &metrics);
         let local = LocalCache::tagged(config.cache.max_bytes, local_ttl, tags);
@@ -121,6 +117,14 @@ impl Proxy {
             .redis
             .clone()
             .map(|settings| Redis::start(settings, metrics.fleet.clone(), local.fleet_listener()));
+        let routes = config
+            .routes
+            .iter()
+            .map(|rc| {
+                let metrics = metrics.for_route(&rc.name);
+                Route::new(rc.clone(), metrics, redis.as_ref(), config.lock.ttl)
+            })
+            .collect();
         let max_object_bytes = config.cache.max_object_bytes;
         let shared = redis
             .as_ref()
@@ -288,7 +292,7 @@ impl Proxy {
             return None;
         }
         let mut status = CacheStatus::hit(ttl_secs(&entry, now));
-        if EarlyRefresh::of(&route.config).due_for(&entry, now) {
+        if cacheable::starts_early_refresh(route, &req.headers, &entry, now) {
             let req = ClientRequest::from_fast_path(req, uri, host.as_deref(), client);
             if self.refresh_in_background(
                 route,

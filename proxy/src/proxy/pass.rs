@@ -10,6 +10,7 @@ use crate::http::cache_status::{CacheStatus, Fwd};
 use crate::http::headers;
 use crate::metrics::UpstreamReason;
 use crate::route::Route;
+use crate::upstream::cap::Priority;
 use crate::upstream::FailureKind;
 
 impl Proxy {
@@ -31,7 +32,7 @@ impl Proxy {
             route.config.preserve_host,
             body,
         );
-        let sent = route.upstream.send(upstream_req).await;
+        let sent = route.upstream.send(upstream_req, Priority::Request).await;
         // Whether a failure was the client's: its body failed or stalled.
         let blame = match &sent {
             Err(err) => client_fault.and_then(|f| f.blame(err.kind() == FailureKind::Timeout)),

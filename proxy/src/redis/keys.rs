@@ -1,5 +1,5 @@
 //! The names corral gives things in Redis: per cache key its entry, lock, fence counter
-//! and variant set; per tag its set; the event channels. Every name starts with the
+//! and variant set; per tag its set; per capped route its leases; the event channels. Every name starts with the
 //! configured prefix, so fleets can share one Redis.
 
 use xxhash_rust::xxh3::xxh3_128;
@@ -27,6 +27,15 @@ impl RedisKeys {
             variants: format!("{prefix}{{{tag:032x}}}:v"),
         }
     }
+}
+
+/// A route's upstream cap: its set of leases and its set of waiting instances, in one
+/// hash slot (route names are letters, digits, '-' and '_').
+pub(super) fn upstream_cap_keys(prefix: &str, route: &str) -> [String; 2] {
+    [
+        format!("{prefix}{{cap:{route}}}:leases"),
+        format!("{prefix}{{cap:{route}}}:waiting"),
+    ]
 }
 
 /// The set of primary keys whose responses carried `tag`.

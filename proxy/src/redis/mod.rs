@@ -86,6 +86,11 @@ impl Redis {
         RedisKeys::new(&self.settings.key_prefix, primary, key)
     }
 
+    /// A route's upstream cap leases and waiting instances.
+    pub(crate) fn upstream_cap_keys(&self, route: &str) -> [String; 2] {
+        keys::upstream_cap_keys(&self.settings.key_prefix, route)
+    }
+
     /// The set of primary keys whose responses carried `tag`.
     pub fn tag_key(&self, tag: &str) -> String {
         keys::tag_key(&self.settings.key_prefix, tag)

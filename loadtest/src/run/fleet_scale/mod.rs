@@ -267,6 +267,7 @@ impl Phase {
             counts: &counts,
             stats: &self.stats,
             elapsed_ms: self.elapsed_ms,
+            fleet_cap: None,
         };
         let mut report = seen.report(Some(true), self.instances, self.added.clone(), figures);
         report.phase = Some(self.which.as_str().into());

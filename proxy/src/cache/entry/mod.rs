@@ -11,6 +11,7 @@ pub(crate) mod head;
 mod revalidate;
 mod times;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -41,6 +42,10 @@ pub struct CacheEntry {
     fetch_ms: u16,
     /// Whether the stored fields include `Date` (a hit adds one when they do not).
     has_date: bool,
+    /// Set by the first hit that starts this copy's early refresh: one attempt per
+    /// copy, whatever comes of it (a failure, a refusal, a pass for that request, the
+    /// lock held elsewhere, or an entry that expires no later), never one per hit.
+    early_refresh_started: AtomicBool,
     /// A large body's sealed file, which a hit sends without copying.
     pub(crate) body_file: Option<Arc<BodyFile>>,
     /// For a response with `Vary` (boxed: most have none).
@@ -170,6 +175,7 @@ impl CacheEntry {
             head_len,
             fetch_ms: 0,
             has_date: headers.contains_key(header::DATE),
+            early_refresh_started: AtomicBool::new(false),
             body_file,
             vary,
             times: Times::pack(lifetime),
@@ -299,6 +305,7 @@ impl CacheEntry {
             head_len: self.head_len,
             fetch_ms: self.fetch_ms,
             has_date: self.has_date,
+            early_refresh_started: AtomicBool::new(false),
             body_file: self.body_file.clone(),
             vary: self.vary.clone(),
             times: self.times.stale_from(at),
@@ -312,6 +319,33 @@ impl CacheEntry {
             Ok(_) => Freshness::Stale { by: Duration::ZERO },
             Err(by) => Freshness::Stale { by },
         }
+    }
+
+    /// Whether this copy's early refresh has started.
+    pub(crate) fn early_refresh_started(&self) -> bool {
+        self.early_refresh_started.load(Ordering::Relaxed)
+    }
+
+    /// Whether this call is the first to start this copy's early refresh.
+    pub(crate) fn start_early_refresh(&self) -> bool {
+        !self.early_refresh_started.swap(true, Ordering::Relaxed)
+    }
+
+    /// This copy, counted as already refreshed early (a refresh that made no entry
+    /// fresher than the one it replaced must not start again on every hit).
+    pub(crate) fn early_refreshed(self) -> CacheEntry {
+        self.early_refresh_started.store(true, Ordering::Relaxed);
+        self
+    }
+
+    /// The response's age when it was received (its `Age`, and transit).
+    pub(crate) fn age_at_receipt(&self) -> Duration {
+        self.times.age()
+    }
+
+    /// When the response was received (to the millisecond).
+    pub fn received_at(&self) -> SystemTime {
+        self.times.received_at()
     }
 
     /// When the entry stops being fresh.

@@ -67,11 +67,20 @@ impl FleetLock {
     }
 
     /// One attempt of a fill's claim: on the single Redis the same script first looks
-    /// for an entry fresh beyond `fresh_beyond` (`LockTry::Filled`); Redlock's nodes
-    /// hold no entries, so its caller reads the shared tier itself (`checks_entry`).
-    pub(crate) async fn claim_attempt(&self, key: &CacheKey, fresh_beyond: SystemTime) -> LockTry {
+    /// for an entry fresh beyond `fresh_beyond` and received after `received_after`
+    /// (`LockTry::Filled`); Redlock's nodes hold no entries, so its caller reads the
+    /// shared tier itself (`checks_entry`).
+    pub(crate) async fn claim_attempt(
+        &self,
+        key: &CacheKey,
+        fresh_beyond: SystemTime,
+        received_after: SystemTime,
+    ) -> LockTry {
         match self {
-            FleetLock::Single(l) => l.try_acquire_unless_filled(key, fresh_beyond).await,
+            FleetLock::Single(l) => {
+                let filled = (fresh_beyond, received_after);
+                l.try_acquire_unless_filled(key, filled).await
+            }
             FleetLock::Redlock(l) => l.try_acquire(key).await,
         }
     }

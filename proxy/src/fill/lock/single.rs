@@ -8,7 +8,7 @@
 //! own on an uncontended miss.
 
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Lease, LockTry};
 use crate::cache::CacheKey;
@@ -39,12 +39,13 @@ end
 ";
 
 /// KEYS: lock, fence, entry. ARGV: token, ttl ms, fence retention ms, check ("1": first
-/// look at the entry), an instant by the caller's clock (Unix ms). Returns the fencing
-/// token of the grant, 0 when the lock is held, or -1 (with `check`) when the entry
-/// holds a value another fill stored that is fresh beyond that instant (for a miss the
-/// caller's now, the clock every other freshness decision of the instance uses; for an
-/// early refresh the expiry of the copy it replaces): the caller reads it instead of
-/// taking the lock, which spares it a separate read before every attempt. The freshness read relies on the codec's
+/// look at the entry), two instants by the caller's clock (Unix ms): now, and a receipt
+/// (0 for any). Returns the fencing token of the grant, 0 when the lock is held, or -1
+/// (with `check`) when the entry holds a value another fill stored that is fresh now
+/// (by the caller's clock, the one every other freshness decision of the instance uses)
+/// and was received after that receipt (for an early refresh, the copy it replaces):
+/// the caller reads it instead of taking the lock, which spares it a separate read
+/// before every attempt. The freshness read relies on the codec's
 /// fixed layout (`cache::codec`): "CRL", version 2 or 3, status, then `received_at` and,
 /// 8 bytes on, `fresh_for` as big-endian milliseconds. Every grant expires, so a lock
 /// without an expiry was not set by corral: it is given the TTL, and ends.
@@ -59,7 +60,7 @@ static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| {
                     local hi, lo = struct.unpack('>I4I4', string.sub(h, at, at + 7))
                     return hi * 4294967296 + lo
                 end
-                if ms(7) + ms(23) > tonumber(ARGV[5]) then return -1 end
+                if ms(7) + ms(23) > tonumber(ARGV[5]) and ms(7) > tonumber(ARGV[6]) then return -1 end
             end
         end
         if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -127,28 +128,32 @@ impl RedisLock {
     }
 
     /// Like `try_acquire`, but first looks at the entry in the same script: one fresh
-    /// beyond `fresh_beyond` (say, now), stored since the caller looked, ends the attempt
-    /// with `Filled`, lock untouched.
+    /// beyond the first instant (say, now) and received after the second (the epoch:
+    /// any), stored since the caller looked, ends the attempt with `Filled`, lock
+    /// untouched.
     pub async fn try_acquire_unless_filled(
         &self,
         key: &CacheKey,
-        fresh_beyond: std::time::SystemTime,
+        filled: (SystemTime, SystemTime),
     ) -> LockTry {
-        self.attempt(key, Some(fresh_beyond)).await
+        self.attempt(key, Some(filled)).await
     }
 
-    async fn attempt(&self, key: &CacheKey, check: Option<std::time::SystemTime>) -> LockTry {
+    async fn attempt(&self, key: &CacheKey, check: Option<(SystemTime, SystemTime)>) -> LockTry {
         let keys = self.redis.keys(key.primary(), key.as_str());
         let token = format!("{}:{:016x}", self.redis.instance, rand::random::<u64>());
         let started = Instant::now();
         let ttl_ms = self.ttl.as_millis() as u64;
         let (lock_key, fence_key, entry_key, t) =
             (keys.lock.clone(), keys.fence, keys.entry, token.clone());
-        let beyond_ms = check
-            .unwrap_or(std::time::UNIX_EPOCH)
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
+        let unix_ms = |at: SystemTime| {
+            at.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64
+        };
+        let (beyond_ms, after_ms) = check.map_or((0, 0), |(fresh, received)| {
+            (unix_ms(fresh), unix_ms(received))
+        });
         let fence = self
             .redis
             .run_for(&keys.lock, "lock acquire", |mut c| async move {
@@ -161,6 +166,7 @@ impl RedisLock {
                     .arg(FENCE_RETENTION_MS)
                     .arg(if check.is_some() { "1" } else { "0" })
                     .arg(beyond_ms)
+                    .arg(after_ms)
                     .invoke_async::<i64>(&mut c)
                     .await
             })

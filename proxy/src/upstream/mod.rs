@@ -1,6 +1,11 @@
-//! The upstream side: a pooled HTTP/1.1 client per route (plain or rustls), request
-//! timeouts, reading a body into memory up to a bound, and logging upstream outages
-//! once when they start and once when they end.
+//! The upstream side: a pooled HTTP/1.1 client per route (plain or rustls) behind the
+//! route's concurrency caps ([`cap`], [`fleet_cap`]; composed as tower layers in
+//! [`service`]), request timeouts, reading a body into memory up to a bound, and
+//! logging upstream outages once when they start and once when they end.
+
+pub(crate) mod cap;
+pub(crate) mod fleet_cap;
+mod service;
 
 use std::fmt;
 use std::future::Future;
@@ -14,16 +19,18 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, Uri};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use crate::config::RouteConfig;
-use crate::http::body::{ClientFault, ProxyBody};
+use crate::http::body::{ClientFault, ProxyBody, UpstreamBody};
 use crate::http::cache_status::Detail;
+use cap::{Priority, Shed, UpstreamCap};
+use service::{CapLayer, Capped, Exchange};
+use std::sync::Arc;
+use tower::ServiceExt as _;
 
 /// What kind of upstream failure a fill ended with; what waiters are told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +43,10 @@ pub(crate) enum FailureKind {
     Protocol,
     /// The upstream answered with a 5xx status.
     Status,
+    /// Not sent: the route's upstream queue was full.
+    QueueFull,
+    /// Not sent: no upstream slot came free within the route's queue timeout.
+    QueueTimeout,
 }
 
 impl FailureKind {
@@ -45,6 +56,8 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Protocol => "protocol",
             FailureKind::Status => "status",
+            FailureKind::QueueFull => "queue-full",
+            FailureKind::QueueTimeout => "queue-timeout",
         }
     }
 
@@ -55,6 +68,8 @@ impl FailureKind {
             FailureKind::Timeout => "upstream-timeout",
             FailureKind::Protocol => "upstream-protocol",
             FailureKind::Status => "upstream-status",
+            FailureKind::QueueFull => "upstream-queue-full",
+            FailureKind::QueueTimeout => "upstream-queue-timeout",
         }
     }
 }
@@ -88,6 +103,9 @@ pub(crate) enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    /// Refused by the route's caps before anything was sent.
+    #[error("not sent upstream: {0}")]
+    Shed(Shed),
 }
 
 impl UpstreamError {
@@ -96,6 +114,8 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => FailureKind::Connect,
             UpstreamError::Timeout { .. } => FailureKind::Timeout,
             UpstreamError::Request { .. } | UpstreamError::Body { .. } => FailureKind::Protocol,
+            UpstreamError::Shed(Shed::QueueFull) => FailureKind::QueueFull,
+            UpstreamError::Shed(Shed::QueueTimeout) => FailureKind::QueueTimeout,
         }
     }
 }
@@ -104,23 +124,25 @@ impl UpstreamError {
 pub(crate) enum BodyRead {
     Complete(Bytes),
     /// Over the limit: what was read so far, and the rest still to stream.
-    TooLarge(Bytes, Incoming),
+    TooLarge(Bytes, UpstreamBody),
 }
 
 /// One route's upstream.
 pub(crate) struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, ProxyBody>,
+    /// The client behind the route's caps.
+    service: Capped<Exchange>,
     scheme: Scheme,
     authority: Authority,
     base_path: String,
     host: HeaderValue,
     response_timeout: Duration,
-    display: String,
+    display: Arc<str>,
     pub(crate) faults: FaultLog,
 }
 
 impl Upstream {
-    pub(crate) fn new(route: &RouteConfig) -> Upstream {
+    /// The upstream of `route`, behind `cap` when the route has one.
+    pub(crate) fn new(route: &RouteConfig, cap: Option<Arc<UpstreamCap>>) -> Upstream {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -139,15 +161,21 @@ impl Upstream {
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_string())
             .unwrap_or_default();
-        Upstream {
+        let display: Arc<str> = route.upstream.to_string().into();
+        let exchange = Exchange {
             client,
+            response_timeout: route.response_timeout,
+            display: Arc::clone(&display),
+        };
+        Upstream {
+            service: tower::Layer::layer(&CapLayer(cap), exchange),
             scheme: parts.scheme.expect("validated: upstream has a scheme"),
             host: HeaderValue::from_str(authority.as_str())
                 .expect("an authority is a valid header value"),
             authority,
             base_path,
             response_timeout: route.response_timeout,
-            display: route.upstream.to_string(),
+            display,
             faults: FaultLog::default(),
         }
     }
@@ -184,31 +212,16 @@ impl Upstream {
         req
     }
 
-    /// Sends `req`, waiting at most the response timeout for the response head. While
-    /// a client's body is forwarded, the timeout counts from its last move, so an
-    /// upload that keeps moving is never cut for its length (the body's own timer
-    /// bounds a client that stops; see [`ProxyBody::from_client`]).
+    /// Sends `req` once a slot under the route's caps is free (`priority` orders the
+    /// queue), waiting at most the response timeout for the response head; the slot is
+    /// held by the response body until it ends.
     pub(crate) async fn send(
         &self,
-        req: Request<ProxyBody>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
-        let client_body = req.body().client_fault();
-        let exchange = self.client.request(req);
-        match within(self.response_timeout, exchange, client_body.as_ref()).await {
-            Some(Ok(res)) => Ok(res),
-            Some(Err(source)) if source.is_connect() => Err(UpstreamError::Connect {
-                upstream: self.display.clone(),
-                source,
-            }),
-            Some(Err(source)) => Err(UpstreamError::Request {
-                upstream: self.display.clone(),
-                source,
-            }),
-            None => Err(UpstreamError::Timeout {
-                upstream: self.display.clone(),
-                timeout: self.response_timeout,
-            }),
-        }
+        mut req: Request<ProxyBody>,
+        priority: Priority,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        req.extensions_mut().insert(priority);
+        self.service.clone().oneshot(req).await
     }
 
     /// Reads `body` into memory up to `limit` bytes, within the response timeout; past
@@ -216,7 +229,7 @@ impl Upstream {
     /// be streamed.
     pub(crate) async fn read_body(
         &self,
-        body: Incoming,
+        body: UpstreamBody,
         limit: u64,
     ) -> Result<BodyRead, UpstreamError> {
         read_bounded(body, limit, self.response_timeout, &self.display).await
@@ -229,7 +242,7 @@ impl Upstream {
 
 /// Runs `exchange` until it has made no progress for `timeout` (`None`): progress is
 /// the client's body moving, if one is sent.
-async fn within<F: Future>(
+pub(super) async fn within<F: Future>(
     timeout: Duration,
     exchange: F,
     client_body: Option<&ClientFault>,
@@ -270,7 +283,7 @@ fn set_framing(headers: &mut HeaderMap, method: &Method, body: &ProxyBody) {
 }
 
 async fn read_bounded(
-    body: Incoming,
+    body: UpstreamBody,
     limit: u64,
     timeout: Duration,
     upstream: &str,

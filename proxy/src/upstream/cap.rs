@@ -1,0 +1,229 @@
+//! Upstream concurrency caps: at most `upstream_concurrency` requests in flight to a
+//! route's upstream from this instance (with `fleet_upstream_concurrency`, also at most
+//! that many from the whole fleet: leases in Redis, [`super::fleet_cap`]). The rest
+//! wait in a bounded queue, refreshes of cached entries ahead of new keys, each for at
+//! most the queue timeout; a request refused ([`Shed`]) is never sent.
+//!
+//! A slot is held until the upstream's response body ends (its connection is busy
+//! until then), not only until its head arrives.
+//!
+//! Invariant (who writes, what wakes whom): [`CapState`] changes only under its mutex.
+//! `in_flight` counts the slots granted and not yet dropped. A waiter is woken only
+//! with a slot in hand: without a fleet cap, the thread that drops a slot hands it to
+//! the next live waiter under the lock; with one, the dispatcher task hands out the
+//! leases Redis granted. A slot sent to a waiter that has gone comes back and is
+//! passed on (or freed), so no slot is lost to a cancelled or timed-out request.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::fleet_cap::FleetCap;
+use crate::config::UpstreamCaps;
+use crate::metrics::CapMetrics;
+
+/// Which requests go first when slots are scarce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Priority {
+    /// Refreshes and revalidations of cached entries: each keeps a key served.
+    Refresh = 0,
+    /// Misses and passes.
+    #[default]
+    Request = 1,
+}
+
+/// Why a request was refused a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Shed {
+    #[error("the upstream queue is full")]
+    QueueFull,
+    #[error("no upstream slot came free within the queue timeout")]
+    QueueTimeout,
+}
+
+impl Shed {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Shed::QueueFull => "queue-full",
+            Shed::QueueTimeout => "queue-timeout",
+        }
+    }
+}
+
+/// One route's cap: its slots, its queue, and (fleet cap) its leases in Redis.
+pub(crate) struct UpstreamCap {
+    limit: usize,
+    queue_max: usize,
+    queue_timeout: Duration,
+    state: Mutex<CapState>,
+    pub(super) fleet: Option<FleetCap>,
+    pub(super) metrics: CapMetrics,
+}
+
+/// What the cap's mutex guards.
+#[derive(Default)]
+pub(super) struct CapState {
+    pub(super) in_flight: usize,
+    /// Waiters by [`Priority`], oldest first. A waiter that gave up leaves a closed
+    /// sender behind, skipped when its turn comes.
+    queues: [VecDeque<oneshot::Sender<Slot>>; 2],
+    /// Fleet leases this instance's slots hold (renewed by the dispatcher).
+    pub(super) leases: HashSet<String>,
+    /// Leases of dropped slots, to be released in Redis by the dispatcher.
+    pub(super) freed: Vec<String>,
+}
+
+impl CapState {
+    fn queued(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Waiters still waiting (after dropping those that gave up).
+    pub(super) fn live_waiters(&mut self) -> usize {
+        for queue in &mut self.queues {
+            queue.retain(|w| !w.is_closed());
+        }
+        self.queued()
+    }
+
+    fn next_waiter(&mut self) -> Option<oneshot::Sender<Slot>> {
+        self.queues.iter_mut().find_map(VecDeque::pop_front)
+    }
+}
+
+/// Permission to have one request in flight to the upstream; freed when dropped.
+pub(crate) struct Slot {
+    cap: Option<Arc<UpstreamCap>>,
+    lease: Option<String>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(cap) = self.cap.take() {
+            cap.release(self.lease.take());
+        }
+    }
+}
+
+impl Slot {
+    /// A slot that frees nothing when dropped (its count was passed on).
+    fn disarm(mut self) -> Option<String> {
+        self.cap = None;
+        self.lease.take()
+    }
+}
+
+impl UpstreamCap {
+    pub(crate) fn new(
+        caps: &UpstreamCaps,
+        fleet: Option<FleetCap>,
+        metrics: CapMetrics,
+    ) -> Arc<UpstreamCap> {
+        let cap = Arc::new(UpstreamCap {
+            limit: caps.instance as usize,
+            queue_max: caps.queue as usize,
+            queue_timeout: caps.queue_timeout,
+            state: Mutex::new(CapState::default()),
+            fleet,
+            metrics,
+        });
+        if cap.fleet.is_some() {
+            tokio::spawn(super::fleet_cap::dispatch(Arc::downgrade(&cap)));
+        }
+        cap
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, CapState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A slot: at once when one is free and nobody waits (without a fleet cap), else
+    /// after waiting in the queue, at most the queue timeout.
+    pub(crate) async fn admit(self: &Arc<Self>, priority: Priority) -> Result<Slot, Shed> {
+        let waiting = {
+            let mut state = self.lock();
+            if self.fleet.is_none() && state.queued() == 0 && state.in_flight < self.limit {
+                state.in_flight += 1;
+                self.metrics.in_flight.set(state.in_flight as i64);
+                return Ok(self.slot(None));
+            }
+            if state.queued() >= self.queue_max && state.live_waiters() >= self.queue_max {
+                self.metrics.shed(Shed::QueueFull);
+                return Err(Shed::QueueFull);
+            }
+            let (grant, waiting) = oneshot::channel();
+            state.queues[priority as usize].push_back(grant);
+            self.metrics.queued.set(state.queued() as i64);
+            waiting
+        };
+        if let Some(fleet) = &self.fleet {
+            fleet.kick.notify_one();
+        }
+        match tokio::time::timeout(self.queue_timeout, waiting).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The grant is dropped only with the cap (its routes are gone), or timed out.
+            Ok(Err(_)) | Err(_) => {
+                self.metrics.queued.set(self.lock().live_waiters() as i64);
+                self.metrics.shed(Shed::QueueTimeout);
+                Err(Shed::QueueTimeout)
+            }
+        }
+    }
+
+    pub(super) fn slot(self: &Arc<Self>, lease: Option<String>) -> Slot {
+        Slot {
+            cap: Some(Arc::clone(self)),
+            lease,
+        }
+    }
+
+    /// Hands out a slot already counted in `in_flight` (with its lease, if any) to the
+    /// next live waiter; `Err` gives it back when nobody waits.
+    pub(super) fn hand_over(
+        self: &Arc<Self>,
+        state: &mut CapState,
+        lease: Option<String>,
+    ) -> Result<(), Option<String>> {
+        let mut lease = lease;
+        while let Some(waiter) = state.next_waiter() {
+            match waiter.send(self.slot(lease)) {
+                Ok(()) => {
+                    self.metrics.queued.set(state.queued() as i64);
+                    return Ok(());
+                }
+                Err(slot) => lease = slot.disarm(),
+            }
+        }
+        self.metrics.queued.set(0);
+        Err(lease)
+    }
+
+    /// A slot was dropped: without a fleet cap it goes to the next waiter at once;
+    /// with one, its lease is released (and the freed place handed out) by the
+    /// dispatcher.
+    fn release(self: &Arc<Self>, lease: Option<String>) {
+        let mut state = self.lock();
+        match &self.fleet {
+            None => {
+                if self.hand_over(&mut state, None).is_err() {
+                    state.in_flight -= 1;
+                }
+            }
+            Some(fleet) => {
+                state.in_flight -= 1;
+                if let Some(lease) = lease {
+                    state.leases.remove(&lease);
+                    state.freed.push(lease);
+                }
+                fleet.kick.notify_one();
+            }
+        }
+        self.metrics.in_flight.set(state.in_flight as i64);
+    }
+}
