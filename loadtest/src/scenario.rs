@@ -225,6 +225,14 @@ impl Scenario {
             caps: file.caps,
             fleet_cap: file.fleet_cap.unwrap_or(50),
         };
+        scenario.check()?;
+        Ok(scenario)
+    }
+
+    /// Refuses settings out of bounds (every run must end by itself) or that do not
+    /// fit the kind.
+    fn check(&self) -> anyhow::Result<()> {
+        let scenario = self;
         if !(1..=5000).contains(&scenario.rate) {
             bail!(
                 "rate must be 1 to 5000 requests per second, not {}",
@@ -270,7 +278,7 @@ impl Scenario {
         if scenario.upstream_delay.max(scenario.herd_delay) > Duration::from_secs(30) {
             bail!("upstream_delay and herd_delay must be at most 30s");
         }
-        Ok(scenario)
+        Ok(())
     }
 }
 

@@ -56,7 +56,7 @@ impl Route {
         if let UpstreamError::Shed(_) = err {
             return;
         }
-        self.metrics.upstream_error(err.kind());
+        self.metrics.upstream_error(err.kind().as_str());
         self.upstream
             .faults
             .failure(&self.config.name, self.upstream.display(), err);
@@ -66,7 +66,7 @@ impl Route {
     pub(crate) fn note_upstream_status(&self, status: StatusCode) {
         let (name, upstream) = (&self.config.name, self.upstream.display());
         if status.is_server_error() {
-            self.metrics.upstream_error(FailureKind::Status);
+            self.metrics.upstream_error(FailureKind::Status.as_str());
             self.upstream.faults.failure(name, upstream, &status);
         } else {
             self.upstream.faults.success(name, upstream);

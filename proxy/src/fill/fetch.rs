@@ -245,7 +245,9 @@ fn entry(
         ))),
         Err(err) => {
             tracing::warn!(route = %job.route.config.name, %err, "upstream response cannot be framed");
-            job.route.metrics.upstream_error(FailureKind::Protocol);
+            job.route
+                .metrics
+                .upstream_error(FailureKind::Protocol.as_str());
             None
         }
     }

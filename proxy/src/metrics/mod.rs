@@ -20,6 +20,8 @@ use prometheus_client::registry::Registry;
 
 pub(crate) use connection::ConnectionMetrics;
 pub use fleet::FleetMetrics;
+#[cfg(test)]
+pub(crate) use route::FAILURE_KINDS;
 pub(crate) use route::{CapMetrics, RouteMetrics, UpstreamReason};
 use route::{RouteFamilies, RouteLabel};
 
@@ -130,7 +132,6 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::http::cache_status::Served;
-    use crate::upstream::FailureKind;
 
     #[test]
     fn routes_get_every_series_and_counts_show_in_the_text() {
@@ -138,7 +139,7 @@ mod tests {
         let a = metrics.for_route("a");
         let _b = metrics.for_route("b");
         a.served(Served::StaleIfError);
-        a.upstream_error(FailureKind::Timeout);
+        a.upstream_error("timeout");
         let text = metrics.encode(10, 1, 0);
         assert!(
             text.contains("corral_requests_total{route=\"a\",cache_status=\"stale-if-error\"} 1"),

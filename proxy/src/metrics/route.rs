@@ -8,8 +8,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::http::cache_status::Served;
-use crate::upstream::cap::Shed;
-use crate::upstream::FailureKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -69,12 +67,13 @@ impl UpstreamReason {
     }
 }
 
-const FAILURE_KINDS: [FailureKind; 4] = [
-    FailureKind::Connect,
-    FailureKind::Timeout,
-    FailureKind::Protocol,
-    FailureKind::Status,
-];
+/// The upstream failures counted, by their labels (`upstream::FailureKind::as_str` of
+/// the kinds that reached the upstream; a test there checks each is here). Labels, not
+/// the enum: the upstream layer counts into metrics, so metrics must not depend on it.
+pub(crate) const FAILURE_KINDS: [&str; 4] = ["connect", "timeout", "protocol", "status"];
+
+/// Why the caps refused a request, by label.
+const SHED_REASONS: [&str; 2] = ["queue-full", "queue-timeout"];
 
 /// The families labelled by route, registered once; each route takes its counters
 /// from them ([`RouteFamilies::for_route`]).
@@ -206,7 +205,7 @@ impl RouteFamilies {
                         &self.upstream_errors,
                         ErrorLabels {
                             route: route.clone(),
-                            kind: k.as_str(),
+                            kind: k,
                         },
                     )
                 })
@@ -222,8 +221,8 @@ impl RouteFamilies {
             cap: CapMetrics {
                 in_flight: self.caps.in_flight.get_or_create(&label()).clone(),
                 queued: self.caps.queued.get_or_create(&label()).clone(),
-                queue_full: counter(&self.caps.shed, by_reason(Shed::QueueFull.as_str())),
-                queue_timeout: counter(&self.caps.shed, by_reason(Shed::QueueTimeout.as_str())),
+                queue_full: counter(&self.caps.shed, by_reason(SHED_REASONS[0])),
+                queue_timeout: counter(&self.caps.shed, by_reason(SHED_REASONS[1])),
                 unleased: counter(&self.caps.unleased, label()),
                 leases_lost: counter(&self.caps.leases_lost, label()),
             },
@@ -257,11 +256,14 @@ pub(crate) struct CapMetrics {
 }
 
 impl CapMetrics {
-    pub(crate) fn shed(&self, why: Shed) {
-        match why {
-            Shed::QueueFull => self.queue_full.inc(),
-            Shed::QueueTimeout => self.queue_timeout.inc(),
-        };
+    /// The queue was full.
+    pub(crate) fn queue_full(&self) {
+        self.queue_full.inc();
+    }
+
+    /// No slot came free within the queue timeout.
+    pub(crate) fn queue_timeout(&self) {
+        self.queue_timeout.inc();
     }
 
     pub(crate) fn unleased(&self, n: usize) {
@@ -291,9 +293,11 @@ impl RouteMetrics {
         self.upstream[reason as usize].inc();
     }
 
-    pub(crate) fn upstream_error(&self, kind: FailureKind) {
-        let i = FAILURE_KINDS.iter().position(|k| *k == kind).unwrap_or(0);
-        self.errors[i].inc();
+    /// An upstream failure, by its label (one of [`FAILURE_KINDS`]).
+    pub(crate) fn upstream_error(&self, kind: &str) {
+        if let Some(i) = FAILURE_KINDS.iter().position(|k| *k == kind) {
+            self.errors[i].inc();
+        }
     }
 
     pub(crate) fn early_refresh(&self) {

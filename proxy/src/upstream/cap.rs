@@ -43,15 +43,6 @@ pub(crate) enum Shed {
     QueueTimeout,
 }
 
-impl Shed {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Shed::QueueFull => "queue-full",
-            Shed::QueueTimeout => "queue-timeout",
-        }
-    }
-}
-
 /// One route's cap: its slots, its queue, and (fleet cap) its leases in Redis.
 pub(crate) struct UpstreamCap {
     limit: usize,
@@ -154,7 +145,7 @@ impl UpstreamCap {
                 return Ok(self.slot(None));
             }
             if state.queued() >= self.queue_max && state.live_waiters() >= self.queue_max {
-                self.metrics.shed(Shed::QueueFull);
+                self.metrics.queue_full();
                 return Err(Shed::QueueFull);
             }
             let (grant, waiting) = oneshot::channel();
@@ -170,7 +161,7 @@ impl UpstreamCap {
             // The grant is dropped only with the cap (its routes are gone), or timed out.
             Ok(Err(_)) | Err(_) => {
                 self.metrics.queued.set(self.lock().live_waiters() as i64);
-                self.metrics.shed(Shed::QueueTimeout);
+                self.metrics.queue_timeout();
                 Err(Shed::QueueTimeout)
             }
         }

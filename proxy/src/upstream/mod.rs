@@ -402,6 +402,18 @@ impl FaultLog {
 mod tests {
     use super::*;
 
+    #[test]
+    fn every_failure_that_reached_the_upstream_has_its_metric() {
+        let reached = [
+            FailureKind::Connect,
+            FailureKind::Timeout,
+            FailureKind::Protocol,
+            FailureKind::Status,
+        ];
+        let labels: Vec<&str> = reached.iter().map(|k| k.as_str()).collect();
+        assert_eq!(labels, crate::metrics::FAILURE_KINDS);
+    }
+
     fn is_failing(log: &FaultLog) -> bool {
         log.failing.load(Ordering::Relaxed)
     }
