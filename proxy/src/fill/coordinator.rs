@@ -297,6 +297,11 @@ impl Coordinator {
             FillOutcome::Filled(_) => Some(FillEvent::Filled(fence)),
             FillOutcome::Uncacheable(r) if r.waiters_retry() => Some(FillEvent::Retry),
             FillOutcome::Uncacheable(_) => Some(FillEvent::Uncacheable),
+            // Refused by this instance's upstream caps, not failed upstream: the other
+            // instances' waiters compete for the fill again (under their own caps).
+            FillOutcome::Failed(FailureKind::QueueFull | FailureKind::QueueTimeout) => {
+                Some(FillEvent::Retry)
+            }
             FillOutcome::Shared(_) | FillOutcome::Failed(_) => Some(FillEvent::Failed),
             FillOutcome::HolderFailed | FillOutcome::Elsewhere => None,
         };

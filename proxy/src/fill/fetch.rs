@@ -33,7 +33,11 @@ impl Filler {
             route.config.preserve_host,
             ProxyBody::empty(),
         );
-        let res = match route.upstream.send(upstream_req, job.kind.priority()).await {
+        let res = match route
+            .upstream
+            .send(upstream_req, Some(job.kind.priority()))
+            .await
+        {
             Ok(res) => res,
             Err(err) => {
                 route.note_upstream_error(&err);

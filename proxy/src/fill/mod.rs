@@ -162,7 +162,13 @@ pub(crate) struct WaitPolicy<'a> {
 impl WaitPolicy<'_> {
     pub(crate) fn of(route: &Route) -> WaitPolicy<'_> {
         WaitPolicy {
-            timeout: route.config.wait_timeout,
+            // A fill may first wait for its upstream slot: its followers wait as long
+            // again, or under a full queue each would give up and fetch on its own.
+            timeout: route.config.wait_timeout
+                + route
+                    .config
+                    .upstream_caps
+                    .map_or(Duration::ZERO, |caps| caps.queue_timeout),
             on_timeout: route.config.on_wait_timeout,
             metrics: &route.metrics,
         }

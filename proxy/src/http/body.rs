@@ -59,8 +59,14 @@ impl ProxyBody {
         }
     }
 
+    /// An upstream's body streamed to a client. It moves at the client's pace, so what
+    /// its exchange held (an upstream slot) is let go now: a slow reader must not hold
+    /// a capped route's slot.
     pub(crate) fn streaming(rest: UpstreamBody) -> ProxyBody {
-        ProxyBody::Streaming { prefix: None, rest }
+        ProxyBody::Streaming {
+            prefix: None,
+            rest: rest.released(),
+        }
     }
 
     /// A client's request body, to forward upstream; the client may wait at most
@@ -83,19 +89,19 @@ impl ProxyBody {
         }
     }
 
-    /// A stream of which `prefix` was already read.
+    /// A stream of which `prefix` was already read (see [`ProxyBody::streaming`]).
     pub(crate) fn resumed(prefix: Bytes, rest: UpstreamBody) -> ProxyBody {
         ProxyBody::Streaming {
             prefix: (!prefix.is_empty()).then_some(prefix),
-            rest,
+            rest: rest.released(),
         }
     }
 }
 
 pin_project! {
     /// A response body from the upstream, holding what its exchange holds (its slot
-    /// under the route's upstream caps) until the body ends, fails or is dropped: the
-    /// upstream's connection is busy until then.
+    /// under the route's upstream caps) while corral reads it itself (a fill), until it
+    /// ends, fails or is dropped: the upstream's connection is busy until then.
     pub(crate) struct UpstreamBody {
         #[pin]
         body: Incoming,
@@ -113,6 +119,14 @@ impl UpstreamBody {
             body,
             held: held.map(|h| Box::new(Box::new(h) as Box<dyn Send + Sync>)),
         }
+    }
+}
+
+impl UpstreamBody {
+    /// The same body, holding nothing any more.
+    fn released(mut self) -> UpstreamBody {
+        self.held = None;
+        self
     }
 }
 

@@ -24,6 +24,9 @@ impl Proxy {
     ) -> (Response<ProxyBody>, CacheStatus) {
         route.metrics.upstream_request(UpstreamReason::Pass);
         let client_fault = body.client_fault();
+        // An upload moves at its client's pace: it is not counted under the caps, or a
+        // slow client could hold a capped route's slots and shut everyone out.
+        let priority = http_body::Body::is_end_stream(&body).then_some(Priority::Request);
         let upstream_req = route.upstream.request(
             req.head.method.clone(),
             req.head.uri.path_and_query(),
@@ -32,7 +35,7 @@ impl Proxy {
             route.config.preserve_host,
             body,
         );
-        let sent = route.upstream.send(upstream_req, Priority::Request).await;
+        let sent = route.upstream.send(upstream_req, priority).await;
         // Whether a failure was the client's: its body failed or stalled.
         let blame = match &sent {
             Err(err) => client_fault.and_then(|f| f.blame(err.kind() == FailureKind::Timeout)),

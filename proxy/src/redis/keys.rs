@@ -29,12 +29,13 @@ impl RedisKeys {
     }
 }
 
-/// A route's upstream cap: its set of leases and its set of waiting instances, in one
-/// hash slot (route names are letters, digits, '-' and '_').
-pub(super) fn upstream_cap_keys(prefix: &str, route: &str) -> [String; 2] {
+/// A route's upstream cap: its set of leases, the line of waiting instances and their
+/// liveness, in one hash slot (route names are letters, digits, '-' and '_').
+pub(super) fn upstream_cap_keys(prefix: &str, route: &str) -> [String; 3] {
     [
         format!("{prefix}{{cap:{route}}}:leases"),
-        format!("{prefix}{{cap:{route}}}:waiting"),
+        format!("{prefix}{{cap:{route}}}:line"),
+        format!("{prefix}{{cap:{route}}}:alive"),
     ]
 }
 

@@ -86,8 +86,8 @@ impl Redis {
         RedisKeys::new(&self.settings.key_prefix, primary, key)
     }
 
-    /// A route's upstream cap leases and waiting instances.
-    pub(crate) fn upstream_cap_keys(&self, route: &str) -> [String; 2] {
+    /// A route's upstream cap leases, waiting line and liveness marks.
+    pub(crate) fn upstream_cap_keys(&self, route: &str) -> [String; 3] {
         keys::upstream_cap_keys(&self.settings.key_prefix, route)
     }
 

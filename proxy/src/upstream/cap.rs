@@ -64,9 +64,18 @@ pub(super) struct CapState {
     pub(super) leases: HashSet<String>,
     /// Leases of dropped slots, to be released in Redis by the dispatcher.
     pub(super) freed: Vec<String>,
+    /// Leases taken, once Redis was back, for slots let through without one during an
+    /// outage (so the fleet counts them); one is freed as each such slot drops.
+    pub(super) backfill: Vec<String>,
 }
 
 impl CapState {
+    /// Slots in flight without a lease counted for them in Redis (let through while
+    /// Redis was away, and not yet backfilled).
+    pub(super) fn unleased(&self) -> usize {
+        self.in_flight.saturating_sub(self.leases.len())
+    }
+
     fn queued(&self) -> usize {
         self.queues.iter().map(VecDeque::len).sum()
     }
@@ -106,6 +115,22 @@ impl Slot {
     }
 }
 
+/// A request waiting in the queue; however its wait ends (a slot, the timeout, its
+/// client gone), the queue forgets it and the gauge says so.
+struct Queued<'a> {
+    cap: &'a UpstreamCap,
+    grant: Option<oneshot::Receiver<Slot>>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        // Dropped first: a slot sent meanwhile is released, and the sender is closed.
+        drop(self.grant.take());
+        let waiting = self.cap.lock().live_waiters();
+        self.cap.metrics.queued.set(waiting as i64);
+    }
+}
+
 impl UpstreamCap {
     pub(crate) fn new(
         caps: &UpstreamCaps,
@@ -136,15 +161,26 @@ impl UpstreamCap {
 
     /// A slot: at once when one is free and nobody waits (without a fleet cap), else
     /// after waiting in the queue, at most the queue timeout.
+    ///
+    /// The queue bound counts the requests waiting beyond the free local slots (with a
+    /// fleet cap every request passes the queue for its lease); refreshes of cached
+    /// entries may wait in as many again, so that new keys filling the queue do not
+    /// shut them out.
     pub(crate) async fn admit(self: &Arc<Self>, priority: Priority) -> Result<Slot, Shed> {
-        let waiting = {
+        let grant = {
             let mut state = self.lock();
-            if self.fleet.is_none() && state.queued() == 0 && state.in_flight < self.limit {
+            let room = self.limit.saturating_sub(state.in_flight);
+            if self.fleet.is_none() && state.queued() == 0 && room > 0 {
                 state.in_flight += 1;
                 self.metrics.in_flight.set(state.in_flight as i64);
                 return Ok(self.slot(None));
             }
-            if state.queued() >= self.queue_max && state.live_waiters() >= self.queue_max {
+            let bound = room
+                + match priority {
+                    Priority::Refresh => self.queue_max * 2,
+                    Priority::Request => self.queue_max,
+                };
+            if state.queued() >= bound && state.live_waiters() >= bound {
                 self.metrics.queue_full();
                 return Err(Shed::QueueFull);
             }
@@ -156,11 +192,15 @@ impl UpstreamCap {
         if let Some(fleet) = &self.fleet {
             fleet.kick.notify_one();
         }
-        match tokio::time::timeout(self.queue_timeout, waiting).await {
+        let mut queued = Queued {
+            cap: self,
+            grant: Some(grant),
+        };
+        let grant = queued.grant.as_mut().expect("set above");
+        match tokio::time::timeout(self.queue_timeout, grant).await {
             Ok(Ok(slot)) => Ok(slot),
             // The grant is dropped only with the cap (its routes are gone), or timed out.
             Ok(Err(_)) | Err(_) => {
-                self.metrics.queued.set(self.lock().live_waiters() as i64);
                 self.metrics.queue_timeout();
                 Err(Shed::QueueTimeout)
             }
@@ -208,6 +248,8 @@ impl UpstreamCap {
             }
             Some(fleet) => {
                 state.in_flight -= 1;
+                // An unleased slot gives back a lease taken for it when Redis returned.
+                let lease = lease.or_else(|| state.backfill.pop());
                 if let Some(lease) = lease {
                     state.leases.remove(&lease);
                     state.freed.push(lease);

@@ -2,9 +2,10 @@
 //! sorted set of lease tokens scored by their expiry on Redis's clock, so a crashed
 //! instance's leases lapse by themselves (after the `[lock] ttl`), and a lease that
 //! lapsed cannot be renewed back into existence (its token is gone: renewal finds it
-//! missing and reports it lost). A second set marks the instances that are waiting,
-//! so that a freed place is shared fairly: an instance holding its share of the cap
-//! gets no more while others wait.
+//! missing and reports it lost). Instances whose requests wait for a place stand in a
+//! line (a second set, scored by when each began to wait; a third keeps each one's
+//! liveness): a place freed goes to those ahead first, so no instance starves, and an
+//! instance holding its share of the cap gets no more while others wait.
 //!
 //! One dispatcher task per capped route and instance talks to Redis for all of the
 //! instance's requests: each round is one script that releases the leases of finished
@@ -12,7 +13,9 @@
 //! leases as there are waiters with a local slot free. While the fleet is full it asks
 //! again every [`POLL`]; a local release or a new waiter wakes it at once. When Redis
 //! is unavailable the waiters are let through without a lease: each instance keeps to
-//! its own `upstream_concurrency`, and no request fails because Redis is down.
+//! its own `upstream_concurrency`, and no request fails because Redis is down. Once it
+//! is back, leases are taken for the requests still in flight without one, so the
+//! fleet counts them again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
@@ -26,16 +29,25 @@ use crate::redis::Redis;
 /// How often an instance whose waiters found the fleet full asks again.
 const POLL: Duration = Duration::from_millis(5);
 
-/// How long an instance counts as waiting after it last asked (so that a crashed
-/// waiter stops claiming a share).
+/// How often an instance with requests running unleased (Redis was away) tries to
+/// count them in Redis again.
+const BACKFILL_RETRY: Duration = Duration::from_millis(100);
+
+/// How long an instance counts as alive after it last asked (so that a crashed
+/// waiter leaves the line).
 const WAITING_MARK: Duration = Duration::from_millis(500);
 
-/// KEYS: leases, waiting (one hash slot). ARGV: lease ttl ms, cap, this instance, new
-/// leases wanted, leases this instance holds, waiting-mark ms, #freed, #held, then the
-/// freed tokens, the held tokens, and a token for each lease wanted. Lapsed leases are
-/// dropped first, then the freed released and the held renewed; new leases are granted
-/// up to the free places and this instance's fair share (the cap split among the
-/// instances waiting). Returns the number granted, then the held tokens found lapsed.
+/// KEYS: leases, line, alive (one hash slot). ARGV: lease ttl ms, cap, this instance,
+/// new leases wanted, leases this instance holds, alive-mark ms, #freed, #held, then
+/// the freed tokens, the held tokens, and a token for each lease wanted.
+///
+/// Values that are not corral's (another type: the prefix may be shared; a line of
+/// absurd length) are dropped, as are leases scored beyond a TTL from now (none can
+/// be) and lapsed ones; then the freed are released and the held renewed. New leases go
+/// to this instance up to the free places less one for each instance ahead of it in
+/// the line, and up to its fair share (the cap split among the instances in line). An
+/// instance given all it asked for leaves the line (and joins at its end next time).
+/// Returns the number granted, then the held tokens found lapsed.
 static EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
     crate::redis::script(
         r"
@@ -44,8 +56,18 @@ static EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
         local ttl, cap, me = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
         local want, mine, mark = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
         local nfreed, nheld = tonumber(ARGV[7]), tonumber(ARGV[8])
+        for k = 1, 3 do
+            local kind = redis.call('TYPE', KEYS[k])['ok']
+            if kind ~= 'zset' and kind ~= 'none' then redis.call('DEL', KEYS[k]) end
+        end
+        if redis.call('ZCARD', KEYS[2]) > 10000 then redis.call('DEL', KEYS[2]) end
         redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '(' .. (now + ttl), '+inf')
+        redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+        redis.call('ZREMRANGEBYSCORE', KEYS[3], '(' .. (now + mark), '+inf')
+        for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+            if not redis.call('ZSCORE', KEYS[3], m) then redis.call('ZREM', KEYS[2], m) end
+        end
         local i = 9
         for _ = 1, nfreed do redis.call('ZREM', KEYS[1], ARGV[i]); i = i + 1 end
         local out = {'0'}
@@ -58,16 +80,20 @@ static EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
             i = i + 1
         end
         if want > 0 then
-            redis.call('ZADD', KEYS[2], now + mark, me)
+            redis.call('ZADD', KEYS[2], 'NX', now, me)
+            redis.call('ZADD', KEYS[3], now + mark, me)
+            local ahead = redis.call('ZRANK', KEYS[2], me)
             local share = math.ceil(cap / redis.call('ZCARD', KEYS[2])) - mine
-            local n = math.min(want, cap - redis.call('ZCARD', KEYS[1]), share)
+            local free = cap - redis.call('ZCARD', KEYS[1]) - ahead
+            local n = math.max(0, math.min(want, free, share))
             for _ = 1, n do redis.call('ZADD', KEYS[1], now + ttl, ARGV[i]); i = i + 1 end
-            if n > 0 then out[1] = tostring(n) end
+            out[1] = tostring(n)
+            if n >= want then redis.call('ZREM', KEYS[2], me) end
         else
             redis.call('ZREM', KEYS[2], me)
+            redis.call('ZREM', KEYS[3], me)
         end
-        redis.call('PEXPIRE', KEYS[1], ttl * 2)
-        redis.call('PEXPIRE', KEYS[2], ttl * 2)
+        for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl * 2) end
         return out",
     )
 });
@@ -75,8 +101,8 @@ static EXCHANGE: LazyLock<redis::Script> = LazyLock::new(|| {
 /// A route's fleet cap, as one instance sees it.
 pub(crate) struct FleetCap {
     redis: Arc<Redis>,
-    /// The leases set and the waiting set.
-    keys: [String; 2],
+    /// The leases, the line of waiting instances, and their liveness.
+    keys: [String; 3],
     cap: u32,
     ttl: Duration,
     /// Wakes the dispatcher: a slot was freed or a request began to wait.
@@ -117,7 +143,7 @@ impl FleetCap {
                 format!("{}:{n}", self.redis.instance)
             })
             .collect();
-        let [leases, waiting] = self.keys.clone();
+        let [leases, line, alive] = self.keys.clone();
         let (ttl, cap, me) = (
             self.ttl.as_millis() as u64,
             self.cap,
@@ -131,7 +157,8 @@ impl FleetCap {
                 let (freed, held, tokens) = lists;
                 EXCHANGE
                     .key(leases)
-                    .key(waiting)
+                    .key(line)
+                    .key(alive)
                     .arg(ttl)
                     .arg(cap)
                     .arg(me)
@@ -187,39 +214,42 @@ pub(super) async fn dispatch(cap: Weak<UpstreamCap>) {
 }
 
 /// One round: what waits gets leases (or, Redis away, goes without), freed leases are
-/// released, held ones renewed when `renew`. Returns how long to wait for the next
-/// round unless kicked. `marked`: this instance's waiting mark is set in Redis.
+/// released, held ones renewed when `renew`, and slots let through during an outage
+/// get leases once Redis is back. Returns how long to wait for the next round unless
+/// kicked. `marked`: this instance stands in the line in Redis.
 async fn round(cap: &Arc<UpstreamCap>, renew: bool, marked: &mut bool) -> Duration {
     let Some(fleet) = cap.fleet.as_ref() else {
         return Duration::MAX;
     };
-    let (want, mine, freed, held) = {
+    let (waiters, backfill, mine, freed, held) = {
         let mut state = cap.lock();
-        let want = state
-            .live_waiters()
-            .min(cap.limit().saturating_sub(state.in_flight));
+        let room = cap.limit().saturating_sub(state.in_flight);
+        let waiters = state.live_waiters().min(room);
         let held: Vec<String> = if renew {
             state.leases.iter().cloned().collect()
         } else {
             Vec::new()
         };
-        (
-            want,
-            state.leases.len(),
-            std::mem::take(&mut state.freed),
-            held,
-        )
+        let freed = std::mem::take(&mut state.freed);
+        (waiters, state.unleased(), state.leases.len(), freed, held)
     };
+    let want = waiters + backfill;
     if want == 0 && freed.is_empty() && held.is_empty() && !*marked {
         return fleet.ttl / 3;
     }
-    let Some(granted) = fleet.exchange(want, mine, &freed, &held).await else {
+    let Some(mut granted) = fleet.exchange(want, mine, &freed, &held).await else {
         // Redis is away (its layer logs the outage once): the waiters go with the
         // local slots alone; freed and held leases lapse by themselves.
-        grant(cap, (0..want).map(|_| None));
-        cap.metrics.unleased(want);
+        grant(cap, (0..waiters).map(|_| None));
+        cap.metrics.unleased(waiters);
         *marked = false;
-        return fleet.ttl / 3;
+        // While requests run without a lease, look again soon: once Redis is back
+        // they are counted before the fleet hands their places out.
+        return if cap.lock().unleased() > 0 {
+            BACKFILL_RETRY
+        } else {
+            fleet.ttl / 3
+        };
     };
     *marked = want > 0;
     if !granted.lost.is_empty() {
@@ -230,9 +260,21 @@ async fn round(cap: &Arc<UpstreamCap>, renew: bool, marked: &mut bool) -> Durati
             state.leases.remove(lease);
         }
     }
-    let blocked = granted.leases.len() < want;
-    grant(cap, granted.leases.into_iter().map(Some));
-    if blocked {
+    // The slots let through during an outage are counted first.
+    let backfilled: Vec<String> = granted
+        .leases
+        .drain(..backfill.min(granted.leases.len()))
+        .collect();
+    if !backfilled.is_empty() {
+        let mut state = cap.lock();
+        state.leases.extend(backfilled.iter().cloned());
+        state.backfill.extend(backfilled);
+    }
+    let blocked = granted.leases.len() < waiters;
+    if grant(cap, granted.leases.into_iter().map(Some)) {
+        // A lease nobody waits for any more: released at once, not a round later.
+        Duration::ZERO
+    } else if blocked || backfill > 0 {
         POLL
     } else {
         fleet.ttl / 3
@@ -240,8 +282,9 @@ async fn round(cap: &Arc<UpstreamCap>, renew: bool, marked: &mut bool) -> Durati
 }
 
 /// Hands a slot with each lease to the next waiters; a lease nobody waits for any more
-/// is released at the next round.
-fn grant(cap: &Arc<UpstreamCap>, leases: impl Iterator<Item = Option<String>>) {
+/// goes back to be released (`true` when one did).
+fn grant(cap: &Arc<UpstreamCap>, leases: impl Iterator<Item = Option<String>>) -> bool {
+    let mut returned = false;
     let mut state = cap.lock();
     for lease in leases {
         state.in_flight += 1;
@@ -253,8 +296,10 @@ fn grant(cap: &Arc<UpstreamCap>, leases: impl Iterator<Item = Option<String>>) {
             if let Some(lease) = back {
                 state.leases.remove(&lease);
                 state.freed.push(lease);
+                returned = true;
             }
         }
     }
     cap.metrics.in_flight.set(state.in_flight as i64);
+    returned
 }

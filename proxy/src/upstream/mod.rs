@@ -213,14 +213,16 @@ impl Upstream {
     }
 
     /// Sends `req` once a slot under the route's caps is free (`priority` orders the
-    /// queue), waiting at most the response timeout for the response head; the slot is
-    /// held by the response body until it ends.
+    /// queue; `None` sends it uncapped), waiting at most the response timeout for the
+    /// response head; the slot is held by the response body while corral reads it.
     pub(crate) async fn send(
         &self,
         mut req: Request<ProxyBody>,
-        priority: Priority,
+        priority: Option<Priority>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        req.extensions_mut().insert(priority);
+        if let Some(priority) = priority {
+            req.extensions_mut().insert(priority);
+        }
         self.service.clone().oneshot(req).await
     }
 

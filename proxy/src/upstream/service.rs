@@ -88,7 +88,7 @@ impl<S> Layer<S> for CapLayer {
 }
 
 /// A service whose requests each wait for a slot first (at the [`Priority`] in their
-/// extensions); the slot rides in the response body until that ends.
+/// extensions; one without is not capped); the slot rides in the response body.
 #[derive(Clone)]
 pub(super) struct Capped<S> {
     cap: Option<Arc<UpstreamCap>>,
@@ -117,13 +117,12 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let cap = self.cap.clone();
         Box::pin(async move {
-            let slot = match cap {
-                Some(cap) => {
-                    let priority = req.extensions().get::<Priority>().copied();
-                    let slot = cap.admit(priority.unwrap_or_default()).await;
-                    Some(slot.map_err(UpstreamError::Shed)?)
+            let priority = req.extensions().get::<Priority>().copied();
+            let slot = match (cap, priority) {
+                (Some(cap), Some(priority)) => {
+                    Some(cap.admit(priority).await.map_err(UpstreamError::Shed)?)
                 }
-                None => None,
+                _ => None,
             };
             let res = inner.call(req).await?;
             Ok(res.map(|body| UpstreamBody::holding(body, slot)))
