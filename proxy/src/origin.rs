@@ -256,9 +256,15 @@ impl Drop for Origin {
 async fn answer(state: &State, req: Request<Incoming>) -> Response<OriginBody> {
     let in_flight = state.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     state.max_in_flight.fetch_max(in_flight, Ordering::SeqCst);
-    let res = respond(state, req).await;
-    state.in_flight.fetch_sub(1, Ordering::SeqCst);
-    res
+    // Counted down however the request ends: answered, or dropped with its connection.
+    struct Done<'a>(&'a AtomicU64);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _done = Done(&state.in_flight);
+    respond(state, req).await
 }
 
 /// The control API of an origin run as a process of its own (by the load tool):

@@ -311,3 +311,78 @@ async fn redis_command(redis: &RedisServer, args: &[&str]) -> Option<String> {
         other => Some(format!("{other:?}")),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_holding_leases_keeps_the_fleet_under_its_cap() {
+    let redis = RedisServer::start().await;
+    let h = Setup::origin(slow(1500))
+        .redis(&redis.url())
+        .lock("ttl = \"2s\"")
+        .route("fleet_upstream_concurrency = 3")
+        .start()
+        .await;
+    // A second instance on a runtime of its own, so that it can die at once: its tasks
+    // stop where they are, nothing is released in Redis.
+    let doomed = tokio::runtime::Runtime::new().unwrap();
+    let config = h.config.clone();
+    let addr = doomed
+        .spawn(async move {
+            let server = corral::start(&config).await.expect("corral starts");
+            let fleet = std::sync::Arc::clone(server.proxy().redis().expect("fleet mode"));
+            support::eventually("the instance joins the fleet", || {
+                let ready = fleet.ready();
+                async move { ready.then_some(()) }
+            })
+            .await;
+            let addr = server.listen_addr();
+            std::mem::forget(server);
+            addr
+        })
+        .await
+        .unwrap();
+    for i in 0..3 {
+        // Never answered (the instance dies first): the requests just need to be sent.
+        drop(tokio::spawn(async move {
+            let url: http::Uri = format!("http://{addr}/doomed/{i}").parse().unwrap();
+            let req = http::Request::get(url)
+                .body(http_body_util::Full::default())
+                .unwrap();
+            let _ = support::client().request(req).await;
+        }));
+    }
+    support::eventually(
+        "the doomed instance's requests are at the origin",
+        || async { (h.origin.requests() == 3).then_some(()) },
+    )
+    .await;
+    doomed.shutdown_background();
+
+    // Its three leases stay in Redis until they lapse (the lock TTL after their last
+    // renewal): the survivor's requests wait for those places, then have the cap.
+    let leases = "corral:{cap:t}:leases";
+    assert_eq!(
+        redis_command(&redis, &["ZCARD", leases]).await.as_deref(),
+        Some("3")
+    );
+    let only = [&h.server];
+    let survivor = cold_keys(&only, "after", 6);
+    let watch = async {
+        support::eventually("the survivor's requests wait", || async {
+            (h.metric("corral_upstream_queued{route=\"t\"}").await >= 1.0).then_some(())
+        })
+        .await;
+        let sent = h.origin.requests();
+        let dead = redis_command(&redis, &["ZCARD", leases]).await;
+        (sent, dead)
+    };
+    let (replies, (sent_while_waiting, dead_leases)) = tokio::join!(survivor, watch);
+
+    assert_eq!(
+        (sent_while_waiting, dead_leases.as_deref()),
+        (3, Some("3")),
+        "nothing sent while the dead instance's leases held the cap"
+    );
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
+    assert_eq!(h.origin.requests(), 9);
+    assert!(h.origin.max_in_flight() <= 3);
+}
