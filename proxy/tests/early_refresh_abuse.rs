@@ -126,7 +126,7 @@ async fn while_another_instance_holds_the_lock_a_copy_tries_its_refresh_once() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    let evals_before = evalsha_calls(&mut conn).await;
+    let evals_before = support::redis::command_calls(&redis, "evalsha").await;
 
     let c = client();
     let deadline = tokio::time::Instant::now() + DEADLINE * 2;
@@ -150,7 +150,7 @@ async fn while_another_instance_holds_the_lock_a_copy_tries_its_refresh_once() {
             labelled += 1;
         }
     }
-    let evals = evalsha_calls(&mut conn).await - evals_before;
+    let evals = support::redis::command_calls(&redis, "evalsha").await - evals_before;
     let counted = h.metric("corral_early_refreshes_total{route=\"t\"}").await;
     assert_eq!(
         h.origin.requests_for("/hot"),
@@ -163,21 +163,6 @@ async fn while_another_instance_holds_the_lock_a_copy_tries_its_refresh_once() {
          {labelled} hits said detail=early-refresh; {evals} lock scripts ran on Redis \
          while the entry was fresh"
     );
-}
-
-/// EVALSHA calls Redis has answered, from `INFO commandstats`.
-async fn evalsha_calls(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await
-        .unwrap();
-    info.lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// The HTTP/1 fast path rebuilds the request for an early refresh from the headers as

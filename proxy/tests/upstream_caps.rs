@@ -7,26 +7,8 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::redis::RedisServer;
-use support::{Harness, OriginBehaviour, Reply, Setup};
-
-fn slow(ms: u64) -> OriginBehaviour {
-    OriginBehaviour {
-        delay: Duration::from_millis(ms),
-        ..OriginBehaviour::default()
-    }
-}
-
-/// `n` distinct cold keys `/{prefix}/{i}`, all requested at once, spread over
-/// `servers` (each request on a connection of its own).
-async fn cold_keys(servers: &[&corral::RunningServer], prefix: &str, n: usize) -> Vec<Reply> {
-    let requests = (0..n).map(|i| {
-        let server = servers[i % servers.len()];
-        let path = format!("/{prefix}/{i}");
-        async move { Harness::get_from(server, &path).await }
-    });
-    futures_util::future::join_all(requests).await
-}
+use support::redis::{redis_command, redis_time_ms, RedisServer};
+use support::{cold_keys, slow, OriginBehaviour, Reply, Setup};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cap_of_n_is_never_exceeded_and_every_queued_request_is_served() {
@@ -278,38 +260,6 @@ async fn with_redis_down_each_instance_keeps_to_its_own_cap() {
             .await
             >= 10.0
     );
-}
-
-/// Redis's clock, in Unix milliseconds.
-async fn redis_time_ms(redis: &RedisServer) -> u64 {
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    secs * 1000 + micros / 1000
-}
-
-/// One command on `redis`; its reply as a string, if any.
-async fn redis_command(redis: &RedisServer, args: &[&str]) -> Option<String> {
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    let reply: redis::Value = cmd.query_async(&mut conn).await.unwrap();
-    match reply {
-        redis::Value::Nil => None,
-        redis::Value::Int(n) => Some(n.to_string()),
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
-        redis::Value::Double(d) => Some(d.to_string()),
-        other => Some(format!("{other:?}")),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

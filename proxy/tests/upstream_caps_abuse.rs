@@ -12,48 +12,9 @@ use std::time::Duration;
 
 use http::StatusCode;
 use support::raw::RawClient;
-use support::redis::RedisServer;
-use support::{Harness, OriginBehaviour, Reply, Setup};
+use support::redis::{redis_command, RedisServer};
+use support::{cold_keys, slow, Harness, OriginBehaviour, Setup};
 use tokio::io::AsyncWriteExt;
-
-fn slow(ms: u64) -> OriginBehaviour {
-    OriginBehaviour {
-        delay: Duration::from_millis(ms),
-        ..OriginBehaviour::default()
-    }
-}
-
-/// `n` distinct cold keys `/{prefix}/{i}`, all requested at once, spread over
-/// `servers` (each request on a connection of its own).
-async fn cold_keys(servers: &[&corral::RunningServer], prefix: &str, n: usize) -> Vec<Reply> {
-    let requests = (0..n).map(|i| {
-        let server = servers[i % servers.len()];
-        let path = format!("/{prefix}/{i}");
-        async move { Harness::get_from(server, &path).await }
-    });
-    futures_util::future::join_all(requests).await
-}
-
-/// One command on `redis`; its reply as a string, if any.
-async fn redis_command(redis: &RedisServer, args: &[&str]) -> Option<String> {
-    let mut conn = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let mut cmd = redis::cmd(args[0]);
-    for arg in &args[1..] {
-        cmd.arg(*arg);
-    }
-    let reply: redis::Value = cmd.query_async(&mut conn).await.unwrap();
-    match reply {
-        redis::Value::Nil => None,
-        redis::Value::Int(n) => Some(n.to_string()),
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
-        redis::Value::Okay => Some("OK".into()),
-        other => Some(format!("{other:?}")),
-    }
-}
 
 /// A client that starts a POST of `len` bytes to `path` and sends one byte of it every
 /// 100 ms until `stop` is set (a slow upload, well within any body timeout).

@@ -414,3 +414,22 @@ fn get_request(url: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
     }
     req.body(Full::default()).unwrap()
 }
+
+/// `n` distinct cold keys `/{prefix}/{i}`, all requested at once, spread over
+/// `servers` (each request on a connection of its own).
+pub async fn cold_keys(servers: &[&RunningServer], prefix: &str, n: usize) -> Vec<Reply> {
+    let requests = (0..n).map(|i| {
+        let server = servers[i % servers.len()];
+        let path = format!("/{prefix}/{i}");
+        async move { Harness::get_from(server, &path).await }
+    });
+    futures_util::future::join_all(requests).await
+}
+
+/// An origin that answers after `ms` milliseconds.
+pub fn slow(ms: u64) -> Behaviour {
+    Behaviour {
+        delay: Duration::from_millis(ms),
+        ..Behaviour::default()
+    }
+}
