@@ -13,13 +13,15 @@ use hyper_util::rt::TokioExecutor;
 use support::{OriginBehaviour, Setup, DEADLINE};
 
 #[tokio::test]
-async fn unmatched_path_is_404() {
+async fn unmatched_path_is_404_with_a_cache_status() {
     let h = Setup::default()
         .route("path_prefix = \"/api\"")
         .start()
         .await;
     let res = h.get("/apix").await;
     assert_eq!(res.status, StatusCode::NOT_FOUND);
+    // Like every response, it says what the cache made of it.
+    assert_eq!(res.cache_status(), "corral; detail=no-route");
     assert_eq!(h.get("/api/x").await.status, StatusCode::OK);
     assert_eq!(h.origin.requests(), 1);
 }

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 
 use crate::http::body::{ClientBlame, ProxyBody};
-use crate::http::cache_status::Detail;
+use crate::http::cache_status::{CacheStatus, Detail};
 use crate::http::request::BadRequest;
 use crate::upstream::{FailureKind, UpstreamError};
 
@@ -91,7 +91,9 @@ impl ProxyError {
     }
 }
 
-/// The response for `err`: its status and a one-line plain-text body.
+/// The response for `err`: its status, a one-line plain-text body, and a `Cache-Status`
+/// naming the error (the request path replaces it with the request's full status; a
+/// request refused before it has one, for no route or a malformed target, keeps it).
 pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     let status = err.status();
     let body = match err {
@@ -110,6 +112,10 @@ pub(crate) fn error_response(err: &ProxyError) -> Response<ProxyBody> {
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res.headers_mut().insert(
+        HeaderName::from_static("cache-status"),
+        CacheStatus::error(None, err.detail()).header_value(),
     );
     if status == StatusCode::METHOD_NOT_ALLOWED {
         res.headers_mut().insert(

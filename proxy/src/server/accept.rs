@@ -23,7 +23,7 @@ const RESERVED_FDS: u64 = 256;
 const MIN_CONNECTIONS: usize = 16;
 
 /// The answer to a connection past the limit: sent at once, before reading a request.
-const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncache-status: corral; detail=overloaded\r\ncontent-length: 0\r\n\
 connection: close\r\nretry-after: 1\r\n\r\n";
 
 /// The default connection limit for an open-file limit of `nofile` (`None`: unlimited):
