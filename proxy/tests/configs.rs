@@ -77,6 +77,9 @@ fn check_names_file_line_and_key_of_each_error() {
             &format!("listen = \"127.0.0.1:8080\"\n{ROUTE}[[route]]\nname = \"b\"\nupstream = \"http://x\"\n"),
             "bad.toml:5:1: route[1]: route \"b\" matches the same host and path_prefix as route \"api\"",
         ),
+        // A missing key is named where it is missing.
+        ("listen = \"127.0.0.1:8080\"\n[[route]]\nname = \"api\"\n", "bad.toml:2:1: route[0].upstream: is required and missing"),
+        (ROUTE, "bad.toml:1:1: listen: is required and missing"),
     ];
     for (text, expected) in cases {
         let (ok, _, stderr) = check(text);
@@ -89,12 +92,17 @@ fn check_names_file_line_and_key_of_each_error() {
 }
 
 #[test]
-fn missing_file_is_reported() {
+fn missing_file_is_reported_once_on_one_line_without_a_backtrace() {
     let out = Command::new(env!("CARGO_BIN_EXE_corral"))
         .args(["check", "/nonexistent/corral.toml"])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("/nonexistent/corral.toml: cannot read the config file"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        "Error: /nonexistent/corral.toml: cannot read the config file: No such file or directory (os error 2)",
+        "one line: no repeated cause, no backtrace"
+    );
 }

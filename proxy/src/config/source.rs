@@ -92,11 +92,20 @@ impl Source<'_> {
     /// enclosing table (`route[2]`) and the key on that line.
     pub(super) fn toml_error(&self, err: &toml::de::Error) -> ConfigError {
         let span = err.span().unwrap_or(0..0);
-        let message = err.message().trim().to_string();
+        let mut message = err.message().trim().to_string();
         let start = span.start.min(self.text.len());
+        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = self.text[start..]
+            .find('\n')
+            .map_or(self.text.len(), |i| start + i);
+        let line = &self.text[line_start..line_end];
+        // The table the error is in: the last header before it, or its own line when
+        // the error is about a whole table (a missing field points at its header; one
+        // missing from the document has an empty span).
+        let scanned = if span.is_empty() { start } else { line_end };
         let mut table = String::new();
         let mut route_index: Option<usize> = None;
-        for header in self.text[..start].lines().map(str::trim) {
+        for header in self.text[..scanned].lines().map(str::trim) {
             if header == "[[route]]" {
                 route_index = Some(route_index.map_or(0, |i| i + 1));
                 table = format!("route[{}]", route_index.unwrap_or(0));
@@ -107,17 +116,20 @@ impl Source<'_> {
                     .to_string();
             }
         }
-        let line_start = self.text[..start].rfind('\n').map_or(0, |i| i + 1);
-        let line_end = self.text[start..]
-            .find('\n')
-            .map_or(self.text.len(), |i| start + i);
-        let line = &self.text[line_start..line_end];
-        let name = match line.split_once('=') {
+        let mut name = match line.split_once('=') {
             Some((k, _)) if !line.trim_start().starts_with('[') => {
                 k.trim().trim_matches('"').to_string()
             }
             _ => String::new(),
         };
+        // serde's "missing field `upstream`": name the key that is missing.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|m| m.strip_suffix('`'))
+        {
+            name = field.to_string();
+            message = "is required and missing".to_string();
+        }
         let key = match (table.is_empty(), name.is_empty()) {
             (true, true) => "(document)".to_string(),
             (true, false) => name,
