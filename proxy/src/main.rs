@@ -89,13 +89,7 @@ fn error_line(err: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logs()?;
     match (cli.command, cli.config) {
         (Some(Command::Check { file }), _) => check(&file),
         (Some(Command::Demo(args)), _) => {
@@ -112,6 +106,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::bail!("nothing to do: pass --config FILE, or a command (see --help)")
         }
     }
+}
+
+/// Logs on stderr, filtered by `RUST_LOG` (default `info`): plain text, in colour only
+/// on a terminal (a file or a journal gets no escape codes), or one JSON object per
+/// line with `LOG_FORMAT=json` (for log shippers).
+fn init_logs() -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().init(),
+        Ok("text") | Err(_) => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        Ok(other) => anyhow::bail!("LOG_FORMAT={other:?}: use \"text\" (the default) or \"json\""),
+    }
+    Ok(())
 }
 
 /// The multi-threaded runtime, with `workers` threads (default: one per core this
