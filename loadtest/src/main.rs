@@ -117,12 +117,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let done = match Cli::parse().command {
         Command::Run(args) => run_scenario(args).await,
         Command::Demo(args) => demo(args).await,
         Command::Origin(args) => origin(args).await,
         Command::Proxy { config } => proxy(&config).await,
-    }
+    };
+    // The generated configs of this run's instances (scratch, not part of a report):
+    // their processes are gone by now.
+    let _ = std::fs::remove_dir_all(run::scratch_dir());
+    done
 }
 
 /// `run SCENARIO`: the scenario's runs, the table on stdout, the report on disk.

@@ -34,6 +34,12 @@ use summary::{Counts, Seen};
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// Where this process writes the configs of the instances it starts; removed when the
+/// command ends.
+pub fn scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("corral-loadtest-{}", std::process::id()))
+}
+
 /// Where the load goes: corral instances this tool starts, or proxies given with
 /// `--target` in front of the origin this tool starts.
 pub struct Setup {

@@ -108,9 +108,7 @@ pub(super) async fn start_sized(
     // Generated configs hold this run's ports: scratch, not part of the report. A dir
     // per start, as fleet-scale runs two sets of instances at once.
     static STARTS: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir()
-        .join(format!("corral-loadtest-{}", std::process::id()))
-        .join(STARTS.fetch_add(1, Ordering::Relaxed).to_string());
+    let dir = super::scratch_dir().join(STARTS.fetch_add(1, Ordering::Relaxed).to_string());
     let mut started = Vec::new();
     for i in 0..instances {
         started.push(supervise::corral(&config, &dir, i)?);
