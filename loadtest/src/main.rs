@@ -217,6 +217,9 @@ async fn serve_until_ctrl_c(scenario: &Scenario, setup: &run::Setup) -> anyhow::
     for proxy in &running.proxies[1..] {
         println!("  curl -si http://{proxy}/demo/hello | grep -iE '^(HTTP|cache-status)'   # another instance: a hit from Redis");
     }
+    if let Some(admin) = running.admins.first() {
+        println!("  curl -s http://{admin}/metrics | grep -E '^corral_(requests|upstream_requests)_total'   # metrics (admin listener)");
+    }
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

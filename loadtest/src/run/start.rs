@@ -145,6 +145,7 @@ pub async fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running
     let started = start(scenario, setup, &Mode::protected()).await?;
     Ok(Running {
         proxies: started.proxies.clone(),
+        admins: started.instances.iter().map(|i| i.admin).collect(),
         _started: started,
     })
 }
@@ -152,5 +153,7 @@ pub async fn serve(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Running
 /// Processes kept running for the user; killed when dropped.
 pub struct Running {
     pub proxies: Vec<SocketAddr>,
+    /// Each instance's admin listener (metrics, health, purges).
+    pub admins: Vec<SocketAddr>,
     _started: Started,
 }

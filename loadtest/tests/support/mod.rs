@@ -30,7 +30,10 @@ pub fn run_tiny(dir: &Path, text: &str, args: &[&str]) -> (String, Value) {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert!(left.is_empty(), "the run left {left:?} in its temporary directory");
+    assert!(
+        left.is_empty(),
+        "the run left {left:?} in its temporary directory"
+    );
     let report = std::fs::read_to_string(dir.join("tiny/report.json")).unwrap();
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
