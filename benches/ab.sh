@@ -6,6 +6,7 @@
 #
 #   bash benches/ab.sh REV                    # e.g. bash benches/ab.sh main~5
 #   ROUNDS=12 SECONDS_PER_RUN=5 bash benches/ab.sh REV
+#   B_SETTINGS='access_log = "/tmp/access.log"' bash benches/ab.sh HEAD   # a setting's cost
 #
 # Needs wrk and redis-server (installed from Debian's packages when missing). REV is
 # built in a temporary git worktree with this tree's target directory, so dependencies
@@ -72,6 +73,8 @@ for side in a b; do
     for tier in local shared; do
         settings=$LOCAL
         [ "$tier" = shared ] && settings=$SHARED
+        # B_SETTINGS: top-level lines for B alone (the same code with a setting on).
+        [ "$side" = b ] && [ -n "${B_SETTINGS:-}" ] && settings="$B_SETTINGS\n$settings"
         start "$side-$tier" "$WORK/corral-$side" "$settings"
         PORT[$side-$tier]=$STARTED_PORT
         PID[$side-$tier]=$STARTED_PID

@@ -38,6 +38,7 @@
 // read them with `cargo doc --document-private-items`.
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub(crate) mod access_log;
 pub mod cache;
 pub mod config;
 pub mod demo;

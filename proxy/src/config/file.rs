@@ -5,7 +5,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::limits::FileLimits;
-use super::settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode};
+use super::settings::{AccessLogFormat, EncodedSlashes, LockMode, OnWaitTimeout, QueryMode};
 use super::source::Text;
 
 #[derive(Debug, Deserialize)]
@@ -17,6 +17,8 @@ pub(super) struct FileConfig {
     pub(super) shutdown_grace: Option<Text>,
     pub(super) workers: Option<Spanned<u32>>,
     pub(super) trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub(super) access_log: Option<Text>,
+    pub(super) access_log_format: Option<Spanned<AccessLogFormat>>,
     #[serde(default)]
     pub(super) cache: FileCache,
     #[serde(default)]

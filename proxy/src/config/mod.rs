@@ -37,6 +37,7 @@ pub use settings::RedisSettings;
 pub use settings::RouteConfig;
 pub use settings::TokenSource;
 pub use settings::UpstreamCaps;
+pub use settings::{AccessLogFormat, AccessLogSettings};
 pub(crate) use settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode, ADMIN_TOKEN_ENV};
 pub use source::ConfigError;
 
@@ -68,6 +69,8 @@ pub struct Config {
     /// Client connections: how many, and the timeouts that free them.
     pub limits: LimitsSettings,
     pub routes: Vec<RouteConfig>,
+    /// One line per request; `None`: off.
+    pub(crate) access_log: Option<AccessLogSettings>,
 }
 
 /// The settings corral reads from its environment rather than the file. Passed in, not
@@ -104,6 +107,7 @@ impl Config {
             lock: LockSettings::default(),
             limits: LimitsSettings::default(),
             routes,
+            access_log: None,
         }
     }
 

@@ -139,6 +139,26 @@ pub(crate) enum QueryMode {
     Ignore,
 }
 
+/// The access log: where its lines go and how they are written (`access_log`,
+/// `access_log_format`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    /// `None`: standard output; else the file, appended to.
+    pub(crate) path: Option<std::path::PathBuf>,
+    pub(crate) format: AccessLogFormat,
+}
+
+/// How access-log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// NCSA combined, then corral's fields as `key=value`.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
 /// What a request that waited on another's fill for too long does then.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::file::{FileCache, FileConfig, FileRoute};
 use super::settings::{
-    AdminToken, CacheSettings, OnWaitTimeout, RouteConfig, TokenSource, ADMIN_TOKEN_ENV,
-    DEFAULT_WAIT_TIMEOUT,
+    AccessLogFormat, AccessLogSettings, AdminToken, CacheSettings, OnWaitTimeout, RouteConfig,
+    TokenSource, ADMIN_TOKEN_ENV, DEFAULT_WAIT_TIMEOUT,
 };
 use super::source::Text;
 use super::source::{validated_span, ConfigError, Source};
@@ -97,6 +97,7 @@ impl FileConfig {
         if let Some(list) = &self.trusted_proxies {
             config.trusted_proxies = trusted_proxies(src, list)?;
         }
+        config.access_log = access_log(src, &self)?;
         config.cache = self.cache.validate(src)?;
         let wait_timeout = optional(
             src,
@@ -119,6 +120,26 @@ impl FileConfig {
         config.routes = routes(src, self.routes, wait_timeout, on_wait_timeout)?;
         Ok(config)
     }
+}
+
+/// `access_log`: "stdout" or a file path; `access_log_format` only with it.
+fn access_log(src: &Source, file: &FileConfig) -> Result<Option<AccessLogSettings>, ConfigError> {
+    let format = file.access_log_format.as_ref();
+    let Some(to) = &file.access_log else {
+        return match format {
+            Some(f) => Err(src.error(f.span(), "access_log_format", "needs access_log")),
+            None => Ok(None),
+        };
+    };
+    let path = match to.get_ref().trim() {
+        "" => return Err(src.error(to.span(), "access_log", "must be \"stdout\" or a file path")),
+        "stdout" => None,
+        path => Some(std::path::PathBuf::from(path)),
+    };
+    Ok(Some(AccessLogSettings {
+        path,
+        format: format.map_or_else(AccessLogFormat::default, |f| *f.get_ref()),
+    }))
 }
 
 /// `workers`: a thread count, or `None` for one per core.

@@ -126,17 +126,25 @@ impl Detail {
     }
 }
 
+fn secs(s: i64) -> i32 {
+    s.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+}
+
 /// One response's cache status.
 #[derive(Debug, Clone)]
 pub struct CacheStatus {
     pub(crate) served: Served,
     hit: bool,
     fwd: Option<Fwd>,
-    ttl: Option<i64>,
+    /// Seconds (entries' lifetimes are clamped to 2^31 s, so 32 bits hold any).
+    ttl: Option<i32>,
     fwd_status: Option<u16>,
     stored: bool,
     collapsed: bool,
     detail: Option<Detail>,
+    /// How long the upstream took to answer this response, in microseconds (for the
+    /// access log; 32 bits keep every response as small as before).
+    upstream_us: Option<u32>,
 }
 
 impl CacheStatus {
@@ -150,13 +158,25 @@ impl CacheStatus {
             stored: false,
             collapsed: false,
             detail: None,
+            upstream_us: None,
         }
+    }
+
+    /// The same status, for a response the upstream took `took` to answer.
+    pub(crate) fn with_upstream_time(mut self, took: std::time::Duration) -> CacheStatus {
+        self.upstream_us = Some(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        self
+    }
+
+    pub(crate) fn upstream_time(&self) -> Option<std::time::Duration> {
+        self.upstream_us
+            .map(|us| std::time::Duration::from_micros(u64::from(us)))
     }
 
     pub fn hit(ttl_secs: i64) -> CacheStatus {
         CacheStatus {
             hit: true,
-            ttl: Some(ttl_secs),
+            ttl: Some(secs(ttl_secs)),
             ..CacheStatus::new(Served::Hit)
         }
     }
@@ -164,7 +184,7 @@ impl CacheStatus {
     pub(crate) fn stale_while_revalidate(stale_secs: i64) -> CacheStatus {
         CacheStatus {
             hit: true,
-            ttl: Some(-stale_secs),
+            ttl: Some(secs(-stale_secs)),
             detail: Some(Detail::StaleWhileRevalidate),
             ..CacheStatus::new(Served::StaleWhileRevalidate)
         }

@@ -33,6 +33,8 @@ pub struct Metrics {
     tags_dropped: Family<RouteLabel, Counter>,
     pub(crate) fleet: FleetMetrics,
     pub(crate) connections: ConnectionMetrics,
+    /// Access-log lines dropped because the writer fell behind.
+    pub(crate) access_log_dropped: Counter,
 }
 
 /// The local cache's size and the fills in progress, set when the metrics are read.
@@ -87,6 +89,12 @@ impl Metrics {
         fleet.register(&mut registry);
         let connections = ConnectionMetrics::default();
         connections.register(&mut registry);
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind (never waited for)",
+            access_log_dropped.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             routes,
@@ -94,6 +102,7 @@ impl Metrics {
             tags_dropped,
             fleet,
             connections,
+            access_log_dropped,
         }
     }
 

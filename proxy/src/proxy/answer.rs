@@ -11,7 +11,7 @@ use super::error::{error_response, ProxyError};
 use crate::cache::{CacheEntry, Freshness};
 use crate::fill::LeaderReply;
 use crate::http::body::ProxyBody;
-use crate::http::cache_status::CacheStatus;
+use crate::http::cache_status::{CacheStatus, Served};
 use crate::http::headers;
 
 /// Seconds of freshness left; negative when stale.
@@ -28,7 +28,16 @@ pub(super) fn reply_response(
     reply: LeaderReply,
 ) -> Result<(Response<ProxyBody>, CacheStatus), CacheStatus> {
     match reply {
-        LeaderReply::Entry(entry, status) => Ok((respond(req, &entry), status)),
+        LeaderReply::Entry(entry, status) => {
+            // A fetched entry's fetch time is this response's upstream time.
+            let status = match status.served {
+                Served::Miss | Served::Collapsed | Served::Revalidated => {
+                    status.with_upstream_time(entry.fetch_time())
+                }
+                _ => status,
+            };
+            Ok((respond(req, &entry), status))
+        }
         LeaderReply::Response(res, status) => Ok((for_method(req, res), status)),
         LeaderReply::Failed(kind, status) => {
             let res = error_response(&ProxyError::SharedFailure(kind));

@@ -24,6 +24,7 @@ use http::{request, Method, Request, Response};
 use hyper::body::Incoming;
 use tracing::{field, Instrument, Span};
 
+use crate::access_log::{self, AccessLog};
 use crate::cache::entry::CacheEntry;
 use crate::cache::local::LocalCache;
 use crate::cache::shared::SharedCache;
@@ -49,6 +50,8 @@ pub struct LocalHit {
     pub(crate) status: CacheStatus,
     /// The `Age` to send, in seconds.
     pub(crate) age: u64,
+    /// The route, when an access log wants its name.
+    pub(crate) route: Option<Arc<Route>>,
 }
 
 /// The proxy: routes, cache tiers and fill locks, shared by all connections.
@@ -63,6 +66,8 @@ pub struct Proxy {
     admin_token: Option<AdminToken>,
     /// `[limits] body_timeout`: how long a forwarded body may wait on its client.
     body_timeout: std::time::Duration,
+    /// One line per request, when configured.
+    access_log: Option<AccessLog>,
 }
 
 /// A request as the cache path needs it: the client's head, prepared for forwarding.
@@ -141,7 +146,18 @@ impl Proxy {
             metrics,
             admin_token: config.admin_token.clone(),
             body_timeout: config.limits.body_timeout,
+            access_log: None,
         }
+    }
+
+    /// This proxy, writing `log`'s lines.
+    pub(crate) fn logging(mut self, log: Option<AccessLog>) -> Proxy {
+        self.access_log = log;
+        self
+    }
+
+    pub(crate) fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
     }
 
     pub fn cache(&self) -> &Cache {
@@ -169,15 +185,36 @@ impl Proxy {
         self.admin_token.as_ref()
     }
 
-    /// Serves one client request. Never fails: every error becomes a response.
+    /// Serves one client request. Never fails: every error becomes a response. With
+    /// an access log, the request's line is written once it is answered.
     pub(crate) async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
+        let Some(log) = &self.access_log else {
+            return self.answer_request(req, client).await.0;
+        };
+        let started = std::time::Instant::now();
+        let line = access_log::RequestLine::of(&req, client.ip());
+        let (res, route, status) = self.answer_request(req, client).await;
+        log.record(&line.record(&res, route.as_deref(), &status, started.elapsed()));
+        res
+    }
+
+    /// The response to a request, with its route (if it has one) and its status.
+    async fn answer_request(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> (Response<ProxyBody>, Option<Arc<Route>>, CacheStatus) {
+        let refused = |err: &ProxyError| {
+            let status = CacheStatus::error(None, err.detail());
+            (error_response(err), None, status)
+        };
         if req.method() == Method::CONNECT {
             // A reverse proxy opens no tunnels.
-            return error_response(&ProxyError::MethodNotAllowed);
+            return refused(&ProxyError::MethodNotAllowed);
         }
         let (mut head, body) = req.into_parts();
         let trusted = self.trusts(client.ip());
@@ -185,7 +222,7 @@ impl Proxy {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(path = head.uri.path(), error = %err, "refused");
-                return error_response(&err);
+                return refused(&err);
             }
         };
         // Debug level: a span per request costs on every hit; RUST_LOG=corral=debug shows it.
@@ -208,7 +245,7 @@ impl Proxy {
             route.metrics.served(status.served);
             Span::current().record("cache", status.served.as_str());
             tracing::debug!(status = res.status().as_u16(), "served");
-            finish(res, &status)
+            (finish(res, &status), Some(route), status)
         }
         .instrument(span)
         .await
@@ -310,6 +347,7 @@ impl Proxy {
             age: entry.age(now),
             entry,
             status,
+            route: self.access_log.is_some().then(|| Arc::clone(route)),
         })
     }
 

@@ -35,7 +35,9 @@ impl Proxy {
             route.config.preserve_host,
             body,
         );
+        let sent_at = std::time::Instant::now();
         let sent = route.upstream.send(upstream_req, priority).await;
+        let status = status.with_upstream_time(sent_at.elapsed());
         // Whether a failure was the client's: its body failed or stalled.
         let blame = match &sent {
             Err(err) => client_fault.and_then(|f| f.blame(err.kind() == FailureKind::Timeout)),

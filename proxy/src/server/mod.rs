@@ -27,6 +27,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, LimitsSettings};
 use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::proxy::Proxy;
@@ -38,6 +39,12 @@ pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the access log {path}: {source}")]
+    AccessLog {
+        path: String,
         #[source]
         source: std::io::Error,
     },
@@ -82,7 +89,21 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 /// Binds the listeners and starts serving in the background.
 pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let metrics = Arc::new(Metrics::new());
-    let proxy = Arc::new(Proxy::new(config, Arc::clone(&metrics)));
+    let access_log = match &config.access_log {
+        Some(settings) => Some(
+            AccessLog::start(settings, metrics.access_log_dropped.clone()).map_err(|source| {
+                ServerError::AccessLog {
+                    path: settings
+                        .path
+                        .as_ref()
+                        .map_or("stdout".into(), |p| p.display().to_string()),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::new(config, Arc::clone(&metrics)).logging(access_log));
     let listener = bind(config.listen).await?;
     let admin = match config.admin_listen {
         Some(addr) => Some(bind(addr).await?),
