@@ -1,13 +1,16 @@
 //! The access log: one line per request (fast-path hits included), written off the
-//! request path. A request formats its line and hands it to a bounded channel without
-//! waiting; one thread writes the lines through a buffer and flushes when the channel
-//! runs dry. When the writer falls behind (a full disk, a stalled pipe) lines are
-//! dropped and counted, never waited for: logging must not slow serving.
+//! request path. A request formats its line in a buffer of its thread, then appends it
+//! to the log's shared buffer under a short lock; a thread of its own swaps that buffer
+//! out every [`FLUSH_EVERY`] and writes it. No request waits on a write or wakes the
+//! writer. When the writer falls behind (a full disk, a stalled pipe) and the buffer
+//! holds [`MAX_PENDING`] bytes, lines are dropped and counted, never waited for.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, Method, Version};
@@ -15,17 +18,31 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::config::{AccessLogFormat, AccessLogSettings};
 
-/// Lines waiting for the writer at most; past this they are dropped.
-const BACKLOG: usize = 64 * 1024;
+/// How often the writer writes out what accumulated.
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
-/// How long the writer waits for more lines before it flushes what it has.
-const FLUSH_AFTER: Duration = Duration::from_millis(100);
+/// The most bytes waiting for the writer; past this, lines are dropped.
+const MAX_PENDING: usize = 16 * 1024 * 1024;
 
 /// The running access log.
 pub(crate) struct AccessLog {
-    lines: SyncSender<String>,
+    shared: Arc<Shared>,
     format: AccessLogFormat,
-    pub(crate) dropped: Counter,
+    dropped: Counter,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// What the requests and the writer share. Invariant: requests only append whole
+/// lines to `pending` (under its lock); only the writer takes them out.
+struct Shared {
+    pending: Mutex<Vec<u8>>,
+    /// Set when the log is dropped: the writer writes what is left and ends.
+    closed: AtomicBool,
+}
+
+thread_local! {
+    /// This thread's line being formatted, and the last second's time text.
+    static SCRATCH: RefCell<(String, u64, String)> = const { RefCell::new((String::new(), u64::MAX, String::new())) };
 }
 
 /// What the log keeps of a request, taken before it is served (and only when logging).
@@ -145,53 +162,86 @@ impl AccessLog {
                     .open(path)?,
             ),
         };
-        let (lines, received) = sync_channel(BACKLOG);
-        std::thread::Builder::new()
-            .name("corral-access-log".into())
-            .spawn(move || write_lines(&received, out))?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(64 * 1024)),
+            closed: AtomicBool::new(false),
+        });
+        let writer = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("corral-access-log".into())
+                .spawn(move || write_out(&shared, out))?
+        };
         Ok(AccessLog {
-            lines,
+            shared,
             format: settings.format,
             dropped,
+            writer: Some(writer),
         })
     }
 
-    /// Logs `record`, without waiting.
+    /// Logs `record`, without waiting on the writer.
     pub(crate) fn record(&self, record: &Record<'_>) {
-        let line = match self.format {
-            AccessLogFormat::Combined => combined(record),
-            AccessLogFormat::Json => json(record),
-        };
-        if let Err(TrySendError::Full(_)) = self.lines.try_send(line) {
-            self.dropped.inc();
+        SCRATCH.with(|scratch| {
+            let (line, second, time) = &mut *scratch.borrow_mut();
+            line.clear();
+            match self.format {
+                AccessLogFormat::Combined => combined(line, record, (second, time)),
+                AccessLogFormat::Json => json(line, record),
+            }
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if pending.len() + line.len() > MAX_PENDING {
+                drop(pending);
+                self.dropped.inc();
+            } else {
+                pending.extend_from_slice(line.as_bytes());
+            }
+        });
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        if let Some(writer) = self.writer.take() {
+            writer.thread().unpark();
+            let _ = writer.join();
         }
     }
 }
 
-/// The writer: lines through a buffer, flushed whenever none came for a moment; ends
-/// when every sender is gone.
-fn write_lines(lines: &Receiver<String>, out: Box<dyn std::io::Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+/// The writer: every [`FLUSH_EVERY`] (or when the log closes), takes what accumulated
+/// and writes it; a failure is logged once until writing works again.
+fn write_out(shared: &Shared, mut out: Box<dyn std::io::Write + Send>) {
+    let mut batch = Vec::with_capacity(64 * 1024);
     let mut failed = false;
     loop {
-        let line = match lines.recv_timeout(FLUSH_AFTER) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => {
-                let _ = out.flush();
-                continue;
+        std::thread::park_timeout(FLUSH_EVERY);
+        let closed = shared.closed.load(Ordering::Acquire);
+        std::mem::swap(
+            &mut batch,
+            &mut *shared.pending.lock().unwrap_or_else(|e| e.into_inner()),
+        );
+        if !batch.is_empty() {
+            match out.write_all(&batch).and_then(|()| out.flush()) {
+                Ok(()) => failed = false,
+                Err(error) => {
+                    if !failed {
+                        tracing::warn!(%error, "cannot write the access log; lines are lost until it works again");
+                    }
+                    failed = true;
+                }
             }
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        if let Err(error) = out.write_all(line.as_bytes()) {
-            if !failed {
-                tracing::warn!(%error, "cannot write the access log; lines are lost until it works again");
-            }
-            failed = true;
-        } else {
-            failed = false;
+            batch.clear();
+        }
+        if closed {
+            return;
         }
     }
-    let _ = out.flush();
 }
 
 fn header(headers: &HeaderMap, name: http::header::HeaderName) -> Option<&str> {
@@ -203,27 +253,41 @@ fn millis(d: Duration) -> f64 {
 }
 
 /// NCSA combined (`client - - [time] "request" status bytes "referer" "agent"`), then
-/// corral's fields: `host= route= cache= duration_ms= upstream_ms=`.
-fn combined(r: &Record<'_>) -> String {
-    let mut line = String::with_capacity(256);
-    let quoted = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let _ =
-        write!(
+/// corral's fields: `host= route= cache= duration_ms= upstream_ms=`. Written into
+/// `line` with no allocation (`clock`: the last second's time text, reused).
+fn combined(line: &mut String, r: &Record<'_>, clock: (&mut u64, &mut String)) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let (second, time) = clock;
+    if *second != now {
+        *second = now;
+        time.clear();
+        clf_time(time, now);
+    }
+    let l = r.line;
+    let _ = write!(line, "{} - - [{time}] \"{} ", l.client, l.method);
+    escaped(line, &l.target);
+    let _ = write!(line, " {:?}\" {} ", l.version, r.status);
+    match r.bytes {
+        Some(b) => {
+            let _ = write!(line, "{b}");
+        }
+        None => line.push('-'),
+    }
+    line.push_str(" \"");
+    escaped(line, l.referer.as_deref().unwrap_or("-"));
+    line.push_str("\" \"");
+    escaped(line, l.user_agent.as_deref().unwrap_or("-"));
+    line.push_str("\" host=");
+    line.push_str(if l.host.is_empty() { "-" } else { &l.host });
+    let _ = write!(
         line,
-        "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" host={} route={} cache={} duration_ms={}",
-        r.line.client,
-        clf_time(SystemTime::now()),
-        r.line.method,
-        quoted(&r.line.target),
-        r.line.version,
-        r.status,
-        r.bytes.map_or("-".to_string(), |b| b.to_string()),
-        quoted(r.line.referer.as_deref().unwrap_or("-")),
-        quoted(r.line.user_agent.as_deref().unwrap_or("-")),
-        if r.line.host.is_empty() { "-" } else { &r.line.host },
+        " route={} cache={} duration_ms={}",
         r.route,
         r.cache,
-        millis(r.duration),
+        millis(r.duration)
     );
     match r.upstream {
         Some(up) => {
@@ -231,12 +295,25 @@ fn combined(r: &Record<'_>) -> String {
         }
         None => line.push_str(" upstream_ms=-\n"),
     }
-    line
 }
 
-/// One JSON object.
-fn json(r: &Record<'_>) -> String {
-    let mut line = String::with_capacity(320);
+/// `s` inside a quoted field: quotes and backslashes escaped, control characters as
+/// `\xNN` (a client's bytes must not forge or break a line).
+fn escaped(line: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '"' => line.push_str("\\\""),
+            '\\' => line.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(line, "\\x{:02x}", c as u32);
+            }
+            c => line.push(c),
+        }
+    }
+}
+
+/// One JSON object, written into `line`.
+fn json(line: &mut String, r: &Record<'_>) {
     let time = humantime::format_rfc3339_millis(SystemTime::now());
     let _ = write!(
         line,
@@ -253,7 +330,7 @@ fn json(r: &Record<'_>) -> String {
         ("user_agent", r.line.user_agent.as_deref().unwrap_or("")),
     ] {
         let _ = write!(line, "\"{name}\":");
-        json_string(&mut line, value);
+        json_string(line, value);
         line.push(',');
     }
     let _ = write!(line, "\"status\":{},\"bytes\":", r.status);
@@ -275,7 +352,6 @@ fn json(r: &Record<'_>) -> String {
         None => line.push_str("null"),
     }
     line.push_str("}\n");
-    line
 }
 
 /// `s` as a JSON string (quotes, backslashes and control characters escaped).
@@ -294,21 +370,22 @@ pub(crate) fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// `10/Oct/2000:13:55:36 +0000`, the common log format's time, in UTC.
-fn clf_time(at: SystemTime) -> String {
+/// `10/Oct/2000:13:55:36 +0000`, the common log format's time (UTC) of Unix second
+/// `secs`, appended to `out`.
+fn clf_time(out: &mut String, secs: u64) {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!(
+    let _ = write!(
+        out,
         "{d:02}/{}/{y}:{:02}:{:02}:{:02} +0000",
         MONTHS[(m - 1) as usize],
         rest / 3600,
         rest % 3600 / 60,
         rest % 60
-    )
+    );
 }
 
 /// The calendar date of a day count since 1970-01-01 (Howard Hinnant's algorithm).
@@ -331,11 +408,21 @@ mod tests {
 
     #[test]
     fn clf_times_are_calendar_dates() {
-        let at = UNIX_EPOCH + Duration::from_secs(971_186_136); // 2000-10-10T13:55:36Z
-        assert_eq!(clf_time(at), "10/Oct/2000:13:55:36 +0000");
-        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(clf_time(leap), "29/Feb/2000:00:00:00 +0000");
+        let clf = |secs| {
+            let mut out = String::new();
+            clf_time(&mut out, secs);
+            out
+        };
+        assert_eq!(clf(971_186_136), "10/Oct/2000:13:55:36 +0000");
+        assert_eq!(clf(0), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(clf(951_782_400), "29/Feb/2000:00:00:00 +0000");
+    }
+
+    #[test]
+    fn quoted_fields_cannot_break_a_line() {
+        let mut out = String::new();
+        escaped(&mut out, "a\"b\\c\nd");
+        assert_eq!(out, "a\\\"b\\\\c\\x0ad");
     }
 
     #[test]

@@ -537,3 +537,35 @@ fn upstream_caps_are_off_unless_a_concurrency_is_set() {
         );
     }
 }
+
+#[test]
+fn access_log_is_off_unless_set_and_its_format_needs_it() {
+    let log = |top: &str| {
+        Config::parse(&format!("{top}{}", &MINIMAL), "t")
+            .unwrap()
+            .access_log
+    };
+    assert_eq!(log(""), None);
+    let stdout = log("access_log = \"stdout\"\n").unwrap();
+    assert_eq!(
+        (stdout.path, stdout.format),
+        (None, AccessLogFormat::Combined)
+    );
+    let file = log("access_log = \"/var/log/corral.log\"\naccess_log_format = \"json\"\n").unwrap();
+    assert_eq!(
+        file.path.as_deref(),
+        Some(std::path::Path::new("/var/log/corral.log"))
+    );
+    assert_eq!(file.format, AccessLogFormat::Json);
+    for (bad, key) in [
+        ("access_log_format = \"json\"\n", "access_log_format"),
+        ("access_log = \"\"\n", "access_log"),
+        (
+            "access_log = \"stdout\"\naccess_log_format = \"xml\"\n",
+            "access_log_format",
+        ),
+    ] {
+        let e = err(&format!("{bad}{MINIMAL}"));
+        assert_eq!(e.key(), Some(key), "{bad}: {e}");
+    }
+}
