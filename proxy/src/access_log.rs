@@ -281,7 +281,19 @@ fn combined(line: &mut String, r: &Record<'_>, clock: (&mut u64, &mut String)) {
     line.push_str("\" \"");
     escaped(line, l.user_agent.as_deref().unwrap_or("-"));
     line.push_str("\" host=");
-    line.push_str(if l.host.is_empty() { "-" } else { &l.host });
+    if l.host.is_empty() {
+        line.push('-');
+    } else {
+        // Unquoted: a space would start a field of the client's making.
+        for c in l.host.chars() {
+            match c {
+                ' ' | '"' | '\\' => {
+                    let _ = write!(line, "\\x{:02x}", c as u32);
+                }
+                c => escaped(line, c.encode_utf8(&mut [0; 4])),
+            }
+        }
+    }
     let _ = write!(
         line,
         " route={} cache={} duration_ms={}",

@@ -120,3 +120,24 @@ async fn combined_lines_are_what_log_tools_read() {
         lines[1]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forge_fields_through_its_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let h = Setup::default()
+        .top(&format!("access_log = {:?}", path.display().to_string()))
+        .start()
+        .await;
+    // Refused (400: not a valid host), and logged as sent, but escaped.
+    let reply = h
+        .get_with("/f", &[("host", "x route=admin cache=hit")])
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+
+    let line = lines(&path, 1).await.remove(0);
+    assert!(
+        line.contains(" host=x\\x20route=admin\\x20cache=hit route=- cache=error "),
+        "{line}"
+    );
+}
