@@ -309,17 +309,20 @@ fn combined(line: &mut String, r: &Record<'_>, clock: (&mut u64, &mut String)) {
     }
 }
 
-/// `s` inside a quoted field: quotes and backslashes escaped, control characters as
-/// `\xNN` (a client's bytes must not forge or break a line).
+/// `s` inside a quoted field: quotes and backslashes escaped, control characters and
+/// every byte beyond ASCII as `\xNN`, as nginx does (a client's bytes must not forge
+/// or break a line, Unicode line separators included).
 fn escaped(line: &mut String, s: &str) {
     for c in s.chars() {
         match c {
             '"' => line.push_str("\\\""),
             '\\' => line.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                let _ = write!(line, "\\x{:02x}", c as u32);
+            c if c.is_ascii() && !c.is_ascii_control() => line.push(c),
+            c => {
+                for byte in c.encode_utf8(&mut [0; 4]).bytes() {
+                    let _ = write!(line, "\\x{byte:02x}");
+                }
             }
-            c => line.push(c),
         }
     }
 }

@@ -93,11 +93,12 @@ pub(super) async fn serve(
             Some(hit) => {
                 let head_only = head.parts.method == Method::HEAD;
                 let written = write_hit(&stream, &hit, head_only, closing, &mut tail, &http).await;
-                if written.is_err() {
-                    return;
-                }
+                // Logged however the write ended (a client that cut it off included).
                 if let Some(log) = proxy.access_log() {
                     log_hit(log, &head.parts, peer, &hit, head_only, started);
+                }
+                if written.is_err() {
+                    return;
                 }
                 if closing {
                     let _ = stream.shutdown().await;
