@@ -4,20 +4,8 @@
 
 mod support;
 
-use std::path::Path;
-
 use http::{Method, StatusCode};
-use support::{eventually, Setup};
-
-/// The file's lines once it has `n` of them.
-async fn lines(path: &Path, n: usize) -> Vec<String> {
-    eventually("the access log has its lines", || async {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        (lines.len() >= n).then_some(lines)
-    })
-    .await
-}
+use support::Setup;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_lines_for_a_miss_a_hit_a_pass_and_a_refusal() {
@@ -38,7 +26,7 @@ async fn json_lines_for_a_miss_a_hit_a_pass_and_a_refusal() {
     assert_eq!(pass.status, StatusCode::OK);
     assert_eq!(h.get("/elsewhere").await.status, StatusCode::NOT_FOUND);
 
-    let lines = lines(&path, 4).await;
+    let lines = support::log_lines(&path, 4).await;
     let field = |line: &str, name: &str| -> String {
         let start = line
             .find(&format!("\"{name}\":"))
@@ -102,7 +90,7 @@ async fn combined_lines_are_what_log_tools_read() {
     .await;
     h.get("/c").await;
 
-    let lines = lines(&path, 2).await;
+    let lines = support::log_lines(&path, 2).await;
     let miss = &lines[0];
     assert!(miss.starts_with("127.0.0.1 - - ["), "{miss}");
     assert!(
@@ -135,7 +123,7 @@ async fn a_client_cannot_forge_fields_through_its_host() {
         .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
 
-    let line = lines(&path, 1).await.remove(0);
+    let line = support::log_lines(&path, 1).await.remove(0);
     assert!(
         line.contains(" host=x\\x20route=admin\\x20cache=hit route=- cache=error "),
         "{line}"

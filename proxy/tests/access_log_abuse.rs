@@ -8,16 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{eventually, raw, Setup};
-
-async fn lines(path: &Path, n: usize) -> Vec<String> {
-    eventually("the access log has its lines", || async {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        (lines.len() >= n).then_some(lines)
-    })
-    .await
-}
+use support::{raw, Setup};
 
 fn log_top(path: &Path, format: &str) -> String {
     format!(
@@ -42,7 +33,7 @@ async fn combined_host_header_cannot_forge_fields() {
         b"GET /nowhere HTTP/1.1\r\nhost: x route=admin cache=hit duration_ms=0 upstream_ms=0\"\t\r\n\r\n",
     )
     .await;
-    let lines = lines(&path, 1).await;
+    let lines = support::log_lines(&path, 1).await;
     let line = &lines[0];
     eprintln!("status {} line: {line}", res.status);
     assert_eq!(
@@ -83,7 +74,7 @@ async fn fast_path_hit_cut_off_by_the_client_is_logged() {
     .await;
     let _ = h.get("/big").await; // miss: stored
     assert_eq!(h.get("/big").await.status, StatusCode::OK); // hit
-    let before = lines(&path, 2).await.len();
+    let before = support::log_lines(&path, 2).await.len();
     {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
@@ -120,7 +111,7 @@ async fn combined_path_cannot_carry_unicode_line_breaks() {
         "GET /a\u{85}10.0.0.1\u{2028}x HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n".as_bytes(),
     )
     .await;
-    let lines = lines(&path, 1).await;
+    let lines = support::log_lines(&path, 1).await;
     let line = &lines[0];
     eprintln!("status {} line: {line:?}", res.status);
     assert!(
@@ -146,7 +137,7 @@ async fn h2c_requests_are_logged() {
         assert_eq!(res.status(), 200);
         let _ = http_body_util::BodyExt::collect(res.into_body()).await;
     }
-    let lines = lines(&path, 2).await;
+    let lines = support::log_lines(&path, 2).await;
     eprintln!("{lines:#?}");
     assert!(lines.iter().all(|l| l.contains("\"path\":\"/h2\"")));
     assert!(lines[1].contains("\"cache\":\"hit\""), "{}", lines[1]);

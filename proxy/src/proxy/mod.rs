@@ -156,8 +156,33 @@ impl Proxy {
         self
     }
 
-    pub(crate) fn access_log(&self) -> Option<&AccessLog> {
-        self.access_log.as_ref()
+    /// Logs a hit the HTTP/1 fast path answered (`head_only`: to a `HEAD`), when
+    /// there is an access log.
+    pub(crate) fn log_hit(
+        &self,
+        parts: &request::Parts,
+        peer: SocketAddr,
+        hit: &LocalHit,
+        head_only: bool,
+        started: tokio::time::Instant,
+    ) {
+        let Some(log) = &self.access_log else { return };
+        let p = parts;
+        let line = access_log::RequestLine::from_parts(
+            &p.method,
+            p.version,
+            &p.uri,
+            &p.headers,
+            peer.ip(),
+        );
+        let route = hit.route.as_ref().map_or("-", |r| r.config.name.as_str());
+        let bytes = if head_only {
+            0
+        } else {
+            hit.entry.body().len() as u64
+        };
+        let status = hit.entry.status().as_u16();
+        log.record(&line.fast_hit(status, bytes, route, started.elapsed()));
     }
 
     pub fn cache(&self) -> &Cache {

@@ -33,7 +33,6 @@ use tokio::time::{Instant, Sleep};
 use super::io::{send_timed_out, HandedIo};
 use super::track::{self, Activity, Tracked};
 use super::{serve_hyper, until_stopped, Http};
-use crate::access_log::{AccessLog, RequestLine};
 use crate::cache::body_file::BodyFile;
 use crate::proxy::{LocalHit, Proxy};
 
@@ -94,9 +93,7 @@ pub(super) async fn serve(
                 let head_only = head.parts.method == Method::HEAD;
                 let written = write_hit(&stream, &hit, head_only, closing, &mut tail, &http).await;
                 // Logged however the write ended (a client that cut it off included).
-                if let Some(log) = proxy.access_log() {
-                    log_hit(log, &head.parts, peer, &hit, head_only, started);
-                }
+                proxy.log_hit(&head.parts, peer, &hit, head_only, started);
                 if written.is_err() {
                     return;
                 }
@@ -123,27 +120,6 @@ pub(super) async fn serve(
         };
         deadline.as_mut().reset(since + timeout);
     }
-}
-
-/// The access-log line of a hit this path answered.
-fn log_hit(
-    log: &AccessLog,
-    parts: &http::request::Parts,
-    peer: SocketAddr,
-    hit: &LocalHit,
-    head_only: bool,
-    started: Instant,
-) {
-    let p = parts;
-    let line = RequestLine::from_parts(&p.method, p.version, &p.uri, &p.headers, peer.ip());
-    let route = hit.route.as_ref().map_or("-", |r| r.config.name.as_str());
-    let bytes = if head_only {
-        0
-    } else {
-        hit.entry.body().len() as u64
-    };
-    let status = hit.entry.status().as_u16();
-    log.record(&line.fast_hit(status, bytes, route, started.elapsed()));
 }
 
 /// How the wait for the next head may end besides a head: its deadline, shutdown.

@@ -86,23 +86,27 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         .map_err(|source| ServerError::Bind { addr, source })
 }
 
+/// The access log, when configured, opened before anything is served.
+fn open_access_log(config: &Config, metrics: &Metrics) -> Result<Option<AccessLog>, ServerError> {
+    let Some(settings) = &config.access_log else {
+        return Ok(None);
+    };
+    let dropped = metrics.access_log_dropped.clone();
+    AccessLog::start(settings, dropped)
+        .map(Some)
+        .map_err(|source| ServerError::AccessLog {
+            path: settings
+                .path
+                .as_ref()
+                .map_or("stdout".into(), |p| p.display().to_string()),
+            source,
+        })
+}
+
 /// Binds the listeners and starts serving in the background.
 pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let metrics = Arc::new(Metrics::new());
-    let access_log = match &config.access_log {
-        Some(settings) => Some(
-            AccessLog::start(settings, metrics.access_log_dropped.clone()).map_err(|source| {
-                ServerError::AccessLog {
-                    path: settings
-                        .path
-                        .as_ref()
-                        .map_or("stdout".into(), |p| p.display().to_string()),
-                    source,
-                }
-            })?,
-        ),
-        None => None,
-    };
+    let access_log = open_access_log(config, &metrics)?;
     let proxy = Arc::new(Proxy::new(config, Arc::clone(&metrics)).logging(access_log));
     let listener = bind(config.listen).await?;
     let admin = match config.admin_listen {

@@ -433,3 +433,13 @@ pub fn slow(ms: u64) -> Behaviour {
         ..Behaviour::default()
     }
 }
+
+/// The lines of the log file at `path`, once it has at least `n` of them.
+pub async fn log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    eventually("the log has its lines", || async {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        (lines.len() >= n).then_some(lines)
+    })
+    .await
+}
