@@ -142,3 +142,34 @@ async fn h2c_requests_are_logged() {
     assert!(lines.iter().all(|l| l.contains("\"path\":\"/h2\"")));
     assert!(lines[1].contains("\"cache\":\"hit\""), "{}", lines[1]);
 }
+
+/// A request past `max_requests` is answered `503` before the proxy sees it: it was
+/// counted, but left no line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_refused_past_max_requests_are_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let h = Setup::origin(support::slow(3_000))
+        .top(&log_top(&path, "json"))
+        .top("[limits]\nmax_requests = 1")
+        .start()
+        .await;
+    let addr = h.addr();
+    let held = tokio::spawn(async move {
+        let mut c = raw::RawClient::connect(addr).await;
+        c.get("/held").await.status
+    });
+    support::eventually("the first request reaches the origin", || async {
+        (h.origin.requests_for("/held") == 1).then_some(())
+    })
+    .await;
+    let mut c = raw::RawClient::connect(h.addr()).await;
+    assert_eq!(c.get("/refused").await.status, 503);
+    let lines = support::log_lines(&path, 1).await;
+    let refused = &lines[0];
+    assert!(refused.contains("\"path\":\"/refused\""), "{refused}");
+    assert!(refused.contains("\"status\":503"), "{refused}");
+    assert!(refused.contains("\"cache\":\"error\""), "{refused}");
+    assert_eq!(held.await.unwrap(), 200);
+    assert_eq!(support::log_lines(&path, 2).await.len(), 2);
+}

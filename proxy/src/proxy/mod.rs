@@ -227,6 +227,22 @@ impl Proxy {
         res
     }
 
+    /// The `503` for a request past `max_requests`, which is not served (logged when
+    /// there is an access log).
+    pub(crate) fn refuse_overloaded<B>(
+        &self,
+        req: &Request<B>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let res = error_response(&ProxyError::Overloaded);
+        if let Some(log) = &self.access_log {
+            let status = CacheStatus::error(None, ProxyError::Overloaded.detail());
+            let line = access_log::RequestLine::of(req, client.ip());
+            log.record(&line.record(&res, None, &status, std::time::Duration::ZERO));
+        }
+        res
+    }
+
     /// The response to a request, with its route (if it has one) and its status.
     async fn answer_request(
         self: &Arc<Self>,

@@ -449,10 +449,15 @@ fn proxy_service(
     Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + 'static,
 > + Send
        + 'static {
-    track::tracked(activity, move |req| {
-        let proxy = Arc::clone(&proxy);
-        async move { proxy.handle(req, peer).await }
-    })
+    let refuser = Arc::clone(&proxy);
+    track::tracked(
+        activity,
+        move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { proxy.handle(req, peer).await }
+        },
+        move |req| refuser.refuse_overloaded(&req, peer),
+    )
 }
 
 /// A request handed to hyper on its own.

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 use crate::access_log::AccessLog;
 use crate::config::{Config, LimitsSettings};
 use crate::metrics::{ConnectionMetrics, Metrics};
+use crate::proxy::error::{error_response, ProxyError};
 use crate::proxy::Proxy;
 use accept::Admission;
 use track::{Activity, RequestLimit};
@@ -150,8 +151,12 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
                 let serve = move |stream: TcpStream, peer, stopped| {
                     let proxy = Arc::clone(&proxy);
                     let (activity, open) = Activity::new(&http.metrics, None);
-                    let service =
-                        track::tracked(activity, move |req| admin::handle(req, Arc::clone(&proxy)));
+                    // No request limit here: nothing is refused.
+                    let service = track::tracked(
+                        activity,
+                        move |req| admin::handle(req, Arc::clone(&proxy)),
+                        |_| error_response(&ProxyError::Overloaded),
+                    );
                     let conn = http
                         .any
                         .serve_connection(TokioIo::new(stream), service)

@@ -30,7 +30,6 @@ use tokio::time::Instant;
 
 use crate::http::body::{BodyError, ProxyBody};
 use crate::metrics::ConnectionMetrics;
-use crate::proxy::error::{error_response, ProxyError};
 
 /// The process-wide bound on requests in progress on the proxy port.
 ///
@@ -184,10 +183,12 @@ impl Body for Tracked {
 }
 
 /// `handle` as a hyper service whose requests count as in progress on `activity`. A
-/// request past the request limit is answered `503` at once: `handle` never sees it.
-pub(super) fn tracked<F, Fut>(
+/// request past the request limit is answered by `refuse` (a `503`, at once, logged
+/// where the port has an access log): `handle` never sees it.
+pub(super) fn tracked<F, Fut, R>(
     activity: Arc<Activity>,
     handle: F,
+    refuse: R,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<Tracked>,
@@ -198,14 +199,19 @@ pub(super) fn tracked<F, Fut>(
 where
     F: Fn(Request<Incoming>) -> Fut + Send + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+    R: Fn(Request<Incoming>) -> Response<ProxyBody> + Send + 'static,
 {
     service_fn(move |req| {
         let mut request = activity.begin();
-        let response = request.admitted.then(|| handle(req));
+        let response = if request.admitted {
+            Ok(handle(req))
+        } else {
+            Err(refuse(req))
+        };
         async move {
             let response = match response {
-                Some(response) => response.await,
-                None => error_response(&ProxyError::Overloaded),
+                Ok(response) => response.await,
+                Err(refused) => refused,
             };
             request.answered = true;
             Ok(response.map(|body| Tracked { body, request }))
