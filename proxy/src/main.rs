@@ -99,8 +99,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (None, Some(file)) => {
             let config = Config::load(&file)?;
             raise_open_file_limit();
-            runtime(config.workers)?.block_on(corral::run(&config, shutdown_signal()))?;
-            Ok(())
+            runtime(config.workers)?.block_on(serve(&file, &config))
         }
         (None, None) => {
             anyhow::bail!("nothing to do: pass --config FILE, or a command (see --help)")
@@ -270,6 +269,36 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     demo.shutdown().await;
+    Ok(())
+}
+
+/// Serves `config` until Ctrl-C or SIGTERM; on each SIGHUP, reads `file` again and
+/// applies it (an invalid file is logged and changes nothing).
+async fn serve(file: &std::path::Path, config: &Config) -> anyhow::Result<()> {
+    // Before anything is served: SIGHUP's default action would end the process.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let server = corral::start(config).await?;
+    tracing::info!(
+        listen = %server.listen_addr(),
+        admin = ?server.admin_addr(),
+        routes = config.routes.len(),
+        pid = std::process::id(),
+        "corral listening (SIGHUP reloads the config)"
+    );
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = hangups.recv() => {
+                // Refusals are logged by reload_file; the old config keeps serving.
+                let _ = server.reload_file(file).await;
+            }
+        }
+    }
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down; draining in-flight requests");
+    server.shutdown().await;
+    tracing::info!("stopped");
     Ok(())
 }
 

@@ -100,14 +100,12 @@ pub(crate) struct RouteTable {
 }
 
 impl RouteTable {
-    pub(crate) fn new(mut routes: Vec<Route>) -> RouteTable {
+    pub(crate) fn new(mut routes: Vec<Arc<Route>>) -> RouteTable {
         routes.sort_by(|a, b| {
             let specificity = |r: &Route| (r.config.host.is_some(), r.config.path_prefix.len());
             specificity(b).cmp(&specificity(a))
         });
-        RouteTable {
-            routes: routes.into_iter().map(Arc::new).collect(),
-        }
+        RouteTable { routes }
     }
 
     /// The route for `host` (lowercase, without port) and `path`, if any.

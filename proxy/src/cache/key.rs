@@ -1,6 +1,7 @@
 //! Cache keys: what makes two requests the same cached object.
 //!
-//! A key is the route, the host, the path, the query string (kept, sorted or ignored
+//! A key is the route (its name and a digest of its caching settings, see
+//! `RouteConfig::cache_scope`), the host, the path, the query string (kept, sorted or ignored
 //! per route), any request headers the route names and the values of the cookies it
 //! names (`key.cookies`). A response with `Vary` is
 //! stored under a *variant* key: the primary key plus the values of the varying headers.
@@ -52,7 +53,7 @@ impl CacheKey {
         headers: &HeaderMap,
     ) -> CacheKey {
         let mut key = String::with_capacity(64);
-        key.push_str(&route.name);
+        key.push_str(route.cache_scope());
         key.push(SEP);
         key.push_str(host.unwrap_or(""));
         key.push(SEP);
@@ -130,9 +131,11 @@ impl CacheKey {
         self.0.contains(VARY_MARKER)
     }
 
-    /// The name of the route the key was made for.
-    pub(crate) fn route(&self) -> &str {
-        self.0.split(SEP).next().unwrap_or("")
+    /// The scope of the route the key was made for: its name and settings digest.
+    pub(crate) fn scope(&self) -> &str {
+        let mut seps = self.0.match_indices(SEP).map(|(i, _)| i);
+        let end = seps.nth(1).unwrap_or(self.0.len());
+        &self.0[..end]
     }
 
     /// A key as another instance sent it.
@@ -410,7 +413,7 @@ mod tests {
                 .map(|(_, v)| v.replace('%', "%25"))
                 .collect();
             // Keyed unambiguously: `%` escaped like any byte that is not plain text.
-            let want = format!("r\nh\n/p\ncookie:lang={}", values.join(","));
+            let want = format!("{}\nh\n/p\ncookie:lang={}", r.cache_scope(), values.join(","));
             proptest::prop_assert_eq!(one.as_str(), want.as_str());
         }
     }

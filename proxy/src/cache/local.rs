@@ -104,7 +104,7 @@ fn index_weight(rules: &TagRules, key: &CacheKey, entry: &CacheEntry) -> usize {
     let tags: usize = if rules.is_empty() {
         0
     } else {
-        let tags = rules.tags_of(key.route(), entry);
+        let tags = rules.tags_of(key.scope(), entry);
         tags.iter().map(|t| label(t.len())).sum()
     };
     let variant = if key.is_variant() {
@@ -138,9 +138,9 @@ fn stamp(entry: &Arc<CacheEntry>) -> usize {
 /// The index labels of `entry` stored under `key`; `storing`: count dropped tags.
 fn labels(rules: &TagRules, key: &CacheKey, entry: &CacheEntry, storing: bool) -> Vec<Label> {
     let tags = if storing {
-        rules.tags_to_store(key.route(), entry)
+        rules.tags_to_store(key.scope(), entry)
     } else {
-        rules.tags_of(key.route(), entry)
+        rules.tags_of(key.scope(), entry)
     };
     let mut labels: Vec<Label> = tags.into_iter().map(|t| Label::Tag(t.into())).collect();
     if key.is_variant() {
@@ -246,6 +246,21 @@ impl LocalCache {
         let primaries: std::collections::HashSet<CacheKey> =
             keys.iter().map(|k| k.primary_key()).collect();
         primaries.into_iter().collect()
+    }
+
+    /// Drops every object (entries, `Vary` indexes, hit-for-pass marks) whose key's
+    /// scope `keep` rejects: those of routes a reload removed or changed, which no
+    /// request keys any more. A walk over the whole tier: for reloads, not requests.
+    /// Returns how many entries it dropped.
+    pub(crate) fn remove_scopes(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
+        for (key, object) in self.objects.iter() {
+            if !keep(key.scope()) {
+                self.objects.invalidate(&*key);
+                removed += usize::from(matches!(object, LocalObject::Entry(_)));
+            }
+        }
+        removed
     }
 
     /// The tag rules entries are indexed by.

@@ -56,7 +56,7 @@ pub struct Config {
     /// admin listener must be on a loopback address).
     pub admin_token: Option<AdminToken>,
     /// How long in-flight requests may take to finish after a shutdown signal.
-    pub(crate) shutdown_grace: Duration,
+    pub shutdown_grace: Duration,
     /// Runtime worker threads; `None`: one per core this process may use.
     pub workers: Option<usize>,
     /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`, ...) are kept and

@@ -11,8 +11,7 @@ use http::{StatusCode, Uri};
 use serde::Deserialize;
 
 /// Where the fleet's shared cache and fill lock live.
-#[derive(Debug, Clone)]
-#[cfg_attr(test, derive(PartialEq))]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisSettings {
     /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS. Empty for a
     /// cluster.
@@ -75,8 +74,7 @@ pub(crate) enum LockMode {
 }
 
 /// The fleet-wide fill lock.
-#[derive(Debug, Clone)]
-#[cfg_attr(test, derive(PartialEq))]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LockSettings {
     pub(crate) mode: LockMode,
     /// Lease of a lock grant; the holder extends it while its fetch runs, so this only
@@ -106,8 +104,7 @@ impl Default for LockSettings {
 }
 
 /// Bounds of the local (in-process) cache tier.
-#[derive(Debug, Clone, Copy)]
-#[cfg_attr(test, derive(PartialEq))]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheSettings {
     /// Total weight of the local cache: bodies, headers and keys.
     pub max_bytes: u64,
@@ -171,8 +168,7 @@ pub(crate) enum OnWaitTimeout {
 }
 
 /// One validated route: what it matches, where it goes and how it caches.
-#[derive(Debug, Clone)]
-#[cfg_attr(test, derive(PartialEq))]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
     /// Lowercase host name without port; `None` matches any host.
@@ -226,6 +222,8 @@ pub struct RouteConfig {
     /// Whether paths may carry encoded slashes (`%2F`, `%5C`), forwarded as they are;
     /// refused with `400` otherwise.
     pub(crate) encoded_slashes: EncodedSlashes,
+    /// [`RouteConfig::cache_scope`], once asked for.
+    pub(crate) scope: ScopeCell,
 }
 
 /// A route's caps on requests in flight to its upstream (`upstream_concurrency`,
@@ -305,7 +303,57 @@ impl RouteConfig {
             wait_timeout: DEFAULT_WAIT_TIMEOUT,
             on_wait_timeout: OnWaitTimeout::default(),
             encoded_slashes: EncodedSlashes::default(),
+            scope: ScopeCell::default(),
         }
+    }
+
+    /// What the route's cache keys start with: its name and a digest of the settings
+    /// that decide what is stored under them and how it is served (upstream, lifetimes,
+    /// what is keyed and what may be stored). A reload that changes any of them gives
+    /// the route new keys in both tiers: nothing stored under the old settings is
+    /// served under the new, and in a fleet instances share entries only while they
+    /// agree on them. Settings about how requests are sent or coalesced (timeouts,
+    /// caps, early refresh) leave the keys, and so the cache, alone.
+    ///
+    /// Computed once, on first use: a route's settings do not change once it serves.
+    pub(crate) fn cache_scope(&self) -> &str {
+        self.scope.0.get_or_init(|| {
+            let stored = format!(
+                "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}|{:?}|{:?}",
+                self.upstream,
+                self.preserve_host,
+                self.ttl,
+                self.override_ttl,
+                self.stale_while_revalidate,
+                self.stale_if_error,
+                self.keep,
+                self.key_query,
+                self.key_headers,
+                self.key_cookies,
+                self.ignore_cookies,
+                self.cacheable_statuses,
+                self.hit_for_pass,
+                self.cache,
+                self.allow_authorization,
+                self.allow_set_cookie,
+                self.allow_private,
+                self.tag_header,
+                self.max_tags,
+            );
+            let digest = xxhash_rust::xxh3::xxh3_64(stored.as_bytes());
+            format!("{}\n{:08x}", self.name, digest as u32).into()
+        })
+    }
+}
+
+/// A route's [`RouteConfig::cache_scope`], computed once. Derived from the settings,
+/// so not itself one: any two compare equal.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ScopeCell(std::sync::OnceLock<std::sync::Arc<str>>);
+
+impl PartialEq for ScopeCell {
+    fn eq(&self, _: &ScopeCell) -> bool {
+        true
     }
 }
 

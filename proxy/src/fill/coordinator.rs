@@ -354,7 +354,7 @@ impl Coordinator {
         // Tags first: once the entry can be read (and waiters are woken to it), a purge
         // of its tags finds it.
         let rules = self.cache.local().tag_rules();
-        let tags = rules.tags_of(key.route(), entry);
+        let tags = rules.tags_of(key.scope(), entry);
         self.shared.tag(key, entry, &tags).await;
         let after = AfterWrite {
             message,

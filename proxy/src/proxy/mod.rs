@@ -14,11 +14,13 @@ mod cacheable;
 pub(crate) mod error;
 mod pass;
 pub(crate) mod purge;
+mod reload;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use http::header::{self, HeaderValue};
 use http::{request, Method, Request, Response};
 use hyper::body::Incoming;
@@ -29,7 +31,7 @@ use crate::cache::entry::CacheEntry;
 use crate::cache::local::LocalCache;
 use crate::cache::shared::SharedCache;
 use crate::cache::{Cache, CacheKey, TagRules};
-use crate::config::{AdminToken, Config, EncodedSlashes};
+use crate::config::{Config, EncodedSlashes};
 use crate::fill::coordinator::Coordinator;
 use crate::fill::{FillKind, Filler, LocalFillLock};
 use crate::http::body::ProxyBody;
@@ -42,6 +44,9 @@ use crate::route::{Route, RouteTable};
 pub use answer::respond;
 use answer::{finish, ttl_secs};
 use error::{error_response, ProxyError};
+pub(crate) use reload::Current;
+use reload::RouteBuilder;
+pub use reload::RoutesReloaded;
 
 /// A fresh entry in the local cache for a request, found without waiting on anything:
 /// what the HTTP/1 fast path answers with.
@@ -56,16 +61,15 @@ pub struct LocalHit {
 
 /// The proxy: routes, cache tiers and fill locks, shared by all connections.
 pub struct Proxy {
-    routes: RouteTable,
+    /// Routes and the other settings a reload replaces. Invariant: only
+    /// [`Proxy::reload_routes`] stores (reloads come one at a time, from the server);
+    /// each request loads it once and keeps what it loaded to its end.
+    current: ArcSwap<Current>,
+    route_builder: RouteBuilder,
     /// The cache tiers, the fleet's coordinator, and what else a fill needs.
     filler: Arc<Filler>,
     fills: Arc<LocalFillLock>,
-    trusted_proxies: Vec<ipnet::IpNet>,
     metrics: Arc<Metrics>,
-    /// What `POST /purge` requires (server/admin.rs); here so the admin listener has it.
-    admin_token: Option<AdminToken>,
-    /// `[limits] body_timeout`: how long a forwarded body may wait on its client.
-    body_timeout: std::time::Duration,
     /// One line per request, when configured.
     access_log: Option<AccessLog>,
 }
@@ -122,13 +126,14 @@ impl Proxy {
             .redis
             .clone()
             .map(|settings| Redis::start(settings, metrics.fleet.clone(), local.fleet_listener()));
+        let route_builder = RouteBuilder {
+            redis: redis.clone(),
+            lease_ttl: config.lock.ttl,
+        };
         let routes = config
             .routes
             .iter()
-            .map(|rc| {
-                let metrics = metrics.for_route(&rc.name);
-                Route::new(rc.clone(), metrics, redis.as_ref(), config.lock.ttl)
-            })
+            .map(|rc| Arc::new(route_builder.build(rc, &metrics)))
             .collect();
         let max_object_bytes = config.cache.max_object_bytes;
         let shared = redis
@@ -139,13 +144,11 @@ impl Proxy {
             .and_then(|redis| Coordinator::new(redis, &config.lock, cache.clone()))
             .map(Arc::new);
         Proxy {
-            routes: RouteTable::new(routes),
+            current: ArcSwap::from_pointee(Current::new(config, routes)),
+            route_builder,
             filler: Arc::new(Filler::new(cache, coordinator, max_object_bytes)),
             fills: LocalFillLock::new(),
-            trusted_proxies: config.trusted_proxies.clone(),
             metrics,
-            admin_token: config.admin_token.clone(),
-            body_timeout: config.limits.body_timeout,
             access_log: None,
         }
     }
@@ -202,12 +205,9 @@ impl Proxy {
         &self.metrics
     }
 
-    pub(crate) fn routes(&self) -> &RouteTable {
-        &self.routes
-    }
-
-    pub(crate) fn admin_token(&self) -> Option<&AdminToken> {
-        self.admin_token.as_ref()
+    /// The routes and other reloadable settings, as they are now.
+    pub(crate) fn current(&self) -> Arc<Current> {
+        self.current.load_full()
     }
 
     /// Serves one client request. Never fails: every error becomes a response. With
@@ -258,8 +258,9 @@ impl Proxy {
             return refused(&ProxyError::MethodNotAllowed);
         }
         let (mut head, body) = req.into_parts();
-        let trusted = self.trusts(client.ip());
-        let (host, route) = match self.admit(&mut head, trusted) {
+        let current = self.current.load();
+        let trusted = trusts(&current, client.ip());
+        let (host, route) = match admit(&current.routes, &mut head, trusted) {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(path = head.uri.path(), error = %err, "refused");
@@ -291,45 +292,50 @@ impl Proxy {
         .instrument(span)
         .await
     }
+}
 
-    /// Normalises a request in place (host, path, headers: see `request`) and finds its
-    /// route. Everything after this sees the request only as normalised, so what is
-    /// routed, what is keyed and what is forwarded cannot differ.
-    fn admit(
-        &self,
-        head: &mut request::Parts,
-        trusted_peer: bool,
-    ) -> Result<(Option<String>, Arc<Route>), ProxyError> {
-        let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?
-            .map(std::borrow::Cow::into_owned);
-        if let Some(normal) = client_request::normalize_target(&head.uri)? {
-            head.uri = http::Uri::from(normal);
-        }
-        let route = self.routes.find(host.as_deref(), head.uri.path()).cloned();
-        let Some(route) = route else {
-            tracing::debug!(
-                host = host.as_deref().unwrap_or(""),
-                path = head.uri.path(),
-                "no route"
-            );
-            return Err(ProxyError::NoRoute);
-        };
-        if route.config.encoded_slashes == EncodedSlashes::Reject
-            && client_request::encoded_slash(head.uri.path())
-        {
-            return Err(BadRequest::EncodedSlash.into());
-        }
-        client_request::sanitize_headers(&mut head.headers, trusted_peer);
-        Ok((host, route))
+/// Normalises a request in place (host, path, headers: see `request`) and finds its
+/// route. Everything after this sees the request only as normalised, so what is
+/// routed, what is keyed and what is forwarded cannot differ.
+fn admit(
+    routes: &RouteTable,
+    head: &mut request::Parts,
+    trusted_peer: bool,
+) -> Result<(Option<String>, Arc<Route>), ProxyError> {
+    let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?
+        .map(std::borrow::Cow::into_owned);
+    if let Some(normal) = client_request::normalize_target(&head.uri)? {
+        head.uri = http::Uri::from(normal);
     }
-
-    /// Whether `peer` is a configured trusted proxy, whose forwarding headers are kept.
-    fn trusts(&self, peer: IpAddr) -> bool {
-        // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
-        let peer = peer.to_canonical();
-        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    let route = routes.find(host.as_deref(), head.uri.path()).cloned();
+    let Some(route) = route else {
+        tracing::debug!(
+            host = host.as_deref().unwrap_or(""),
+            path = head.uri.path(),
+            "no route"
+        );
+        return Err(ProxyError::NoRoute);
+    };
+    if route.config.encoded_slashes == EncodedSlashes::Reject
+        && client_request::encoded_slash(head.uri.path())
+    {
+        return Err(BadRequest::EncodedSlash.into());
     }
+    client_request::sanitize_headers(&mut head.headers, trusted_peer);
+    Ok((host, route))
+}
 
+/// Whether `peer` is a configured trusted proxy, whose forwarding headers are kept.
+fn trusts(current: &Current, peer: IpAddr) -> bool {
+    // A dual-stack listener sees IPv4 peers as IPv4-mapped IPv6 addresses.
+    let peer = peer.to_canonical();
+    current
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer))
+}
+
+impl Proxy {
     /// The fast path's whole request path: a `GET` or `HEAD` whose route caches, with a
     /// fresh entry in the local cache that the client's conditionals do not turn into a
     /// `304`. Counted as a hit. `None`: the request takes [`Proxy::handle`], which
@@ -354,7 +360,8 @@ impl Proxy {
             Some(pq) => &http::Uri::from(pq),
             None => &req.uri,
         };
-        let route = self.routes.find(host.as_deref(), uri.path())?;
+        let current = self.current.load();
+        let route = current.routes.find(host.as_deref(), uri.path())?;
         if !route.config.cache || route.keys_forwarding_headers {
             return None;
         }
@@ -402,7 +409,7 @@ impl Proxy {
         if let Some(status) = bypass(route, &req.head, &body) {
             // Streamed as it came, with its own framing; never stored, never served
             // from the cache (the key does not see the body or the rewriting header).
-            let body = ProxyBody::from_client(body, self.body_timeout);
+            let body = ProxyBody::from_client(body, self.current.load().body_timeout);
             return self.pass(route, &req, body, status).await;
         }
         let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);

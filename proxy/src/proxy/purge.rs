@@ -191,7 +191,8 @@ fn url_key(
     params: &[(String, String)],
     cookie_params: &[(String, String)],
 ) -> Result<CacheKey, PurgeError> {
-    let routes = proxy.routes();
+    let current = proxy.current();
+    let routes = &current.routes;
     let route = routes
         .iter()
         .find(|r| r.config.name == route_name)

@@ -150,7 +150,7 @@ fn is_form_type(value: &HeaderValue) -> bool {
 }
 
 async fn purge(proxy: &Proxy, headers: &HeaderMap, query: &str) -> Answer {
-    if let Err(refusal) = guard(headers, proxy.admin_token()) {
+    if let Err(refusal) = guard(headers, proxy.current().admin_token.as_ref()) {
         // Debug, not info: anyone who reaches the port could fill the log otherwise.
         tracing::debug!(reason = refusal.as_str(), "purge refused");
         return refusal.answer();

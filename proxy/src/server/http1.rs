@@ -11,8 +11,6 @@
 //! heads that do not parse or are too large) is given to hyper for good, which serves
 //! or rejects it exactly as it would without this path.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -21,9 +19,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{request, HeaderMap, Method, Request, Response, Uri, Version};
-use hyper::body::Incoming;
-use hyper::service::Service;
+use http::{request, HeaderMap, Method, Request, Uri, Version};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -31,7 +27,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Sleep};
 
 use super::io::{send_timed_out, HandedIo};
-use super::track::{self, Activity, Tracked};
+use super::track::{self, Activity};
 use super::{serve_hyper, until_stopped, Http};
 use crate::cache::body_file::BodyFile;
 use crate::proxy::{LocalHit, Proxy};
@@ -437,29 +433,6 @@ async fn send_file(stream: &TcpStream, file: &BodyFile, http: &Http) -> io::Resu
     Ok(())
 }
 
-/// The proxy as a hyper service for requests from `peer`, in progress on `activity`.
-fn proxy_service(
-    proxy: Arc<Proxy>,
-    peer: SocketAddr,
-    activity: Arc<Activity>,
-) -> impl Service<
-    Request<Incoming>,
-    Response = Response<Tracked>,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + 'static,
-> + Send
-       + 'static {
-    let refuser = Arc::clone(&proxy);
-    track::tracked(
-        activity,
-        move |req| {
-            let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req, peer).await }
-        },
-        move |req| refuser.refuse_overloaded(&req, peer),
-    )
-}
-
 /// A request handed to hyper on its own.
 struct Handed {
     /// Its head, and its body as far as this path read it.
@@ -511,7 +484,7 @@ async fn serve_one(
 ) -> Option<TcpStream> {
     let stream = Arc::new(stream);
     let (activity, _) = Activity::new(&http.metrics, http.requests.as_ref());
-    let service = proxy_service(Arc::clone(proxy), peer, activity);
+    let service = track::proxy_service(Arc::clone(proxy), peer, activity);
     let body_read = (request.remaining > 0).then(|| Arc::new(Notify::new()));
     let io = HandedIo::new(
         Arc::clone(&stream),
@@ -579,7 +552,7 @@ async fn hand_over(
 ) {
     let io = HandedIo::new(Arc::new(stream), prefix, None, Arc::clone(http));
     let (activity, open) = Activity::new(&http.metrics, http.requests.as_ref());
-    let service = proxy_service(proxy, peer, activity);
+    let service = track::proxy_service(proxy, peer, activity);
     let conn = http.any.serve_connection(TokioIo::new(io), service);
     let idle = track::idle(open, since, http.limits.idle_timeout);
     serve_hyper(conn, idle, Arc::clone(http), peer, stopped).await;

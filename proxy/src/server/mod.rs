@@ -10,15 +10,19 @@ mod accept;
 mod admin;
 mod http1;
 mod io;
+mod reload;
 mod track;
 
 pub use http1::write_hit_lines;
+pub use reload::ReloadReport;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
@@ -51,13 +55,29 @@ pub enum ServerError {
     },
 }
 
-/// A started proxy (and admin listener): its addresses, and the handle to stop it.
+/// A started proxy (and admin listener): its addresses, and the handles to reload and
+/// stop it.
 pub struct RunningServer {
     listen_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     proxy: Arc<Proxy>,
+    /// What new connections are served with; a reload replaces them.
+    listeners: Listeners,
+    /// The config it started with (what a reload cannot change is compared to it);
+    /// the lock also keeps reloads one at a time.
+    started: tokio::sync::Mutex<Config>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+}
+
+/// The connection settings of both ports, read by each new connection (one atomic
+/// load); invariant: only a reload stores them.
+#[derive(Clone)]
+struct Listeners {
+    proxy: Arc<ArcSwap<Http>>,
+    admin: Arc<ArcSwap<Http>>,
+    requests: Arc<RequestLimit>,
+    metrics: ConnectionMetrics,
 }
 
 impl RunningServer {
@@ -121,49 +141,22 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
     let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let (stop, stopped) = watch::channel(false);
     let grace = config.shutdown_grace;
-    let limits = config.limits;
     let max = accept::max_connections(config.limits.max_connections);
-    // By default as many requests as connections: the connection limit's descriptor
-    // budget gives each client connection one upstream socket, and this keeps to it
-    // however many streams the connections multiplex.
-    let max_requests = config.limits.max_requests.map_or(max, NonZeroUsize::get);
-    let requests = RequestLimit::new(max_requests, &metrics.connections);
-    let http = Arc::new(Http::new(&limits, &metrics.connections, Some(requests)));
+    let listeners = Listeners::new(config, &metrics, max);
     let admission = Admission {
         permits: Arc::new(Semaphore::new(max)),
         max,
         metrics: metrics.connections.clone(),
     };
-    tracing::debug!(
-        max_connections = max,
-        max_requests,
-        "connection and request limits"
-    );
+    tracing::debug!(max_connections = max, "connection limit");
 
     let task = {
         let proxy = Arc::clone(&proxy);
+        let listeners = listeners.clone();
         tokio::spawn(async move {
             let admin = admin.map(|listener| {
-                // The same timeouts, but not counted with the clients' connections and
-                // requests, nor refused past their limits.
-                let http = Arc::new(Http::new(&limits, &ConnectionMetrics::default(), None));
-                let proxy = Arc::clone(&proxy);
-                let serve = move |stream: TcpStream, peer, stopped| {
-                    let proxy = Arc::clone(&proxy);
-                    let (activity, open) = Activity::new(&http.metrics, None);
-                    // No request limit here: nothing is refused.
-                    let service = track::tracked(
-                        activity,
-                        move |req| admin::handle(req, Arc::clone(&proxy)),
-                        |_| error_response(&ProxyError::Overloaded),
-                    );
-                    let conn = http
-                        .any
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    let idle = track::idle(open, Instant::now(), http.limits.idle_timeout);
-                    serve_hyper(conn, idle, Arc::clone(&http), peer, stopped)
-                };
+                let http = Arc::clone(&listeners.admin);
+                let serve = admin_service(Arc::clone(&proxy), http);
                 tokio::spawn(accept::accept_loop(
                     listener,
                     serve,
@@ -173,7 +166,8 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
                 ))
             });
             let serve = move |stream, peer, stopped| {
-                http1::serve(stream, peer, Arc::clone(&proxy), Arc::clone(&http), stopped)
+                let http = listeners.proxy.load_full();
+                http1::serve(stream, peer, Arc::clone(&proxy), http, stopped)
             };
             accept::accept_loop(listener, serve, Some(admission), stopped, grace).await;
             if let Some(admin) = admin {
@@ -185,9 +179,67 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
         listen_addr,
         admin_addr,
         proxy,
+        listeners,
+        started: tokio::sync::Mutex::new(config.clone()),
         stop,
         task,
     })
+}
+
+impl Listeners {
+    fn new(config: &Config, metrics: &Metrics, max_connections: usize) -> Listeners {
+        // By default as many requests as connections: the connection limit's descriptor
+        // budget gives each client connection one upstream socket, and this keeps to it
+        // however many streams the connections multiplex.
+        let max_requests = config
+            .limits
+            .max_requests
+            .map_or(max_connections, NonZeroUsize::get);
+        let requests = RequestLimit::new(max_requests, &metrics.connections);
+        let limits = &config.limits;
+        Listeners {
+            proxy: Arc::new(ArcSwap::from_pointee(Http::new(
+                limits,
+                &metrics.connections,
+                Some(Arc::clone(&requests)),
+            ))),
+            // The same timeouts, but not counted with the clients' connections and
+            // requests, nor refused past their limits.
+            admin: Arc::new(ArcSwap::from_pointee(Http::new(
+                limits,
+                &ConnectionMetrics::default(),
+                None,
+            ))),
+            requests,
+            metrics: metrics.connections.clone(),
+        }
+    }
+}
+
+/// How the admin port serves a connection: hyper alone, with `http`'s settings as
+/// they are when it opens.
+fn admin_service(
+    proxy: Arc<Proxy>,
+    http: Arc<ArcSwap<Http>>,
+) -> impl Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> BoxFuture<'static, ()> + Send + 'static
+{
+    move |stream, peer, stopped| {
+        let http = http.load_full();
+        let proxy = Arc::clone(&proxy);
+        let (activity, open) = Activity::new(&http.metrics, None);
+        // No request limit here: nothing is refused.
+        let service = track::tracked(
+            activity,
+            move |req| admin::handle(req, Arc::clone(&proxy)),
+            |_| error_response(&ProxyError::Overloaded),
+        );
+        let conn = http
+            .any
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let idle = track::idle(open, Instant::now(), http.limits.idle_timeout);
+        Box::pin(serve_hyper(conn, idle, Arc::clone(&http), peer, stopped))
+    }
 }
 
 /// Serves `config` until `signal` resolves, then drains and returns.

@@ -13,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::http::body::{BodyError, ProxyBody};
 use crate::metrics::ConnectionMetrics;
+use crate::proxy::Proxy;
 
 /// The process-wide bound on requests in progress on the proxy port.
 ///
@@ -39,7 +41,8 @@ use crate::metrics::ConnectionMetrics;
 /// not a semaphore: nothing ever waits for a seat. `refused` counts the refusals of the
 /// episode in progress: the first logs its start, the next admission its end.
 pub(crate) struct RequestLimit {
-    max: usize,
+    /// Set at start and by a reload.
+    max: AtomicUsize,
     open: AtomicUsize,
     refused: AtomicU64,
     metrics: ConnectionMetrics,
@@ -48,17 +51,24 @@ pub(crate) struct RequestLimit {
 impl RequestLimit {
     pub(crate) fn new(max: usize, metrics: &ConnectionMetrics) -> Arc<RequestLimit> {
         Arc::new(RequestLimit {
-            max,
+            max: AtomicUsize::new(max),
             open: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             metrics: metrics.clone(),
         })
     }
 
+    /// A new limit (a reload): requests in progress past it keep their seats; new ones
+    /// wait for the count to fall below it.
+    pub(crate) fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
     /// A seat for one more request, or `None` past the limit (counted, and logged when
     /// refusals start and when they end).
     fn seat(self: &Arc<Self>) -> Option<RequestSeat> {
-        let below = |n: usize| (n < self.max).then_some(n + 1);
+        let max = self.max.load(Ordering::Relaxed);
+        let below = |n: usize| (n < max).then_some(n + 1);
         if self
             .open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, below)
@@ -67,7 +77,7 @@ impl RequestLimit {
             self.metrics.request_refused();
             if self.refused.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(
-                    max_requests = self.max,
+                    max_requests = max,
                     "request limit reached; answering new requests 503 until some finish"
                 );
             }
@@ -217,6 +227,29 @@ where
             Ok(response.map(|body| Tracked { body, request }))
         }
     })
+}
+
+/// The proxy as a hyper service for requests from `peer`, in progress on `activity`.
+pub(super) fn proxy_service(
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + 'static,
+> + Send
+       + 'static {
+    let refuser = Arc::clone(&proxy);
+    tracked(
+        activity,
+        move |req| {
+            let proxy = Arc::clone(&proxy);
+            async move { proxy.handle(req, peer).await }
+        },
+        move |req| refuser.refuse_overloaded(&req, peer),
+    )
 }
 
 /// Resolves once the connection has had no request in progress for `idle`, counting
