@@ -283,7 +283,7 @@ async fn serve(file: &std::path::Path, config: &Config) -> anyhow::Result<()> {
         admin = ?server.admin_addr(),
         routes = config.routes.len(),
         pid = std::process::id(),
-        "corral listening (SIGHUP reloads the config)"
+        "corral listening"
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

@@ -7,6 +7,7 @@ use toml::Spanned;
 use super::limits::FileLimits;
 use super::settings::{AccessLogFormat, EncodedSlashes, LockMode, OnWaitTimeout, QueryMode};
 use super::source::Text;
+use super::tls::FileTls;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,6 +27,7 @@ pub(super) struct FileConfig {
     pub(super) redis: Option<FileRedis>,
     #[serde(default)]
     pub(super) limits: FileLimits,
+    pub(super) tls: Option<FileTls>,
     #[serde(default, rename = "route")]
     pub(super) routes: Vec<FileRoute>,
 }

@@ -13,7 +13,7 @@
 //! - `source`: the text being read, and [`ConfigError`] naming file, line and key.
 //! - `values`: parsers of single values (durations, byte sizes, addresses, URLs).
 //! - `validate`: the document as a whole; `route`, `redis` (with `[lock]`) and
-//!   `limits`: their sections.
+//!   `limits`: their sections; `tls`: `[tls]`, whose files are read and checked here.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ mod redis;
 mod route;
 mod settings;
 mod source;
+mod tls;
 mod validate;
 mod values;
 
@@ -40,6 +41,7 @@ pub use settings::UpstreamCaps;
 pub use settings::{AccessLogFormat, AccessLogSettings};
 pub(crate) use settings::{EncodedSlashes, LockMode, OnWaitTimeout, QueryMode, ADMIN_TOKEN_ENV};
 pub use source::ConfigError;
+pub use tls::TlsSettings;
 
 use file::FileConfig;
 use source::Source;
@@ -71,6 +73,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// One line per request; `None`: off.
     pub(crate) access_log: Option<AccessLogSettings>,
+    /// TLS on the proxy port; `None`: plain HTTP (and h2c).
+    pub tls: Option<TlsSettings>,
 }
 
 /// The settings corral reads from its environment rather than the file. Passed in, not
@@ -108,6 +112,7 @@ impl Config {
             limits: LimitsSettings::default(),
             routes,
             access_log: None,
+            tls: None,
         }
     }
 

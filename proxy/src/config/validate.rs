@@ -110,6 +110,7 @@ impl FileConfig {
         config.redis = self.redis.as_ref().map(|r| r.validate(src)).transpose()?;
         config.lock = self.lock.validate(src, config.redis.is_some())?;
         config.limits = self.limits.validate(src)?;
+        config.tls = self.tls.as_ref().map(|t| t.validate(src)).transpose()?;
         if self.routes.is_empty() {
             return Err(src.error(
                 self.listen.span(),

@@ -16,6 +16,7 @@ pub(crate) struct ConnectionMetrics {
     send_timeouts: Counter,
     client_aborts: Counter,
     accept_errors: Counter,
+    tls_handshake_failures: Counter,
 }
 
 impl ConnectionMetrics {
@@ -56,6 +57,11 @@ impl ConnectionMetrics {
                 "Failed accepts on the proxy port (out of file descriptors and the like)",
                 &self.accept_errors,
             ),
+            (
+                "tls_handshake_failures",
+                "TLS connections closed because their handshake failed or timed out",
+                &self.tls_handshake_failures,
+            ),
         ];
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
@@ -85,5 +91,8 @@ impl ConnectionMetrics {
     }
     pub(crate) fn accept_error(&self) {
         self.accept_errors.inc();
+    }
+    pub(crate) fn tls_handshake_failed(&self) {
+        self.tls_handshake_failures.inc();
     }
 }

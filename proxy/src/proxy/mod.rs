@@ -210,19 +210,21 @@ impl Proxy {
         self.current.load_full()
     }
 
-    /// Serves one client request. Never fails: every error becomes a response. With
-    /// an access log, the request's line is written once it is answered.
+    /// Serves one client request (`over_tls`: it came on a TLS connection). Never
+    /// fails: every error becomes a response. With an access log, the request's line is
+    /// written once it is answered.
     pub(crate) async fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
+        over_tls: bool,
     ) -> Response<ProxyBody> {
         let Some(log) = &self.access_log else {
-            return self.answer_request(req, client).await.0;
+            return self.answer_request(req, client, over_tls).await.0;
         };
         let started = std::time::Instant::now();
         let line = access_log::RequestLine::of(&req, client.ip());
-        let (res, route, status) = self.answer_request(req, client).await;
+        let (res, route, status) = self.answer_request(req, client, over_tls).await;
         log.record(&line.record(&res, route.as_deref(), &status, started.elapsed()));
         res
     }
@@ -248,6 +250,7 @@ impl Proxy {
         self: &Arc<Self>,
         req: Request<Incoming>,
         client: SocketAddr,
+        over_tls: bool,
     ) -> (Response<ProxyBody>, Option<Arc<Route>>, CacheStatus) {
         let refused = |err: &ProxyError| {
             let status = CacheStatus::error(None, err.detail());
@@ -260,7 +263,7 @@ impl Proxy {
         let (mut head, body) = req.into_parts();
         let current = self.current.load();
         let trusted = trusts(&current, client.ip());
-        let (host, route) = match admit(&current.routes, &mut head, trusted) {
+        let (host, route) = match admit(&current.routes, &mut head, trusted, over_tls) {
             Ok(admitted) => admitted,
             Err(err) => {
                 tracing::debug!(path = head.uri.path(), error = %err, "refused");
@@ -297,10 +300,17 @@ impl Proxy {
 /// Normalises a request in place (host, path, headers: see `request`) and finds its
 /// route. Everything after this sees the request only as normalised, so what is
 /// routed, what is keyed and what is forwarded cannot differ.
+///
+/// A request that came over TLS says so in `X-Forwarded-Proto: https` (unless a
+/// trusted proxy before us said how its client came), which is forwarded and keyed
+/// like a trusted proxy's: an origin builds its links and redirects from it, so an
+/// answer made for `https` is not served to `http` clients sharing the cache, nor the
+/// reverse (nginx keys `$scheme` by default for the same reason).
 fn admit(
     routes: &RouteTable,
     head: &mut request::Parts,
     trusted_peer: bool,
+    over_tls: bool,
 ) -> Result<(Option<String>, Arc<Route>), ProxyError> {
     let host = client_request::canonical_host(head.version, &head.uri, &head.headers)?
         .map(std::borrow::Cow::into_owned);
@@ -322,6 +332,10 @@ fn admit(
         return Err(BadRequest::EncodedSlash.into());
     }
     client_request::sanitize_headers(&mut head.headers, trusted_peer);
+    if over_tls && !head.headers.contains_key(headers::X_FORWARDED_PROTO) {
+        let https = HeaderValue::from_static("https");
+        head.headers.insert(headers::X_FORWARDED_PROTO, https);
+    }
     Ok((host, route))
 }
 

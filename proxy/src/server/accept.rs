@@ -98,10 +98,15 @@ impl AcceptBackoff {
     }
 }
 
-/// Answers a connection past the limit with [`REFUSAL`] and closes it, without waiting
-/// on the client: what it already sent is read first, so that closing does not reset
-/// the connection before the client reads the answer.
+/// Answers a connection past the limit with [`REFUSAL`] and closes it.
 fn refuse(stream: TcpStream) {
+    answer_and_close(&stream, REFUSAL);
+}
+
+/// Writes `answer` to a connection and closes it, without waiting on the client: what
+/// it already sent is read first, so that closing does not reset the connection
+/// before the client reads the answer.
+pub(super) fn answer_and_close(stream: &TcpStream, answer: &[u8]) {
     let mut sink = [0u8; 4096];
     for _ in 0..4 {
         match stream.try_read(&mut sink) {
@@ -109,8 +114,8 @@ fn refuse(stream: TcpStream) {
             _ => break,
         }
     }
-    let _ = stream.try_write(REFUSAL);
-    let _ = rustix::net::shutdown(&stream, rustix::net::Shutdown::Write);
+    let _ = stream.try_write(answer);
+    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Write);
 }
 
 /// Accepts connections until `stopped` turns true, then waits up to `grace` for open

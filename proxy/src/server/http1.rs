@@ -484,7 +484,7 @@ async fn serve_one(
 ) -> Option<TcpStream> {
     let stream = Arc::new(stream);
     let (activity, _) = Activity::new(&http.metrics, http.requests.as_ref());
-    let service = track::proxy_service(Arc::clone(proxy), peer, activity);
+    let service = track::proxy_service(Arc::clone(proxy), peer, false, activity);
     let body_read = (request.remaining > 0).then(|| Arc::new(Notify::new()));
     let io = HandedIo::new(
         Arc::clone(&stream),
@@ -552,7 +552,7 @@ async fn hand_over(
 ) {
     let io = HandedIo::new(Arc::new(stream), prefix, None, Arc::clone(http));
     let (activity, open) = Activity::new(&http.metrics, http.requests.as_ref());
-    let service = track::proxy_service(proxy, peer, activity);
+    let service = track::proxy_service(proxy, peer, false, activity);
     let conn = http.any.serve_connection(TokioIo::new(io), service);
     let idle = track::idle(open, since, http.limits.idle_timeout);
     serve_hyper(conn, idle, Arc::clone(http), peer, stopped).await;

@@ -11,6 +11,7 @@ mod admin;
 mod http1;
 mod io;
 mod reload;
+mod tls;
 mod track;
 
 pub use http1::write_hit_lines;
@@ -76,6 +77,8 @@ pub struct RunningServer {
 struct Listeners {
     proxy: Arc<ArcSwap<Http>>,
     admin: Arc<ArcSwap<Http>>,
+    /// TLS on the proxy port, when configured.
+    tls: Option<tls::TlsConfig>,
     requests: Arc<RequestLimit>,
     metrics: ConnectionMetrics,
 }
@@ -167,7 +170,14 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
             });
             let serve = move |stream, peer, stopped| {
                 let http = listeners.proxy.load_full();
-                http1::serve(stream, peer, Arc::clone(&proxy), http, stopped)
+                let proxy = Arc::clone(&proxy);
+                let tls = listeners.tls.as_ref().map(|tls| tls.load_full());
+                async move {
+                    match tls {
+                        Some(tls) => tls::serve(stream, peer, proxy, http, tls, stopped).await,
+                        None => http1::serve(stream, peer, proxy, http, stopped).await,
+                    }
+                }
             };
             accept::accept_loop(listener, serve, Some(admission), stopped, grace).await;
             if let Some(admin) = admin {
@@ -210,6 +220,10 @@ impl Listeners {
                 &ConnectionMetrics::default(),
                 None,
             ))),
+            tls: config
+                .tls
+                .as_ref()
+                .map(|t| Arc::new(ArcSwap::new(Arc::clone(&t.server)))),
             requests,
             metrics: metrics.connections.clone(),
         }

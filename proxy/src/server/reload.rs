@@ -11,7 +11,8 @@ use super::{accept, Http, RunningServer};
 use crate::config::{Config, ConfigError};
 use crate::proxy::RoutesReloaded;
 
-/// What a reload did.
+/// What a reload did. (With `[tls]`, the certificate and key files are read again and
+/// used for new connections, whether or not their paths changed.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
     pub routes: RoutesReloaded,
@@ -68,6 +69,9 @@ impl RunningServer {
             &l.metrics,
             Some(Arc::clone(&l.requests)),
         )));
+        if let (Some(running), Some(new)) = (&l.tls, &config.tls) {
+            running.store(Arc::clone(&new.server));
+        }
         let admin_metrics = l.admin.load().metrics.clone();
         l.admin
             .store(Arc::new(Http::new(&config.limits, &admin_metrics, None)));
@@ -82,7 +86,7 @@ impl RunningServer {
 /// without a restart: the listeners and runtime are built once, the cache's capacity
 /// and the Redis connections are set when they start, the access log's file is open.
 fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
-    let checks: [(&'static str, bool); 9] = [
+    let checks: [(&'static str, bool); 10] = [
         ("listen", running.listen != new.listen),
         ("admin_listen", running.admin_listen != new.admin_listen),
         ("workers", running.workers != new.workers),
@@ -94,6 +98,8 @@ fn needs_restart(running: &Config, new: &Config) -> Vec<&'static str> {
         ("[redis]", running.redis != new.redis),
         ("[lock]", running.lock != new.lock),
         ("access_log", running.access_log != new.access_log),
+        // On or off: the listener speaks TLS or not. New files are applied.
+        ("[tls]", running.tls.is_some() != new.tls.is_some()),
         (
             "[limits] max_connections",
             running.limits.max_connections != new.limits.max_connections,

@@ -229,10 +229,12 @@ where
     })
 }
 
-/// The proxy as a hyper service for requests from `peer`, in progress on `activity`.
+/// The proxy as a hyper service for requests from `peer` (`over_tls`: on a TLS
+/// connection), in progress on `activity`.
 pub(super) fn proxy_service(
     proxy: Arc<Proxy>,
     peer: SocketAddr,
+    over_tls: bool,
     activity: Arc<Activity>,
 ) -> impl Service<
     Request<Incoming>,
@@ -246,7 +248,7 @@ pub(super) fn proxy_service(
         activity,
         move |req| {
             let proxy = Arc::clone(&proxy);
-            async move { proxy.handle(req, peer).await }
+            async move { proxy.handle(req, peer, over_tls).await }
         },
         move |req| refuser.refuse_overloaded(&req, peer),
     )
