@@ -9,6 +9,9 @@
 #   bash benches/compare.sh            # 1 KiB and 64 KiB objects, 3 rounds of 5 s each
 #   ROUNDS=5 SECONDS_PER_RUN=10 bash benches/compare.sh
 #   CORRAL_WORKERS=1 bash benches/compare.sh   # corral's `workers` (default: one per core)
+#   CORRAL_SETTINGS='access_log = "/tmp/access.log"' bash benches/compare.sh
+#                                        # top-level lines for every corral (a setting's cost;
+#                                        # nginx and Varnish keep their logs off)
 #
 # Installs nginx, varnish, wrk and redis-server from Debian's packages when missing.
 # Everything listens on 127.0.0.1 and is stopped at the end (also on Ctrl-C).
@@ -75,6 +78,7 @@ latency_p50_us() {
 start_corral() {
     cat >"$WORK/$1.toml" <<TOML
 listen = "127.0.0.1:$2"
+${CORRAL_SETTINGS:-}
 $3
 [[route]]
 name = "bench"

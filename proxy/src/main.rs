@@ -169,6 +169,14 @@ fn check(file: &PathBuf) -> anyhow::Result<()> {
             .display()
             .iec(),
     );
+    match &config.tls {
+        Some(tls) => println!(
+            "tls: on (cert {}, key {}; ALPN h2, http/1.1)",
+            tls.cert.display(),
+            tls.key.display()
+        ),
+        None => println!("tls: off (plain HTTP/1.1 and h2c)"),
+    }
     // Where the token came from, never the token.
     println!(
         "admin token: {}",

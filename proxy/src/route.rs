@@ -25,22 +25,36 @@ pub(crate) struct Route {
     /// The key names a forwarding header, which corral rewrites before keying: the
     /// fast path, which keys the client's headers as sent, leaves such routes alone.
     pub(crate) keys_forwarding_headers: bool,
+    /// The caps on its upstream requests, when it has any.
+    cap: Option<Arc<UpstreamCap>>,
 }
 
 impl Route {
     /// `redis`: the fleet's, where a fleet cap keeps its leases (each lasting
-    /// `lease_ttl` unless renewed).
+    /// `lease_ttl` unless renewed). `earlier`: the route of the same name a reload
+    /// replaces, whose cap is kept (with the new numbers) when it can take them, so
+    /// that the requests it has in flight still count against the new settings.
     pub(crate) fn new(
         config: RouteConfig,
         metrics: RouteMetrics,
         redis: Option<&Arc<Redis>>,
         lease_ttl: Duration,
+        earlier: Option<&Route>,
     ) -> Route {
-        let cap = config
-            .upstream_caps
-            .map(|caps| upstream_cap(&config.name, caps, redis, lease_ttl, metrics.cap.clone()));
+        let kept = earlier.and_then(|r| r.cap.as_ref());
+        let cap = config.upstream_caps.map(|caps| {
+            let fleet = caps.fleet.is_some() && redis.is_some();
+            match kept {
+                Some(cap) if cap.fits(fleet) => {
+                    cap.set_limits(&effective(caps, redis.is_some()));
+                    Arc::clone(cap)
+                }
+                _ => upstream_cap(&config.name, caps, redis, lease_ttl, metrics.cap.clone()),
+            }
+        });
         Route {
-            upstream: Upstream::new(&config, cap),
+            upstream: Upstream::new(&config, cap.clone()),
+            cap,
             keys_forwarding_headers: config
                 .key_headers
                 .iter()
@@ -78,20 +92,25 @@ impl Route {
 /// Redis the fleet is this instance, so its share is the fleet's whole cap.
 fn upstream_cap(
     name: &str,
-    mut caps: UpstreamCaps,
+    caps: UpstreamCaps,
     redis: Option<&Arc<Redis>>,
     lease_ttl: Duration,
     metrics: CapMetrics,
 ) -> Arc<UpstreamCap> {
     let fleet = match (caps.fleet, redis) {
         (Some(n), Some(redis)) => Some(FleetCap::new(Arc::clone(redis), name, n, lease_ttl)),
-        (Some(n), None) => {
-            caps.instance = caps.instance.min(n);
-            None
-        }
-        (None, _) => None,
+        _ => None,
     };
-    UpstreamCap::new(&caps, fleet, metrics)
+    UpstreamCap::new(&effective(caps, redis.is_some()), fleet, metrics)
+}
+
+/// `caps` as this instance applies them: without Redis, a fleet cap bounds the
+/// instance alone.
+fn effective(mut caps: UpstreamCaps, fleet_mode: bool) -> UpstreamCaps {
+    if let (Some(n), false) = (caps.fleet, fleet_mode) {
+        caps.instance = caps.instance.min(n);
+    }
+    caps
 }
 
 /// All routes, ordered most specific first so the first match is the best.

@@ -211,3 +211,148 @@ fn bad_certificate_files_are_config_errors() {
     let missing_key = error(&base.replace("key = ", "# key = "));
     assert!(missing_key.contains("tls"), "{missing_key}");
 }
+
+/// A raw HTTP/1.1 client over TLS (ALPN `http/1.1` only), trusting `root`.
+struct RawTls {
+    conn: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawTls {
+    async fn connect(
+        server: &corral::RunningServer,
+        root: &rustls::pki_types::CertificateDer<'static>,
+    ) -> RawTls {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(server.listen_addr())
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        RawTls {
+            conn,
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, raw: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.conn.write_all(raw).await.unwrap();
+    }
+
+    /// The next response (`head_only`: to a HEAD).
+    async fn response(&mut self, head_only: bool) -> support::raw::Wire {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((wire, used)) = support::raw::parse_response(&self.buf, head_only) {
+                self.buf.drain(..used);
+                return wire;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = tokio::time::timeout(support::DEADLINE, self.conn.read(&mut chunk))
+                .await
+                .expect("answered in time")
+                .unwrap_or(0);
+            assert!(n > 0, "closed before a whole response");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Whether the server closed the connection.
+    async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 64];
+        let read = tokio::time::timeout(support::DEADLINE, self.conn.read(&mut chunk)).await;
+        self.buf.is_empty() && matches!(read.expect("closed in time"), Ok(0) | Err(_))
+    }
+}
+
+/// HTTP/1.1 over TLS on one connection as a client uses it: a miss, hits (answered
+/// without hyper), a pipelined pair, a HEAD, a POST (which hands the connection to
+/// hyper for the rest), a hit after it, and `Connection: close`. Every response is
+/// whole and in order, and the origin sees each request once, marked `https`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_keep_alive_pipelining_and_hand_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = certificate(dir.path());
+    let origin = RecordingOrigin::answering(Answer {
+        body: Some(vec![b'x'; 40_000]),
+        ..Answer::default()
+    })
+    .await;
+    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let server = corral::start(&config).await.unwrap();
+    let mut c = RawTls::connect(&server, &root).await;
+    let get =
+        |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{extra}\r\n");
+
+    c.send(get("/a", "").as_bytes()).await;
+    let miss = c.response(false).await;
+    assert!(miss.cache_status().contains("fwd=miss"), "{miss:?}");
+    assert_eq!(miss.body.len(), 40_000);
+    // Two hits in one write (pipelined), then a HEAD.
+    c.send(format!("{}{}", get("/a", ""), get("/a", "")).as_bytes())
+        .await;
+    for _ in 0..2 {
+        let hit = c.response(false).await;
+        assert!(hit.cache_status().starts_with("corral; hit"), "{hit:?}");
+        assert_eq!(hit.body, miss.body);
+    }
+    c.send(b"HEAD /a HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let head = c.response(true).await;
+    assert!(head.cache_status().starts_with("corral; hit"), "{head:?}");
+    assert_eq!(head.header("content-length"), Some("40000"));
+    // A POST goes to hyper with the rest of the connection.
+    c.send(b"POST /p HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\n\r\nbody")
+        .await;
+    let pass = c.response(false).await;
+    assert_eq!(pass.status, 200, "{pass:?}");
+    c.send(get("/a", "connection: close\r\n").as_bytes()).await;
+    let last = c.response(false).await;
+    assert!(last.cache_status().starts_with("corral; hit"), "{last:?}");
+    assert_eq!(last.body, miss.body);
+    assert!(c.closed().await, "closed after Connection: close");
+
+    assert_eq!(origin.received_for("/a").len(), 1);
+    let post = &origin.received_for("/p")[0];
+    assert_eq!(post.body, b"body");
+    assert_eq!(post.header("x-forwarded-proto").as_deref(), Some("https"));
+    server.shutdown().await;
+}
+
+/// A hit over TLS is keyed with the scheme: a client sending its own
+/// `X-Forwarded-Proto` (not a trusted proxy) cannot choose the key or what the origin
+/// is told, on either path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_set_the_scheme_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = certificate(dir.path());
+    let origin = RecordingOrigin::answering(Answer::default()).await;
+    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let server = corral::start(&config).await.unwrap();
+    let mut c = RawTls::connect(&server, &root).await;
+    c.send(b"GET /s HTTP/1.1\r\nhost: localhost\r\nx-forwarded-proto: http\r\n\r\n")
+        .await;
+    assert!(c.response(false).await.cache_status().contains("fwd=miss"));
+    c.send(b"GET /s HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
+    let hit = c.response(false).await;
+    assert!(hit.cache_status().starts_with("corral; hit"), "{hit:?}");
+    let sent = origin.received_for("/s");
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].header("x-forwarded-proto").as_deref(),
+        Some("https")
+    );
+    server.shutdown().await;
+}

@@ -138,6 +138,12 @@ impl CacheKey {
         &self.0[..end]
     }
 
+    /// The same key under another scope of its route (one a reload retired).
+    pub(crate) fn with_scope(&self, scope: &str) -> CacheKey {
+        let rest = &self.0[self.scope().len()..];
+        CacheKey(format!("{scope}{rest}").into())
+    }
+
     /// A key as another instance sent it.
     pub fn from_raw(key: &str) -> CacheKey {
         CacheKey(key.into())

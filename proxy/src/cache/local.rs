@@ -2,9 +2,11 @@
 //! expires when it can serve no one any more (the end of its stale windows), with an
 //! index of its entries by purge tag and by primary key.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use http::header::HeaderName;
 use moka::sync::Cache as Moka;
 use moka::Expiry;
@@ -128,6 +130,10 @@ pub struct LocalCache {
     objects: Moka<CacheKey, LocalObject>,
     index: Arc<KeyIndex>,
     rules: TagRules,
+    /// Scopes of routes a reload changed or removed (`CacheKey::scope`): nothing is
+    /// stored under them any more (a fill in flight across the reload finishes for its
+    /// waiters, but its entry is not kept). Only a reload writes it.
+    retired: Arc<ArcSwap<HashSet<String>>>,
 }
 
 /// The identity of a stored entry, for [`KeyIndex`]'s records.
@@ -183,6 +189,7 @@ impl LocalCache {
             objects,
             index,
             rules,
+            retired: Arc::default(),
         }
     }
 
@@ -193,6 +200,10 @@ impl LocalCache {
     }
 
     pub(crate) fn insert(&self, key: CacheKey, object: LocalObject) {
+        let retired = self.retired.load();
+        if !retired.is_empty() && retired.contains(key.scope()) {
+            return;
+        }
         if let LocalObject::Entry(e) = &object {
             let labels = labels(&self.rules, &key, e, true);
             if !labels.is_empty() {
@@ -248,19 +259,27 @@ impl LocalCache {
         primaries.into_iter().collect()
     }
 
-    /// Drops every object (entries, `Vary` indexes, hit-for-pass marks) whose key's
-    /// scope `keep` rejects: those of routes a reload removed or changed, which no
-    /// request keys any more. A walk over the whole tier: for reloads, not requests.
+    /// Retires the scopes of routes a reload changed or removed (`retired`: all of
+    /// them so far, less those in use again): nothing more is stored under them, and
+    /// every object already stored under them (entries, `Vary` indexes, hit-for-pass
+    /// marks) is dropped. A walk over the whole tier: for reloads, not requests.
     /// Returns how many entries it dropped.
-    pub(crate) fn remove_scopes(&self, keep: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn retire_scopes(&self, retired: HashSet<String>) -> usize {
+        self.retired.store(Arc::new(retired));
+        let retired = self.retired.load();
         let mut removed = 0;
         for (key, object) in self.objects.iter() {
-            if !keep(key.scope()) {
+            if retired.contains(key.scope()) {
                 self.objects.invalidate(&*key);
                 removed += usize::from(matches!(object, LocalObject::Entry(_)));
             }
         }
         removed
+    }
+
+    /// The scopes retired so far.
+    pub(crate) fn retired_scopes(&self) -> Arc<HashSet<String>> {
+        self.retired.load_full()
     }
 
     /// The tag rules entries are indexed by.

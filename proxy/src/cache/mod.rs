@@ -35,6 +35,23 @@ pub(crate) struct Purged {
     pub(crate) shared: SharedPurged,
 }
 
+impl Purged {
+    /// Both purges together (a shared count is unknown if either is).
+    pub(crate) fn and(self, other: Purged) -> Purged {
+        let shared = match (self.shared, other.shared) {
+            (SharedPurged::Counted(Some(a)), SharedPurged::Counted(Some(b))) => {
+                SharedPurged::Counted(Some(a + b))
+            }
+            (SharedPurged::NoFleet, SharedPurged::NoFleet) => SharedPurged::NoFleet,
+            _ => SharedPurged::Counted(None),
+        };
+        Purged {
+            local: self.local + other.local,
+            shared,
+        }
+    }
+}
+
 /// What a purge did in the shared tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SharedPurged {

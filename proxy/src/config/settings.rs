@@ -315,7 +315,8 @@ impl RouteConfig {
     /// agree on them. Settings about how requests are sent or coalesced (timeouts,
     /// caps, early refresh) leave the keys, and so the cache, alone.
     ///
-    /// Computed once, on first use: a route's settings do not change once it serves.
+    /// Computed once per value, on first use: a route's settings do not change once it
+    /// serves (a clone computes its own).
     pub(crate) fn cache_scope(&self) -> &str {
         self.scope.0.get_or_init(|| {
             let stored = format!(
@@ -347,9 +348,16 @@ impl RouteConfig {
 }
 
 /// A route's [`RouteConfig::cache_scope`], computed once. Derived from the settings,
-/// so not itself one: any two compare equal.
-#[derive(Debug, Clone, Default)]
+/// so not itself one: any two compare equal, and a clone starts empty (a clone may be
+/// changed before it is used).
+#[derive(Debug, Default)]
 pub(crate) struct ScopeCell(std::sync::OnceLock<std::sync::Arc<str>>);
+
+impl Clone for ScopeCell {
+    fn clone(&self) -> ScopeCell {
+        ScopeCell::default()
+    }
+}
 
 impl PartialEq for ScopeCell {
     fn eq(&self, _: &ScopeCell) -> bool {

@@ -133,7 +133,7 @@ impl Proxy {
         let routes = config
             .routes
             .iter()
-            .map(|rc| Arc::new(route_builder.build(rc, &metrics)))
+            .map(|rc| Arc::new(route_builder.build(rc, &metrics, None)))
             .collect();
         let max_object_bytes = config.cache.max_object_bytes;
         let shared = redis
@@ -270,6 +270,9 @@ impl Proxy {
                 return refused(&err);
             }
         };
+        // All this request reads of what a reload replaces, read once.
+        let body_timeout = current.body_timeout;
+        drop(current);
         // Debug level: a span per request costs on every hit; RUST_LOG=corral=debug shows it.
         let span = tracing::debug_span!(
             "request",
@@ -286,6 +289,7 @@ impl Proxy {
                 head,
                 client: client.ip(),
             };
+            let body = (body, body_timeout);
             let (res, status) = this.serve(&route, req, body, host.as_deref()).await;
             route.metrics.served(status.served);
             Span::current().record("cache", status.served.as_str());
@@ -368,6 +372,30 @@ impl Proxy {
         {
             return None;
         }
+        self.fresh_local_hit(req, client)
+    }
+
+    /// [`Proxy::local_hit`] for a request that came over TLS: keyed, as [`admit`] keys
+    /// it, with `X-Forwarded-Proto: https`, which is added to `req` (and so forwarded
+    /// by an early refresh it starts).
+    pub(crate) fn local_hit_over_tls(
+        &self,
+        req: &mut request::Parts,
+        client: IpAddr,
+    ) -> Option<LocalHit> {
+        if cacheable_request(&req.method, &req.headers).is_err()
+            || !client_request::already_sanitized(&req.headers)
+        {
+            return None;
+        }
+        let https = HeaderValue::from_static("https");
+        req.headers.insert(headers::X_FORWARDED_PROTO, https);
+        self.fresh_local_hit(req, client)
+    }
+
+    /// The rest of [`Proxy::local_hit`], for a request whose headers are as sanitising
+    /// (and, over TLS, the scheme's header) would leave them.
+    fn fresh_local_hit(&self, req: &request::Parts, client: IpAddr) -> Option<LocalHit> {
         let host = client_request::canonical_host(req.version, &req.uri, &req.headers).ok()?;
         let normal = client_request::normalize_target(&req.uri).ok()?;
         let uri = match normal {
@@ -413,17 +441,18 @@ impl Proxy {
         })
     }
 
+    /// `body`: the request's, and how long it may wait on its client between reads.
     async fn serve(
         self: &Arc<Self>,
         route: &Arc<Route>,
         req: ClientRequest,
-        body: Incoming,
+        (body, body_timeout): (Incoming, std::time::Duration),
         host: Option<&str>,
     ) -> (Response<ProxyBody>, CacheStatus) {
         if let Some(status) = bypass(route, &req.head, &body) {
             // Streamed as it came, with its own framing; never stored, never served
             // from the cache (the key does not see the body or the rewriting header).
-            let body = ProxyBody::from_client(body, self.current.load().body_timeout);
+            let body = ProxyBody::from_client(body, body_timeout);
             return self.pass(route, &req, body, status).await;
         }
         let key = CacheKey::for_request(&route.config, host, &req.head.uri, &req.head.headers);

@@ -172,7 +172,15 @@ pub(crate) async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, P
             cookies,
         } => {
             let key = url_key(proxy, route, host.as_deref(), path, headers, cookies)?;
-            let purged = proxy.cache().purge(&key, req.soft).await;
+            let mut purged = proxy.cache().purge(&key, req.soft).await;
+            // The same URL under the route's earlier settings (a reload changed them):
+            // in Redis, and on instances not yet reloaded, those copies still serve.
+            let retired = proxy.cache().local().retired_scopes();
+            let prefix = format!("{route}\n");
+            for scope in retired.iter().filter(|s| s.starts_with(&prefix)) {
+                let earlier = proxy.cache().purge(&key.with_scope(scope), req.soft).await;
+                purged = purged.and(earlier);
+            }
             tracing::info!(%key, soft = req.soft, local = purged.local, shared = ?purged.shared, "purge");
             return Ok(purged);
         }

@@ -47,13 +47,20 @@ pub(super) struct RouteBuilder {
 }
 
 impl RouteBuilder {
-    pub(super) fn build(&self, config: &crate::config::RouteConfig, metrics: &Metrics) -> Route {
+    /// The route for `config`; `earlier`: the one of that name it replaces.
+    pub(super) fn build(
+        &self,
+        config: &crate::config::RouteConfig,
+        metrics: &Metrics,
+        earlier: Option<&Route>,
+    ) -> Route {
         let route_metrics = metrics.for_route(&config.name);
         Route::new(
             config.clone(),
             route_metrics,
             self.redis.as_ref(),
             self.lease_ttl,
+            earlier,
         )
     }
 }
@@ -77,8 +84,9 @@ impl Proxy {
     /// the new settings; its local entries, and those of removed routes, are dropped.
     ///
     /// Settings this cannot change (listeners, workers, the cache's size, Redis, the
-    /// lock) are the caller's to report: see `server::reload`.
-    pub async fn reload_routes(&self, config: &Config) -> RoutesReloaded {
+    /// lock) are the caller's to report: see `server::reload`, which also runs reloads
+    /// one at a time (two at once could retire each other's scopes).
+    pub(crate) async fn reload_routes(&self, config: &Config) -> RoutesReloaded {
         let old = self.current.load_full();
         let mut report = RoutesReloaded::default();
         let mut routes = Vec::with_capacity(config.routes.len());
@@ -92,7 +100,10 @@ impl Proxy {
                         &mut report.added
                     };
                     list.push(rc.name.clone());
-                    routes.push(Arc::new(self.route_builder.build(rc, &self.metrics)));
+                    let route = self
+                        .route_builder
+                        .build(rc, &self.metrics, found.map(|r| &**r));
+                    routes.push(Arc::new(route));
                 }
             }
         }
@@ -107,15 +118,20 @@ impl Proxy {
             .local()
             .tag_rules()
             .add_routes(&config.routes, &self.metrics);
-        let scopes: HashSet<String> = routes
-            .iter()
-            .map(|r| r.config.cache_scope().to_string())
-            .collect();
+        let live: HashSet<&str> = routes.iter().map(|r| r.config.cache_scope()).collect();
+        let local = self.cache().local().clone();
+        let mut retired: HashSet<String> = HashSet::clone(&local.retired_scopes());
+        retired.extend(
+            old.routes
+                .iter()
+                .map(|r| r.config.cache_scope().to_string()),
+        );
+        retired.retain(|scope| !live.contains(scope.as_str()));
+        let changes = !(report.changed.is_empty() && report.removed.is_empty());
         self.current.store(Arc::new(Current::new(config, routes)));
         drop(old);
-        if !(report.changed.is_empty() && report.removed.is_empty()) {
-            let local = self.cache().local().clone();
-            let sweep = move || local.remove_scopes(|scope| scopes.contains(scope));
+        if changes {
+            let sweep = move || local.retire_scopes(retired);
             report.entries_dropped = tokio::task::spawn_blocking(sweep).await.unwrap_or(0);
         }
         report

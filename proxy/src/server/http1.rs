@@ -21,7 +21,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{request, HeaderMap, Method, Request, Uri, Version};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify};
 use tokio::time::{Instant, Sleep};
@@ -119,18 +119,18 @@ pub(super) async fn serve(
 }
 
 /// How the wait for the next head may end besides a head: its deadline, shutdown.
-struct Wait<'a> {
-    deadline: Pin<&'a mut Sleep>,
+pub(super) struct Wait<'a> {
+    pub(super) deadline: Pin<&'a mut Sleep>,
     /// Between two requests, before the next one's first byte; cleared by that byte,
     /// which restarts the deadline at `head_timeout`.
-    idle: &'a mut bool,
-    stopped: &'a mut watch::Receiver<bool>,
+    pub(super) idle: &'a mut bool,
+    pub(super) stopped: &'a mut watch::Receiver<bool>,
 }
 
 /// What the wait for the next request ended with.
 // Returned once per head and matched at once, as `Parse`.
 #[allow(clippy::large_enum_variant)]
-enum Next {
+pub(super) enum Next {
     Head(Head),
     /// Not plain HTTP/1.1, or a head too large for this path: hyper's to serve.
     NotPlain,
@@ -138,9 +138,10 @@ enum Next {
     End,
 }
 
-/// Reads until a whole head is at the front of `buf`, taking it out of `buf`.
-async fn next_head(
-    stream: &mut TcpStream,
+/// Reads until a whole head is at the front of `buf`, taking it out of `buf`. (From a
+/// plain socket here, or from a TLS stream: `tls`.)
+pub(super) async fn next_head<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     wait: Wait<'_>,
     http: &Http,
@@ -183,14 +184,14 @@ async fn next_head(
 }
 
 /// A parsed request head that this path can serve or hand over one request at a time.
-struct Head {
-    parts: request::Parts,
+pub(super) struct Head {
+    pub(super) parts: request::Parts,
     /// The head's bytes, as hyper must see them if the request is handed over.
-    bytes: Bytes,
-    body_len: u64,
-    keep_alive: bool,
+    pub(super) bytes: Bytes,
+    pub(super) body_len: u64,
+    pub(super) keep_alive: bool,
     /// `Expect: 100-continue` and the like: hyper's to answer.
-    expects: bool,
+    pub(super) expects: bool,
 }
 
 // Returned once per head and matched at once: boxing would cost an allocation a request.

@@ -15,6 +15,7 @@
 //! passed on (or freed), so no slot is lost to a cancelled or timed-out request.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,11 +44,14 @@ pub(crate) enum Shed {
     QueueTimeout,
 }
 
-/// One route's cap: its slots, its queue, and (fleet cap) its leases in Redis.
+/// One route's cap: its slots, its queue, and (fleet cap) its leases in Redis. The
+/// numbers are set at start and by a reload ([`UpstreamCap::set_limits`]), which keeps
+/// the cap (and so its count of requests in flight) when a route's settings change.
 pub(crate) struct UpstreamCap {
-    limit: usize,
-    queue_max: usize,
-    queue_timeout: Duration,
+    limit: AtomicUsize,
+    queue_max: AtomicUsize,
+    /// Nanoseconds.
+    queue_timeout: AtomicU64,
     state: Mutex<CapState>,
     pub(super) fleet: Option<FleetCap>,
     pub(super) metrics: CapMetrics,
@@ -138,9 +142,9 @@ impl UpstreamCap {
         metrics: CapMetrics,
     ) -> Arc<UpstreamCap> {
         let cap = Arc::new(UpstreamCap {
-            limit: caps.instance as usize,
-            queue_max: caps.queue as usize,
-            queue_timeout: caps.queue_timeout,
+            limit: AtomicUsize::new(caps.instance as usize),
+            queue_max: AtomicUsize::new(caps.queue as usize),
+            queue_timeout: AtomicU64::new(nanos(caps.queue_timeout)),
             state: Mutex::new(CapState::default()),
             fleet,
             metrics,
@@ -156,7 +160,39 @@ impl UpstreamCap {
     }
 
     pub(super) fn limit(&self) -> usize {
-        self.limit
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Whether this cap can take `caps` in place: it counts leases in Redis exactly when
+    /// they ask for a fleet cap (`fleet`: and Redis is configured).
+    pub(crate) fn fits(&self, fleet: bool) -> bool {
+        self.fleet.is_some() == fleet
+    }
+
+    /// New numbers (a reload). Requests in flight stay counted: lowering the limit
+    /// admits nobody until the count is below it; raising it admits waiters at once.
+    pub(crate) fn set_limits(self: &Arc<Self>, caps: &UpstreamCaps) {
+        self.limit.store(caps.instance as usize, Ordering::Relaxed);
+        self.queue_max.store(caps.queue as usize, Ordering::Relaxed);
+        let timeout = nanos(caps.queue_timeout);
+        self.queue_timeout.store(timeout, Ordering::Relaxed);
+        match &self.fleet {
+            Some(fleet) => {
+                fleet.set_cap(caps.fleet.unwrap_or(caps.instance));
+                fleet.kick.notify_one();
+            }
+            None => {
+                let mut state = self.lock();
+                while state.in_flight < self.limit() {
+                    state.in_flight += 1;
+                    if self.hand_over(&mut state, None).is_err() {
+                        state.in_flight -= 1;
+                        break;
+                    }
+                }
+                self.metrics.in_flight.set(state.in_flight as i64);
+            }
+        }
     }
 
     /// A slot: at once when one is free and nobody waits (without a fleet cap), else
@@ -169,7 +205,8 @@ impl UpstreamCap {
     pub(crate) async fn admit(self: &Arc<Self>, priority: Priority) -> Result<Slot, Shed> {
         let grant = {
             let mut state = self.lock();
-            let room = self.limit.saturating_sub(state.in_flight);
+            let room = self.limit().saturating_sub(state.in_flight);
+            let queue_max = self.queue_max.load(Ordering::Relaxed);
             if self.fleet.is_none() && state.queued() == 0 && room > 0 {
                 state.in_flight += 1;
                 self.metrics.in_flight.set(state.in_flight as i64);
@@ -177,8 +214,8 @@ impl UpstreamCap {
             }
             let bound = room
                 + match priority {
-                    Priority::Refresh => self.queue_max * 2,
-                    Priority::Request => self.queue_max,
+                    Priority::Refresh => queue_max * 2,
+                    Priority::Request => queue_max,
                 };
             if state.queued() >= bound && state.live_waiters() >= bound {
                 self.metrics.queue_full();
@@ -197,7 +234,8 @@ impl UpstreamCap {
             grant: Some(grant),
         };
         let grant = queued.grant.as_mut().expect("set above");
-        match tokio::time::timeout(self.queue_timeout, grant).await {
+        let timeout = Duration::from_nanos(self.queue_timeout.load(Ordering::Relaxed));
+        match tokio::time::timeout(timeout, grant).await {
             Ok(Ok(slot)) => Ok(slot),
             // The grant is dropped only with the cap (its routes are gone), or timed out.
             Ok(Err(_)) | Err(_) => {
@@ -242,7 +280,8 @@ impl UpstreamCap {
         let mut state = self.lock();
         match &self.fleet {
             None => {
-                if self.hand_over(&mut state, None).is_err() {
+                // Past a limit a reload lowered, the slot is not passed on.
+                if state.in_flight > self.limit() || self.hand_over(&mut state, None).is_err() {
                     state.in_flight -= 1;
                 }
             }
@@ -259,4 +298,9 @@ impl UpstreamCap {
         }
         self.metrics.in_flight.set(state.in_flight as i64);
     }
+}
+
+/// `d` in nanoseconds (saturating; validated timeouts are far below the bound).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

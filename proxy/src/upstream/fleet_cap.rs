@@ -17,7 +17,7 @@
 //! is back, leases are taken for the requests still in flight without one, so the
 //! fleet counts them again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -103,12 +103,17 @@ pub(crate) struct FleetCap {
     redis: Arc<Redis>,
     /// The leases, the line of waiting instances, and their liveness.
     keys: [String; 3],
-    cap: u32,
+    /// Set at start and by a reload.
+    cap: AtomicU32,
     ttl: Duration,
     /// Wakes the dispatcher: a slot was freed or a request began to wait.
     pub(super) kick: Arc<Notify>,
-    next_token: AtomicU64,
 }
+
+/// Lease tokens are `<instance>:<n>`, `n` from one counter for the process: a route's
+/// cap rebuilt while the old one's leases are still held must not reuse their tokens
+/// (Redis would count two requests as one).
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(0);
 
 /// What one exchange with Redis gave: new leases, and held ones found lapsed.
 struct Granted {
@@ -122,11 +127,15 @@ impl FleetCap {
         FleetCap {
             keys: redis.upstream_cap_keys(route),
             redis,
-            cap,
+            cap: AtomicU32::new(cap),
             ttl,
             kick: Arc::new(Notify::new()),
-            next_token: AtomicU64::new(0),
         }
+    }
+
+    /// A new fleet-wide bound (a reload).
+    pub(super) fn set_cap(&self, cap: u32) {
+        self.cap.store(cap, Ordering::Relaxed);
     }
 
     /// One round trip (see [`EXCHANGE`]); `None` when Redis is unavailable.
@@ -139,14 +148,14 @@ impl FleetCap {
     ) -> Option<Granted> {
         let tokens: Vec<String> = (0..want)
             .map(|_| {
-                let n = self.next_token.fetch_add(1, Ordering::Relaxed);
+                let n = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
                 format!("{}:{n}", self.redis.instance)
             })
             .collect();
         let [leases, line, alive] = self.keys.clone();
         let (ttl, cap, me) = (
             self.ttl.as_millis() as u64,
-            self.cap,
+            self.cap.load(Ordering::Relaxed),
             self.redis.instance.clone(),
         );
         let mark = WAITING_MARK.as_millis() as u64;

@@ -129,7 +129,8 @@ pub async fn exchange(addr: SocketAddr, raw: &[u8]) -> Wire {
 }
 
 /// A whole response at the front of `buf`, and how many bytes it took.
-fn parse_response(buf: &[u8], head_only: bool) -> Option<(Wire, usize)> {
+/// (Also for streams other than `RawClient`s, such as a TLS client's.)
+pub fn parse_response(buf: &[u8], head_only: bool) -> Option<(Wire, usize)> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut res = httparse::Response::new(&mut headers);
     let len = match res.parse(buf).expect("a valid response head") {
