@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,6 +39,8 @@ struct Shared {
     pending: Mutex<Vec<u8>>,
     /// Set when the log is dropped: the writer writes what is left and ends.
     closed: AtomicBool,
+    /// Set by a reload: the writer opens the file's path again (log rotation).
+    reopen: AtomicBool,
 }
 
 thread_local! {
@@ -153,24 +156,18 @@ impl AccessLog {
         settings: &AccessLogSettings,
         dropped: Counter,
     ) -> std::io::Result<AccessLog> {
-        let out: Box<dyn std::io::Write + Send> = match &settings.path {
-            None => Box::new(std::io::stdout()),
-            Some(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
-        };
+        let out = open(settings.path.as_deref())?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Vec::with_capacity(64 * 1024)),
             closed: AtomicBool::new(false),
+            reopen: AtomicBool::new(false),
         });
         let writer = {
             let shared = Arc::clone(&shared);
+            let path = settings.path.clone();
             std::thread::Builder::new()
                 .name("corral-access-log".into())
-                .spawn(move || write_out(&shared, out))?
+                .spawn(move || write_out(&shared, out, path.as_deref()))?
         };
         Ok(AccessLog {
             shared,
@@ -178,6 +175,15 @@ impl AccessLog {
             dropped,
             writer: Some(writer),
         })
+    }
+
+    /// Opens the log's file again (after logrotate moved it away), at the writer's
+    /// next round; lines before that go to the file as it was.
+    pub(crate) fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+        if let Some(writer) = &self.writer {
+            writer.thread().unpark();
+        }
     }
 
     /// Logs `record`, without waiting on the writer.
@@ -214,9 +220,24 @@ impl Drop for AccessLog {
     }
 }
 
+/// Where lines go: the file at `path` (appended to; created when missing), or
+/// standard output.
+fn open(path: Option<&Path>) -> std::io::Result<Box<dyn std::io::Write + Send>> {
+    Ok(match path {
+        None => Box::new(std::io::stdout()),
+        Some(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+    })
+}
+
 /// The writer: every [`FLUSH_EVERY`] (or when the log closes), takes what accumulated
-/// and writes it; a failure is logged once until writing works again.
-fn write_out(shared: &Shared, mut out: Box<dyn std::io::Write + Send>) {
+/// and writes it; a failure is logged once until writing works again. Asked to, opens
+/// `path` again once what was pending is written.
+fn write_out(shared: &Shared, mut out: Box<dyn std::io::Write + Send>, path: Option<&Path>) {
     let mut batch = Vec::with_capacity(64 * 1024);
     let mut failed = false;
     loop {
@@ -240,6 +261,14 @@ fn write_out(shared: &Shared, mut out: Box<dyn std::io::Write + Send>) {
         }
         if closed {
             return;
+        }
+        if shared.reopen.swap(false, Ordering::AcqRel) && path.is_some() {
+            match open(path) {
+                Ok(file) => out = file,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot open the access log again; still writing to the file it had open");
+                }
+            }
         }
     }
 }

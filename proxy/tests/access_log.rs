@@ -129,3 +129,31 @@ async fn a_client_cannot_forge_fields_through_its_host() {
         "{line}"
     );
 }
+
+/// Log rotation: after logrotate moves the file away, a reload opens the path again;
+/// lines before it are in the moved file, lines after it in the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reopens_the_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let h = Setup::default()
+        .top(&format!(
+            "access_log = {:?}\naccess_log_format = \"json\"",
+            path.display().to_string()
+        ))
+        .start()
+        .await;
+    assert_eq!(h.get("/before").await.status, StatusCode::OK);
+    support::log_lines(&path, 1).await;
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&path, &rotated).unwrap();
+
+    let report = h.server.reload(&h.config).await;
+    assert!(report.needs_restart.is_empty(), "{report:?}");
+    assert_eq!(h.get("/after").await.status, StatusCode::OK);
+    let after = support::log_lines(&path, 1).await;
+    assert!(after[0].contains("\"path\":\"/after\""), "{after:?}");
+    let before = std::fs::read_to_string(&rotated).unwrap();
+    assert_eq!(before.lines().count(), 1, "{before}");
+    assert!(before.contains("\"path\":\"/before\""), "{before}");
+}

@@ -153,6 +153,13 @@ impl Proxy {
         }
     }
 
+    /// Opens the access log's file again, if it writes to one (a reload: logrotate).
+    pub(crate) fn reopen_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.reopen();
+        }
+    }
+
     /// This proxy, writing `log`'s lines.
     pub(crate) fn logging(mut self, log: Option<AccessLog>) -> Proxy {
         self.access_log = log;

@@ -60,6 +60,8 @@ impl RunningServer {
         let started = self.started.lock().await;
         let needs_restart = needs_restart(&started, config);
         let routes = self.proxy.reload_routes(config).await;
+        // The file its path names now (logrotate moved the old one away).
+        self.proxy.reopen_access_log();
         let l = &self.listeners;
         let max = accept::max_connections(started.limits.max_connections);
         l.requests
