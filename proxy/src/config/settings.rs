@@ -319,28 +319,46 @@ impl RouteConfig {
     /// serves (a clone computes its own).
     pub(crate) fn cache_scope(&self) -> &str {
         self.scope.0.get_or_init(|| {
-            let stored = format!(
-                "{:?}|{}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}|{}|{}|{}|{:?}|{:?}",
-                self.upstream,
-                self.preserve_host,
-                self.ttl,
-                self.override_ttl,
-                self.stale_while_revalidate,
-                self.stale_if_error,
-                self.keep,
-                self.key_query,
-                self.key_headers,
-                self.key_cookies,
-                self.ignore_cookies,
-                self.cacheable_statuses,
-                self.hit_for_pass,
-                self.cache,
-                self.allow_authorization,
-                self.allow_set_cookie,
-                self.allow_private,
-                self.tag_header,
-                self.max_tags,
-            );
+            // Written out field by field in forms no crate or compiler update changes
+            // (numbers, names), so that every build of one config agrees on the keys.
+            let ns = |d: Duration| d.as_nanos().to_string();
+            let names = |v: &[HeaderName]| {
+                v.iter()
+                    .map(HeaderName::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let statuses: Vec<u16> = self.cacheable_statuses.iter().map(|s| s.as_u16()).collect();
+            let query = match self.key_query {
+                QueryMode::Keep => "keep",
+                QueryMode::Sort => "sort",
+                QueryMode::Ignore => "ignore",
+            };
+            let stored = [
+                self.upstream.to_string(),
+                self.preserve_host.to_string(),
+                ns(self.ttl),
+                self.override_ttl.to_string(),
+                ns(self.stale_while_revalidate),
+                ns(self.stale_if_error),
+                ns(self.keep),
+                query.to_string(),
+                names(&self.key_headers),
+                self.key_cookies.join(","),
+                self.ignore_cookies.join(","),
+                format!("{statuses:?}"),
+                ns(self.hit_for_pass),
+                self.cache.to_string(),
+                self.allow_authorization.to_string(),
+                self.allow_set_cookie.to_string(),
+                self.allow_private.to_string(),
+                self.tag_header
+                    .as_ref()
+                    .map_or("", HeaderName::as_str)
+                    .to_string(),
+                self.max_tags.to_string(),
+            ]
+            .join("\n");
             let digest = xxhash_rust::xxh3::xxh3_64(stored.as_bytes());
             format!("{}\n{:08x}", self.name, digest as u32).into()
         })

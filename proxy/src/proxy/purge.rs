@@ -10,6 +10,7 @@ use http::{HeaderMap, Uri};
 
 use crate::cache::tags::MAX_TAG_LEN;
 use crate::cache::{CacheKey, Purged};
+use crate::http::headers::X_FORWARDED_PROTO;
 use crate::proxy::Proxy;
 
 /// What to purge, as the query string of `POST /purge` gives it.
@@ -171,16 +172,22 @@ pub(crate) async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, P
             headers,
             cookies,
         } => {
-            let key = url_key(proxy, route, host.as_deref(), path, headers, cookies)?;
-            let mut purged = proxy.cache().purge(&key, req.soft).await;
-            // The same URL under the route's earlier settings (a reload changed them):
-            // in Redis, and on instances not yet reloaded, those copies still serve.
+            let keys = url_keys(proxy, route, host.as_deref(), path, headers, cookies)?;
+            // And the same URL under the route's earlier settings (a reload changed
+            // them): in Redis, and on instances not yet reloaded, those copies serve.
             let retired = proxy.cache().local().retired_scopes();
             let prefix = format!("{route}\n");
-            for scope in retired.iter().filter(|s| s.starts_with(&prefix)) {
-                let earlier = proxy.cache().purge(&key.with_scope(scope), req.soft).await;
-                purged = purged.and(earlier);
+            let scopes: Vec<&String> = retired.iter().filter(|s| s.starts_with(&prefix)).collect();
+            let mut purged: Option<Purged> = None;
+            for key in &keys {
+                let earlier = scopes.iter().map(|scope| key.with_scope(scope));
+                for key in std::iter::once(key.clone()).chain(earlier) {
+                    let this = proxy.cache().purge(&key, req.soft).await;
+                    purged = Some(purged.map_or(this, |p| p.and(this)));
+                }
             }
+            let purged = purged.expect("at least one key");
+            let key = &keys[0];
             tracing::info!(%key, soft = req.soft, local = purged.local, shared = ?purged.shared, "purge");
             return Ok(purged);
         }
@@ -191,14 +198,14 @@ pub(crate) async fn purge(proxy: &Proxy, req: &PurgeRequest) -> Result<Purged, P
 
 /// The primary key a GET of `path_and_query` on `route_name` has, checked to be one
 /// that a request can have.
-fn url_key(
+fn url_keys(
     proxy: &Proxy,
     route_name: &str,
     host: Option<&str>,
     path_and_query: &str,
     params: &[(String, String)],
     cookie_params: &[(String, String)],
-) -> Result<CacheKey, PurgeError> {
+) -> Result<Vec<CacheKey>, PurgeError> {
     let current = proxy.current();
     let routes = &current.routes;
     let route = routes
@@ -234,12 +241,17 @@ fn url_key(
     if let Some(cookie) = keyed_cookies(route_name, &route.config.key_cookies, cookie_params)? {
         headers.append(COOKIE, cookie);
     }
-    Ok(CacheKey::for_request(
-        &route.config,
-        host.as_deref(),
-        &uri,
-        &headers,
-    ))
+    let key =
+        |headers: &HeaderMap| CacheKey::for_request(&route.config, host.as_deref(), &uri, headers);
+    let mut keys = vec![key(&headers)];
+    // Requests over TLS are keyed with `X-Forwarded-Proto: https` (see `admit`); a
+    // purge that does not name the scheme purges the URL as both kinds of clients
+    // (plain and TLS instances may share Redis) are served it.
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        keys.push(key(&headers));
+    }
+    Ok(keys)
 }
 
 /// `raw` as request hosts are keyed: through the same function.

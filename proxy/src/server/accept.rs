@@ -61,6 +61,9 @@ pub(crate) struct Admission {
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) max: usize,
     pub(crate) metrics: ConnectionMetrics,
+    /// The port speaks TLS: a connection past the limit is closed without an answer
+    /// (a plain-text `503` would reach a TLS client as a corrupt record).
+    pub(crate) tls: bool,
 }
 
 /// Backoff between failed accepts: exponential from [`AcceptBackoff::FIRST`] up to
@@ -160,7 +163,9 @@ pub(crate) async fn accept_loop<S, F>(
         let seat = match admit(admission.as_ref(), &mut refused) {
             Ok(seat) => seat,
             Err(()) => {
-                refuse(stream);
+                if !admission.as_ref().is_some_and(|a| a.tls) {
+                    refuse(stream);
+                }
                 continue;
             }
         };

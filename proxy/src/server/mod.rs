@@ -150,6 +150,7 @@ pub async fn start(config: &Config) -> Result<RunningServer, ServerError> {
         permits: Arc::new(Semaphore::new(max)),
         max,
         metrics: metrics.connections.clone(),
+        tls: config.tls.is_some(),
     };
     tracing::debug!(max_connections = max, "connection limit");
 
@@ -273,11 +274,15 @@ pub async fn run(config: &Config, signal: impl Future<Output = ()>) -> Result<()
 }
 
 /// hyper, configured once: `any` serves whatever a connection speaks (HTTP/1 or h2c)
-/// for as long as it lasts; `one_request` serves the single HTTP/1 request it is given.
+/// for as long as it lasts; `h1_only` and `h2_only` the same, for TLS connections, which
+/// speak what ALPN chose and nothing else; `one_request` serves the single HTTP/1
+/// request it is given.
 /// With them, the limits every client connection is held to, and (proxy port only) the
 /// process-wide request limit.
 pub(crate) struct Http {
     any: auto::Builder<TokioExecutor>,
+    h1_only: auto::Builder<TokioExecutor>,
+    h2_only: auto::Builder<TokioExecutor>,
     one_request: hyper::server::conn::http1::Builder,
     limits: LimitsSettings,
     metrics: ConnectionMetrics,
@@ -314,6 +319,8 @@ impl Http {
             .header_read_timeout(limits.head_timeout)
             .half_close(true);
         Http {
+            h1_only: any.clone().http1_only(),
+            h2_only: any.clone().http2_only(),
             any,
             one_request,
             limits: *limits,

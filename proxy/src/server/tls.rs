@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::Method;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 use super::http1::{next_head, write_hit_lines, Next, Wait};
 use super::io::{HandedIo, Prefixed};
 use super::track::{self, Activity};
-use super::{serve_hyper, Http};
+use super::{serve_hyper, until_stopped, Http};
 use crate::proxy::{LocalHit, Proxy};
 
 /// The first byte of a TLS handshake record (a ClientHello).
@@ -50,20 +50,41 @@ pub(super) async fn serve(
     proxy: Arc<Proxy>,
     http: Arc<Http>,
     tls: Arc<rustls::ServerConfig>,
-    stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
 ) {
     // A client that trickles its handshake is held to the head timeout, as one that
-    // trickles its request head; the first head must arrive within the same bound.
+    // trickles its request head; the first head (or HTTP/2 preface) must arrive within
+    // the same bound. Until then nothing is in progress: a shutdown closes it at once.
     let deadline = Instant::now() + http.limits.head_timeout;
-    let Some(conn) = handshake(stream, peer, &http, tls, deadline).await else {
+    let Some(mut conn) = handshake(stream, peer, &http, tls, deadline, &mut stopped).await else {
         return;
     };
     if conn.get_ref().1.alpn_protocol() == Some(b"h2") {
-        let since = Instant::now();
-        return hand_over(conn, Bytes::new(), peer, proxy, &http, stopped, since).await;
+        let mut preface = [0u8; H2_PREFACE.len()];
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, conn.read_exact(&mut preface)) => read,
+            () = until_stopped(&mut stopped) => return,
+        };
+        // ALPN chose HTTP/2: anything but its preface is not served (RFC 9113 3.3).
+        if !matches!(read, Ok(Ok(_))) || &preface != H2_PREFACE {
+            return;
+        }
+        let (since, prefix) = (Instant::now(), Bytes::from_static(H2_PREFACE));
+        let h2 = Protocol::H2;
+        return hand_over(conn, prefix, peer, proxy, &http, stopped, since, h2).await;
     }
     serve_http1(conn, peer, proxy, http, stopped, deadline).await;
 }
+
+/// What ALPN chose, and so all a TLS connection is served as.
+#[derive(Clone, Copy)]
+enum Protocol {
+    Http1,
+    H2,
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// The TLS handshake, by `deadline`; `None` (counted, logged at debug) when it fails.
 async fn handshake(
@@ -72,9 +93,14 @@ async fn handshake(
     http: &Arc<Http>,
     tls: Arc<rustls::ServerConfig>,
     deadline: Instant,
+    stopped: &mut watch::Receiver<bool>,
 ) -> Option<TlsConn> {
     let mut first = [0u8; 1];
-    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => peeked,
+        () = until_stopped(stopped) => return None,
+    };
+    match peeked {
         Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
             // nginx's courtesy: say what is wrong rather than an alert an HTTP
             // client cannot read.
@@ -87,7 +113,11 @@ async fn handshake(
     }
     let io = HandedIo::new(Arc::new(stream), Bytes::new(), None, Arc::clone(http));
     let handshake = TlsAcceptor::from(tls).accept(io);
-    match tokio::time::timeout_at(deadline, handshake).await {
+    let done = tokio::select! {
+        done = tokio::time::timeout_at(deadline, handshake) => done,
+        () = until_stopped(stopped) => return None,
+    };
+    match done {
         Ok(Ok(conn)) => Some(conn),
         Ok(Err(error)) => {
             http.metrics.tls_handshake_failed();
@@ -131,8 +161,8 @@ async fn serve_http1(
         let mut head = match next_head(&mut conn, &mut buf, wait, &http).await {
             Next::Head(head) => head,
             Next::NotPlain => {
-                let prefix = buf.split().freeze();
-                return hand_over(conn, prefix, peer, proxy, &http, stopped, since).await;
+                let (prefix, h1) = (buf.split().freeze(), Protocol::Http1);
+                return hand_over(conn, prefix, peer, proxy, &http, stopped, since, h1).await;
             }
             Next::End => return,
         };
@@ -147,8 +177,8 @@ async fn serve_http1(
             // hyper reads this request from its head's bytes as the client sent them.
             let mut prefix = BytesMut::from(&head.bytes[..]);
             prefix.extend_from_slice(&buf);
-            let prefix = prefix.freeze();
-            return hand_over(conn, prefix, peer, proxy, &http, stopped, since).await;
+            let (prefix, h1) = (prefix.freeze(), Protocol::Http1);
+            return hand_over(conn, prefix, peer, proxy, &http, stopped, since, h1).await;
         };
         let head_only = head.parts.method == Method::HEAD;
         let written = write_hit(&mut conn, &hit, head_only, closing, &mut out).await;
@@ -196,7 +226,9 @@ async fn write_hit(
     conn.flush().await
 }
 
-/// Gives the connection to hyper for good, `prefix` (bytes already read) first.
+/// Gives the connection to hyper for good, `prefix` (bytes already read) first, to be
+/// served as `protocol` only.
+#[allow(clippy::too_many_arguments)] // One call site per protocol; a struct would only rename them.
 async fn hand_over(
     conn: TlsConn,
     prefix: Bytes,
@@ -205,11 +237,16 @@ async fn hand_over(
     http: &Arc<Http>,
     stopped: watch::Receiver<bool>,
     since: Instant,
+    protocol: Protocol,
 ) {
     let (activity, open) = Activity::new(&http.metrics, http.requests.as_ref());
     let service = track::proxy_service(proxy, peer, true, activity);
     let io = TokioIo::new(Prefixed::new(prefix, conn));
-    let conn = http.any.serve_connection(io, service);
+    let builder = match protocol {
+        Protocol::Http1 => &http.h1_only,
+        Protocol::H2 => &http.h2_only,
+    };
+    let conn = builder.serve_connection(io, service);
     let idle = track::idle(open, since, http.limits.idle_timeout);
     serve_hyper(conn, idle, Arc::clone(http), peer, stopped).await;
 }
