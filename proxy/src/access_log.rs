@@ -5,8 +5,9 @@
 //! writer. When the writer falls behind (a full disk, a stalled pipe) and the buffer
 //! holds [`MAX_PENDING`] bytes, lines are dropped and counted, never waited for.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
@@ -49,20 +50,22 @@ thread_local! {
 }
 
 /// What the log keeps of a request, taken before it is served (and only when logging).
-pub(crate) struct RequestLine {
+/// Borrowed from the request where it outlives the line (the fast path), owned where
+/// the request is consumed before the answer (hyper's path: [`RequestLine::of`]).
+pub(crate) struct RequestLine<'a> {
     client: IpAddr,
     method: Method,
     version: Version,
-    host: String,
+    host: Cow<'a, str>,
     /// Path and query as requested.
-    target: String,
-    referer: Option<String>,
-    user_agent: Option<String>,
+    target: Cow<'a, str>,
+    referer: Option<Cow<'a, str>>,
+    user_agent: Option<Cow<'a, str>>,
 }
 
 /// One request's line: the request, and how it was answered.
 pub(crate) struct Record<'a> {
-    line: &'a RequestLine,
+    line: &'a RequestLine<'a>,
     status: u16,
     /// Response body bytes, when known.
     bytes: Option<u64>,
@@ -75,35 +78,46 @@ pub(crate) struct Record<'a> {
     upstream: Option<Duration>,
 }
 
-impl RequestLine {
-    pub(crate) fn of<B>(req: &http::Request<B>, client: IpAddr) -> RequestLine {
-        RequestLine::from_parts(
+impl RequestLine<'static> {
+    /// The line of a request that is consumed before it is answered.
+    pub(crate) fn of<B>(req: &http::Request<B>, client: IpAddr) -> RequestLine<'static> {
+        let line = RequestLine::from_parts(
             req.method(),
             req.version(),
             req.uri(),
             req.headers(),
             client,
-        )
+        );
+        let owned = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        RequestLine {
+            host: owned(line.host),
+            target: owned(line.target),
+            referer: line.referer.map(owned),
+            user_agent: line.user_agent.map(owned),
+            ..line
+        }
     }
+}
 
+impl<'a> RequestLine<'a> {
     pub(crate) fn from_parts(
         method: &Method,
         version: Version,
-        uri: &http::Uri,
-        headers: &HeaderMap,
+        uri: &'a http::Uri,
+        headers: &'a HeaderMap,
         client: IpAddr,
-    ) -> RequestLine {
-        let text = |name| header(headers, name).map(str::to_string);
+    ) -> RequestLine<'a> {
+        let text = |name| header(headers, name).map(Cow::Borrowed);
         RequestLine {
             client,
             method: method.clone(),
             version,
             host: uri
                 .host()
-                .map(str::to_string)
+                .map(Cow::Borrowed)
                 .or_else(|| text(http::header::HOST))
                 .unwrap_or_default(),
-            target: uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+            target: Cow::Borrowed(uri.path_and_query().map_or("/", |p| p.as_str())),
             referer: text(http::header::REFERER),
             user_agent: text(http::header::USER_AGENT),
         }
@@ -111,7 +125,7 @@ impl RequestLine {
 
     /// The line for this request answered with `res` (by `route`, as `status` says),
     /// `duration` after it came.
-    pub(crate) fn record<'a>(
+    pub(crate) fn record(
         &'a self,
         res: &http::Response<crate::http::body::ProxyBody>,
         route: Option<&'a crate::route::Route>,
@@ -130,7 +144,7 @@ impl RequestLine {
     }
 
     /// The line for a hit the HTTP/1 fast path answered.
-    pub(crate) fn fast_hit<'a>(
+    pub(crate) fn fast_hit(
         &'a self,
         status: u16,
         bytes: u64,
@@ -277,8 +291,19 @@ fn header(headers: &HeaderMap, name: http::header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0
+/// `d` in milliseconds with three decimals (integer formatting: no float printing on
+/// every line).
+struct Millis(Duration);
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let micros = self.0.as_micros();
+        write!(f, "{}.{:03}", micros / 1000, micros % 1000)
+    }
+}
+
+fn millis(d: Duration) -> Millis {
+    Millis(d)
 }
 
 /// NCSA combined (`client - - [time] "request" status bytes "referer" "agent"`), then
@@ -314,12 +339,17 @@ fn combined(line: &mut String, r: &Record<'_>, clock: (&mut u64, &mut String)) {
         line.push('-');
     } else {
         // Unquoted: a space would start a field of the client's making.
-        for c in l.host.chars() {
-            match c {
-                ' ' | '"' | '\\' => {
-                    let _ = write!(line, "\\x{:02x}", c as u32);
+        let plain = |b: u8| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\';
+        if l.host.bytes().all(plain) {
+            line.push_str(&l.host);
+        } else {
+            for c in l.host.chars() {
+                match c {
+                    ' ' | '"' | '\\' => {
+                        let _ = write!(line, "\\x{:02x}", c as u32);
+                    }
+                    c => escaped(line, c.encode_utf8(&mut [0; 4])),
                 }
-                c => escaped(line, c.encode_utf8(&mut [0; 4])),
             }
         }
     }
@@ -342,6 +372,13 @@ fn combined(line: &mut String, r: &Record<'_>, clock: (&mut u64, &mut String)) {
 /// every byte beyond ASCII as `\xNN`, as nginx does (a client's bytes must not forge
 /// or break a line, Unicode line separators included).
 fn escaped(line: &mut String, s: &str) {
+    // Most values need no escape: copied in one go.
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        line.push_str(s);
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => line.push_str("\\\""),
@@ -366,8 +403,8 @@ fn json(line: &mut String, r: &Record<'_>) {
     );
     for (name, value) in [
         ("method", r.line.method.as_str()),
-        ("host", r.line.host.as_str()),
-        ("path", r.line.target.as_str()),
+        ("host", &*r.line.host),
+        ("path", &*r.line.target),
         ("route", r.route),
         ("cache", r.cache),
         ("referer", r.line.referer.as_deref().unwrap_or("")),
