@@ -3,34 +3,14 @@
 
 mod support;
 
-use std::path::Path;
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::{Request, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use support::raw::{Answer, RecordingOrigin};
-
-/// A self-signed certificate for `localhost`, written as `cert.pem` and `key.pem` into
-/// `dir`; returns the certificate (for a client to trust).
-fn certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem()).unwrap();
-    made.cert.der().clone()
-}
-
-fn config_text(dir: &Path, origin: &str) -> String {
-    format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-         [tls]\ncert = {:?}\nkey = {:?}\n\
-         [[route]]\nname = \"t\"\nupstream = \"{origin}\"\n",
-        dir.join("cert.pem").display().to_string(),
-        dir.join("key.pem").display().to_string(),
-    )
-}
+use support::tls::{certificate, closed, config_text, connect, next_response, response};
+use tokio::io::AsyncWriteExt;
 
 /// A client trusting only `root`, speaking HTTP/2 when `h2`, else HTTP/1.1 (each
 /// offered alone in ALPN).
@@ -41,14 +21,8 @@ fn client(
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 > {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    // The connector sets ALPN itself.
+    let tls = support::tls::client_config(root, &[]);
     let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only();
@@ -92,7 +66,8 @@ async fn http1_and_h2_over_tls_with_cache_hits() {
     let dir = tempfile::tempdir().unwrap();
     let root = certificate(dir.path());
     let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let config =
+        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
     let server = corral::start(&config).await.unwrap();
 
     for (h2, version, path) in [
@@ -124,7 +99,7 @@ async fn a_reload_serves_a_renewed_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let old = certificate(dir.path());
     let origin = RecordingOrigin::answering(Answer::default()).await;
-    let text = config_text(dir.path(), &origin.url());
+    let text = config_text(dir.path(), &origin.url(), "");
     let server = corral::start(&corral::Config::parse(&text, "t.toml").unwrap())
         .await
         .unwrap();
@@ -152,7 +127,8 @@ async fn plain_http_on_the_tls_port_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     certificate(dir.path());
     let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let config =
+        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
     let server = corral::start(&config).await.unwrap();
     let mut c = support::raw::RawClient::connect(server.listen_addr()).await;
     let res = c.exchange(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
@@ -174,7 +150,7 @@ async fn plain_http_on_the_tls_port_is_refused() {
 fn bad_certificate_files_are_config_errors() {
     let dir = tempfile::tempdir().unwrap();
     certificate(dir.path());
-    let base = config_text(dir.path(), "http://127.0.0.1:9");
+    let base = config_text(dir.path(), "http://127.0.0.1:9", "");
     let error = |text: &str| {
         corral::Config::parse(text, "t.toml")
             .unwrap_err()
@@ -182,7 +158,7 @@ fn bad_certificate_files_are_config_errors() {
     };
 
     let missing = error(&base.replace("cert.pem", "missing.pem"));
-    assert!(missing.starts_with("t.toml:4:"), "{missing}");
+    assert!(missing.starts_with("t.toml:5:"), "{missing}");
     assert!(
         missing.contains("tls.cert: cannot read certificates from"),
         "{missing}"
@@ -212,72 +188,6 @@ fn bad_certificate_files_are_config_errors() {
     assert!(missing_key.contains("tls"), "{missing_key}");
 }
 
-/// A raw HTTP/1.1 client over TLS (ALPN `http/1.1` only), trusting `root`.
-struct RawTls {
-    conn: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    buf: Vec<u8>,
-}
-
-impl RawTls {
-    async fn connect(
-        server: &corral::RunningServer,
-        root: &rustls::pki_types::CertificateDer<'static>,
-    ) -> RawTls {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(root.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(server.listen_addr())
-            .await
-            .unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = tokio_rustls::TlsConnector::from(Arc::new(tls))
-            .connect(name, tcp)
-            .await
-            .unwrap();
-        RawTls {
-            conn,
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, raw: &[u8]) {
-        use tokio::io::AsyncWriteExt;
-        self.conn.write_all(raw).await.unwrap();
-    }
-
-    /// The next response (`head_only`: to a HEAD).
-    async fn response(&mut self, head_only: bool) -> support::raw::Wire {
-        use tokio::io::AsyncReadExt;
-        loop {
-            if let Some((wire, used)) = support::raw::parse_response(&self.buf, head_only) {
-                self.buf.drain(..used);
-                return wire;
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            let n = tokio::time::timeout(support::DEADLINE, self.conn.read(&mut chunk))
-                .await
-                .expect("answered in time")
-                .unwrap_or(0);
-            assert!(n > 0, "closed before a whole response");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// Whether the server closed the connection.
-    async fn closed(&mut self) -> bool {
-        use tokio::io::AsyncReadExt;
-        let mut chunk = [0u8; 64];
-        let read = tokio::time::timeout(support::DEADLINE, self.conn.read(&mut chunk)).await;
-        self.buf.is_empty() && matches!(read.expect("closed in time"), Ok(0) | Err(_))
-    }
-}
-
 /// HTTP/1.1 over TLS on one connection as a client uses it: a miss, hits (answered
 /// without hyper), a pipelined pair, a HEAD, a POST (which hands the connection to
 /// hyper for the rest), a hit after it, and `Connection: close`. Every response is
@@ -291,38 +201,46 @@ async fn http1_over_tls_keep_alive_pipelining_and_hand_over() {
         ..Answer::default()
     })
     .await;
-    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let config =
+        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
     let server = corral::start(&config).await.unwrap();
-    let mut c = RawTls::connect(&server, &root).await;
+    let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
+    let mut buf = Vec::new();
     let get =
         |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n{extra}\r\n");
 
-    c.send(get("/a", "").as_bytes()).await;
-    let miss = c.response(false).await;
+    c.write_all(get("/a", "").as_bytes()).await.unwrap();
+    let miss = response(&mut c, &mut buf).await;
     assert!(miss.cache_status().contains("fwd=miss"), "{miss:?}");
     assert_eq!(miss.body.len(), 40_000);
     // Two hits in one write (pipelined), then a HEAD.
-    c.send(format!("{}{}", get("/a", ""), get("/a", "")).as_bytes())
-        .await;
+    c.write_all(format!("{}{}", get("/a", ""), get("/a", "")).as_bytes())
+        .await
+        .unwrap();
     for _ in 0..2 {
-        let hit = c.response(false).await;
+        let hit = response(&mut c, &mut buf).await;
         assert!(hit.cache_status().starts_with("corral; hit"), "{hit:?}");
         assert_eq!(hit.body, miss.body);
     }
-    c.send(b"HEAD /a HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
-    let head = c.response(true).await;
+    c.write_all(b"HEAD /a HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let head = next_response(&mut c, &mut buf, true).await;
     assert!(head.cache_status().starts_with("corral; hit"), "{head:?}");
     assert_eq!(head.header("content-length"), Some("40000"));
     // A POST goes to hyper with the rest of the connection.
-    c.send(b"POST /p HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\n\r\nbody")
-        .await;
-    let pass = c.response(false).await;
+    c.write_all(b"POST /p HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4\r\n\r\nbody")
+        .await
+        .unwrap();
+    let pass = response(&mut c, &mut buf).await;
     assert_eq!(pass.status, 200, "{pass:?}");
-    c.send(get("/a", "connection: close\r\n").as_bytes()).await;
-    let last = c.response(false).await;
+    c.write_all(get("/a", "connection: close\r\n").as_bytes())
+        .await
+        .unwrap();
+    let last = response(&mut c, &mut buf).await;
     assert!(last.cache_status().starts_with("corral; hit"), "{last:?}");
     assert_eq!(last.body, miss.body);
-    assert!(c.closed().await, "closed after Connection: close");
+    assert!(closed(&mut c, &buf).await, "closed after Connection: close");
 
     assert_eq!(origin.received_for("/a").len(), 1);
     let post = &origin.received_for("/p")[0];
@@ -339,14 +257,22 @@ async fn a_client_cannot_set_the_scheme_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let root = certificate(dir.path());
     let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config = corral::Config::parse(&config_text(dir.path(), &origin.url()), "t.toml").unwrap();
+    let config =
+        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
     let server = corral::start(&config).await.unwrap();
-    let mut c = RawTls::connect(&server, &root).await;
-    c.send(b"GET /s HTTP/1.1\r\nhost: localhost\r\nx-forwarded-proto: http\r\n\r\n")
-        .await;
-    assert!(c.response(false).await.cache_status().contains("fwd=miss"));
-    c.send(b"GET /s HTTP/1.1\r\nhost: localhost\r\n\r\n").await;
-    let hit = c.response(false).await;
+    let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
+    let mut buf = Vec::new();
+    c.write_all(b"GET /s HTTP/1.1\r\nhost: localhost\r\nx-forwarded-proto: http\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(response(&mut c, &mut buf)
+        .await
+        .cache_status()
+        .contains("fwd=miss"));
+    c.write_all(b"GET /s HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let hit = response(&mut c, &mut buf).await;
     assert!(hit.cache_status().starts_with("corral; hit"), "{hit:?}");
     let sent = origin.received_for("/s");
     assert_eq!(sent.len(), 1);

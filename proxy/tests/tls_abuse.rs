@@ -4,87 +4,14 @@
 
 mod support;
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::raw::{Answer, RecordingOrigin};
+use support::tls::{certificate, config_text, connect, get, response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
-    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), made.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), made.signing_key.serialize_pem()).unwrap();
-    made.cert.der().clone()
-}
-
-fn config_text(dir: &Path, origin: &str, top: &str) -> String {
-    format!(
-        "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{top}\n\
-         [tls]\ncert = {:?}\nkey = {:?}\n\
-         [[route]]\nname = \"t\"\nupstream = \"{origin}\"\n",
-        dir.join("cert.pem").display().to_string(),
-        dir.join("key.pem").display().to_string(),
-    )
-}
-
-fn client_config(
-    root: &rustls::pki_types::CertificateDer<'static>,
-    alpn: &[&[u8]],
-) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root.clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Arc::new(tls)
-}
-
-type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-async fn connect(
-    addr: std::net::SocketAddr,
-    root: &rustls::pki_types::CertificateDer<'static>,
-    alpn: &[&[u8]],
-) -> Tls {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(client_config(root, alpn))
-        .connect(name, tcp)
-        .await
-        .unwrap()
-}
-
-/// One response off `conn` (content-length framed), `buf` keeping what follows.
-async fn response(conn: &mut Tls, buf: &mut Vec<u8>) -> support::raw::Wire {
-    loop {
-        if let Some((wire, used)) = support::raw::parse_response(buf, false) {
-            buf.drain(..used);
-            return wire;
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        let n = tokio::time::timeout(support::DEADLINE, conn.read(&mut chunk))
-            .await
-            .expect("answered in time")
-            .unwrap_or(0);
-        assert!(n > 0, "closed before a whole response");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-async fn get(conn: &mut Tls, buf: &mut Vec<u8>, path: &str) -> support::raw::Wire {
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    response(conn, buf).await
-}
 
 async fn admin_post(server: &corral::RunningServer, path: &str) -> (u16, String) {
     let addr = server.admin_addr().unwrap();

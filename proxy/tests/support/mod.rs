@@ -4,6 +4,7 @@
 
 pub mod raw;
 pub mod redis;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
