@@ -9,7 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use support::raw::{Answer, RecordingOrigin};
-use support::tls::{certificate, closed, config_text, connect, next_response, response};
+use support::tls::{
+    certificate, closed, config_text, connect, next_response, response, start_tls, TlsFront,
+};
 use tokio::io::AsyncWriteExt;
 
 /// A client trusting only `root`, speaking HTTP/2 when `h2`, else HTTP/1.1 (each
@@ -63,12 +65,12 @@ where
 /// origin told the client came over `https`, and the scheme is part of the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_and_h2_over_tls_with_cache_hits() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
 
     for (h2, version, path) in [
         (false, Version::HTTP_11, "/one"),
@@ -254,12 +256,12 @@ async fn http1_over_tls_keep_alive_pipelining_and_hand_over() {
 /// is told, on either path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_set_the_scheme_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
     let mut buf = Vec::new();
     c.write_all(b"GET /s HTTP/1.1\r\nhost: localhost\r\nx-forwarded-proto: http\r\n\r\n")

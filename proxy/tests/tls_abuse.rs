@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::raw::{Answer, RecordingOrigin};
-use support::tls::{certificate, config_text, connect, get, response};
+use support::tls::{certificate, config_text, connect, get, response, start_tls, TlsFront};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn admin_post(server: &corral::RunningServer, path: &str) -> (u16, String) {
@@ -33,12 +33,12 @@ async fn admin_post(server: &corral::RunningServer, path: &str) -> (u16, String)
 /// and the object keeps being served (locally and from Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_by_url_reaches_what_tls_clients_are_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin: _origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
     let mut buf = Vec::new();
     assert!(get(&mut c, &mut buf, "/secret")
@@ -70,12 +70,12 @@ async fn purge_by_url_reaches_what_tls_clients_are_served() {
 /// only by ALPN); nginx answers such a preface 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_preface_without_alpn_h2_is_not_served_as_h2() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin: _origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let conn = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
     assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let io = hyper_util::rt::TokioIo::new(conn);
@@ -197,12 +197,12 @@ async fn a_tls_client_that_stops_reading_hits_is_cut_off() {
 /// HELD (workaround for the purge defect): naming the scheme purges the TLS entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_naming_the_scheme_reaches_tls_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin: _origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
     let mut buf = Vec::new();
     get(&mut c, &mut buf, "/s").await;
@@ -271,12 +271,12 @@ async fn a_silent_h2_client_is_held_to_head_timeout() {
 /// overrides ALPN); nginx and HAProxy speak what ALPN chose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_on_a_connection_that_negotiated_h2_is_not_served() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin: _origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let mut conn = connect(server.listen_addr(), &root, &[b"h2"]).await;
     assert_eq!(conn.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     conn.write_all(b"GET /x HTTP/1.1\r\nhost: localhost\r\n\r\n")
@@ -351,12 +351,12 @@ async fn a_trickled_client_hello_is_cut_off_at_head_timeout() {
 /// a `/smuggled` one, and the client gets exactly two responses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_behind_a_hit_is_not_a_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = certificate(dir.path());
-    let origin = RecordingOrigin::answering(Answer::default()).await;
-    let config =
-        corral::Config::parse(&config_text(dir.path(), &origin.url(), ""), "t.toml").unwrap();
-    let server = corral::start(&config).await.unwrap();
+    let TlsFront {
+        dir: _dir,
+        root,
+        origin,
+        server,
+    } = start_tls(Answer::default(), "", "").await;
     let mut c = connect(server.listen_addr(), &root, &[b"http/1.1"]).await;
     let mut buf = Vec::new();
     get(&mut c, &mut buf, "/h").await;

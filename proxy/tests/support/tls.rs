@@ -100,3 +100,29 @@ pub async fn closed(conn: &mut Tls, buf: &[u8]) -> bool {
     let read = tokio::time::timeout(DEADLINE, conn.read(&mut chunk)).await;
     buf.is_empty() && matches!(read.expect("closed in time"), Ok(0) | Err(_))
 }
+
+/// corral serving TLS with a fresh self-signed certificate, in front of a recording
+/// origin; `dir` holds the certificate files (deleted when this is dropped).
+pub struct TlsFront {
+    pub dir: tempfile::TempDir,
+    pub root: rustls::pki_types::CertificateDer<'static>,
+    pub origin: super::raw::RecordingOrigin,
+    pub server: corral::RunningServer,
+}
+
+/// Starts a [`TlsFront`]: the origin gives `answer`; `top` lines go before the
+/// sections, `tail` lines after the route (`[limits]` and the like).
+pub async fn start_tls(answer: super::raw::Answer, top: &str, tail: &str) -> TlsFront {
+    let dir = tempfile::tempdir().unwrap();
+    let root = certificate(dir.path());
+    let origin = super::raw::RecordingOrigin::answering(answer).await;
+    let text = config_text(dir.path(), &origin.url(), top) + tail;
+    let config = corral::Config::parse(&text, "t.toml").unwrap();
+    let server = corral::start(&config).await.unwrap();
+    TlsFront {
+        dir,
+        root,
+        origin,
+        server,
+    }
+}
