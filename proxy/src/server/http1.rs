@@ -30,6 +30,7 @@ use super::io::{send_timed_out, HandedIo};
 use super::track::{self, Activity};
 use super::{serve_hyper, until_stopped, Http};
 use crate::cache::body_file::BodyFile;
+use crate::config::LimitsSettings;
 use crate::proxy::{LocalHit, Proxy};
 
 /// hyper's default: a head with more fields goes to hyper, which refuses it.
@@ -106,16 +107,28 @@ pub(super) async fn serve(
                 }
             }
         }
-        // Pipelined bytes already started the next head; otherwise the wait is idle.
         since = Instant::now();
-        idle = buf.is_empty();
-        let timeout = if idle {
-            limits.idle_timeout
-        } else {
-            limits.head_timeout
-        };
-        deadline.as_mut().reset(since + timeout);
+        idle = next_wait(&buf, deadline.as_mut(), since, &limits);
     }
+}
+
+/// After a response, at `now`: sets `deadline` for the next head and returns whether
+/// the wait is idle. Pipelined bytes in `buf` already started the next head (it gets
+/// `head_timeout`); otherwise the connection idles (`idle_timeout`).
+pub(super) fn next_wait(
+    buf: &BytesMut,
+    deadline: Pin<&mut Sleep>,
+    now: Instant,
+    limits: &LimitsSettings,
+) -> bool {
+    let idle = buf.is_empty();
+    let timeout = if idle {
+        limits.idle_timeout
+    } else {
+        limits.head_timeout
+    };
+    deadline.reset(now + timeout);
+    idle
 }
 
 /// How the wait for the next head may end besides a head: its deadline, shutdown.

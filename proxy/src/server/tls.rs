@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
-use super::http1::{next_head, write_hit_lines, Next, Wait};
+use super::http1::{next_head, next_wait, write_hit_lines, Next, Wait};
 use super::io::{HandedIo, Prefixed};
 use super::track::{self, Activity};
 use super::{serve_hyper, until_stopped, Http};
@@ -191,15 +191,8 @@ async fn serve_http1(
             let _ = conn.shutdown().await;
             return;
         }
-        // Pipelined bytes already started the next head; otherwise the wait is idle.
         since = Instant::now();
-        idle = buf.is_empty();
-        let timeout = if idle {
-            limits.idle_timeout
-        } else {
-            limits.head_timeout
-        };
-        deadline.as_mut().reset(since + timeout);
+        idle = next_wait(&buf, deadline.as_mut(), since, &limits);
     }
 }
 
