@@ -50,6 +50,15 @@ async fn joined(server: &corral::RunningServer) {
     }
 }
 
+/// Waits until `server` has no fill in progress (what a fill stores is stored).
+async fn fills_done(server: &corral::RunningServer) {
+    support::eventually("no fill in progress", || async {
+        let n = support::metric_of(server, "corral_fills_in_progress").await;
+        (n == 0.0).then_some(())
+    })
+    .await;
+}
+
 fn no_freshness() -> Behaviour {
     Behaviour {
         cache_control: None,
@@ -165,7 +174,11 @@ async fn fleet_cap_holds_across_a_reload_lease_tokens_stay_unique() {
         tokio::spawn(async move { get(addr, "/b").await }),
         tokio::spawn(async move { get(addr, "/c").await }),
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::eventually("/b or /c reaches the origin", || async {
+        (origin.requests_for("/b") + origin.requests_for("/c") >= 1).then_some(())
+    })
+    .await;
+    // A look at the leases while they are held, for the failure message.
     let leases =
         support::redis::redis_command(&redis, &["ZRANGE", "corral:{cap:t}:leases", "0", "-1"])
             .await;
@@ -203,8 +216,11 @@ async fn purge_by_url_reaches_entries_under_earlier_settings() {
         (r.cache_status().contains("hit")).then_some(())
     })
     .await;
-    // Make sure the copy reached Redis: wait a moment for the write.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::eventually("the copy reached Redis", || async {
+        let keys = support::redis::redis_command(&redis, &["KEYS", "corral:*:e:*"]).await;
+        keys.is_some_and(|k| k.contains(":e:")).then_some(())
+    })
+    .await;
 
     server.reload(&cfg(&b)).await;
     origin.set(|o| o.version = 2);
@@ -285,7 +301,7 @@ async fn a_fill_in_flight_across_a_reload_stores_nothing_unreachable() {
     let report = server.reload(&cfg(&b)).await;
     assert_eq!(report.routes.changed, ["t"]);
     assert_eq!(slow.await.unwrap().status, 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    fills_done(&server).await;
     let entries = support::metric_of(&server, "corral_cache_entries").await;
     assert_eq!(
         entries, 0.0,
@@ -451,7 +467,7 @@ async fn reload_storm_under_load() {
         assert!(c.await.unwrap() > 0);
     }
     // Final config is configs[0] (100 reloads); at most 8 keys of it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    fills_done(&server).await;
     let entries = support::metric_of(&server, "corral_cache_entries").await;
     assert!(entries <= 8.0, "{entries} entries for 8 keys");
     server.shutdown().await;
@@ -487,14 +503,12 @@ async fn purge_during_a_rollout_reaches_instances_on_the_old_settings() {
     )
     .await;
     assert_eq!(purge.status, 200, "{purge:?}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let from_x = get(x.listen_addr(), "/p").await;
-    assert!(
-        from_x.text().contains(" v2 "),
-        "x still serves the purged copy: {:?} {:?}",
-        from_x.cache_status(),
-        from_x.text()
-    );
+    // The purge event reaches x, which drops its copy and fetches the new content.
+    support::eventually("x serves the new content", || async {
+        let from_x = get(x.listen_addr(), "/p").await;
+        from_x.text().contains(" v2 ").then_some(())
+    })
+    .await;
     x.shutdown().await;
     y.shutdown().await;
 }

@@ -28,7 +28,7 @@ async fn admin_post(server: &corral::RunningServer, path: &str) -> (u16, String)
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// DEFECT: with `[tls]`, every request is keyed with `x-forwarded-proto: https`, but
+/// Was a defect: with `[tls]`, every request is keyed with `x-forwarded-proto: https`, but
 /// `POST /purge?route=..&path=..` builds the key without it: the purge reports success
 /// and the object keeps being served (locally and from Redis).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,7 +65,7 @@ async fn purge_by_url_reaches_what_tls_clients_are_served() {
     server.shutdown().await;
 }
 
-/// DEFECT (low): a client that did not negotiate `h2` by ALPN (it offered `http/1.1`
+/// Was a defect (low): a client that did not negotiate `h2` by ALPN (it offered `http/1.1`
 /// only) still gets HTTP/2 by sending the preface: RFC 9113 §3.2/§3.3 (h2 over TLS
 /// only by ALPN); nginx answers such a preface 400.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +103,7 @@ async fn h2_preface_without_alpn_h2_is_not_served_as_h2() {
     server.shutdown().await;
 }
 
-/// DEFECT: a client that opens a TCP connection and sends nothing holds shutdown for
+/// Was a defect: a client that opens a TCP connection and sends nothing holds shutdown for
 /// `min(head_timeout, shutdown_grace)`: the first-byte peek and the handshake do not
 /// watch `stopped`, while the same idle connection on a plain port closes at once
 /// (`http1::next_head` watches `stopped` while nothing was read).
@@ -137,7 +137,7 @@ async fn an_idle_connection_before_the_handshake_does_not_hold_shutdown() {
     drop(tcp);
 }
 
-/// DEFECT (low): a TLS client past `max_connections` is answered with a plaintext
+/// Was a defect (low): a TLS client past `max_connections` is answered with a plaintext
 /// HTTP `503` on the TLS port, which no TLS client can read (it sees a bad record).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusal_past_max_connections_is_not_plaintext_on_the_tls_port() {
@@ -161,7 +161,7 @@ async fn refusal_past_max_connections_is_not_plaintext_on_the_tls_port() {
     server.shutdown().await;
 }
 
-/// HELD?: a TLS client that pipelines hits of a large object and never reads is cut
+/// Held: a TLS client that pipelines hits of a large object and never reads is cut
 /// off by `send_timeout` (the fast path writes through the TLS layer on HandedIo).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_stops_reading_hits_is_cut_off() {
@@ -194,7 +194,7 @@ async fn a_tls_client_that_stops_reading_hits_is_cut_off() {
     server.shutdown().await;
 }
 
-/// HELD (workaround for the purge defect): naming the scheme purges the TLS entry.
+/// Held (before the purge fix, the workaround): naming the scheme purges the TLS entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_naming_the_scheme_reaches_tls_entries() {
     let TlsFront {
@@ -224,7 +224,7 @@ async fn purge_naming_the_scheme_reaches_tls_entries() {
     server.shutdown().await;
 }
 
-/// DEFECT (low): after an ALPN `h2` handshake the client need send nothing: no
+/// Was a defect (low): after an ALPN `h2` handshake the client need send nothing: no
 /// `head_timeout` applies (the plain port holds an h2c client to it until its preface
 /// arrives, and HTTP/1.1 over TLS to it until the first head); only `idle_timeout`
 /// (plus the GOAWAY grace) ends the connection.
@@ -266,7 +266,7 @@ async fn a_silent_h2_client_is_held_to_head_timeout() {
     server.shutdown().await;
 }
 
-/// DEFECT (low, same root as the preface one): a connection that negotiated `h2` by
+/// Was a defect (low, the preface's twin): a connection that negotiated `h2` by
 /// ALPN is served HTTP/1.1 when the client sends that instead (hyper's auto-detection
 /// overrides ALPN); nginx and HAProxy speak what ALPN chose.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +304,7 @@ async fn http1_on_a_connection_that_negotiated_h2_is_not_served() {
     server.shutdown().await;
 }
 
-/// HELD: a ClientHello trickled a byte at a time is cut off at `head_timeout` from the
+/// Held: a ClientHello trickled a byte at a time is cut off at `head_timeout` from the
 /// accept (the deadline is not reset by progress).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickled_client_hello_is_cut_off_at_head_timeout() {
@@ -346,7 +346,7 @@ async fn a_trickled_client_hello_is_cut_off_at_head_timeout() {
     server.shutdown().await;
 }
 
-/// HELD: pipelined behind a fast-path hit, a GET whose body looks like a request is
+/// Held: pipelined behind a fast-path hit, a GET whose body looks like a request is
 /// handed to hyper with its body: the origin sees one `/a` request with that body, never
 /// a `/smuggled` one, and the client gets exactly two responses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
